@@ -1,0 +1,731 @@
+/*
+ * relive's bundled guest: a tiny x86_64 kernel whose workload keeps real,
+ * checkable state in guest memory.
+ *
+ * Boot contract (the VMM's, see vmm/src/boot.rs): every vCPU enters _start in
+ * 64-bit mode with the VMM's identity page tables, interrupts off, and rsi
+ * pointing at the Linux zero page (boot_params). The vCPUs tell themselves
+ * apart by their initial APIC id (CPUID.1:EBX[31:24]).
+ *
+ * Kernel part (CPL 0). Guest kernel mode is emulated instruction by instruction
+ * on nested KVM (see shared/PLATFORM.md), so it is kept to a few dozen
+ * instructions per vCPU: GDT with user segments and one TSS per vCPU (RSP0 and
+ * an all-zero I/O permission bitmap, so the workload can do port I/O), IDT,
+ * own page tables (U bit on every level), the LAPIC, the PIC masked, COM2's
+ * IRQ routed through the IOAPIC. Then iretq to the workload in CPL 3, where it
+ * runs at native speed.
+ *
+ * Interrupts and the one "system call":
+ *   vector 32   LAPIC timer tick: counts ticks in the vCPU's per-CPU block.
+ *   vector 0x23 COM2 receive (IOAPIC pin 3, BSP only): sets rx_pending.
+ *   vector 13   #GP. `hlt` executed in CPL 3 faults here and means "idle until
+ *               the next interrupt"; the first idle of a vCPU starts its LAPIC
+ *               timer with the period the workload chose. Any other #GP is a
+ *               bug: the guest triple-faults on purpose.
+ *   vector 0xff spurious: ignored.
+ * Every other vector is not present, so any other exception escalates to a
+ * triple fault (that is how the `crash` command works: ud2 in CPL 3).
+ *
+ * Workload (CPL 3), per vCPU: on each wake-up, `work` iterations of
+ *     counter += 1; hash = (hash ^ counter) * FNV_PRIME
+ * starting from counter 0, hash FNV_OFFSET. The BSP also speaks the agent
+ * protocol on COM2, one line per `rep outsb` (one VM exit per line):
+ *     ready counter=C hash=H cpus=N hb_ms=M          once, after start
+ *     hb seq=S counter=C hash=H cpus=N               every hb_ms
+ *     status seq=S counter=C hash=H cpus=N ticks=T   reply to `status`
+ *     ok CMD / error unknown command                 replies
+ * counter and hash are the BSP's; cpus is the number of vCPUs whose counter
+ * advanced since the previous heartbeat. Commands from the host (one per
+ * line): panic (pvpanic), crash (triple fault), hang (stop heartbeats, keep
+ * spinning), reset (i8042), exit (power-off port), status.
+ * Parameters (kernel command line): relive.hb_ms=N (default 100),
+ * relive.work=N iterations per wake-up (default 10000).
+ */
+
+        .set MAX_CPUS,      32
+        .set LAPIC,         0xfee00000
+        .set IOAPIC,        0xfec00000
+        .set COM1,          0x3f8
+        .set COM2,          0x2f8
+        .set PVPANIC,       0x505
+        .set I8042_CMD,     0x64
+        .set POWER,         0x600
+        .set SEL_KCODE,     0x08
+        .set SEL_KDATA,     0x10
+        .set SEL_UDATA,     0x1b
+        .set SEL_UCODE,     0x23
+        .set SEL_TSS0,      0x28
+        .set VEC_TIMER,     32
+        .set VEC_COM2,      0x23
+        .set FNV_OFFSET,    0xcbf29ce484222325
+        .set FNV_PRIME,     0x100000001b3
+        /* per-CPU block at the bottom of each kernel stack page */
+        .set PC_TICKS,      0
+        .set PC_COUNTER,    8
+        .set PC_HASH,       16
+        .set PC_STARTED,    24
+
+        .section .text.entry, "ax"
+        .code64
+        .globl _start
+_start:
+        cli
+        mov     %rsi, %r15                      /* boot_params (BSP) */
+        mov     $1, %eax
+        cpuid
+        shr     $24, %ebx                       /* rbx = APIC id = cpu index */
+        cmp     $MAX_CPUS, %ebx
+        jae     park
+
+        lgdt    gdt_ptr(%rip)
+        pushq   $SEL_KCODE
+        lea     1f(%rip), %rax
+        pushq   %rax
+        lretq
+1:      mov     $SEL_KDATA, %eax
+        mov     %ax, %ds
+        mov     %ax, %es
+        mov     %ax, %ss
+        xor     %eax, %eax
+        mov     %ax, %fs
+        mov     %ax, %gs
+        lea     pml4(%rip), %rax
+        mov     %rax, %cr3
+
+        /* kernel stack: top of this CPU's page; per-CPU block at its bottom */
+        mov     %rbx, %rax
+        shl     $12, %rax
+        lea     percpu(%rip), %rsp
+        add     %rax, %rsp
+        mov     %rsp, %r14                      /* r14 = per-CPU block */
+        add     $4096, %rsp
+
+        /* TSS for this CPU: RSP0, and the shared I/O bitmap after all TSSs */
+        mov     %rbx, %rax
+        shl     $7, %rax
+        lea     tss_area(%rip), %rdi
+        add     %rax, %rdi                      /* rdi = TSS base */
+        mov     %rsp, 4(%rdi)                   /* RSP0 */
+        mov     $MAX_CPUS, %ecx
+        sub     %ebx, %ecx
+        shl     $7, %ecx                        /* rcx = I/O map offset */
+        mov     %cx, 0x66(%rdi)
+        lea     8192(%rcx), %rdx                /* limit covers bitmap + 0xff */
+        /* 16-byte TSS descriptor at GDT index 5 + 2 * cpu */
+        mov     %rdx, %rax                      /* limit[15:0] */
+        and     $0xffff, %eax
+        mov     %rdi, %rsi
+        and     $0xffffff, %esi
+        shl     $16, %rsi
+        or      %rsi, %rax                      /* base[23:0] */
+        mov     $0x89, %esi
+        shl     $40, %rsi
+        or      %rsi, %rax                      /* present, 64-bit TSS */
+        mov     %rdi, %rsi
+        shr     $24, %rsi
+        and     $0xff, %esi
+        shl     $56, %rsi
+        or      %rsi, %rax                      /* base[31:24] */
+        mov     %rbx, %rsi
+        shl     $4, %rsi
+        lea     gdt_tss(%rip), %rdx
+        mov     %rax, (%rdx, %rsi)
+        movq    $0, 8(%rdx, %rsi)               /* base[63:32] */
+        lea     SEL_TSS0(,%rsi,1), %eax
+        ltr     %ax
+
+        test    %ebx, %ebx
+        jnz     2f
+        /* BSP only: IDT gates, PIC masked, COM2 routed, boot_params saved */
+        mov     %r15, boot_params(%rip)
+        mov     $13, %edi
+        lea     isr_gp(%rip), %rsi
+        call    set_gate
+        mov     $VEC_TIMER, %edi
+        lea     isr_timer(%rip), %rsi
+        call    set_gate
+        mov     $VEC_COM2, %edi
+        lea     isr_com2(%rip), %rsi
+        call    set_gate
+        mov     $0xff, %edi
+        lea     isr_spurious(%rip), %rsi
+        call    set_gate
+        mov     $0xff, %al
+        out     %al, $0x21
+        out     %al, $0xa1
+        mov     $IOAPIC, %eax
+        movl    $0x17, (%rax)                   /* redirection 3, high: dest 0 */
+        movl    $0, 0x10(%rax)
+        movl    $0x16, (%rax)                   /* low: fixed, edge, vector */
+        movl    $VEC_COM2, 0x10(%rax)
+2:      lidt    idt_ptr(%rip)
+        mov     $LAPIC, %eax
+        movl    $0x1ff, 0xf0(%rax)              /* software enable, spurious 0xff */
+
+        /* to the workload in CPL 3 */
+        mov     %rbx, %rax
+        shl     $12, %rax
+        lea     ustacks+4096(%rip), %rcx
+        add     %rax, %rcx
+        mov     %rbx, %rdi                      /* rdi = cpu index */
+        mov     %r14, %rsi                      /* rsi = per-CPU block */
+        pushq   $SEL_UDATA
+        pushq   %rcx
+        pushq   $0x202                          /* IF=1, IOPL=0 */
+        pushq   $SEL_UCODE
+        lea     user_main(%rip), %rax
+        pushq   %rax
+        iretq
+
+park:   cli
+        hlt
+        jmp     park
+
+/* set_gate(rdi = vector, rsi = handler): 64-bit interrupt gate, DPL 0 */
+set_gate:
+        lea     idt(%rip), %rdx
+        shl     $4, %rdi
+        add     %rdi, %rdx
+        mov     %rsi, %rax
+        and     $0xffff, %eax
+        or      $(SEL_KCODE << 16), %eax
+        mov     %eax, (%rdx)
+        mov     %rsi, %rax
+        and     $0xffff0000, %eax
+        or      $0x8e00, %eax
+        mov     %eax, 4(%rdx)
+        mov     %rsi, %rax
+        shr     $32, %rax
+        mov     %eax, 8(%rdx)
+        movl    $0, 12(%rdx)
+        ret
+
+/* per-CPU block of the interrupted CPU, from the kernel stack pointer */
+        .macro PERCPU reg
+        mov     %rsp, \reg
+        and     $-4096, \reg
+        .endm
+
+isr_timer:
+        push    %rax
+        PERCPU  %rax
+        incq    PC_TICKS(%rax)
+        mov     $LAPIC, %eax
+        movl    $0, 0xb0(%rax)                  /* EOI */
+        pop     %rax
+        iretq
+
+isr_com2:
+        push    %rax
+        movq    $1, rx_pending(%rip)
+        mov     $LAPIC, %eax
+        movl    $0, 0xb0(%rax)
+        pop     %rax
+        iretq
+
+isr_spurious:
+        iretq
+
+/* #GP: `hlt` from CPL 3 is the idle call; anything else is fatal. */
+isr_gp:
+        push    %rax
+        mov     16(%rsp), %rax                  /* faulting rip (after error code) */
+        cmpb    $0xf4, (%rax)
+        jne     die
+        incq    16(%rsp)                        /* resume after the hlt */
+        PERCPU  %rax
+        cmpq    $0, PC_STARTED(%rax)
+        jne     1f
+        movq    $1, PC_STARTED(%rax)
+        push    %rdx
+        mov     timer_count(%rip), %edx
+        mov     $LAPIC, %eax
+        movl    $0xb, 0x3e0(%rax)               /* divide by 1 */
+        movl    $(VEC_TIMER | (1 << 17)), 0x320(%rax)   /* periodic */
+        movl    %edx, 0x380(%rax)               /* initial count */
+        pop     %rdx
+1:      pop     %rax
+        add     $8, %rsp                        /* error code */
+        sti
+        hlt
+        cli
+        iretq
+
+die:    lidt    null_idt(%rip)
+        ud2
+
+/* ------------------------------------------------------------------ */
+/* The workload, CPL 3. rdi = cpu index, rsi = per-CPU block.           */
+/* ------------------------------------------------------------------ */
+user_main:
+        mov     %rdi, %r12                      /* r12 = cpu */
+        mov     %rsi, %r13                      /* r13 = per-CPU block */
+        movabs  $FNV_OFFSET, %rax
+        mov     %rax, PC_HASH(%r13)
+        test    %r12, %r12
+        jnz     ap_main
+
+        /* parameters from the command line */
+        mov     boot_params(%rip), %rax
+        mov     0x228(%rax), %eax               /* hdr.cmd_line_ptr */
+        mov     %rax, cmdline(%rip)
+        lea     p_hb(%rip), %rsi
+        mov     $(p_hb_end - p_hb), %ecx
+        mov     $100, %eax
+        call    param
+        test    %rax, %rax
+        jnz     1f
+        mov     $100, %eax
+1:      mov     %rax, hb_ms(%rip)
+        lea     p_work(%rip), %rsi
+        mov     $(p_work_end - p_work), %ecx
+        mov     $10000, %eax
+        call    param
+        mov     %rax, work(%rip)
+        /* tick = the largest divisor of hb_ms up to 10 ms */
+        mov     $10, %ecx
+2:      mov     hb_ms(%rip), %rax
+        xor     %edx, %edx
+        div     %rcx
+        test    %rdx, %rdx
+        jz      3f
+        dec     %ecx
+        jmp     2b
+3:      mov     %rax, ticks_per_hb(%rip)
+        imul    $1000000, %rcx, %rcx            /* LAPIC bus: 1 GHz on KVM */
+        mov     %ecx, timer_count(%rip)
+
+        /* COM2: receive interrupts on */
+        mov     $(COM2 + 1), %dx
+        mov     $1, %al
+        out     %al, %dx
+        mov     $(COM2 + 4), %dx
+        mov     $0x08, %al                      /* MCR.OUT2 */
+        out     %al, %dx
+
+        movq    $1, config_ready(%rip)
+
+        /* banner on the console */
+        call    line_reset
+        lea     s_banner(%rip), %rsi
+        mov     $(s_banner_end - s_banner), %ecx
+        call    put_str
+        mov     hb_ms(%rip), %rax
+        call    put_dec
+        lea     s_work(%rip), %rsi
+        mov     $(s_work_end - s_work), %ecx
+        call    put_str
+        mov     work(%rip), %rax
+        call    put_dec
+        mov     $COM1, %dx
+        call    send_line
+
+        /* ready */
+        call    line_reset
+        lea     s_ready(%rip), %rsi
+        mov     $(s_ready_end - s_ready), %ecx
+        call    put_str
+        call    put_state
+        lea     s_hbms(%rip), %rsi
+        mov     $(s_hbms_end - s_hbms), %ecx
+        call    put_str
+        mov     hb_ms(%rip), %rax
+        call    put_dec
+        mov     $COM2, %dx
+        call    send_line
+
+bsp_loop:
+        hlt                                     /* idle: see isr_gp */
+        cmpq    $0, hanging(%rip)
+        jne     hang_forever
+        call    do_work
+        cmpq    $0, rx_pending(%rip)
+        je      1f
+        call    handle_rx
+1:      mov     PC_TICKS(%r13), %rax
+        sub     last_hb_tick(%rip), %rax
+        cmp     ticks_per_hb(%rip), %rax
+        jb      bsp_loop
+        mov     PC_TICKS(%r13), %rax
+        mov     %rax, last_hb_tick(%rip)
+        incq    seq(%rip)
+        call    line_reset
+        lea     s_hb(%rip), %rsi
+        mov     $(s_hb_end - s_hb), %ecx
+        call    put_str
+        call    put_state
+        mov     $COM2, %dx
+        call    send_line
+        jmp     bsp_loop
+
+hang_forever:
+        pause
+        jmp     hang_forever
+
+ap_main:
+        cmpq    $0, config_ready(%rip)
+        jne     1f
+        pause
+        jmp     ap_main
+1:      hlt
+        call    do_work
+        jmp     1b
+
+/* work iterations on this CPU's counter and hash */
+do_work:
+        mov     work(%rip), %rcx
+        test    %rcx, %rcx
+        jz      2f
+        mov     PC_COUNTER(%r13), %rax
+        mov     PC_HASH(%r13), %rdx
+        movabs  $FNV_PRIME, %r8
+1:      inc     %rax
+        xor     %rax, %rdx
+        imul    %r8, %rdx
+        dec     %rcx
+        jnz     1b
+        mov     %rax, PC_COUNTER(%r13)
+        mov     %rdx, PC_HASH(%r13)
+2:      ret
+
+/* appends " seq=S counter=C hash=H cpus=N" (seq omitted on `ready`) */
+put_state:
+        cmpq    $0, seq(%rip)
+        je      1f
+        lea     s_seq(%rip), %rsi
+        mov     $(s_seq_end - s_seq), %ecx
+        call    put_str
+        mov     seq(%rip), %rax
+        call    put_dec
+1:      lea     s_counter(%rip), %rsi
+        mov     $(s_counter_end - s_counter), %ecx
+        call    put_str
+        mov     PC_COUNTER(%r13), %rax
+        call    put_dec
+        lea     s_hash(%rip), %rsi
+        mov     $(s_hash_end - s_hash), %ecx
+        call    put_str
+        mov     PC_HASH(%r13), %rax
+        call    put_hex
+        lea     s_cpus(%rip), %rsi
+        mov     $(s_cpus_end - s_cpus), %ecx
+        call    put_str
+        /* count CPUs whose counter moved since the last report */
+        xor     %r9d, %r9d
+        xor     %r10d, %r10d
+        lea     percpu(%rip), %r11
+        lea     last_seen(%rip), %r8
+2:      mov     PC_COUNTER(%r11), %rax
+        cmp     (%r8, %r10, 8), %rax
+        je      3f
+        mov     %rax, (%r8, %r10, 8)
+        inc     %r9
+3:      add     $4096, %r11
+        inc     %r10
+        cmp     $MAX_CPUS, %r10
+        jb      2b
+        mov     %r9, %rax
+        call    put_dec
+        ret
+
+/* read the pending command bytes from COM2; act on complete lines */
+handle_rx:
+        movq    $0, rx_pending(%rip)
+1:      mov     $(COM2 + 5), %dx
+        in      %dx, %al                        /* LSR */
+        test    $1, %al
+        jz      9f
+        mov     $COM2, %dx
+        in      %dx, %al
+        cmp     $10, %al
+        je      2f
+        cmp     $13, %al
+        je      1b
+        mov     cmd_len(%rip), %rcx
+        cmp     $63, %rcx
+        jae     1b                              /* overlong: drop the excess */
+        lea     cmd_buf(%rip), %rdx
+        mov     %al, (%rdx, %rcx)
+        incq    cmd_len(%rip)
+        jmp     1b
+2:      call    dispatch
+        movq    $0, cmd_len(%rip)
+        jmp     1b
+9:      ret
+
+        .macro IFCMD name, target
+        lea     \name(%rip), %rsi
+        mov     $(\name\()_end - \name), %ecx
+        call    cmd_is
+        jz      \target
+        .endm
+
+dispatch:
+        IFCMD   c_status, cmd_status
+        IFCMD   c_panic, cmd_panic
+        IFCMD   c_crash, cmd_crash
+        IFCMD   c_hang, cmd_hang
+        IFCMD   c_reset, cmd_reset
+        IFCMD   c_exit, cmd_exit
+        call    line_reset
+        lea     s_unknown(%rip), %rsi
+        mov     $(s_unknown_end - s_unknown), %ecx
+        call    put_str
+        mov     $COM2, %dx
+        jmp     send_line
+
+cmd_status:
+        call    line_reset
+        lea     s_status(%rip), %rsi
+        mov     $(s_status_end - s_status), %ecx
+        call    put_str
+        call    put_state
+        lea     s_ticks(%rip), %rsi
+        mov     $(s_ticks_end - s_ticks), %ecx
+        call    put_str
+        mov     PC_TICKS(%r13), %rax
+        call    put_dec
+        mov     $COM2, %dx
+        jmp     send_line
+cmd_panic:
+        call    ack
+        mov     $PVPANIC, %dx
+        mov     $1, %al
+        out     %al, %dx
+        ret
+cmd_crash:
+        call    ack
+        ud2
+cmd_hang:
+        call    ack
+        movq    $1, hanging(%rip)
+        ret
+cmd_reset:
+        call    ack
+        mov     $0xfe, %al
+        out     %al, $I8042_CMD
+        ret
+cmd_exit:
+        call    ack
+        mov     $POWER, %dx
+        mov     $0x34, %al
+        out     %al, %dx
+        ret
+
+/* "ok <command>" */
+ack:
+        call    line_reset
+        lea     s_ok(%rip), %rsi
+        mov     $(s_ok_end - s_ok), %ecx
+        call    put_str
+        lea     cmd_buf(%rip), %rsi
+        mov     cmd_len(%rip), %rcx
+        call    put_str
+        mov     $COM2, %dx
+        jmp     send_line
+
+/* ZF set when cmd_buf equals rsi[0..rcx] */
+cmd_is:
+        cmp     cmd_len(%rip), %rcx
+        jne     1f
+        lea     cmd_buf(%rip), %rdi
+        repe cmpsb
+1:      ret
+
+/* param(rsi = "name=", rcx = its length, rax = default) -> rax */
+param:
+        mov     %rax, %r9                       /* default */
+        mov     cmdline(%rip), %rdi
+        test    %rdi, %rdi
+        jz      8f
+        mov     %rsi, %r10
+        mov     %rcx, %r11
+1:      cmpb    $0, (%rdi)
+        je      8f
+        mov     %rdi, %r8                       /* candidate start */
+        mov     %r10, %rsi
+        mov     %r11, %rcx
+        repe cmpsb
+        je      3f
+        mov     %r8, %rdi
+        /* skip to the byte after the next space */
+2:      cmpb    $0, (%rdi)
+        je      8f
+        cmpb    $32, (%rdi)
+        lea     1(%rdi), %rdi
+        jne     2b
+        jmp     1b
+3:      xor     %eax, %eax                      /* decimal at rdi */
+4:      movzbl  (%rdi), %ecx
+        sub     $48, %ecx
+        cmp     $9, %ecx
+        ja      9f
+        imul    $10, %rax, %rax
+        add     %rcx, %rax
+        inc     %rdi
+        jmp     4b
+8:      mov     %r9, %rax
+9:      ret
+
+/* line buffer */
+line_reset:
+        lea     line(%rip), %rax
+        mov     %rax, line_end(%rip)
+        ret
+
+/* put_str(rsi, rcx) */
+put_str:
+        mov     line_end(%rip), %rdi
+        rep movsb
+        mov     %rdi, line_end(%rip)
+        ret
+
+/* put_dec(rax) */
+put_dec:
+        lea     numbuf+24(%rip), %rsi
+        mov     $10, %r8d
+        xor     %ecx, %ecx
+1:      xor     %edx, %edx
+        div     %r8
+        add     $48, %dl
+        dec     %rsi
+        mov     %dl, (%rsi)
+        inc     %ecx
+        test    %rax, %rax
+        jnz     1b
+        jmp     put_str
+
+/* put_hex(rax): 16 hex digits */
+put_hex:
+        lea     numbuf+16(%rip), %rsi
+        mov     $16, %ecx
+1:      mov     %eax, %edx
+        and     $0xf, %edx
+        lea     hexdigits(%rip), %r8
+        mov     (%r8, %rdx), %dl
+        dec     %rsi
+        mov     %dl, (%rsi)
+        shr     $4, %rax
+        dec     %ecx
+        jnz     1b
+        mov     $16, %ecx
+        jmp     put_str
+
+/* send_line(dx = port): the line plus '\n' in one rep outsb */
+send_line:
+        mov     line_end(%rip), %rdi
+        movb    $10, (%rdi)
+        inc     %rdi
+        lea     line(%rip), %rsi
+        mov     %rdi, %rcx
+        sub     %rsi, %rcx
+        rep outsb
+        jmp     line_reset
+
+        .section .rodata
+hexdigits:      .ascii "0123456789abcdef"
+p_hb:           .ascii "relive.hb_ms="
+p_hb_end:
+p_work:         .ascii "relive.work="
+p_work_end:
+s_banner:       .ascii "relive-guest: up, hb_ms="
+s_banner_end:
+s_work:         .ascii " work="
+s_work_end:
+s_ready:        .ascii "ready"
+s_ready_end:
+s_hbms:         .ascii " hb_ms="
+s_hbms_end:
+s_hb:           .ascii "hb"
+s_hb_end:
+s_status:       .ascii "status"
+s_status_end:
+s_seq:          .ascii " seq="
+s_seq_end:
+s_counter:      .ascii " counter="
+s_counter_end:
+s_hash:         .ascii " hash="
+s_hash_end:
+s_cpus:         .ascii " cpus="
+s_cpus_end:
+s_ticks:        .ascii " ticks="
+s_ticks_end:
+s_ok:           .ascii "ok "
+s_ok_end:
+s_unknown:      .ascii "error unknown command"
+s_unknown_end:
+c_status:       .ascii "status"
+c_status_end:
+c_panic:        .ascii "panic"
+c_panic_end:
+c_crash:        .ascii "crash"
+c_crash_end:
+c_hang:         .ascii "hang"
+c_hang_end:
+c_reset:        .ascii "reset"
+c_reset_end:
+c_exit:         .ascii "exit"
+c_exit_end:
+
+        .section .data
+        .balign 4096
+/* identity map of the first 4 GiB, 2 MiB pages, user-accessible */
+pml4:   .quad   pdpt + 0x7
+        .fill   511, 8, 0
+pdpt:   .quad   pd + 0x7, pd + 0x1007, pd + 0x2007, pd + 0x3007
+        .fill   508, 8, 0
+pd:
+        .set    addr, 0
+        .rept   2048
+        .quad   addr | 0x87
+        .set    addr, addr + 0x200000
+        .endr
+
+        .balign 16
+gdt:    .quad   0
+        .quad   0x00af9b000000ffff              /* 0x08 kernel code */
+        .quad   0x00cf93000000ffff              /* 0x10 kernel data */
+        .quad   0x00cff3000000ffff              /* 0x18 user data */
+        .quad   0x00affb000000ffff              /* 0x20 user code */
+gdt_tss:
+        .fill   MAX_CPUS * 2, 8, 0              /* 0x28 + 16 * cpu: TSSs */
+gdt_end:
+gdt_ptr:
+        .word   gdt_end - gdt - 1
+        .quad   gdt
+idt_ptr:
+        .word   256 * 16 - 1
+        .quad   idt
+null_idt:
+        .word   0
+        .quad   0
+
+        .balign 128
+tss_area:
+        .fill   MAX_CPUS * 128, 1, 0
+iobitmap:
+        .fill   8192, 1, 0                      /* every port allowed */
+        .byte   0xff
+
+        .section .bss
+        .balign 4096
+idt:            .skip   4096
+percpu:         .skip   4096 * MAX_CPUS         /* kernel stacks + per-CPU blocks */
+ustacks:        .skip   4096 * MAX_CPUS
+last_seen:      .skip   8 * MAX_CPUS
+boot_params:    .skip   8
+cmdline:        .skip   8
+hb_ms:          .skip   8
+work:           .skip   8
+ticks_per_hb:   .skip   8
+timer_count:    .skip   8
+config_ready:   .skip   8
+rx_pending:     .skip   8
+hanging:        .skip   8
+seq:            .skip   8
+last_hb_tick:   .skip   8
+cmd_len:        .skip   8
+cmd_buf:        .skip   64
+line_end:       .skip   8
+line:           .skip   256
+numbuf:         .skip   32

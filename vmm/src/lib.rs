@@ -1,0 +1,22 @@
+//! relive-vmm: a small KVM virtual machine monitor, one process per VM.
+//!
+//! Module map (one module per concept, x86_64 only):
+//! - [`memory`]: guest memory layout (e820), allocation and the KVM memory slots.
+//! - [`boot`]: kernel loading (ELF vmlinux, bzImage), boot_params, page tables, GDT,
+//!   initial registers; [`mptable`] and [`cpuid`] describe the machine to the guest.
+//! - [`devices`]: the port-I/O bus and the devices on it (UARTs, agent channel,
+//!   i8042, pvpanic, power-off port). Devices know nothing of KVM.
+//! - [`vcpu`]: the vCPU thread state machine and its handle.
+//! - [`vm`]: the KVM VM, its vCPUs and devices, and the event loop.
+//! - [`control`]: the per-VM control socket protocol and its client.
+//! - [`exit`]: typed exit reasons and the process exit status of each.
+
+pub mod boot;
+pub mod control;
+pub mod cpuid;
+pub mod devices;
+pub mod exit;
+pub mod memory;
+pub mod mptable;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,218 @@
+//! `relive-vmm`: runs one microVM per process, and talks to running ones.
+//!
+//! ```text
+//! relive-vmm run [--kernel PATH|bundled] [--initrd PATH] [--cmdline STR]
+//!                [--mem-mib N] [--vcpus N] [--console PATH] [--control SOCKET]
+//! relive-vmm ctl SOCKET status|shutdown|agent LINE|watch [--json]
+//! ```
+//!
+//! `run` exits with the status of the VM's exit reason (see `relive_vmm::exit`)
+//! and prints one JSON line with the reason on stderr.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use relive_vmm::boot::{BootConfig, KernelSource, DEFAULT_LINUX_CMDLINE};
+use relive_vmm::control::{ControlClient, Request, Response};
+use relive_vmm::exit::STATUS_VMM_ERROR;
+use relive_vmm::vm::{ConsoleOutput, Vm, VmConfig, VmStatus};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "relive-vmm",
+    version,
+    about = "relive's KVM microVM monitor: one process per VM"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Boot a VM and run it until it stops.
+    Run(RunArgs),
+    /// Talk to a running VMM over its control socket.
+    Ctl {
+        /// The VMM's control socket.
+        socket: PathBuf,
+        /// Print raw JSON replies.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        action: CtlAction,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Kernel: an ELF vmlinux or bzImage path, or `bundled` for the bundled guest.
+    #[arg(long, default_value = "bundled")]
+    kernel: String,
+    /// Initial ramdisk.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line [default: `relive.hb_ms=100` for the bundled guest,
+    /// `console=ttyS0 reboot=k panic=1 noapic nomodule` for a Linux kernel].
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 128)]
+    mem_mib: u64,
+    /// Number of vCPUs (1 to the host's cores).
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Write the console (COM1) to this file instead of stdout.
+    #[arg(long)]
+    console: Option<PathBuf>,
+    /// Serve the control socket at this path.
+    #[arg(long)]
+    control: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum CtlAction {
+    /// State, uptime, vCPU exits, guest memory resident, agent channel.
+    Status,
+    /// Stop the VM (the VMM exits with status 3).
+    Shutdown,
+    /// Send one command line to the guest's agent channel.
+    Agent {
+        /// The line, e.g. `status`, `panic`, `hang`.
+        line: String,
+    },
+    /// Print what the guest says on the agent channel, one line each, until interrupted.
+    Watch,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("RELIVE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Ctl {
+            socket,
+            json,
+            action,
+        } => ctl(socket, json, action),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("relive-vmm: error: {e:#}");
+            ExitCode::from(STATUS_VMM_ERROR as u8)
+        }
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let kernel = KernelSource::parse(&args.kernel);
+    let cmdline = args.cmdline.unwrap_or_else(|| match kernel {
+        KernelSource::Bundled => format!("relive.hb_ms={}", relive_images::guest::DEFAULT_HB_MS),
+        KernelSource::File(_) => DEFAULT_LINUX_CMDLINE.to_string(),
+    });
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let vcpus = u8::try_from(args.vcpus).map_err(|_| {
+        anyhow::anyhow!(
+            "--vcpus {} is out of range: use 1 to {cores} (this host's cores)",
+            args.vcpus
+        )
+    })?;
+    let cfg = VmConfig {
+        boot: BootConfig {
+            kernel,
+            initrd: args.initrd,
+            cmdline,
+            vcpus,
+        },
+        mem_mib: args.mem_mib,
+        console: match args.console {
+            Some(path) => ConsoleOutput::File(path),
+            None => ConsoleOutput::Stdout,
+        },
+        control: args.control,
+    };
+    let vm = Vm::build(cfg)?;
+    let record = vm.run()?;
+    eprintln!("{}", record.to_json());
+    Ok(ExitCode::from(record.status as u8))
+}
+
+fn ctl(socket: PathBuf, json: bool, action: CtlAction) -> anyhow::Result<ExitCode> {
+    let mut client = ControlClient::connect(&socket)?;
+    let request = match &action {
+        CtlAction::Status => Request::Status,
+        CtlAction::Shutdown => Request::Shutdown,
+        CtlAction::Agent { line } => Request::Agent { line: line.clone() },
+        CtlAction::Watch => Request::Watch,
+    };
+    let response = client.request(&request)?;
+    if let Response::Error { error } = &response {
+        anyhow::bail!("{error}");
+    }
+    match action {
+        CtlAction::Watch => {
+            while let Some(response) = client.next_response()? {
+                match response {
+                    Response::Agent { line } if !json => println!("{line}"),
+                    other => println!(
+                        "{}",
+                        serde_json::to_string(&other).context("cannot encode reply")?
+                    ),
+                }
+            }
+        }
+        CtlAction::Status if !json => {
+            if let Response::Status(status) = &response {
+                print_status(status);
+            }
+        }
+        _ if json => println!(
+            "{}",
+            serde_json::to_string(&response).context("cannot encode reply")?
+        ),
+        _ => println!("ok"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_status(s: &VmStatus) {
+    let age = |v: Option<u64>| v.map_or("-".to_string(), |ms| format!("{ms} ms ago"));
+    println!(
+        "state          {}",
+        serde_json::to_string(&s.state)
+            .unwrap_or_default()
+            .trim_matches('"')
+    );
+    println!("pid            {}", s.pid);
+    println!("kernel         {}", s.kernel);
+    println!("uptime         {:.3} s", s.uptime_ms as f64 / 1000.0);
+    println!("vcpus          {}", s.vcpus);
+    println!("vcpu exits     {} ({} port I/O)", s.vcpu_exits, s.io_exits);
+    println!(
+        "memory         {} MiB, {:.1} MiB resident",
+        s.mem_mib,
+        s.guest_resident_bytes as f64 / (1 << 20) as f64
+    );
+    println!(
+        "agent ready    {}",
+        if s.agent.ready { "yes" } else { "no" }
+    );
+    println!(
+        "agent lines    {} ({} dropped, {} truncated)",
+        s.agent.lines, s.agent.dropped_lines, s.agent.truncated_lines
+    );
+    println!("last heartbeat {}", age(s.agent.last_heartbeat_age_ms));
+    println!(
+        "last line      {}",
+        s.agent.last_line.as_deref().unwrap_or("-")
+    );
+}

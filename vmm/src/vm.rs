@@ -1,0 +1,880 @@
+//! The VM: KVM objects, guest memory, devices, vCPU threads and the event loop.
+//!
+//! Threads of a `relive-vmm` process:
+//! - one thread per vCPU ([`crate::vcpu`]), which only runs the guest and
+//!   dispatches its exits to the device bus;
+//! - the event thread (the caller of [`Vm::run`]), which owns everything else:
+//!   it waits with epoll on the devices' eventfds (reset, panic, power-off,
+//!   agent lines, COM2 drained), on vCPU exit reports and on control requests,
+//!   and decides when the VM ends;
+//! - the control socket's accept thread and one thread per client connection
+//!   ([`crate::control`]), which only parse requests and hand them to the event
+//!   thread.
+//!
+//! Build order (and why): KVM VM, TSS address, in-kernel irqchip (before any
+//! vCPU, so each vCPU gets a LAPIC), PIT, memory slots, kernel and boot
+//! structures, devices and their irqfds, then the vCPUs: CPUID, MSRs, regs,
+//! sregs, FPU, LAPIC LINT pins, and the MP state of secondary vCPUs.
+//!
+//! Lock order: a device mutex is taken alone; no code holds two device locks.
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::mpsc::{Receiver, Sender, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_mp_state, kvm_pit_config, KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::boot::{self, BootConfig, BootEntry, SmpStart};
+use crate::control::{self, ControlRequest, Request, Response};
+use crate::cpuid::{filter_cpuid, CpuidConfig};
+use crate::devices::{
+    self, encode_command, AgentConfig, AgentWriter, ConsoleWriter, EventFdTrigger, PioBus,
+    PowerOff, PvPanic, SerialDevice, SerialEventsSink, I8042,
+};
+use crate::exit::{ExitReason, ExitRecord};
+use crate::memory::{self, GuestMemoryMmap};
+use crate::vcpu::{self, Vcpu, VcpuHandle, VcpuState};
+
+/// Address of the three pages KVM needs for the TSS on Intel hosts.
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// Where COM1 (the console) goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsoleOutput {
+    /// The VMM's standard output.
+    Stdout,
+    /// A file, created or appended to.
+    File(PathBuf),
+}
+
+/// Everything needed to build a VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Kernel, initrd, command line, vCPU count.
+    pub boot: BootConfig,
+    /// Guest memory in MiB.
+    pub mem_mib: u64,
+    /// COM1 destination.
+    pub console: ConsoleOutput,
+    /// Control socket path.
+    pub control: Option<PathBuf>,
+}
+
+/// Errors while building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// `/dev/kvm` cannot be used.
+    #[error("cannot open /dev/kvm: is KVM available and are you allowed to use it?")]
+    Kvm(#[source] kvm_ioctls::Error),
+    /// A KVM call failed while building the VM.
+    #[error("{what} failed")]
+    KvmCall {
+        /// Which call.
+        what: &'static str,
+        /// The ioctl error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The vCPU count is out of range.
+    #[error("--vcpus {vcpus} is out of range: use 1 to {max} (this host's cores)")]
+    VcpuCount {
+        /// Requested.
+        vcpus: u32,
+        /// Largest allowed.
+        max: u32,
+    },
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    /// Kernel loading.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// CPUID setup.
+    #[error("cannot build the CPUID of vCPU {vcpu}")]
+    Cpuid {
+        /// The vCPU.
+        vcpu: u8,
+        /// Why.
+        #[source]
+        source: crate::cpuid::CpuidError,
+    },
+    /// Device setup.
+    #[error("cannot set up device {device}")]
+    Device {
+        /// Which device.
+        device: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The console file cannot be opened.
+    #[error("cannot open console file {path}")]
+    Console {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The control socket cannot be created.
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
+    /// A thread or eventfd could not be created.
+    #[error("cannot {what}")]
+    Os {
+        /// What failed.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What the event thread hears from the other threads.
+#[derive(Debug)]
+pub enum VmEvent {
+    /// A vCPU stopped the VM.
+    VcpuExit {
+        /// Which vCPU.
+        vcpu: u8,
+        /// Why.
+        reason: ExitReason,
+        /// Detail for the exit record.
+        detail: String,
+    },
+    /// A control client asks something.
+    Control(ControlRequest),
+}
+
+/// A cloneable way for other threads to reach the event thread.
+#[derive(Debug, Clone)]
+pub struct EventSink {
+    tx: Sender<VmEvent>,
+    wake: Arc<EventFd>,
+}
+
+impl EventSink {
+    /// Sends an event and wakes the event thread.
+    pub fn send(&self, event: VmEvent) {
+        if self.tx.send(event).is_ok() {
+            let _ = self.wake.write(1);
+        }
+    }
+
+    /// Reports that vCPU `vcpu` stopped the VM.
+    pub fn vcpu_exit(&self, vcpu: u8, reason: ExitReason, detail: String) {
+        self.send(VmEvent::VcpuExit {
+            vcpu,
+            reason,
+            detail,
+        });
+    }
+}
+
+/// State of the VM as `status` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RunState {
+    /// vCPUs running.
+    Running,
+    /// vCPUs paused.
+    Paused,
+}
+
+/// The answer to `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmStatus {
+    /// Running or paused.
+    pub state: RunState,
+    /// Milliseconds since the vCPUs started.
+    pub uptime_ms: u64,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// Returns from KVM_RUN to the VMM, all vCPUs.
+    pub vcpu_exits: u64,
+    /// Of those, port I/O exits.
+    pub io_exits: u64,
+    /// Configured guest memory in MiB.
+    pub mem_mib: u64,
+    /// Guest memory resident in host RAM.
+    pub guest_resident_bytes: u64,
+    /// Process id of the VMM.
+    pub pid: u32,
+    /// Kernel the VM booted.
+    pub kernel: String,
+    /// Agent channel.
+    pub agent: AgentStatus,
+}
+
+/// The agent channel part of `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    /// Whether the guest has said `ready`.
+    pub ready: bool,
+    /// Lines received from the guest.
+    pub lines: u64,
+    /// Lines dropped by the rate limit.
+    pub dropped_lines: u64,
+    /// Lines cut at the length limit.
+    pub truncated_lines: u64,
+    /// The last line the guest sent.
+    pub last_line: Option<String>,
+    /// Milliseconds since the last line.
+    pub last_line_age_ms: Option<u64>,
+    /// Milliseconds since the last heartbeat (`hb ...`).
+    pub last_heartbeat_age_ms: Option<u64>,
+}
+
+type Com1 = SerialDevice<ConsoleWriter>;
+type Com2 = SerialDevice<AgentWriter>;
+
+struct Devices {
+    com1: Arc<Mutex<Com1>>,
+    com2: Arc<Mutex<Com2>>,
+    reset_evt: EventFd,
+    panic_evt: EventFd,
+    power_evt: EventFd,
+    agent_evt: EventFd,
+    agent_rx: Receiver<String>,
+    com2_drained_evt: EventFd,
+}
+
+/// A built VM, ready to run.
+pub struct Vm {
+    _kvm: Kvm,
+    vm: VmFd,
+    mem: GuestMemoryMmap,
+    cfg: VmConfig,
+    devices: Devices,
+    vcpus: Vec<Vcpu>,
+    events_rx: Receiver<VmEvent>,
+    events_wake: EventFd,
+    sink: EventSink,
+    control: Option<control::ControlServer>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn eventfd(what: &'static str) -> Result<EventFd, VmError> {
+    EventFd::new(EFD_NONBLOCK).map_err(|source| VmError::Os { what, source })
+}
+
+/// Largest vCPU count this host allows: its online cores, capped by KVM.
+pub fn max_vcpus(kvm: &Kvm) -> u32 {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
+    cores
+        .min(kvm.get_nr_vcpus() as u32)
+        .min(u32::from(crate::cpuid::MAX_VCPUS))
+}
+
+impl Vm {
+    /// Builds the VM: KVM objects, memory, kernel, devices and vCPUs.
+    pub fn build(cfg: VmConfig) -> Result<Vm, VmError> {
+        let started = Instant::now();
+        let kvm = Kvm::new().map_err(VmError::Kvm)?;
+        let max = max_vcpus(&kvm);
+        let vcpus = u32::from(cfg.boot.vcpus);
+        if vcpus == 0 || vcpus > max {
+            return Err(VmError::VcpuCount { vcpus, max });
+        }
+        let mem = memory::create(cfg.mem_mib)?;
+        let kvm_call = |what| move |source| VmError::KvmCall { what, source };
+        let vm = kvm.create_vm().map_err(kvm_call("KVM_CREATE_VM"))?;
+        vm.set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(kvm_call("KVM_SET_TSS_ADDR"))?;
+        vm.create_irq_chip()
+            .map_err(kvm_call("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit).map_err(kvm_call("KVM_CREATE_PIT2"))?;
+        memory::register(&vm, &mem, 0)?;
+        let entry = boot::load(&mem, &cfg.boot)?;
+
+        let (events_tx, events_rx) = std::sync::mpsc::channel();
+        let events_wake = eventfd("create the event eventfd")?;
+        let sink = EventSink {
+            tx: events_tx,
+            wake: Arc::new(events_wake.try_clone().map_err(|source| VmError::Os {
+                what: "clone the event eventfd",
+                source,
+            })?),
+        };
+        let (devices, bus) = Self::build_devices(&vm, &cfg)?;
+        let vcpus = Self::build_vcpus(&kvm, &vm, &cfg, entry, &bus, &sink)?;
+        let control = match &cfg.control {
+            Some(path) => Some(control::ControlServer::bind(path, sink.clone())?),
+            None => None,
+        };
+        tracing::debug!(
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "VM built"
+        );
+        Ok(Vm {
+            _kvm: kvm,
+            vm,
+            mem,
+            cfg,
+            devices,
+            vcpus,
+            events_rx,
+            events_wake,
+            sink,
+            control,
+        })
+    }
+
+    fn build_devices(vm: &VmFd, cfg: &VmConfig) -> Result<(Devices, PioBus), VmError> {
+        let dev_err = |device| move |source| VmError::Device { device, source };
+        let console_out: Box<dyn Write + Send> = match &cfg.console {
+            ConsoleOutput::Stdout => Box::new(std::io::stdout()),
+            ConsoleOutput::File(path) => Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|source| VmError::Console {
+                        path: path.clone(),
+                        source,
+                    })?,
+            ),
+        };
+        let com1_irq = eventfd("create the COM1 irqfd")?;
+        vm.register_irqfd(&com1_irq, devices::COM1_IRQ)
+            .map_err(|e| VmError::KvmCall {
+                what: "KVM_IRQFD (COM1)",
+                source: e,
+            })?;
+        let com1 = Arc::new(Mutex::new(SerialDevice::new(
+            EventFdTrigger::new(com1_irq),
+            SerialEventsSink::new(),
+            ConsoleWriter::new(console_out),
+        )));
+
+        let com2_irq = eventfd("create the COM2 irqfd")?;
+        vm.register_irqfd(&com2_irq, devices::COM2_IRQ)
+            .map_err(|e| VmError::KvmCall {
+                what: "KVM_IRQFD (COM2)",
+                source: e,
+            })?;
+        let (agent_tx, agent_rx) = std::sync::mpsc::channel();
+        let agent_evt = eventfd("create the agent eventfd")?;
+        let com2_drained_evt = eventfd("create the COM2 drain eventfd")?;
+        let com2 = Arc::new(Mutex::new(SerialDevice::new(
+            EventFdTrigger::new(com2_irq),
+            SerialEventsSink::with_rx_drained(
+                com2_drained_evt.try_clone().map_err(dev_err("COM2"))?,
+            ),
+            AgentWriter::new(
+                AgentConfig::default(),
+                agent_tx,
+                agent_evt.try_clone().map_err(dev_err("agent channel"))?,
+            ),
+        )));
+
+        let reset_evt = eventfd("create the reset eventfd")?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(EventFdTrigger::new(
+            reset_evt.try_clone().map_err(dev_err("i8042"))?,
+        ))));
+        let panic_evt = eventfd("create the panic eventfd")?;
+        let pvpanic = Arc::new(Mutex::new(PvPanic::new(
+            panic_evt.try_clone().map_err(dev_err("pvpanic"))?,
+        )));
+        let power_evt = eventfd("create the power-off eventfd")?;
+        let power = Arc::new(Mutex::new(PowerOff::new(
+            power_evt.try_clone().map_err(dev_err("power-off port"))?,
+        )));
+
+        let mut bus = PioBus::new();
+        let bus_err = |device| {
+            move |e: devices::BusError| VmError::Device {
+                device,
+                source: std::io::Error::other(e),
+            }
+        };
+        bus.insert(
+            com1.clone(),
+            devices::COM1_PORT_BASE,
+            devices::SERIAL_PORT_LEN,
+        )
+        .map_err(bus_err("COM1"))?;
+        bus.insert(
+            com2.clone(),
+            devices::COM2_PORT_BASE,
+            devices::SERIAL_PORT_LEN,
+        )
+        .map_err(bus_err("COM2"))?;
+        bus.insert(i8042, devices::I8042_PORT_BASE, devices::I8042_PORT_LEN)
+            .map_err(bus_err("i8042"))?;
+        bus.insert(pvpanic, devices::PVPANIC_PORT, devices::PVPANIC_PORT_LEN)
+            .map_err(bus_err("pvpanic"))?;
+        bus.insert(power, devices::POWER_PORT, devices::POWER_PORT_LEN)
+            .map_err(bus_err("power-off port"))?;
+        Ok((
+            Devices {
+                com1,
+                com2,
+                reset_evt,
+                panic_evt,
+                power_evt,
+                agent_evt,
+                agent_rx,
+                com2_drained_evt,
+            },
+            bus,
+        ))
+    }
+
+    fn build_vcpus(
+        kvm: &Kvm,
+        vm: &VmFd,
+        cfg: &VmConfig,
+        entry: BootEntry,
+        bus: &PioBus,
+        sink: &EventSink,
+    ) -> Result<Vec<Vcpu>, VmError> {
+        let kvm_call = |what| move |source| VmError::KvmCall { what, source };
+        let supported = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_call("KVM_GET_SUPPORTED_CPUID"))?;
+        let cpuid_cfg = CpuidConfig {
+            vcpu_count: cfg.boot.vcpus,
+        };
+        let mut vcpus = Vec::with_capacity(usize::from(cfg.boot.vcpus));
+        for id in 0..cfg.boot.vcpus {
+            let fd = vm
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_call("KVM_CREATE_VCPU"))?;
+            let cpuid = filter_cpuid(&supported, id, &cpuid_cfg)
+                .map_err(|source| VmError::Cpuid { vcpu: id, source })?;
+            fd.set_cpuid2(&cpuid).map_err(kvm_call("KVM_SET_CPUID2"))?;
+            let msrs = boot::boot_msrs().map_err(|e| VmError::Os {
+                what: "build the boot MSR list",
+                source: std::io::Error::other(e),
+            })?;
+            fd.set_msrs(&msrs).map_err(kvm_call("KVM_SET_MSRS"))?;
+            fd.set_regs(&boot::boot_regs(entry.entry))
+                .map_err(kvm_call("KVM_SET_REGS"))?;
+            let sregs = fd.get_sregs().map_err(kvm_call("KVM_GET_SREGS"))?;
+            fd.set_sregs(&boot::boot_sregs(sregs))
+                .map_err(kvm_call("KVM_SET_SREGS"))?;
+            fd.set_fpu(&boot::boot_fpu())
+                .map_err(kvm_call("KVM_SET_FPU"))?;
+            let mut lapic = fd.get_lapic().map_err(kvm_call("KVM_GET_LAPIC"))?;
+            boot::set_lint(&mut lapic);
+            fd.set_lapic(&lapic).map_err(kvm_call("KVM_SET_LAPIC"))?;
+            if id > 0 && entry.smp_start == SmpStart::Direct {
+                fd.set_mp_state(kvm_mp_state {
+                    mp_state: KVM_MP_STATE_RUNNABLE,
+                })
+                .map_err(kvm_call("KVM_SET_MP_STATE"))?;
+            }
+            vcpus.push(Vcpu::new(id, fd, bus.clone(), sink.clone()));
+        }
+        Ok(vcpus)
+    }
+
+    /// Runs the VM until it stops; returns why.
+    pub fn run(self) -> Result<ExitRecord, VmError> {
+        vcpu::install_kick_handler().map_err(|source| VmError::Os {
+            what: "install the vCPU kick signal handler",
+            source,
+        })?;
+        let term_evt = eventfd("create the termination eventfd")?;
+        install_termination_handler(&term_evt).map_err(|source| VmError::Os {
+            what: "install the SIGTERM/SIGINT handler",
+            source,
+        })?;
+        let Vm {
+            _kvm,
+            vm,
+            mem,
+            cfg,
+            devices,
+            vcpus,
+            events_rx,
+            events_wake,
+            sink,
+            control,
+        } = self;
+        let started = Instant::now();
+        let mut handles = Vec::with_capacity(vcpus.len());
+        for vcpu in vcpus {
+            handles.push(
+                vcpu.start(VcpuState::Running)
+                    .map_err(|source| VmError::Os {
+                        what: "spawn a vCPU thread",
+                        source,
+                    })?,
+            );
+        }
+        if let Some(control) = &control {
+            control.start().map_err(|source| VmError::Os {
+                what: "spawn the control socket thread",
+                source,
+            })?;
+        }
+        let mut event_loop = EventLoop {
+            _vm: vm,
+            mem,
+            cfg,
+            devices,
+            handles,
+            events_rx,
+            events_wake,
+            term_evt,
+            _sink: sink,
+            started,
+            state: RunState::Running,
+            agent: AgentState::default(),
+            pending_input: VecDeque::new(),
+            watchers: Vec::new(),
+        };
+        let record = event_loop.run();
+        event_loop.stop();
+        drop(control);
+        Ok(record)
+    }
+}
+
+#[derive(Default)]
+struct AgentState {
+    ready: bool,
+    lines: u64,
+    last_line: Option<String>,
+    last_line_at: Option<Instant>,
+    last_heartbeat_at: Option<Instant>,
+}
+
+struct EventLoop {
+    _vm: VmFd,
+    mem: GuestMemoryMmap,
+    cfg: VmConfig,
+    devices: Devices,
+    handles: Vec<VcpuHandle>,
+    events_rx: Receiver<VmEvent>,
+    events_wake: EventFd,
+    term_evt: EventFd,
+    _sink: EventSink,
+    started: Instant,
+    state: RunState,
+    agent: AgentState,
+    /// Host-to-guest agent bytes that did not fit in the COM2 FIFO yet.
+    pending_input: VecDeque<u8>,
+    watchers: Vec<SyncSender<Response>>,
+}
+
+const TOKEN_EVENTS: u64 = 1;
+const TOKEN_RESET: u64 = 2;
+const TOKEN_PANIC: u64 = 3;
+const TOKEN_POWER: u64 = 4;
+const TOKEN_AGENT: u64 = 5;
+const TOKEN_COM2_DRAINED: u64 = 6;
+const TOKEN_TERM: u64 = 7;
+
+/// How often the console's partial line is flushed while the guest is quiet.
+const CONSOLE_FLUSH_INTERVAL_MS: i32 = 200;
+/// Lines queued for one `watch` client before lines are dropped for it.
+pub const WATCH_QUEUE: usize = 1024;
+
+impl EventLoop {
+    fn uptime_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    fn run(&mut self) -> ExitRecord {
+        let epoll = match Epoll::new() {
+            Ok(e) => e,
+            Err(e) => {
+                return ExitRecord::new(
+                    ExitReason::KvmError,
+                    self.uptime_ms(),
+                    format!("cannot create epoll: {e}"),
+                )
+            }
+        };
+        let sources = [
+            (self.events_wake.as_raw_fd(), TOKEN_EVENTS),
+            (self.devices.reset_evt.as_raw_fd(), TOKEN_RESET),
+            (self.devices.panic_evt.as_raw_fd(), TOKEN_PANIC),
+            (self.devices.power_evt.as_raw_fd(), TOKEN_POWER),
+            (self.devices.agent_evt.as_raw_fd(), TOKEN_AGENT),
+            (
+                self.devices.com2_drained_evt.as_raw_fd(),
+                TOKEN_COM2_DRAINED,
+            ),
+            (self.term_evt.as_raw_fd(), TOKEN_TERM),
+        ];
+        for (fd, token) in sources {
+            if let Err(e) = epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            ) {
+                return ExitRecord::new(
+                    ExitReason::KvmError,
+                    self.uptime_ms(),
+                    format!("cannot register an eventfd with epoll: {e}"),
+                );
+            }
+        }
+        let mut ready = vec![EpollEvent::default(); sources.len()];
+        loop {
+            let n = match epoll.wait(CONSOLE_FLUSH_INTERVAL_MS, &mut ready) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
+                Err(e) => {
+                    return ExitRecord::new(
+                        ExitReason::KvmError,
+                        self.uptime_ms(),
+                        format!("epoll_wait failed: {e}"),
+                    )
+                }
+            };
+            if n == 0 {
+                self.flush_console();
+            }
+            for event in &ready[..n] {
+                if let Some(record) = self.on_ready(event.data()) {
+                    return record;
+                }
+            }
+        }
+    }
+
+    fn on_ready(&mut self, token: u64) -> Option<ExitRecord> {
+        let uptime = self.uptime_ms();
+        match token {
+            TOKEN_EVENTS => {
+                let _ = self.events_wake.read();
+                while let Ok(event) = self.events_rx.try_recv() {
+                    if let Some(record) = self.on_event(event) {
+                        return Some(record);
+                    }
+                }
+                None
+            }
+            TOKEN_RESET => {
+                let _ = self.devices.reset_evt.read();
+                Some(ExitRecord::new(
+                    ExitReason::Reset,
+                    uptime,
+                    "i8042: the guest asked for a CPU reset",
+                ))
+            }
+            TOKEN_PANIC => {
+                let _ = self.devices.panic_evt.read();
+                Some(ExitRecord::new(
+                    ExitReason::Panic,
+                    uptime,
+                    "pvpanic: the guest reported a panic",
+                ))
+            }
+            TOKEN_POWER => {
+                let _ = self.devices.power_evt.read();
+                Some(ExitRecord::new(
+                    ExitReason::Exit,
+                    uptime,
+                    "power-off port: the guest powered off",
+                ))
+            }
+            TOKEN_AGENT => {
+                let _ = self.devices.agent_evt.read();
+                while let Ok(line) = self.devices.agent_rx.try_recv() {
+                    self.on_agent_line(line);
+                }
+                None
+            }
+            TOKEN_TERM => {
+                let _ = self.term_evt.read();
+                Some(ExitRecord::new(
+                    ExitReason::Shutdown,
+                    uptime,
+                    "SIGTERM/SIGINT: shutdown requested",
+                ))
+            }
+            TOKEN_COM2_DRAINED => {
+                let _ = self.devices.com2_drained_evt.read();
+                self.push_pending_input();
+                None
+            }
+            _ => None,
+        }
+    }
+
+    fn on_event(&mut self, event: VmEvent) -> Option<ExitRecord> {
+        match event {
+            VmEvent::VcpuExit {
+                vcpu,
+                reason,
+                detail,
+            } => Some(ExitRecord::new(
+                reason,
+                self.uptime_ms(),
+                format!("vcpu{vcpu}: {detail}"),
+            )),
+            VmEvent::Control(request) => self.on_control(request),
+        }
+    }
+
+    fn on_agent_line(&mut self, line: String) {
+        let now = Instant::now();
+        self.agent.lines += 1;
+        if line.starts_with("hb ") {
+            self.agent.last_heartbeat_at = Some(now);
+        } else if line == "ready" || line.starts_with("ready ") {
+            self.agent.ready = true;
+        }
+        self.agent.last_line_at = Some(now);
+        self.watchers.retain(
+            |w| match w.try_send(Response::Agent { line: line.clone() }) {
+                Ok(()) | Err(TrySendError::Full(_)) => true,
+                Err(TrySendError::Disconnected(_)) => false,
+            },
+        );
+        self.agent.last_line = Some(line);
+    }
+
+    fn push_pending_input(&mut self) {
+        if self.pending_input.is_empty() {
+            return;
+        }
+        let (front, _) = self.pending_input.as_slices();
+        let chunk: Vec<u8> = front.to_vec();
+        let taken = match lock(&self.devices.com2).enqueue(&chunk) {
+            Ok(n) => n,
+            Err(devices::SerialError::InputInterrupt { queued, .. }) => queued,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot pass agent input to COM2");
+                0
+            }
+        };
+        self.pending_input
+            .drain(..taken.min(self.pending_input.len()));
+    }
+
+    fn on_control(&mut self, request: ControlRequest) -> Option<ExitRecord> {
+        let ControlRequest { request, reply } = request;
+        match request {
+            Request::Status => {
+                let _ = reply.send(Response::Status(Box::new(self.status())));
+                None
+            }
+            Request::Shutdown => {
+                let _ = reply.send(Response::Ok);
+                Some(ExitRecord::new(
+                    ExitReason::Shutdown,
+                    self.uptime_ms(),
+                    "control socket: shutdown requested",
+                ))
+            }
+            Request::Agent { line } => {
+                let answer = match encode_command(&line) {
+                    Ok(bytes) => {
+                        self.pending_input.extend(bytes);
+                        self.push_pending_input();
+                        Response::Ok
+                    }
+                    Err(e) => Response::Error {
+                        error: format!("agent line refused: {e}"),
+                    },
+                };
+                let _ = reply.send(answer);
+                None
+            }
+            Request::Watch => {
+                if reply.send(Response::Ok).is_ok() {
+                    self.watchers.push(reply);
+                }
+                None
+            }
+        }
+    }
+
+    fn status(&self) -> VmStatus {
+        let now = Instant::now();
+        let age = |t: Option<Instant>| t.map(|t| now.duration_since(t).as_millis() as u64);
+        let stats = lock(&self.devices.com2).writer().stats();
+        let (exits, io_exits) = self.handles.iter().fold((0, 0), |(e, io), h| {
+            (
+                e + h.stats().exits.load(Ordering::Relaxed),
+                io + h.stats().io_exits.load(Ordering::Relaxed),
+            )
+        });
+        VmStatus {
+            state: self.state,
+            uptime_ms: self.uptime_ms(),
+            vcpus: self.cfg.boot.vcpus,
+            vcpu_exits: exits,
+            io_exits,
+            mem_mib: self.cfg.mem_mib,
+            guest_resident_bytes: memory::resident_bytes(&self.mem),
+            pid: std::process::id(),
+            kernel: self.cfg.boot.kernel.to_string(),
+            agent: AgentStatus {
+                ready: self.agent.ready,
+                lines: self.agent.lines,
+                dropped_lines: stats.dropped_lines,
+                truncated_lines: stats.truncated_lines,
+                last_line: self.agent.last_line.clone(),
+                last_line_age_ms: age(self.agent.last_line_at),
+                last_heartbeat_age_ms: age(self.agent.last_heartbeat_at),
+            },
+        }
+    }
+
+    fn flush_console(&self) {
+        let _ = lock(&self.devices.com1).writer_mut().flush_buffered();
+    }
+
+    /// Stops every vCPU thread and flushes the console.
+    fn stop(&mut self) {
+        for handle in self.handles.drain(..) {
+            handle.finish();
+        }
+        self.flush_console();
+    }
+}
+
+static TERMINATION_FD: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_termination(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let fd = TERMINATION_FD.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: write(2) is async-signal-safe; `one` is a valid 8-byte buffer
+        // and `fd` is an eventfd kept open for the life of the process.
+        unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+    }
+}
+
+/// Requests from SIGTERM/SIGINT arrive as a `shutdown` on the event thread.
+fn install_termination_handler(wake: &EventFd) -> std::io::Result<()> {
+    let fd = wake.try_clone()?;
+    let raw = fd.as_raw_fd();
+    // The clone stays open for the rest of the process: the handler may run at any time.
+    std::mem::forget(fd);
+    TERMINATION_FD.store(raw, Ordering::Relaxed);
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        vmm_sys_util::signal::register_signal_handler(sig, on_termination)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+    }
+    Ok(())
+}
+
+/// Time the event thread waits for vCPUs to acknowledge a pause.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
