@@ -361,7 +361,7 @@ mod tests {
             assert_eq!(serde_json::from_str::<Request>(wire).unwrap(), request);
         }
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"reboot"}"#).is_err());
-        assert!(serde_json::from_str::<Request>(r#"{"cmd":"status","x":1}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"agent","line":"a","x":1}"#).is_err());
     }
 
     #[test]
