@@ -37,8 +37,8 @@ use crate::boot::{self, BootConfig, BootEntry, SmpStart};
 use crate::control::{self, ControlRequest, Request, Response};
 use crate::cpuid::{filter_cpuid, CpuidConfig};
 use crate::devices::{
-    self, encode_command, AgentConfig, AgentWriter, ConsoleWriter, EventFdTrigger, PioBus,
-    PowerOff, PvPanic, SerialDevice, SerialEventsSink, I8042,
+    self, encode_command, AgentConfig, AgentWriter, ConsoleWriter, EventFdTrigger, LinePort,
+    PioBus, PowerOff, PvPanic, SerialDevice, SerialEventsSink, I8042,
 };
 use crate::exit::{ExitReason, ExitRecord};
 use crate::memory::{self, GuestMemoryMmap};
@@ -232,6 +232,9 @@ pub struct AgentStatus {
     pub last_line_age_ms: Option<u64>,
     /// Milliseconds since the last heartbeat (`hb ...`).
     pub last_heartbeat_age_ms: Option<u64>,
+    /// When the guest said `ready`, as CLOCK_MONOTONIC nanoseconds (comparable
+    /// with any other process's clock on this host).
+    pub ready_monotonic_ns: Option<u64>,
 }
 
 type Com1 = SerialDevice<ConsoleWriter>;
@@ -314,7 +317,7 @@ impl Vm {
                 source,
             })?),
         };
-        let (devices, bus) = Self::build_devices(&vm, &cfg)?;
+        let (devices, bus) = Self::build_devices(&vm, &mem, &cfg)?;
         let vcpus = Self::build_vcpus(&kvm, &vm, &cfg, entry, &bus, &sink)?;
         let control = match &cfg.control {
             Some(path) => Some(control::ControlServer::bind(path, sink.clone())?),
@@ -338,7 +341,11 @@ impl Vm {
         })
     }
 
-    fn build_devices(vm: &VmFd, cfg: &VmConfig) -> Result<(Devices, PioBus), VmError> {
+    fn build_devices(
+        vm: &VmFd,
+        mem: &GuestMemoryMmap,
+        cfg: &VmConfig,
+    ) -> Result<(Devices, PioBus), VmError> {
         let dev_err = |device| move |source| VmError::Device { device, source };
         let console_out: Box<dyn Write + Send> = match &cfg.console {
             ConsoleOutput::Stdout => Box::new(std::io::stdout()),
@@ -399,6 +406,7 @@ impl Vm {
             power_evt.try_clone().map_err(dev_err("power-off port"))?,
         )));
 
+        let line_port = Arc::new(Mutex::new(LinePort::new(mem.clone(), com2.clone())));
         let mut bus = PioBus::new();
         let bus_err = |device| {
             move |e: devices::BusError| VmError::Device {
@@ -418,6 +426,8 @@ impl Vm {
             devices::SERIAL_PORT_LEN,
         )
         .map_err(bus_err("COM2"))?;
+        bus.insert(line_port, devices::LINE_PORT, devices::LINE_PORT_LEN)
+            .map_err(bus_err("agent line port"))?;
         bus.insert(i8042, devices::I8042_PORT_BASE, devices::I8042_PORT_LEN)
             .map_err(bus_err("i8042"))?;
         bus.insert(pvpanic, devices::PVPANIC_PORT, devices::PVPANIC_PORT_LEN)
@@ -554,6 +564,7 @@ impl Vm {
 #[derive(Default)]
 struct AgentState {
     ready: bool,
+    ready_monotonic_ns: Option<u64>,
     lines: u64,
     last_line: Option<String>,
     last_line_at: Option<Instant>,
@@ -738,6 +749,7 @@ impl EventLoop {
             self.agent.last_heartbeat_at = Some(now);
         } else if line == "ready" || line.starts_with("ready ") {
             self.agent.ready = true;
+            self.agent.ready_monotonic_ns = Some(monotonic_ns());
         }
         self.agent.last_line_at = Some(now);
         self.watchers.retain(
@@ -833,6 +845,7 @@ impl EventLoop {
                 last_line: self.agent.last_line.clone(),
                 last_line_age_ms: age(self.agent.last_line_at),
                 last_heartbeat_age_ms: age(self.agent.last_heartbeat_at),
+                ready_monotonic_ns: self.agent.ready_monotonic_ns,
             },
         }
     }
@@ -848,6 +861,17 @@ impl EventLoop {
         }
         self.flush_console();
     }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 static TERMINATION_FD: AtomicI32 = AtomicI32::new(-1);

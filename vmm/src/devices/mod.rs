@@ -21,6 +21,7 @@
 //! | [`i8042`]   | i8042 reset line (vm-superio)        | 0x60 and 0x64      | reset eventfd       |
 //! | [`pvpanic`] | QEMU pvpanic ISA device              | 0x505, 1           | panic eventfd       |
 //! | [`power`]   | ACPI-style S5 power-off port         | 0x600, 1           | power-off eventfd   |
+//! | [`line_port`] | agent lines by address, one exit each | 0x2f0, 4         | (COM2 output)       |
 //!
 //! # Threading and locking
 //!
@@ -44,6 +45,7 @@
 pub mod agent;
 pub mod bus;
 pub mod i8042;
+pub mod line_port;
 pub mod power;
 pub mod pvpanic;
 pub mod serial;
@@ -51,10 +53,15 @@ pub mod serial;
 pub use agent::{encode_command, AgentConfig, AgentError, AgentStats, AgentWriter, LineFramer};
 pub use bus::{BusError, PioBus, PioDevice};
 pub use i8042::I8042;
+pub use line_port::{LinePort, LINE_PORT_MAGIC};
 pub use power::PowerOff;
 pub use pvpanic::PvPanic;
 pub use serial::{ConsoleWriter, EventFdTrigger, SerialDevice, SerialError, SerialEventsSink};
 
+/// The agent line port (see [`line_port`]).
+pub const LINE_PORT: u16 = 0x2f0;
+/// Length of the agent line port.
+pub const LINE_PORT_LEN: u16 = 4;
 /// First port of COM1, the console UART.
 pub const COM1_PORT_BASE: u16 = 0x3f8;
 /// First port of COM2, the UART that carries the agent channel.
