@@ -39,7 +39,7 @@ enum Command {
         /// The VMM's control socket.
         socket: PathBuf,
         /// Print raw JSON replies.
-        #[arg(long)]
+        #[arg(long, global = true)]
         json: bool,
         #[command(subcommand)]
         action: CtlAction,
