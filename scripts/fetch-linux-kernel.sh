@@ -87,6 +87,10 @@ if is_x86_64_elf "$OUT/vmlinux"; then
     exit 0
 fi
 
+# Create the output directory first, so that a bad OUT fails before the download.
+mkdir -p "$OUT" 2>/dev/null && [ -w "$OUT" ] || die "cannot create or write to output directory $OUT"
+OUT=$(cd "$OUT" && pwd)
+
 # ---------------------------------------------------------------- tools
 for t in apt-get apt-cache dpkg-deb od tr grep tail head stat mktemp; do
     command -v "$t" >/dev/null 2>&1 || die "required tool '$t' not found (this script needs a Debian-like system with apt)"
@@ -194,6 +198,7 @@ decomp_for_magic() {
 }
 
 extracted=0
+magic=unknown
 
 # 1. The boot protocol (>= 2.08) says exactly where the payload is:
 #    payload_offset (0x248) and payload_length (0x24c), relative to the start
@@ -239,11 +244,9 @@ if [ "$extracted" -eq 0 ]; then
     fi
 fi
 [ "$extracted" -eq 1 ] ||
-    die "no x86-64 ELF vmlinux could be decompressed from $(basename "$VMLINUZ") ($PKG $VERSION); tried lz4/gzip/xz/zstd/bzip2/lzma/lzo (installed: $(for t in lz4 gzip xz zstd bzip2 lzop; do command -v "$t" >/dev/null 2>&1 && printf '%s ' "$t"; done))"
+    die "no x86-64 ELF vmlinux could be decompressed from $(basename "$VMLINUZ") ($PKG $VERSION, payload magic $magic); tried lz4/gzip/xz/zstd/bzip2/lzma/lzo (installed: $(for t in lz4 gzip xz zstd bzip2 lzop; do command -v "$t" >/dev/null 2>&1 && printf '%s ' "$t"; done))"
 
 # ---------------------------------------------------------------- install
-mkdir -p "$OUT" || die "cannot create output directory $OUT"
-OUT=$(cd "$OUT" && pwd)
 install_file() { # <src> <dest name>
     local tmp="$OUT/.$2.tmp.$$"
     TMP_FILES+=("$tmp")

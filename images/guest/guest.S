@@ -316,21 +316,6 @@ user_main:
 
         movq    $1, config_ready(%rip)
 
-        /* banner on the console */
-        call    line_reset
-        lea     s_banner(%rip), %rsi
-        mov     $(s_banner_end - s_banner), %ecx
-        call    put_str
-        mov     hb_ms(%rip), %rax
-        call    put_dec
-        lea     s_work(%rip), %rsi
-        mov     $(s_work_end - s_work), %ecx
-        call    put_str
-        mov     work(%rip), %rax
-        call    put_dec
-        mov     $COM1, %dx
-        call    send_line
-
         /* ready */
         call    line_reset
         lea     s_ready(%rip), %rsi
@@ -343,6 +328,21 @@ user_main:
         mov     hb_ms(%rip), %rax
         call    put_dec
         mov     $COM2, %dx
+        call    send_line
+
+        /* banner on the console, after ready: one exit a byte on a UART */
+        call    line_reset
+        lea     s_banner(%rip), %rsi
+        mov     $(s_banner_end - s_banner), %ecx
+        call    put_str
+        mov     hb_ms(%rip), %rax
+        call    put_dec
+        lea     s_work(%rip), %rsi
+        mov     $(s_work_end - s_work), %ecx
+        call    put_str
+        mov     work(%rip), %rax
+        call    put_dec
+        mov     $COM1, %dx
         call    send_line
 
 bsp_loop:

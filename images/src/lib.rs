@@ -2,6 +2,20 @@
 //!
 //! This crate never depends on the VMM: images are a format, readable by tools
 //! that know nothing of KVM.
+//!
+//! - [`format`]: one image file, its layout (the written contract, also in
+//!   `images/FORMAT.md`), [`ImageWriter`] and [`ImageReader`].
+//! - [`store`]: a VM's image directory: listing, picking the latest good
+//!   image, retention and merging incremental layers.
+//! - [`guest`]: the bundled guest kernel.
 #![forbid(unsafe_code)]
 
+pub mod format;
 pub mod guest;
+pub mod store;
+
+pub use format::{
+    CommittedImage, Header, ImageId, ImageKind, ImageReader, ImageWriter, MemoryRegionLayout,
+    MemoryRegionSource, PageRun, ReadError, SectionEntry, SectionKind, WriteError,
+};
+pub use store::{ImageEntry, ImageStatus, ImageStore, Selection, Skipped, StoreError};

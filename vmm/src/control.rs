@@ -12,6 +12,8 @@
 //! {"cmd":"shutdown"}                  -> {"reply":"ok"} and the VMM exits with status 3
 //! {"cmd":"agent","line":"status"}     -> {"reply":"ok"} once the line is queued for the guest
 //! {"cmd":"watch"}                     -> {"reply":"ok"}, then {"reply":"agent","line":"hb seq=1 ..."} ...
+//! {"cmd":"pause"} / {"cmd":"resume"}  -> {"reply":"ok"}
+//! {"cmd":"checkpoint","kind":"full"}  -> {"reply":"checkpoint","image_id":"..","path":"..","bytes":..,"pause_us":..,"total_us":..}
 //! ```
 //!
 //! Any request can be answered `{"reply":"error","error":"..."}`. Unknown
@@ -56,6 +58,42 @@ pub enum Request {
     },
     /// Stream what the guest says on the agent channel.
     Watch,
+    /// Stop every vCPU (the guest's time stands still).
+    Pause,
+    /// Run the vCPUs again.
+    Resume,
+    /// Write a consistency image into the VM's image directory.
+    Checkpoint {
+        /// `full` (default) or `incremental`.
+        #[serde(default)]
+        kind: CheckpointKind,
+    },
+}
+
+/// What a checkpoint writes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CheckpointKind {
+    /// Every page the guest touched.
+    #[default]
+    Full,
+    /// Only pages dirtied since the last image (not implemented yet: refused).
+    Incremental,
+}
+
+/// The answer to `checkpoint`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointReport {
+    /// The image id (32 hex digits).
+    pub image_id: String,
+    /// The committed image file.
+    pub path: String,
+    /// Bytes written.
+    pub bytes: u64,
+    /// How long the vCPUs stood still, in microseconds.
+    pub pause_us: u64,
+    /// The whole checkpoint, in microseconds.
+    pub total_us: u64,
 }
 
 /// An answer on the control socket.
@@ -76,6 +114,8 @@ pub enum Response {
         /// The line.
         line: String,
     },
+    /// The answer to `checkpoint`.
+    Checkpoint(CheckpointReport),
 }
 
 /// A request on its way to the event thread, with the channel for answers.
@@ -231,7 +271,7 @@ fn serve(stream: UnixStream, sink: EventSink) {
             Ok(r) => r,
             Err(e) => {
                 let error = format!(
-                    "bad request: {e}; expected e.g. {{\"cmd\":\"status\"}} (commands: status, shutdown, agent, watch)"
+                    "bad request: {e}; expected e.g. {{\"cmd\":\"status\"}} (commands: status, shutdown, agent, watch, pause, resume, checkpoint)"
                 );
                 if write_line(&mut writer, &Response::Error { error }).is_err() {
                     return;

@@ -10,6 +10,7 @@
 //! - [`vm`]: the KVM VM, its vCPUs and devices, and the event loop.
 //! - [`control`]: the per-VM control socket protocol and its client.
 //! - [`exit`]: typed exit reasons and the process exit status of each.
+//! - [`persist`]: the save/restore trait and the saved state of vCPUs and the VM.
 
 pub mod boot;
 pub mod control;
@@ -18,5 +19,7 @@ pub mod devices;
 pub mod exit;
 pub mod memory;
 pub mod mptable;
+pub mod persist;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;

@@ -3,19 +3,21 @@
 //! ```text
 //! relive-vmm run [--kernel PATH|bundled] [--initrd PATH] [--cmdline STR]
 //!                [--mem-mib N] [--vcpus N] [--console PATH] [--control SOCKET]
-//! relive-vmm ctl SOCKET status|shutdown|agent LINE|watch [--json]
+//! relive-vmm restore --image PATH [--console PATH] [--control SOCKET] [--images DIR]
+//! relive-vmm ctl SOCKET status|shutdown|agent LINE|watch|pause|resume|checkpoint [--json]
 //! ```
 //!
 //! `run` exits with the status of the VM's exit reason (see `relive_vmm::exit`)
 //! and prints one JSON line with the reason on stderr.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use relive_vmm::boot::{BootConfig, KernelSource, DEFAULT_LINUX_CMDLINE};
-use relive_vmm::control::{ControlClient, Request, Response};
+use relive_vmm::control::{CheckpointKind, ControlClient, Request, Response};
 use relive_vmm::exit::STATUS_VMM_ERROR;
 use relive_vmm::vm::{ConsoleOutput, Vm, VmConfig, VmStatus};
 
@@ -34,6 +36,8 @@ struct Cli {
 enum Command {
     /// Boot a VM and run it until it stops.
     Run(RunArgs),
+    /// Start a VM from a failover image: the guest resumes where the image was taken.
+    Restore(RestoreArgs),
     /// Talk to a running VMM over its control socket.
     Ctl {
         /// The VMM's control socket.
@@ -70,6 +74,25 @@ struct RunArgs {
     /// Serve the control socket at this path.
     #[arg(long)]
     control: Option<PathBuf>,
+    /// Write checkpoints (consistency images) into this directory.
+    #[arg(long)]
+    images: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+struct RestoreArgs {
+    /// The image file to start from.
+    #[arg(long)]
+    image: PathBuf,
+    /// Write the console (COM1) to this file instead of stdout.
+    #[arg(long)]
+    console: Option<PathBuf>,
+    /// Serve the control socket at this path.
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// Write further checkpoints into this directory.
+    #[arg(long)]
+    images: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -85,6 +108,16 @@ enum CtlAction {
     },
     /// Print what the guest says on the agent channel, one line each, until interrupted.
     Watch,
+    /// Stop every vCPU.
+    Pause,
+    /// Run the vCPUs again.
+    Resume,
+    /// Write a consistency image into the VM's --images directory.
+    Checkpoint {
+        /// `full` or `incremental`.
+        #[arg(default_value = "full")]
+        kind: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -98,6 +131,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args),
+        Command::Restore(args) => restore(args),
         Command::Ctl {
             socket,
             json,
@@ -139,8 +173,20 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             None => ConsoleOutput::Stdout,
         },
         control: args.control,
+        images: args.images,
     };
     let vm = Vm::build(cfg)?;
+    let record = vm.run()?;
+    eprintln!("{}", record.to_json());
+    Ok(ExitCode::from(record.status as u8))
+}
+
+fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
+    let console = match args.console {
+        Some(path) => ConsoleOutput::File(path),
+        None => ConsoleOutput::Stdout,
+    };
+    let vm = Vm::restore(&args.image, console, args.control, args.images)?;
     let record = vm.run()?;
     eprintln!("{}", record.to_json());
     Ok(ExitCode::from(record.status as u8))
@@ -153,6 +199,17 @@ fn ctl(socket: PathBuf, json: bool, action: CtlAction) -> anyhow::Result<ExitCod
         CtlAction::Shutdown => Request::Shutdown,
         CtlAction::Agent { line } => Request::Agent { line: line.clone() },
         CtlAction::Watch => Request::Watch,
+        CtlAction::Pause => Request::Pause,
+        CtlAction::Resume => Request::Resume,
+        CtlAction::Checkpoint { kind } => Request::Checkpoint {
+            kind: match kind.as_str() {
+                "full" => CheckpointKind::Full,
+                "incremental" => CheckpointKind::Incremental,
+                other => {
+                    anyhow::bail!("checkpoint kind {other:?} is unknown: use full or incremental")
+                }
+            },
+        },
     };
     let response = client.request(&request)?;
     if let Response::Error { error } = &response {
@@ -160,19 +217,33 @@ fn ctl(socket: PathBuf, json: bool, action: CtlAction) -> anyhow::Result<ExitCod
     }
     match action {
         CtlAction::Watch => {
+            let mut out = std::io::stdout().lock();
             while let Some(response) = client.next_response()? {
-                match response {
-                    Response::Agent { line } if !json => println!("{line}"),
-                    other => println!(
-                        "{}",
-                        serde_json::to_string(&other).context("cannot encode reply")?
-                    ),
+                let text = match response {
+                    Response::Agent { line } if !json => line,
+                    other => serde_json::to_string(&other).context("cannot encode reply")?,
+                };
+                // A reader that went away (`watch | head`) ends the watch quietly.
+                if writeln!(out, "{text}").and_then(|()| out.flush()).is_err() {
+                    break;
                 }
             }
         }
         CtlAction::Status if !json => {
             if let Response::Status(status) = &response {
                 print_status(status);
+            }
+        }
+        CtlAction::Checkpoint { .. } if !json => {
+            if let Response::Checkpoint(r) = &response {
+                println!(
+                    "image {} ({} bytes), paused {:.3} ms, total {:.3} ms\n{}",
+                    r.image_id,
+                    r.bytes,
+                    r.pause_us as f64 / 1000.0,
+                    r.total_us as f64 / 1000.0,
+                    r.path
+                );
             }
         }
         _ if json => println!(

@@ -32,6 +32,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::devices::PioBus;
 use crate::exit::ExitReason;
+use crate::persist::{save_vcpu, VcpuState};
 use crate::vm::EventSink;
 
 /// What the owner asks of a vCPU thread.
@@ -41,22 +42,26 @@ pub enum VcpuEvent {
     Pause,
     /// Run again.
     Resume,
+    /// Capture the vCPU's state (only answered while paused).
+    Save,
     /// Stop the thread.
     Finish,
 }
 
 /// What a vCPU thread answers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VcpuResponse {
     /// The vCPU is out of `KVM_RUN` and parked.
     Paused,
     /// The vCPU runs again.
     Resumed,
+    /// The vCPU's state, or why it could not be captured.
+    Saved(Result<Box<VcpuState>, String>),
 }
 
 /// The state of a vCPU thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VcpuState {
+pub enum VcpuRunState {
     /// In (or about to enter) `KVM_RUN`.
     Running,
     /// Parked, waiting for an event.
@@ -116,6 +121,7 @@ pub struct Vcpu {
     bus: PioBus,
     stats: Arc<VcpuStats>,
     sink: EventSink,
+    msr_index: Arc<Vec<u32>>,
 }
 
 /// The owner's side of a vCPU thread.
@@ -130,13 +136,14 @@ pub struct VcpuHandle {
 
 impl Vcpu {
     /// A vCPU ready to run on its own thread.
-    pub fn new(id: u8, fd: VcpuFd, bus: PioBus, sink: EventSink) -> Self {
+    pub fn new(id: u8, fd: VcpuFd, bus: PioBus, sink: EventSink, msr_index: Arc<Vec<u32>>) -> Self {
         Vcpu {
             id,
             fd,
             bus,
             stats: Arc::new(VcpuStats::default()),
             sink,
+            msr_index,
         }
     }
 
@@ -146,7 +153,7 @@ impl Vcpu {
     }
 
     /// Starts the vCPU thread in `initial` state.
-    pub fn start(self, initial: VcpuState) -> std::io::Result<VcpuHandle> {
+    pub fn start(self, initial: VcpuRunState) -> std::io::Result<VcpuHandle> {
         let (events_tx, events_rx) = std::sync::mpsc::channel();
         let (responses_tx, responses_rx) = std::sync::mpsc::channel();
         let id = self.id;
@@ -165,7 +172,7 @@ impl Vcpu {
 
     fn run(
         mut self,
-        mut state: VcpuState,
+        mut state: VcpuRunState,
         events: Receiver<VcpuEvent>,
         responses: Sender<VcpuResponse>,
     ) {
@@ -174,26 +181,46 @@ impl Vcpu {
         let _span = tracing::debug_span!("vcpu", id = self.id).entered();
         loop {
             state = match state {
-                VcpuState::Running => match events.try_recv() {
-                    Ok(event) => Self::on_event(event, state, &responses),
-                    Err(TryRecvError::Disconnected) => VcpuState::Finished,
+                VcpuRunState::Running => match events.try_recv() {
+                    Ok(event) => self.on_event(event, state, &responses),
+                    Err(TryRecvError::Disconnected) => VcpuRunState::Finished,
                     Err(TryRecvError::Empty) => self.run_once(run_ptr),
                 },
-                VcpuState::Paused => match events.recv() {
-                    Ok(event) => Self::on_event(event, state, &responses),
-                    Err(_) => VcpuState::Finished,
+                VcpuRunState::Paused => match events.recv() {
+                    Ok(event) => self.on_event(event, state, &responses),
+                    Err(_) => VcpuRunState::Finished,
                 },
-                VcpuState::Finished => break,
+                VcpuRunState::Finished => break,
             };
         }
         KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
     }
 
-    fn on_event(event: VcpuEvent, state: VcpuState, responses: &Sender<VcpuResponse>) -> VcpuState {
+    fn on_event(
+        &self,
+        event: VcpuEvent,
+        state: VcpuRunState,
+        responses: &Sender<VcpuResponse>,
+    ) -> VcpuRunState {
         let (next, answer) = match (event, state) {
-            (VcpuEvent::Pause, _) => (VcpuState::Paused, Some(VcpuResponse::Paused)),
-            (VcpuEvent::Resume, _) => (VcpuState::Running, Some(VcpuResponse::Resumed)),
-            (VcpuEvent::Finish, _) => (VcpuState::Finished, None),
+            (VcpuEvent::Pause, _) => (VcpuRunState::Paused, Some(VcpuResponse::Paused)),
+            (VcpuEvent::Resume, _) => (VcpuRunState::Running, Some(VcpuResponse::Resumed)),
+            (VcpuEvent::Save, VcpuRunState::Paused) => (
+                state,
+                Some(VcpuResponse::Saved(
+                    save_vcpu(self.id, &self.fd, &self.msr_index)
+                        .map(Box::new)
+                        .map_err(|e| format!("vcpu{}: {e}", self.id)),
+                )),
+            ),
+            (VcpuEvent::Save, _) => (
+                state,
+                Some(VcpuResponse::Saved(Err(format!(
+                    "vcpu{} must be paused to save its state",
+                    self.id
+                )))),
+            ),
+            (VcpuEvent::Finish, _) => (VcpuRunState::Finished, None),
         };
         if let Some(answer) = answer {
             // The owner may be gone (process ending); nothing to do then.
@@ -203,7 +230,7 @@ impl Vcpu {
     }
 
     /// One `KVM_RUN` and the dispatch of its exit.
-    fn run_once(&mut self, run_ptr: *mut kvm_run) -> VcpuState {
+    fn run_once(&mut self, run_ptr: *mut kvm_run) -> VcpuRunState {
         let result = self.fd.run();
         self.stats.exits.fetch_add(1, Ordering::Relaxed);
         let outcome = match result {
@@ -215,10 +242,10 @@ impl Vcpu {
             Err(e) => Some((ExitReason::KvmError, format!("KVM_RUN failed: {e}"))),
         };
         match outcome {
-            None => VcpuState::Running,
+            None => VcpuRunState::Running,
             Some((reason, detail)) => {
                 self.sink.vcpu_exit(self.id, reason, detail);
-                VcpuState::Finished
+                VcpuRunState::Finished
             }
         }
     }

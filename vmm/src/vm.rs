@@ -34,7 +34,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::{self, BootConfig, BootEntry, SmpStart};
-use crate::control::{self, ControlRequest, Request, Response};
+use crate::control::{self, CheckpointKind, CheckpointReport, ControlRequest, Request, Response};
 use crate::cpuid::{filter_cpuid, CpuidConfig};
 use crate::devices::{
     self, encode_command, AgentConfig, AgentWriter, ConsoleWriter, EventFdTrigger, LinePort,
@@ -42,7 +42,12 @@ use crate::devices::{
 };
 use crate::exit::{ExitReason, ExitRecord};
 use crate::memory::{self, GuestMemoryMmap};
-use crate::vcpu::{self, Vcpu, VcpuHandle, VcpuState};
+use crate::persist::{restore_vcpu, restore_vm, save_vm, Persist};
+use crate::snapshot::{
+    self, AppStatus, DeviceState, ImageConfig, ImageParts, LoadedImage, MachineState,
+    ResourceLimits,
+};
+use crate::vcpu::{self, Vcpu, VcpuEvent, VcpuHandle, VcpuResponse, VcpuRunState};
 
 /// Address of the three pages KVM needs for the TSS on Intel hosts.
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
@@ -67,6 +72,16 @@ pub struct VmConfig {
     pub console: ConsoleOutput,
     /// Control socket path.
     pub control: Option<PathBuf>,
+    /// Directory where checkpoints are written.
+    pub images: Option<PathBuf>,
+}
+
+/// How a VM comes to life.
+pub enum Origin {
+    /// Boot the kernel.
+    Boot,
+    /// Resume from a failover image.
+    Image(Box<LoadedImage>),
 }
 
 /// Errors while building or running a VM.
@@ -128,6 +143,20 @@ pub enum VmError {
     /// The control socket cannot be created.
     #[error(transparent)]
     Control(#[from] control::ControlError),
+    /// The image cannot be used.
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::SnapshotError),
+    /// Saved state cannot be loaded into KVM.
+    #[error("cannot restore the VM's state")]
+    State(#[source] crate::persist::StateError),
+    /// A saved device cannot be restored.
+    #[error("cannot restore device {device}: {reason}")]
+    DeviceState {
+        /// Which device.
+        device: &'static str,
+        /// Why.
+        reason: String,
+    },
     /// A thread or eventfd could not be created.
     #[error("cannot {what}")]
     Os {
@@ -243,6 +272,7 @@ type Com2 = SerialDevice<AgentWriter>;
 struct Devices {
     com1: Arc<Mutex<Com1>>,
     com2: Arc<Mutex<Com2>>,
+    pvpanic: Arc<Mutex<PvPanic>>,
     reset_evt: EventFd,
     panic_evt: EventFd,
     power_evt: EventFd,
@@ -263,6 +293,8 @@ pub struct Vm {
     events_wake: EventFd,
     sink: EventSink,
     control: Option<control::ControlServer>,
+    agent: AgentState,
+    pending_input: VecDeque<u8>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -286,6 +318,34 @@ pub fn max_vcpus(kvm: &Kvm) -> u32 {
 impl Vm {
     /// Builds the VM: KVM objects, memory, kernel, devices and vCPUs.
     pub fn build(cfg: VmConfig) -> Result<Vm, VmError> {
+        Self::assemble(cfg, Origin::Boot)
+    }
+
+    /// Builds a VM from a failover image: memory mapped from the image,
+    /// KVM and device state loaded; the guest resumes where the image was taken.
+    pub fn restore(
+        image: &std::path::Path,
+        console: ConsoleOutput,
+        control: Option<PathBuf>,
+        images: Option<PathBuf>,
+    ) -> Result<Vm, VmError> {
+        let loaded = snapshot::load(image)?;
+        let cfg = VmConfig {
+            boot: BootConfig {
+                kernel: boot::KernelSource::parse(&loaded.config.kernel),
+                initrd: loaded.config.initrd.clone(),
+                cmdline: loaded.config.cmdline.clone(),
+                vcpus: loaded.config.vcpus,
+            },
+            mem_mib: loaded.config.mem_mib,
+            console,
+            control,
+            images,
+        };
+        Self::assemble(cfg, Origin::Image(Box::new(loaded)))
+    }
+
+    fn assemble(cfg: VmConfig, origin: Origin) -> Result<Vm, VmError> {
         let started = Instant::now();
         let kvm = Kvm::new().map_err(VmError::Kvm)?;
         let max = max_vcpus(&kvm);
@@ -293,7 +353,10 @@ impl Vm {
         if vcpus == 0 || vcpus > max {
             return Err(VmError::VcpuCount { vcpus, max });
         }
-        let mem = memory::create(cfg.mem_mib)?;
+        let mem = match &origin {
+            Origin::Boot => memory::create(cfg.mem_mib)?,
+            Origin::Image(image) => snapshot::map_memory(image)?,
+        };
         let kvm_call = |what| move |source| VmError::KvmCall { what, source };
         let vm = kvm.create_vm().map_err(kvm_call("KVM_CREATE_VM"))?;
         vm.set_tss_address(KVM_TSS_ADDRESS)
@@ -306,7 +369,19 @@ impl Vm {
         };
         vm.create_pit2(pit).map_err(kvm_call("KVM_CREATE_PIT2"))?;
         memory::register(&vm, &mem, 0)?;
-        let entry = boot::load(&mem, &cfg.boot)?;
+        let entry = match &origin {
+            Origin::Boot => Some(boot::load(&mem, &cfg.boot)?),
+            Origin::Image(image) => {
+                restore_vm(&vm, &image.machine.vm).map_err(VmError::State)?;
+                None
+            }
+        };
+        let msr_index = Arc::new(
+            kvm.get_msr_index_list()
+                .map_err(kvm_call("KVM_GET_MSR_INDEX_LIST"))?
+                .as_slice()
+                .to_vec(),
+        );
 
         let (events_tx, events_rx) = std::sync::mpsc::channel();
         let events_wake = eventfd("create the event eventfd")?;
@@ -317,8 +392,27 @@ impl Vm {
                 source,
             })?),
         };
-        let (devices, bus) = Self::build_devices(&vm, &mem, &cfg)?;
-        let vcpus = Self::build_vcpus(&kvm, &vm, &cfg, entry, &bus, &sink)?;
+        let saved_devices = match &origin {
+            Origin::Boot => None,
+            Origin::Image(image) => Some(&image.devices),
+        };
+        let (devices, bus) = Self::build_devices(&vm, &mem, &cfg, saved_devices)?;
+        let vcpus = match (&origin, entry) {
+            (Origin::Image(image), _) => {
+                Self::restore_vcpus(&vm, &image.machine, &bus, &sink, &msr_index)?
+            }
+            (Origin::Boot, Some(entry)) => {
+                Self::build_vcpus(&kvm, &vm, &cfg, entry, &bus, &sink, &msr_index)?
+            }
+            (Origin::Boot, None) => unreachable!("a booted VM always has an entry point"),
+        };
+        let (agent, pending_input) = match &origin {
+            Origin::Boot => (AgentState::default(), VecDeque::new()),
+            Origin::Image(image) => (
+                AgentState::from_app_status(&image.app),
+                image.devices.agent_pending_input.iter().copied().collect(),
+            ),
+        };
         let control = match &cfg.control {
             Some(path) => Some(control::ControlServer::bind(path, sink.clone())?),
             None => None,
@@ -338,14 +432,50 @@ impl Vm {
             events_wake,
             sink,
             control,
+            agent,
+            pending_input,
         })
+    }
+
+    fn restore_vcpus(
+        vm: &VmFd,
+        machine: &MachineState,
+        bus: &PioBus,
+        sink: &EventSink,
+        msr_index: &Arc<Vec<u32>>,
+    ) -> Result<Vec<Vcpu>, VmError> {
+        let mut vcpus = Vec::with_capacity(machine.vcpus.len());
+        for state in &machine.vcpus {
+            let fd = vm
+                .create_vcpu(u64::from(state.id))
+                .map_err(|source| VmError::KvmCall {
+                    what: "KVM_CREATE_VCPU",
+                    source,
+                })?;
+            restore_vcpu(&fd, state).map_err(VmError::State)?;
+            vcpus.push(Vcpu::new(
+                state.id,
+                fd,
+                bus.clone(),
+                sink.clone(),
+                msr_index.clone(),
+            ));
+        }
+        Ok(vcpus)
     }
 
     fn build_devices(
         vm: &VmFd,
         mem: &GuestMemoryMmap,
         cfg: &VmConfig,
+        saved: Option<&DeviceState>,
     ) -> Result<(Devices, PioBus), VmError> {
+        let restore_err = |device: &'static str| {
+            move |e: devices::SerialError| VmError::DeviceState {
+                device,
+                reason: e.to_string(),
+            }
+        };
         let dev_err = |device| move |source| VmError::Device { device, source };
         let console_out: Box<dyn Write + Send> = match &cfg.console {
             ConsoleOutput::Stdout => Box::new(std::io::stdout()),
@@ -366,11 +496,17 @@ impl Vm {
                 what: "KVM_IRQFD (COM1)",
                 source: e,
             })?;
-        let com1 = Arc::new(Mutex::new(SerialDevice::new(
+        let com1_args = (
             EventFdTrigger::new(com1_irq),
             SerialEventsSink::new(),
             ConsoleWriter::new(console_out),
-        )));
+        );
+        let com1 = Arc::new(Mutex::new(match saved {
+            None => SerialDevice::new(com1_args.0, com1_args.1, com1_args.2),
+            Some(state) => {
+                SerialDevice::restore(com1_args, &state.com1).map_err(restore_err("COM1"))?
+            }
+        }));
 
         let com2_irq = eventfd("create the COM2 irqfd")?;
         vm.register_irqfd(&com2_irq, devices::COM2_IRQ)
@@ -381,26 +517,42 @@ impl Vm {
         let (agent_tx, agent_rx) = std::sync::mpsc::channel();
         let agent_evt = eventfd("create the agent eventfd")?;
         let com2_drained_evt = eventfd("create the COM2 drain eventfd")?;
-        let com2 = Arc::new(Mutex::new(SerialDevice::new(
+        let mut agent_writer = AgentWriter::new(
+            AgentConfig::default(),
+            agent_tx,
+            agent_evt.try_clone().map_err(dev_err("agent channel"))?,
+        );
+        if let Some(state) = saved {
+            // A partial line carries no newline, so this only refills the framer.
+            let _ = agent_writer.write_all(state.agent_partial_line.as_bytes());
+        }
+        let com2_args = (
             EventFdTrigger::new(com2_irq),
             SerialEventsSink::with_rx_drained(
                 com2_drained_evt.try_clone().map_err(dev_err("COM2"))?,
             ),
-            AgentWriter::new(
-                AgentConfig::default(),
-                agent_tx,
-                agent_evt.try_clone().map_err(dev_err("agent channel"))?,
-            ),
-        )));
+            agent_writer,
+        );
+        let com2 = Arc::new(Mutex::new(match saved {
+            None => SerialDevice::new(com2_args.0, com2_args.1, com2_args.2),
+            Some(state) => {
+                SerialDevice::restore(com2_args, &state.com2).map_err(restore_err("COM2"))?
+            }
+        }));
 
         let reset_evt = eventfd("create the reset eventfd")?;
         let i8042 = Arc::new(Mutex::new(I8042::new(EventFdTrigger::new(
             reset_evt.try_clone().map_err(dev_err("i8042"))?,
         ))));
         let panic_evt = eventfd("create the panic eventfd")?;
-        let pvpanic = Arc::new(Mutex::new(PvPanic::new(
-            panic_evt.try_clone().map_err(dev_err("pvpanic"))?,
-        )));
+        let pvpanic_evt = panic_evt.try_clone().map_err(dev_err("pvpanic"))?;
+        let pvpanic = Arc::new(Mutex::new(match saved {
+            None => PvPanic::new(pvpanic_evt),
+            Some(state) => match PvPanic::restore(pvpanic_evt, &state.pvpanic) {
+                Ok(dev) => dev,
+                Err(never) => match never {},
+            },
+        }));
         let power_evt = eventfd("create the power-off eventfd")?;
         let power = Arc::new(Mutex::new(PowerOff::new(
             power_evt.try_clone().map_err(dev_err("power-off port"))?,
@@ -430,14 +582,19 @@ impl Vm {
             .map_err(bus_err("agent line port"))?;
         bus.insert(i8042, devices::I8042_PORT_BASE, devices::I8042_PORT_LEN)
             .map_err(bus_err("i8042"))?;
-        bus.insert(pvpanic, devices::PVPANIC_PORT, devices::PVPANIC_PORT_LEN)
-            .map_err(bus_err("pvpanic"))?;
+        bus.insert(
+            pvpanic.clone(),
+            devices::PVPANIC_PORT,
+            devices::PVPANIC_PORT_LEN,
+        )
+        .map_err(bus_err("pvpanic"))?;
         bus.insert(power, devices::POWER_PORT, devices::POWER_PORT_LEN)
             .map_err(bus_err("power-off port"))?;
         Ok((
             Devices {
                 com1,
                 com2,
+                pvpanic: pvpanic.clone(),
                 reset_evt,
                 panic_evt,
                 power_evt,
@@ -456,6 +613,7 @@ impl Vm {
         entry: BootEntry,
         bus: &PioBus,
         sink: &EventSink,
+        msr_index: &Arc<Vec<u32>>,
     ) -> Result<Vec<Vcpu>, VmError> {
         let kvm_call = |what| move |source| VmError::KvmCall { what, source };
         let supported = kvm
@@ -493,7 +651,13 @@ impl Vm {
                 })
                 .map_err(kvm_call("KVM_SET_MP_STATE"))?;
             }
-            vcpus.push(Vcpu::new(id, fd, bus.clone(), sink.clone()));
+            vcpus.push(Vcpu::new(
+                id,
+                fd,
+                bus.clone(),
+                sink.clone(),
+                msr_index.clone(),
+            ));
         }
         Ok(vcpus)
     }
@@ -520,12 +684,14 @@ impl Vm {
             events_wake,
             sink,
             control,
+            agent,
+            pending_input,
         } = self;
         let started = Instant::now();
         let mut handles = Vec::with_capacity(vcpus.len());
         for vcpu in vcpus {
             handles.push(
-                vcpu.start(VcpuState::Running)
+                vcpu.start(VcpuRunState::Running)
                     .map_err(|source| VmError::Os {
                         what: "spawn a vCPU thread",
                         source,
@@ -539,7 +705,7 @@ impl Vm {
             })?;
         }
         let mut event_loop = EventLoop {
-            _vm: vm,
+            vm,
             mem,
             cfg,
             devices,
@@ -550,8 +716,8 @@ impl Vm {
             _sink: sink,
             started,
             state: RunState::Running,
-            agent: AgentState::default(),
-            pending_input: VecDeque::new(),
+            agent,
+            pending_input,
             watchers: Vec::new(),
         };
         let record = event_loop.run();
@@ -567,12 +733,24 @@ struct AgentState {
     ready_monotonic_ns: Option<u64>,
     lines: u64,
     last_line: Option<String>,
+    last_heartbeat: Option<String>,
     last_line_at: Option<Instant>,
     last_heartbeat_at: Option<Instant>,
 }
 
+impl AgentState {
+    fn from_app_status(app: &AppStatus) -> Self {
+        AgentState {
+            ready: app.ready,
+            last_line: app.last_line.clone(),
+            last_heartbeat: app.last_heartbeat.clone(),
+            ..AgentState::default()
+        }
+    }
+}
+
 struct EventLoop {
-    _vm: VmFd,
+    vm: VmFd,
     mem: GuestMemoryMmap,
     cfg: VmConfig,
     devices: Devices,
@@ -747,6 +925,7 @@ impl EventLoop {
         self.agent.lines += 1;
         if line.starts_with("hb ") {
             self.agent.last_heartbeat_at = Some(now);
+            self.agent.last_heartbeat = Some(line.clone());
         } else if line == "ready" || line.starts_with("ready ") {
             self.agent.ready = true;
             self.agent.ready_monotonic_ns = Some(monotonic_ns());
@@ -814,6 +993,30 @@ impl EventLoop {
                 }
                 None
             }
+            Request::Pause => {
+                let answer = match self.pause() {
+                    Ok(()) => Response::Ok,
+                    Err(error) => Response::Error { error },
+                };
+                let _ = reply.send(answer);
+                None
+            }
+            Request::Resume => {
+                let answer = match self.resume() {
+                    Ok(()) => Response::Ok,
+                    Err(error) => Response::Error { error },
+                };
+                let _ = reply.send(answer);
+                None
+            }
+            Request::Checkpoint { kind } => {
+                let answer = match self.checkpoint(kind) {
+                    Ok(report) => Response::Checkpoint(report),
+                    Err(error) => Response::Error { error },
+                };
+                let _ = reply.send(answer);
+                None
+            }
         }
     }
 
@@ -848,6 +1051,157 @@ impl EventLoop {
                 ready_monotonic_ns: self.agent.ready_monotonic_ns,
             },
         }
+    }
+
+    /// Pauses every vCPU and waits until each is out of KVM_RUN.
+    fn pause(&mut self) -> Result<(), String> {
+        if self.state == RunState::Paused {
+            return Ok(());
+        }
+        for handle in &self.handles {
+            handle.send(VcpuEvent::Pause);
+        }
+        for handle in &self.handles {
+            match handle.response(PAUSE_TIMEOUT) {
+                Some(VcpuResponse::Paused) => {}
+                other => {
+                    return Err(format!(
+                        "vcpu{} did not pause (answered {other:?})",
+                        handle.id()
+                    ))
+                }
+            }
+        }
+        self.state = RunState::Paused;
+        Ok(())
+    }
+
+    /// Resumes every vCPU.
+    fn resume(&mut self) -> Result<(), String> {
+        if self.state == RunState::Running {
+            return Ok(());
+        }
+        for handle in &self.handles {
+            handle.send(VcpuEvent::Resume);
+        }
+        for handle in &self.handles {
+            match handle.response(PAUSE_TIMEOUT) {
+                Some(VcpuResponse::Resumed) => {}
+                other => {
+                    return Err(format!(
+                        "vcpu{} did not resume (answered {other:?})",
+                        handle.id()
+                    ))
+                }
+            }
+        }
+        self.state = RunState::Running;
+        Ok(())
+    }
+
+    /// Writes a consistency image: pause, capture, write, resume.
+    fn checkpoint(&mut self, kind: CheckpointKind) -> Result<CheckpointReport, String> {
+        let Some(dir) = self.cfg.images.clone() else {
+            return Err("this VM has no image directory: start it with --images DIR".into());
+        };
+        if kind == CheckpointKind::Incremental {
+            return Err("incremental checkpoints are not implemented yet: use full".into());
+        }
+        let started = Instant::now();
+        let was_running = self.state == RunState::Running;
+        self.pause()?;
+        let paused_at = Instant::now();
+        let result = self.write_checkpoint(&dir);
+        let pause_us = paused_at.elapsed().as_micros() as u64;
+        if was_running {
+            self.resume()?;
+        }
+        let image = result?;
+        Ok(CheckpointReport {
+            image_id: image.id.to_string(),
+            path: image.path.display().to_string(),
+            bytes: image.bytes_written,
+            pause_us,
+            total_us: started.elapsed().as_micros() as u64,
+        })
+    }
+
+    fn write_checkpoint(
+        &mut self,
+        dir: &std::path::Path,
+    ) -> Result<relive_images::format::CommittedImage, String> {
+        let mut vcpus = Vec::with_capacity(self.handles.len());
+        for handle in &self.handles {
+            handle.send(VcpuEvent::Save);
+        }
+        for handle in &self.handles {
+            match handle.response(PAUSE_TIMEOUT) {
+                Some(VcpuResponse::Saved(Ok(state))) => vcpus.push(*state),
+                Some(VcpuResponse::Saved(Err(e))) => return Err(e),
+                other => return Err(format!("vcpu{} did not save: {other:?}", handle.id())),
+            }
+        }
+        let machine = MachineState {
+            vm: save_vm(&self.vm).map_err(|e| e.to_string())?,
+            vcpus,
+        };
+        let devices = {
+            let com1 = lock(&self.devices.com1).save().map_err(|e| e.to_string())?;
+            let com2_dev = lock(&self.devices.com2);
+            let com2 = com2_dev.save().map_err(|e| e.to_string())?;
+            let agent_partial_line = com2_dev.writer().pending().to_string();
+            drop(com2_dev);
+            let pvpanic = match lock(&self.devices.pvpanic).save() {
+                Ok(state) => state,
+                Err(never) => match never {},
+            };
+            DeviceState {
+                com1,
+                com2,
+                agent_partial_line,
+                agent_pending_input: self.pending_input.iter().copied().collect(),
+                pvpanic,
+            }
+        };
+        let config = ImageConfig {
+            vcpus: self.cfg.boot.vcpus,
+            mem_mib: self.cfg.mem_mib,
+            kernel: self.cfg.boot.kernel.to_string(),
+            initrd: self.cfg.boot.initrd.clone(),
+            cmdline: self.cfg.boot.cmdline.clone(),
+            relive_version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        let app = AppStatus {
+            ready: self.agent.ready,
+            last_heartbeat: self.agent.last_heartbeat.clone(),
+            last_line: self.agent.last_line.clone(),
+        };
+        let parts = ImageParts {
+            config: &config,
+            limits: &ResourceLimits::default(),
+            machine: &machine,
+            devices: &devices,
+            app: &app,
+        };
+        // SAFETY: every vCPU is paused (checked by `checkpoint`) until this returns.
+        unsafe {
+            snapshot::write_image(
+                dir,
+                relive_images::format::ImageKind::Full,
+                &parts,
+                &self.mem,
+            )
+        }
+        .map_err(|e| {
+            let mut msg = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                msg.push_str(": ");
+                msg.push_str(&s.to_string());
+                source = s.source();
+            }
+            msg
+        })
     }
 
     fn flush_console(&self) {

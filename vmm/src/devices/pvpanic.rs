@@ -83,6 +83,31 @@ impl PioDevice for PvPanic {
     }
 }
 
+/// Saved state of the pvpanic device.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PvPanicSnapshot {
+    /// The last event bits the guest wrote.
+    pub last_event: u8,
+}
+
+impl crate::persist::Persist for PvPanic {
+    type State = PvPanicSnapshot;
+    type RestoreArgs = EventFd;
+    type Error = std::convert::Infallible;
+
+    fn save(&self) -> Result<PvPanicSnapshot, Self::Error> {
+        Ok(PvPanicSnapshot {
+            last_event: self.last_event,
+        })
+    }
+
+    fn restore(panic_evt: EventFd, state: &PvPanicSnapshot) -> Result<Self, Self::Error> {
+        let mut dev = PvPanic::new(panic_evt);
+        dev.last_event = state.last_event;
+        Ok(dev)
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // A test fails by panicking on an unexpected error.
 mod tests {
@@ -147,5 +172,17 @@ mod tests {
         dev.write(0, &[0xf1]);
         assert!(signalled(dev.panic_evt()));
         assert_eq!(dev.last_event(), PVPANIC_PANICKED);
+    }
+
+    #[test]
+    fn pvpanic_state_passes_the_persist_conformance_check() {
+        use crate::persist::conformance;
+        let mut dev = PvPanic::new(EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap());
+        dev.write(0, &[PVPANIC_CRASH_LOADED]);
+        conformance::check(
+            &dev,
+            EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap(),
+            |restored| restored.write(0, &[PVPANIC_PANICKED]),
+        );
     }
 }
