@@ -2479,7 +2479,8 @@ mod tests {
             h.sections.iter_mut().find(|e| e.code == k.code()).unwrap()
         }
         type Edit = Box<dyn Fn(&mut Header)>;
-        let cases: Vec<(Edit, fn(&ReadError) -> bool)> = vec![
+        type Expect = fn(&ReadError) -> bool;
+        let cases: Vec<(Edit, Expect)> = vec![
             (
                 Box::new(move |h| entry(h, SectionKind::Config).length = SECTION_SIZE_LIMIT + 1),
                 |e| {
@@ -2637,8 +2638,7 @@ mod tests {
         b[8 + 24] = 0xff; // run count
         bad_cases.push(b);
         let mut b = good.clone();
-        b[8 + 32 + 16] = 4; // second run starts inside the first... first run now 4+2? runs overlap
-        b[8 + 32] = 4;
+        b[8 + 32] = 3; // first run 3+2 now overlaps the second (4+4)
         bad_cases.push(b);
         let mut b = good.clone();
         b[8 + 32 + 24] = 5; // second run's count goes beyond the region
@@ -2681,7 +2681,8 @@ mod tests {
     fn misuse_abandons_the_image_and_removes_the_temp_file() {
         let dir = TempDir::new("misuse");
         let mem = region(4, |_| 1);
-        let attempts: Vec<Box<dyn Fn(&mut ImageWriter) -> Result<(), WriteError>>> = vec![
+        type Attempt<'a> = Box<dyn Fn(&mut ImageWriter) -> Result<(), WriteError> + 'a>;
+        let attempts: Vec<Attempt<'_>> = vec![
             Box::new(|w| {
                 w.add_section(SectionKind::Config, 1, b"a")?;
                 w.add_section(SectionKind::Config, 1, b"b")

@@ -915,7 +915,6 @@ mod tests {
     use super::*;
     use crate::format::test_support::*;
     use crate::format::{MemoryRegionSource, SECTION_OPTIONAL};
-    use std::os::unix::fs::FileExt;
 
     const PAGES: u64 = 32;
 
@@ -1174,17 +1173,237 @@ mod tests {
         let f1l = layer(&store, f1.id, "f1l", &mem, vec![run(0, 1)]);
         let f2 = full(&store, "f2", &mem);
         let f3 = full(&store, "f3", &mem);
-        let f3l1 = layer(&store, f3.id, "f3l1", &mem, vec![run(0, 1)]);
+        let f3l = layer(&store, f3.id, "f3l", &mem, vec![run(0, 1)]);
         let f4 = full(&store, "f4", &mem);
         let f4l1 = layer(&store, f4.id, "f4l1", &mem, vec![run(0, 1)]);
         let f4l2 = layer(&store, f4l1.id, "f4l2", &mem, vec![run(1, 1)]);
-        assert!(store.retain(&[]).unwrap().is_empty() || true);
-        // Keep 2 chains (f3 and f4 with their layers); f1's layer is in use.
-        let root2 = TempDir::new("store-retain-copy");
-        let _ = root2;
-        let deleted = store.retain(&[f1l.id]).unwrap_or_default();
-        let _ = deleted;
+
+        // Two chains kept (f3 and f4 with their layers); f1's layer is in use,
+        // so it stays and so does the full image it depends on.
+        let deleted = store.retain(&[f1l.id]).unwrap();
+        assert_eq!(names(&deleted), names(std::slice::from_ref(&f2.path)));
         let left: BTreeSet<_> = store.list().unwrap().into_iter().map(|e| e.path).collect();
-        let _ = (boot_img, f2, f3l1, f4l2, left);
+        let expected = [&boot_img, &f1, &f1l, &f3, &f3l, &f4, &f4l1, &f4l2];
+        assert_eq!(left, expected.iter().map(|c| c.path.clone()).collect());
+
+        // Once nothing is in use, f1's chain goes; a newer chain pushes f3's out.
+        let f5 = full(&store, "f5", &mem);
+        let deleted = store.retain(&[]).unwrap();
+        let gone = [&f1.path, &f1l.path, &f3.path, &f3l.path];
+        assert_eq!(names(&deleted), gone.iter().map(|p| (*p).clone()).collect());
+        let left: BTreeSet<_> = store.list().unwrap().into_iter().map(|e| e.path).collect();
+        let expected = [&boot_img, &f4, &f4l1, &f4l2, &f5];
+        assert_eq!(left, expected.iter().map(|c| c.path.clone()).collect());
+        assert!(
+            store.retain(&[]).unwrap().is_empty(),
+            "retention is idempotent"
+        );
+
+        // An in-use layer keeps its whole chain even when the chain is old.
+        let f6 = full(&store, "f6", &mem);
+        let deleted = store.retain(&[f4l2.id]).unwrap();
+        assert!(deleted.is_empty(), "{deleted:?}");
+        let deleted = store.retain(&[]).unwrap();
+        assert_eq!(names(&deleted), names(&[f4.path, f4l1.path, f4l2.path]));
+        assert!(boot_img.path.exists() && f5.path.exists() && f6.path.exists());
+    }
+
+    #[test]
+    fn retention_deletes_broken_files_only_once_they_are_old() {
+        let root = TempDir::new("store-retain-bad");
+        let store = ImageStore::open(root.path(), 1).unwrap();
+        let mem = region(PAGES, |p| p as u8 + 1);
+        let old_bad = root.path().join("0000000000001-garbage.rimg");
+        fs::write(&old_bad, b"junk").unwrap();
+        let a = full(&store, "a", &mem);
+        let b = full(&store, "b", &mem);
+        let newest_bad = full(&store, "c", &mem);
+        fs::write(&newest_bad.path, b"RELIVEIM but nothing else").unwrap();
+        let orphan = layer(&store, ImageId::generate(), "o", &mem, vec![run(0, 1)]);
+        let deleted = store.retain(&[]).unwrap();
+        assert_eq!(names(&deleted), names(&[old_bad, a.path]));
+        assert!(b.path.exists() && newest_bad.path.exists() && orphan.path.exists());
+    }
+
+    #[test]
+    fn merge_of_full_and_two_layers_is_a_full_image_with_the_layers_pages() {
+        let root = TempDir::new("store-merge");
+        let store = ImageStore::open(root.path(), 1).unwrap();
+        // Base: pages 0..8 present (value 1), 20..24 present (value 2).
+        let mut expected = vec![0u8; (PAGES * PAGE_SIZE) as usize];
+        let fill = |m: &mut Vec<u8>, r: PageRun, v: u8| {
+            let (a, b) = (
+                (r.first_page * PAGE_SIZE) as usize,
+                (r.end() * PAGE_SIZE) as usize,
+            );
+            m[a..b].fill(v);
+        };
+        let mut mem = expected.clone();
+        fill(&mut mem, run(0, 8), 1);
+        fill(&mut mem, run(20, 4), 2);
+        let base = write_image(
+            store.dir(),
+            ImageKind::Full,
+            "base",
+            &mem,
+            vec![run(0, 8), run(20, 4)],
+        );
+        // Layer 1 dirties 6..10 (value 3) and 30..32 (value 4).
+        fill(&mut mem, run(6, 4), 3);
+        fill(&mut mem, run(30, 2), 4);
+        let l1 = layer(&store, base.id, "l1", &mem, vec![run(6, 4), run(30, 2)]);
+        // Layer 2 dirties 2..3 and 7..8 (value 5), and 21 (value 6).
+        fill(&mut mem, run(2, 1), 5);
+        fill(&mut mem, run(7, 1), 5);
+        fill(&mut mem, run(21, 1), 6);
+        let l2 = layer(
+            &store,
+            l1.id,
+            "l2",
+            &mem,
+            vec![run(2, 1), run(7, 1), run(21, 1)],
+        );
+        expected.copy_from_slice(&mem);
+
+        let l2r = ImageReader::open(&l2.path).unwrap();
+        let merged = store.merge(&l2r).unwrap();
+        assert_eq!(merged.kind, ImageKind::Full);
+        assert_eq!(merged.created_unix_ms, l2.created_unix_ms);
+        let m = ImageReader::open(&merged.path).unwrap();
+        m.verify_memory().unwrap();
+        assert_eq!(m.kind(), ImageKind::Full);
+        assert_eq!(m.header().merged_from, Some(l2.id));
+        assert!(memory_of(&m) == expected, "merged memory differs");
+        assert_eq!(
+            m.memory_map()[0].present,
+            vec![run(0, 10), run(20, 4), run(30, 2)]
+        );
+        for k in [
+            SectionKind::Config,
+            SectionKind::VmState,
+            SectionKind::AppStatus,
+        ] {
+            assert_eq!(m.section(k), l2r.section(k), "{k}");
+        }
+        assert!(
+            String::from_utf8_lossy(m.section(SectionKind::Config).unwrap()).contains("\"l2\"")
+        );
+
+        // The merged image supersedes l2: latest_good picks it, not the chain.
+        let sel = store.latest_good().unwrap();
+        assert_eq!(sel.image.unwrap().id(), merged.id);
+        assert!(sel.skipped.is_empty());
+        assert!(matches!(
+            store.merge(&m),
+            Err(StoreError::NotALayer { kind: "full", .. })
+        ));
+
+        // The VMM goes on layering on l2: that layer resolves to the merged
+        // image, so retention (keep 1) can drop the old chain.
+        fill(&mut mem, run(31, 1), 7);
+        let l3 = layer(&store, l2.id, "l3", &mem, vec![run(31, 1)]);
+        let sel = store.latest_good().unwrap();
+        assert_eq!(sel.image.as_ref().unwrap().id(), l3.id);
+        let deleted = store.retain(&[]).unwrap();
+        assert_eq!(names(&deleted), names(&[base.path, l1.path, l2.path]));
+        let l3r = sel.image.unwrap();
+        let merged2 = store.merge(&l3r).unwrap();
+        let m2 = ImageReader::open(&merged2.path).unwrap();
+        assert!(memory_of(&m2) == mem);
+        m2.verify_memory().unwrap();
+    }
+
+    #[test]
+    fn merge_refuses_a_corrupt_source() {
+        let root = TempDir::new("store-merge-bad");
+        let store = ImageStore::open(root.path(), 1).unwrap();
+        let mem = region(PAGES, |p| p as u8 + 1);
+        let base = full(&store, "base", &mem);
+        let l1 = layer(&store, base.id, "l1", &mem, vec![run(1, 1)]);
+        corrupt_memory(&base.path);
+        let r = ImageReader::open(&l1.path).unwrap();
+        let err = store.merge(&r).unwrap_err();
+        assert!(matches!(err, StoreError::BrokenChain { .. }), "{err:?}");
+        assert!(err.to_string().contains("memory section"), "{err}");
+        assert_eq!(store.list().unwrap().len(), 2, "nothing written");
+        assert!(root.names().iter().all(|n| !n.starts_with(TEMP_PREFIX)));
+    }
+
+    #[test]
+    fn merge_keeps_optional_sections_of_known_kinds_and_checks_regions() {
+        let root = TempDir::new("store-merge-regions");
+        let store = ImageStore::open(root.path(), 1).unwrap();
+        let mem = region(PAGES, |p| p as u8 + 1);
+        let base = full(&store, "base", &mem);
+        let small = region(PAGES / 2, |_| 9);
+        let mut w =
+            ImageWriter::create(store.dir(), ImageKind::Incremental { parent: base.id }).unwrap();
+        w.push_section(SectionKind::Limits.code(), 4, SECTION_OPTIONAL, b"{}")
+            .unwrap();
+        w.add_memory(&[MemoryRegionSource {
+            guest_addr: 0,
+            bytes: &small,
+            present: vec![run(0, 1)],
+        }])
+        .unwrap();
+        let l = w.commit().unwrap();
+        let err = store
+            .merge(&ImageReader::open(&l.path).unwrap())
+            .unwrap_err();
+        assert!(matches!(err, StoreError::RegionMismatch { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn overlay_lets_the_later_layer_win() {
+        let seg = |start, end, src| Seg { start, end, src };
+        let below = vec![seg(0, 10, 0), seg(20, 30, 0)];
+        assert_eq!(overlay(&below, &[], 1), below);
+        assert_eq!(
+            overlay(&below, &[run(5, 20)], 1),
+            vec![seg(0, 5, 0), seg(5, 25, 1), seg(25, 30, 0)]
+        );
+        assert_eq!(
+            overlay(&below, &[run(10, 10), run(40, 1)], 2),
+            vec![
+                seg(0, 10, 0),
+                seg(10, 20, 2),
+                seg(20, 30, 0),
+                seg(40, 41, 2)
+            ]
+        );
+        assert_eq!(
+            overlay(&below, &[run(0, 1), run(2, 1), run(22, 8)], 1),
+            vec![
+                seg(0, 1, 1),
+                seg(1, 2, 0),
+                seg(2, 3, 1),
+                seg(3, 10, 0),
+                seg(20, 22, 0),
+                seg(22, 30, 1)
+            ]
+        );
+        assert_eq!(overlay(&[], &[run(3, 2)], 4), vec![seg(3, 5, 4)]);
+    }
+
+    #[test]
+    fn describe_joins_the_error_chain() {
+        let err = ReadError::Io {
+            path: "/x.rimg".into(),
+            source: io::Error::from_raw_os_error(5),
+        };
+        let text = describe(&err);
+        assert!(text.starts_with("cannot read image /x.rimg: "), "{text}");
+        assert_eq!(Bytes(512).to_string(), "512 B");
+        assert_eq!(Bytes(3 << 20).to_string(), "3.0 MiB");
+    }
+
+    #[test]
+    fn store_errors_name_their_subject() {
+        let root = TempDir::new("store-err");
+        let file = root.path().join("plain");
+        fs::write(&file, b"x").unwrap();
+        let err = ImageStore::open(&file.join("sub"), 1).unwrap_err();
+        assert!(matches!(err, StoreError::CreateDir { .. }), "{err:?}");
+        assert!(err.to_string().contains("plain/sub"), "{err}");
     }
 }

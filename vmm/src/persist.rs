@@ -5,7 +5,7 @@
 //! `restore` builds the part again from it. The trait has no default bodies:
 //! a part that forgets to save something does not compile. Every
 //! implementation passes the shared conformance check
-//! ([`conformance::check`]): save, encode, decode, restore, save again gives
+//! (`conformance::check`, in the unit tests): save, encode, decode, restore, save again gives
 //! equal state.
 //!
 //! KVM structures are kept as their exact ABI bytes ([`KvmBlob`]), tagged with
@@ -389,6 +389,7 @@ pub fn restore_vm(vm: &VmFd, state: &VmState) -> Result<(), StateError> {
 }
 
 /// The shared conformance check every [`Persist`] implementation passes.
+#[cfg(test)]
 pub mod conformance {
     use super::Persist;
 

@@ -93,11 +93,9 @@ mod tests {
     use crate::devices::serial::{EventFdTrigger, SerialEventsSink};
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-    fn port() -> (
-        LinePort<Vec<u8>>,
-        Arc<Mutex<SerialDevice<Vec<u8>>>>,
-        GuestMemoryMmap,
-    ) {
+    type Uart = Arc<Mutex<SerialDevice<Vec<u8>>>>;
+
+    fn port() -> (LinePort<Vec<u8>>, Uart, GuestMemoryMmap) {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let uart = Arc::new(Mutex::new(SerialDevice::new(
             EventFdTrigger::new(EventFd::new(EFD_NONBLOCK).unwrap()),

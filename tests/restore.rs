@@ -1,0 +1,198 @@
+//! Checkpoint, kill -9, restore in a fresh process: the guest continues from
+//! exactly the image's state.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::{require_kvm, vmm_command, ChildGuard, TempDir, Vmm, STEP_TIMEOUT};
+use relive_images::guest::replay_hash;
+use relive_vmm::control::{ControlClient, Request, Response};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Heartbeat {
+    seq: u64,
+    counter: u64,
+    hash: u64,
+}
+
+fn field(line: &str, key: &str) -> Option<String> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('=').map(str::to_string))
+}
+
+fn heartbeat(line: &str) -> Option<Heartbeat> {
+    if !line.starts_with("hb ") {
+        return None;
+    }
+    Some(Heartbeat {
+        seq: field(line, "seq")?.parse().ok()?,
+        counter: field(line, "counter")?.parse().ok()?,
+        hash: u64::from_str_radix(&field(line, "hash")?, 16).ok()?,
+    })
+}
+
+fn connect(socket: &Path) -> ControlClient {
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    loop {
+        if let Ok(client) = ControlClient::connect(socket) {
+            return client;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never served",
+            socket.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The first heartbeat a fresh watch connection sees.
+fn first_heartbeat(socket: &Path) -> Heartbeat {
+    let mut client = connect(socket);
+    assert_eq!(client.request(&Request::Watch).unwrap(), Response::Ok);
+    loop {
+        match client.next_response().unwrap() {
+            Some(Response::Agent { line }) => {
+                if let Some(hb) = heartbeat(&line) {
+                    return hb;
+                }
+            }
+            Some(other) => panic!("unexpected reply during watch: {other:?}"),
+            None => panic!("the VMM closed the watch before a heartbeat"),
+        }
+    }
+}
+
+fn request(socket: &Path, request: Request) -> Response {
+    connect(socket).request(&request).unwrap()
+}
+
+fn last_heartbeat(socket: &Path) -> Heartbeat {
+    let Response::Status(status) = request(socket, Request::Status) else {
+        panic!("status failed");
+    };
+    heartbeat(status.agent.last_line.as_deref().unwrap_or(""))
+        .expect("the last agent line is a heartbeat")
+}
+
+#[test]
+fn checkpoint_kill_restore_continues_exactly_from_the_image() {
+    if !require_kvm() {
+        return;
+    }
+    let images = TempDir::new();
+    let images_arg = images.path().to_str().unwrap().to_string();
+    let mut vmm = Vmm::start(&[
+        "--images",
+        &images_arg,
+        "--cmdline",
+        "relive.hb_ms=20",
+        "--mem-mib",
+        "256",
+    ]);
+    // Let it run, then freeze it so the image's state is known exactly.
+    first_heartbeat(&vmm.socket);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(request(&vmm.socket, Request::Pause), Response::Ok);
+    let before = last_heartbeat(&vmm.socket);
+    let Response::Checkpoint(report) = request(
+        &vmm.socket,
+        Request::Checkpoint {
+            kind: Default::default(),
+        },
+    ) else {
+        panic!("checkpoint failed");
+    };
+    let image = PathBuf::from(&report.path);
+    assert!(image.starts_with(images.path()), "{}", report.path);
+    assert!(report.bytes > 0 && report.pause_us > 0);
+    // Sparse: 256 MiB of guest memory, a few hundred KiB touched.
+    let on_disk = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&image).unwrap()) * 512;
+    assert!(on_disk < 16 << 20, "image uses {on_disk} bytes on disk");
+
+    vmm.signal(libc::SIGKILL);
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while vmm.is_running() {
+        assert!(Instant::now() < deadline, "the VMM survived SIGKILL");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+
+    let dir = TempDir::new();
+    let socket = dir.join("ctl.sock");
+    let mut restored = ChildGuard::spawn(
+        vmm_command()
+            .arg("restore")
+            .arg("--image")
+            .arg(&image)
+            .arg("--control")
+            .arg(&socket)
+            .arg("--console")
+            .arg(&vmm.console)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    let after = first_heartbeat(&socket);
+    assert_eq!(
+        after.seq,
+        before.seq + 1,
+        "the restored guest must go on from the image's heartbeat {before:?}, got {after:?}"
+    );
+    assert!(after.counter > before.counter);
+    assert_eq!(
+        replay_hash(before.counter, before.hash, after.counter),
+        after.hash,
+        "the hash chain must continue from the image's state"
+    );
+    // The console is one stream: the guest's banner once, before and after.
+    let console = std::fs::read_to_string(&vmm.console).unwrap();
+    assert_eq!(console.matches("relive-guest: up").count(), 1, "{console}");
+
+    assert_eq!(request(&socket, Request::Shutdown), Response::Ok);
+    let status = restored
+        .wait_timeout(STEP_TIMEOUT)
+        .expect("restored VMM exits");
+    assert_eq!(status.code(), Some(3));
+}
+
+#[test]
+fn restore_refuses_a_corrupt_image_naming_the_section() {
+    if !require_kvm() {
+        return;
+    }
+    let images = TempDir::new();
+    let images_arg = images.path().to_str().unwrap().to_string();
+    let vmm = Vmm::start(&["--images", &images_arg]);
+    first_heartbeat(&vmm.socket);
+    let Response::Checkpoint(report) = request(
+        &vmm.socket,
+        Request::Checkpoint {
+            kind: Default::default(),
+        },
+    ) else {
+        panic!("checkpoint failed");
+    };
+    drop(vmm);
+    // Flip one byte in the middle of the VM state section.
+    let reader = relive_images::format::ImageReader::open(Path::new(&report.path)).unwrap();
+    let entry = *reader
+        .header()
+        .section(relive_images::format::SectionKind::VmState)
+        .expect("a VM state section");
+    drop(reader);
+    let mut bytes = std::fs::read(&report.path).unwrap();
+    bytes[(entry.offset + entry.length / 2) as usize] ^= 0x40;
+    std::fs::write(&report.path, &bytes).unwrap();
+
+    let out = common::run_vmm(["restore", "--image", report.path.as_str()]);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("relive-vmm: error:"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("vm-state section"),
+        "the error names the section: {}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+}
