@@ -9,9 +9,14 @@
 //! `RELIVE_REQUIRE_LINUX=1`, which make it fail.
 //!
 //! On the nested KVM of the development machines, guest kernel code is
-//! emulated (shared/PLATFORM.md): the kernel runs for 15-30 s of wall time
-//! before its early console prints the banner, and it would crawl on from
-//! there, so the test stops the VM once the first lines are out.
+//! emulated (shared/PLATFORM.md). The kernel makes no VM exit at all before
+//! its early console comes up in `setup_arch()`: it clears its 5.5 MiB BSS
+//! with an emulated `rep stosb`, then sorts and patches its jump labels and
+//! static calls through retpoline thunks, all instruction by instruction. So
+//! the banner (replayed from the log buffer with the next few lines) appears
+//! after about 15 s on an idle machine, and up to ~50 s when another process
+//! competes for the CPU. The kernel would crawl on from there, so the test
+//! stops the VM once those first lines are out.
 
 mod common;
 

@@ -1,6 +1,8 @@
 //! Checkpoint, kill -9, restore in a fresh process: the guest continues from
 //! exactly the image's state.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // helpers fail a test by panicking
+
 mod common;
 
 use std::path::{Path, PathBuf};

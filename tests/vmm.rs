@@ -12,9 +12,13 @@
 
 mod common;
 
+use std::io::Read;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{host_cores, require_kvm, run_vmm, TempDir, Vmm, Watch, STEP_TIMEOUT};
+use common::{
+    host_cores, require_kvm, run_vmm, vmm_command, ChildGuard, TempDir, Vmm, Watch, STEP_TIMEOUT,
+};
 use relive_images::guest::{replay_hash, HASH_INIT};
 
 /// Heartbeat period the tests give the guest.
@@ -618,4 +622,41 @@ fn second_vmm_on_the_same_control_socket_is_refused() {
     let (code, out) = first.ctl(&["shutdown"]);
     assert_eq!((code, out.trim()), (0, "ok"));
     assert_exit(&mut first, 3, "shutdown");
+}
+
+/// `relive-vmm ctl SOCK watch | head -1`: the watch ends quietly when its
+/// reader goes away, and the VMM is not affected.
+#[test]
+fn watch_into_a_closed_pipe_ends_quietly() {
+    if !require_kvm() {
+        return;
+    }
+    let mut vmm = start_guest(&[]);
+    let mut cmd = vmm_command();
+    cmd.arg("ctl")
+        .arg(&vmm.socket)
+        .arg("watch")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut watch = ChildGuard::spawn(&mut cmd);
+    // Close the reading end at once: the first line the watch prints, a
+    // heartbeat within milliseconds, hits a closed pipe.
+    drop(watch.child_mut().stdout.take());
+    let status = watch
+        .wait_timeout(STEP_TIMEOUT)
+        .expect("ctl watch did not end after its reader went away");
+    let mut stderr = String::new();
+    if let Some(mut pipe) = watch.child_mut().stderr.take() {
+        pipe.read_to_string(&mut stderr).expect("read ctl stderr");
+    }
+    assert!(
+        !stderr.contains("panicked"),
+        "ctl watch panicked:\n{stderr}"
+    );
+    assert_eq!(status.code(), Some(0), "{status}; stderr:\n{stderr}");
+    assert!(vmm.is_running());
+    assert_eq!(vmm.status_json()["state"], "running");
+    let (code, out) = vmm.ctl(&["shutdown"]);
+    assert_eq!((code, out.trim()), (0, "ok"));
+    assert_exit(&mut vmm, 3, "shutdown");
 }

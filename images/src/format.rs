@@ -2875,6 +2875,13 @@ mod tests {
     }
 
     #[test]
+    fn checksums_are_crc32c_as_format_md_says() {
+        assert_eq!(crc32c::crc32c(b"123456789"), 0xe306_9283);
+        assert_eq!(MAX_SECTIONS, 125);
+        assert_eq!(OFF_TABLE + MAX_SECTIONS * ENTRY_LEN, 4088);
+    }
+
+    #[test]
     fn created_times_increase_within_a_process() {
         let a = next_created_ms();
         let b = next_created_ms();

@@ -474,20 +474,17 @@ impl ImageStore {
         let first = check.resolve(parent, 0).map_err(broken)?;
         let mut indices = check.chain(first).map_err(broken)?;
         indices.reverse(); // full image first
-        let mut chain: Vec<ImageReader> = Vec::with_capacity(indices.len() + 1);
+        let mut owned: Vec<ImageReader> = Vec::with_capacity(indices.len());
         for i in indices {
             match check.take_reader(i) {
-                Some(r) => chain.push(r),
+                Some(r) => owned.push(r),
                 None => return Err(broken(format!("{} vanished", cat.files[i].path.display()))),
             }
         }
-        chain.push(
-            ImageReader::open(layer.path())
-                .map_err(|source| StoreError::MergeRead { id, source })?,
-        );
+        let chain: Vec<&ImageReader> = owned.iter().chain(std::iter::once(layer)).collect();
 
         let base = &chain[0];
-        let shape = |r: &ImageReader| -> Vec<(u64, u64)> {
+        let shape = |r: &&ImageReader| -> Vec<(u64, u64)> {
             r.memory_map()
                 .iter()
                 .map(|m| (m.guest_addr, m.len))
@@ -503,39 +500,8 @@ impl ImageStore {
             }
         }
 
-        // Per region, which image supplies each present page.
-        let mut plans = Vec::new();
-        let mut segments = Vec::new();
-        for (ri, region) in base.memory_map().iter().enumerate() {
-            let mut segs: Vec<Seg> = region
-                .present
-                .iter()
-                .map(|r| Seg {
-                    start: r.first_page,
-                    end: r.end(),
-                    src: 0,
-                })
-                .collect();
-            for (src, img) in chain.iter().enumerate().skip(1) {
-                segs = overlay(&segs, &img.memory_map()[ri].present, src);
-            }
-            let mut present: Vec<PageRun> = Vec::new();
-            for s in &segs {
-                match present.last_mut() {
-                    Some(last) if last.end() == s.start => last.count += s.end - s.start,
-                    _ => present.push(PageRun {
-                        first_page: s.start,
-                        count: s.end - s.start,
-                    }),
-                }
-            }
-            plans.push(RegionPlan {
-                guest_addr: region.guest_addr,
-                len: region.len,
-                present,
-            });
-            segments.push(segs);
-        }
+        let (plans, segments): (Vec<RegionPlan>, Vec<Vec<Seg>>) =
+            merge_plan(&chain).into_iter().unzip();
 
         let werr = |source| StoreError::MergeWrite { id, source };
         let rerr = |source| StoreError::MergeRead { id, source };
@@ -593,6 +559,48 @@ impl ImageStore {
             source,
         })
     }
+}
+
+/// For each region of a chain (full image first): the merged region (its
+/// present pages the union of the chain's) and which image supplies each run.
+fn merge_plan(chain: &[&ImageReader]) -> Vec<(RegionPlan, Vec<Seg>)> {
+    let Some(base) = chain.first() else {
+        return Vec::new();
+    };
+    base.memory_map()
+        .iter()
+        .enumerate()
+        .map(|(ri, region)| {
+            let mut segs: Vec<Seg> = region
+                .present
+                .iter()
+                .map(|r| Seg {
+                    start: r.first_page,
+                    end: r.end(),
+                    src: 0,
+                })
+                .collect();
+            for (src, img) in chain.iter().enumerate().skip(1) {
+                segs = overlay(&segs, &img.memory_map()[ri].present, src);
+            }
+            let mut present: Vec<PageRun> = Vec::new();
+            for s in &segs {
+                match present.last_mut() {
+                    Some(last) if last.end() == s.start => last.count += s.end - s.start,
+                    _ => present.push(PageRun {
+                        first_page: s.start,
+                        count: s.end - s.start,
+                    }),
+                }
+            }
+            let plan = RegionPlan {
+                guest_addr: region.guest_addr,
+                len: region.len,
+                present,
+            };
+            (plan, segs)
+        })
+        .collect()
 }
 
 /// A run of pages `start..end` of one region, supplied by chain image `src`.
