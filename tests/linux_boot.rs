@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use common::{env_flag, repo_root, require_kvm, Vmm, STEP_TIMEOUT};
 
 /// How long the kernel gets to print its banner.
-const BANNER_TIMEOUT: Duration = Duration::from_secs(60);
+const BANNER_TIMEOUT: Duration = Duration::from_secs(150);
 /// How long it then gets to print the command line and the e820 map (they
 /// come out in the same burst as the banner).
 const EARLY_LINES_TIMEOUT: Duration = Duration::from_secs(20);
