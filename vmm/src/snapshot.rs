@@ -20,7 +20,6 @@
 //! latency does not grow with the VM's memory size.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use relive_images::format::{
@@ -348,7 +347,6 @@ pub fn map_memory(image: &LoadedImage) -> Result<GuestMemoryMmap, SnapshotError>
             .ok_or_else(|| map_err("region overflows the address space".into()))?;
         regions.push(region);
     }
-    let _ = image.reader.file().as_raw_fd();
     GuestMemoryMmap::from_regions(regions).map_err(|e| map_err(e.to_string()))
 }
 
