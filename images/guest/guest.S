@@ -40,7 +40,9 @@
  * line): panic (pvpanic), crash (triple fault), hang (stop heartbeats, keep
  * spinning), reset (i8042), exit (power-off port), status.
  * Parameters (kernel command line): relive.hb_ms=N (default 100),
- * relive.work=N iterations per wake-up (default 10000).
+ * relive.work=N iterations per wake-up (default 10000), relive.touch_mib=N
+ * (write every page of N MiB from 4 MiB up at start, default 0),
+ * relive.dirty_pages=N (rewrite N of those pages at every heartbeat).
  */
 
         .set MAX_CPUS,      32
@@ -67,6 +69,7 @@
         .set PC_COUNTER,    8
         .set PC_HASH,       16
         .set PC_STARTED,    24
+        .set TOUCH_BASE,    0x400000            /* 4 MiB: above the image */
 
         .section .text.entry, "ax"
         .code64
@@ -285,6 +288,18 @@ user_main:
         mov     $10000, %eax
         call    param
         mov     %rax, work(%rip)
+        lea     p_touch(%rip), %rsi
+        mov     $(p_touch_end - p_touch), %ecx
+        xor     %eax, %eax
+        call    param
+        shl     $20, %rax                       /* MiB -> bytes */
+        mov     %rax, touch_bytes(%rip)
+        lea     p_dirty(%rip), %rsi
+        mov     $(p_dirty_end - p_dirty), %ecx
+        xor     %eax, %eax
+        call    param
+        mov     %rax, dirty_pages(%rip)
+        call    touch_memory
         /* tick = the largest divisor of hb_ms up to 10 ms */
         mov     $10, %ecx
 2:      mov     hb_ms(%rip), %rax
@@ -360,6 +375,7 @@ bsp_loop:
         mov     PC_TICKS(%r13), %rax
         mov     %rax, last_hb_tick(%rip)
         incq    seq(%rip)
+        call    dirty_memory
         call    line_reset
         lea     s_hb(%rip), %rsi
         mov     $(s_hb_end - s_hb), %ecx
@@ -381,6 +397,68 @@ ap_main:
 1:      hlt
         call    do_work
         jmp     1b
+
+/* RAM end below 4 GiB from the zero page's e820 table (type 1 entries) */
+ram_end:
+        mov     boot_params(%rip), %rsi
+        movzbl  0x1e8(%rsi), %ecx               /* e820_entries */
+        lea     0x2d0(%rsi), %rsi               /* e820_table, 20 bytes each */
+        xor     %eax, %eax
+1:      test    %ecx, %ecx
+        jz      3f
+        cmpl    $1, 16(%rsi)
+        jne     2f
+        mov     (%rsi), %rdx
+        add     8(%rsi), %rdx
+        mov     $0x100000000, %r8
+        cmp     %r8, %rdx
+        cmova   %r8, %rdx
+        cmp     %rax, %rdx
+        cmova   %rdx, %rax
+2:      add     $20, %rsi
+        dec     %ecx
+        jmp     1b
+3:      ret
+
+/* relive.touch_mib: write one word into every page of [TOUCH_BASE, +touch),
+ * clamped to RAM, so the guest holds that much real, nonzero memory. */
+touch_memory:
+        call    ram_end
+        mov     $TOUCH_BASE, %edi
+        mov     touch_bytes(%rip), %rcx
+        add     %rdi, %rcx
+        cmp     %rax, %rcx
+        cmova   %rax, %rcx
+        cmp     %rdi, %rcx
+        jbe     2f
+        mov     %rcx, touch_end(%rip)
+        mov     %rdi, dirty_next(%rip)
+1:      mov     %rdi, (%rdi)                    /* the page's own address */
+        add     $4096, %rdi
+        cmp     %rcx, %rdi
+        jb      1b
+2:      ret
+
+/* relive.dirty_pages: at each heartbeat, rewrite that many pages of the
+ * touched area (round robin) with the heartbeat's sequence number. */
+dirty_memory:
+        mov     dirty_pages(%rip), %rcx
+        test    %rcx, %rcx
+        jz      3f
+        mov     touch_end(%rip), %rdx
+        test    %rdx, %rdx
+        jz      3f
+        mov     dirty_next(%rip), %rdi
+        mov     seq(%rip), %rax
+1:      mov     %rax, 8(%rdi)
+        add     $4096, %rdi
+        cmp     %rdx, %rdi
+        jb      2f
+        mov     $TOUCH_BASE, %edi
+2:      dec     %rcx
+        jnz     1b
+        mov     %rdi, dirty_next(%rip)
+3:      ret
 
 /* work iterations on this CPU's counter and hash */
 do_work:
@@ -649,6 +727,10 @@ p_hb:           .ascii "relive.hb_ms="
 p_hb_end:
 p_work:         .ascii "relive.work="
 p_work_end:
+p_touch:        .ascii "relive.touch_mib="
+p_touch_end:
+p_dirty:        .ascii "relive.dirty_pages="
+p_dirty_end:
 s_banner:       .ascii "relive-guest: up, hb_ms="
 s_banner_end:
 s_work:         .ascii " work="
@@ -747,6 +829,10 @@ seq:            .skip   8
 last_hb_tick:   .skip   8
 cmd_len:        .skip   8
 line_port_ok:   .skip   8
+touch_bytes:    .skip   8
+touch_end:      .skip   8
+dirty_pages:    .skip   8
+dirty_next:     .skip   8
 cmd_buf:        .skip   64
 line_end:       .skip   8
 line:           .skip   256

@@ -68,6 +68,22 @@ struct RunArgs {
     /// Number of vCPUs (1 to the host's cores).
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
+    #[command(flatten)]
+    host: HostArgs,
+}
+
+#[derive(clap::Args, Debug)]
+struct RestoreArgs {
+    /// The image file to start from.
+    #[arg(long)]
+    image: PathBuf,
+    #[command(flatten)]
+    host: HostArgs,
+}
+
+/// Where a running VM's console, control socket and images go.
+#[derive(clap::Args, Debug)]
+struct HostArgs {
     /// Write the console (COM1) to this file instead of stdout.
     #[arg(long)]
     console: Option<PathBuf>,
@@ -79,20 +95,13 @@ struct RunArgs {
     images: Option<PathBuf>,
 }
 
-#[derive(clap::Args, Debug)]
-struct RestoreArgs {
-    /// The image file to start from.
-    #[arg(long)]
-    image: PathBuf,
-    /// Write the console (COM1) to this file instead of stdout.
-    #[arg(long)]
-    console: Option<PathBuf>,
-    /// Serve the control socket at this path.
-    #[arg(long)]
-    control: Option<PathBuf>,
-    /// Write further checkpoints into this directory.
-    #[arg(long)]
-    images: Option<PathBuf>,
+impl HostArgs {
+    fn console(&self) -> ConsoleOutput {
+        match &self.console {
+            Some(path) => ConsoleOutput::File(path.clone()),
+            None => ConsoleOutput::Stdout,
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -168,12 +177,9 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             vcpus,
         },
         mem_mib: args.mem_mib,
-        console: match args.console {
-            Some(path) => ConsoleOutput::File(path),
-            None => ConsoleOutput::Stdout,
-        },
-        control: args.control,
-        images: args.images,
+        console: args.host.console(),
+        control: args.host.control,
+        images: args.host.images,
     };
     let vm = Vm::build(cfg)?;
     let record = vm.run()?;
@@ -182,11 +188,12 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
-    let console = match args.console {
-        Some(path) => ConsoleOutput::File(path),
-        None => ConsoleOutput::Stdout,
-    };
-    let vm = Vm::restore(&args.image, console, args.control, args.images)?;
+    let vm = Vm::restore(
+        &args.image,
+        args.host.console(),
+        args.host.control,
+        args.host.images,
+    )?;
     let record = vm.run()?;
     eprintln!("{}", record.to_json());
     Ok(ExitCode::from(record.status as u8))
