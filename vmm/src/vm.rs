@@ -226,6 +226,10 @@ pub struct VmStatus {
     pub state: RunState,
     /// Milliseconds since the vCPUs started.
     pub uptime_ms: u64,
+    /// When the vCPU threads were started (booted or restored), as
+    /// CLOCK_MONOTONIC nanoseconds: with a timestamp taken before spawning the
+    /// VMM, this gives process start to vCPUs running.
+    pub vcpus_started_monotonic_ns: u64,
     /// Number of vCPUs.
     pub vcpus: u8,
     /// Returns from KVM_RUN to the VMM, all vCPUs.
@@ -688,6 +692,7 @@ impl Vm {
             pending_input,
         } = self;
         let started = Instant::now();
+        let started_ns = monotonic_ns();
         let mut handles = Vec::with_capacity(vcpus.len());
         for vcpu in vcpus {
             handles.push(
@@ -715,6 +720,7 @@ impl Vm {
             term_evt,
             _sink: sink,
             started,
+            started_ns,
             state: RunState::Running,
             agent,
             pending_input,
@@ -760,6 +766,7 @@ struct EventLoop {
     term_evt: EventFd,
     _sink: EventSink,
     started: Instant,
+    started_ns: u64,
     state: RunState,
     agent: AgentState,
     /// Host-to-guest agent bytes that did not fit in the COM2 FIFO yet.
@@ -1033,6 +1040,7 @@ impl EventLoop {
         VmStatus {
             state: self.state,
             uptime_ms: self.uptime_ms(),
+            vcpus_started_monotonic_ns: self.started_ns,
             vcpus: self.cfg.boot.vcpus,
             vcpu_exits: exits,
             io_exits,
