@@ -77,7 +77,8 @@ pub enum CheckpointKind {
     /// Every page the guest touched.
     #[default]
     Full,
-    /// Only pages dirtied since the last image (not implemented yet: refused).
+    /// Only pages dirtied since the last image, as a layer on it (a full
+    /// image when there is no image to layer on yet).
     Incremental,
 }
 
@@ -86,6 +87,8 @@ pub enum CheckpointKind {
 pub struct CheckpointReport {
     /// The image id (32 hex digits).
     pub image_id: String,
+    /// What was written (an incremental request without a parent writes full).
+    pub kind: CheckpointKind,
     /// The committed image file.
     pub path: String,
     /// Bytes written.

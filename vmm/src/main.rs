@@ -21,6 +21,14 @@ use relive_vmm::control::{CheckpointKind, ControlClient, Request, Response};
 use relive_vmm::exit::STATUS_VMM_ERROR;
 use relive_vmm::vm::{ConsoleOutput, Vm, VmConfig, VmStatus};
 
+/// `println!` for client output: a reader that went away (`ctl ... | head`)
+/// is not an error worth a panic.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 #[derive(Parser, Debug)]
 #[command(
     name = "relive-vmm",
@@ -93,6 +101,9 @@ struct HostArgs {
     /// Write checkpoints (consistency images) into this directory.
     #[arg(long)]
     images: Option<PathBuf>,
+    /// Consistency images to keep in --images (a full image and its layers count once).
+    #[arg(long, default_value_t = relive_vmm::vm::DEFAULT_KEEP_IMAGES, value_parser = clap::value_parser!(usize))]
+    keep_images: usize,
 }
 
 impl HostArgs {
@@ -180,6 +191,8 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         console: args.host.console(),
         control: args.host.control,
         images: args.host.images,
+        keep_images: args.host.keep_images,
+        limits: Default::default(),
     };
     let vm = Vm::build(cfg)?;
     let record = vm.run()?;
@@ -193,6 +206,7 @@ fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
         args.host.console(),
         args.host.control,
         args.host.images,
+        args.host.keep_images,
     )?;
     let record = vm.run()?;
     eprintln!("{}", record.to_json());
@@ -243,8 +257,11 @@ fn ctl(socket: PathBuf, json: bool, action: CtlAction) -> anyhow::Result<ExitCod
         }
         CtlAction::Checkpoint { .. } if !json => {
             if let Response::Checkpoint(r) = &response {
-                println!(
-                    "image {} ({} bytes), paused {:.3} ms, total {:.3} ms\n{}",
+                outln!(
+                    "{} image {} ({} bytes), paused {:.3} ms, total {:.3} ms\n{}",
+                    serde_json::to_string(&r.kind)
+                        .unwrap_or_default()
+                        .trim_matches('"'),
                     r.image_id,
                     r.bytes,
                     r.pause_us as f64 / 1000.0,
@@ -253,43 +270,45 @@ fn ctl(socket: PathBuf, json: bool, action: CtlAction) -> anyhow::Result<ExitCod
                 );
             }
         }
-        _ if json => println!(
+        _ if json => outln!(
             "{}",
             serde_json::to_string(&response).context("cannot encode reply")?
         ),
-        _ => println!("ok"),
+        _ => outln!("ok"),
     }
     Ok(ExitCode::SUCCESS)
 }
 
 fn print_status(s: &VmStatus) {
     let age = |v: Option<u64>| v.map_or("-".to_string(), |ms| format!("{ms} ms ago"));
-    println!(
+    outln!(
         "state          {}",
         serde_json::to_string(&s.state)
             .unwrap_or_default()
             .trim_matches('"')
     );
-    println!("pid            {}", s.pid);
-    println!("kernel         {}", s.kernel);
-    println!("uptime         {:.3} s", s.uptime_ms as f64 / 1000.0);
-    println!("vcpus          {}", s.vcpus);
-    println!("vcpu exits     {} ({} port I/O)", s.vcpu_exits, s.io_exits);
-    println!(
+    outln!("pid            {}", s.pid);
+    outln!("kernel         {}", s.kernel);
+    outln!("uptime         {:.3} s", s.uptime_ms as f64 / 1000.0);
+    outln!("vcpus          {}", s.vcpus);
+    outln!("vcpu exits     {} ({} port I/O)", s.vcpu_exits, s.io_exits);
+    outln!(
         "memory         {} MiB, {:.1} MiB resident",
         s.mem_mib,
         s.guest_resident_bytes as f64 / (1 << 20) as f64
     );
-    println!(
+    outln!(
         "agent ready    {}",
         if s.agent.ready { "yes" } else { "no" }
     );
-    println!(
+    outln!(
         "agent lines    {} ({} dropped, {} truncated)",
-        s.agent.lines, s.agent.dropped_lines, s.agent.truncated_lines
+        s.agent.lines,
+        s.agent.dropped_lines,
+        s.agent.truncated_lines
     );
-    println!("last heartbeat {}", age(s.agent.last_heartbeat_age_ms));
-    println!(
+    outln!("last heartbeat {}", age(s.agent.last_heartbeat_age_ms));
+    outln!(
         "last line      {}",
         s.agent.last_line.as_deref().unwrap_or("-")
     );

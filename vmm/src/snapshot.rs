@@ -186,23 +186,62 @@ fn json<T: Serialize>(section: SectionKind, value: &T) -> Result<Vec<u8>, Snapsh
     serde_json::to_vec(value).map_err(|source| SnapshotError::Encode { section, source })
 }
 
-/// Pages of `bytes` that are resident in this process and not all zero, as runs.
-fn touched_runs(bytes: &[u8]) -> Vec<PageRun> {
+/// Which guest pages an image holds.
+#[derive(Debug, Clone)]
+pub enum PageSelection {
+    /// A full image: every page that may differ from zero (resident in this
+    /// process, or listed in `known` per region, e.g. the pages of the image
+    /// this VM was restored from), minus the pages that are all zero.
+    Full {
+        /// Extra candidate pages per memory region.
+        known: Vec<Vec<PageRun>>,
+    },
+    /// An incremental layer: exactly these pages per region (zero pages
+    /// included: a page the guest cleared must override its base).
+    Dirty(Vec<Vec<PageRun>>),
+}
+
+/// Sorted, coalesced union of page runs.
+pub fn union_runs(a: &[PageRun], b: &[PageRun]) -> Vec<PageRun> {
+    let mut all: Vec<PageRun> = a.iter().chain(b.iter()).copied().collect();
+    all.sort_by_key(|r| r.first_page);
+    let mut out: Vec<PageRun> = Vec::with_capacity(all.len());
+    for run in all {
+        match out.last_mut() {
+            Some(last) if run.first_page <= last.first_page + last.count => {
+                let end = (last.first_page + last.count).max(run.first_page + run.count);
+                last.count = end - last.first_page;
+            }
+            _ => out.push(run),
+        }
+    }
+    out
+}
+
+/// Candidate pages of a full image in `bytes` (see [`PageSelection::Full`]).
+fn full_runs(bytes: &[u8], known: &[PageRun]) -> Vec<PageRun> {
     let pages = bytes.len() / PAGE;
-    let mut resident = vec![0u8; pages];
+    let mut candidate = vec![0u8; pages];
     // SAFETY: `bytes` is a live, page-aligned mapping of `pages` pages (a guest
-    // memory region); `resident` has one byte per page as mincore(2) requires.
+    // memory region); `candidate` has one byte per page as mincore(2) requires.
     let rc = unsafe {
         libc::mincore(
             bytes.as_ptr() as *mut _,
             pages * PAGE,
-            resident.as_mut_ptr(),
+            candidate.as_mut_ptr(),
         )
     };
+    if rc != 0 {
+        candidate.fill(1);
+    }
+    for run in known {
+        for page in run.first_page..(run.first_page + run.count).min(pages as u64) {
+            candidate[page as usize] = 1;
+        }
+    }
     let mut runs: Vec<PageRun> = Vec::new();
-    for (page, flag) in resident.iter().enumerate() {
-        let present = if rc == 0 { flag & 1 == 1 } else { true };
-        if !present {
+    for (page, flag) in candidate.iter().enumerate() {
+        if flag & 1 == 0 {
             continue;
         }
         let chunk = &bytes[page * PAGE..(page + 1) * PAGE];
@@ -236,7 +275,9 @@ unsafe fn region_slices(mem: &GuestMemoryMmap) -> Vec<(u64, &[u8])> {
         .collect()
 }
 
-/// Writes a full image of a paused VM into `dir`.
+/// Writes an image of a paused VM into a temporary file in `dir` and returns
+/// the writer; [`ImageWriter::commit`] (fsync, rename, fsync of the
+/// directory) can then run after the vCPUs resume, off the pause.
 ///
 /// # Safety
 /// Every vCPU must be paused for the duration of the call.
@@ -245,7 +286,8 @@ pub unsafe fn write_image(
     kind: ImageKind,
     parts: &ImageParts<'_>,
     mem: &GuestMemoryMmap,
-) -> Result<relive_images::format::CommittedImage, SnapshotError> {
+    pages: &PageSelection,
+) -> Result<ImageWriter, SnapshotError> {
     let mut writer = ImageWriter::create(dir, kind).map_err(SnapshotError::Write)?;
     let sections = [
         (
@@ -278,14 +320,20 @@ pub unsafe fn write_image(
     let regions = unsafe { region_slices(mem) };
     let sources: Vec<MemoryRegionSource<'_>> = regions
         .iter()
-        .map(|(addr, bytes)| MemoryRegionSource {
+        .enumerate()
+        .map(|(i, (addr, bytes))| MemoryRegionSource {
             guest_addr: *addr,
             bytes,
-            present: touched_runs(bytes),
+            present: match pages {
+                PageSelection::Full { known } => {
+                    full_runs(bytes, known.get(i).map_or(&[][..], Vec::as_slice))
+                }
+                PageSelection::Dirty(dirty) => dirty.get(i).cloned().unwrap_or_default(),
+            },
         })
         .collect();
     writer.add_memory(&sources).map_err(SnapshotError::Write)?;
-    writer.commit().map_err(SnapshotError::Write)
+    Ok(writer)
 }
 
 fn section<T: for<'de> Deserialize<'de>>(
@@ -355,7 +403,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn touched_runs_skip_zero_and_untouched_pages() {
+    fn union_coalesces_overlaps_and_neighbours() {
+        let r = |first_page, count| PageRun { first_page, count };
+        let got = union_runs(&[r(0, 2), r(10, 1)], &[r(1, 3), r(11, 2), r(20, 1)]);
+        assert_eq!(got, vec![r(0, 4), r(10, 3), r(20, 1)]);
+    }
+
+    #[test]
+    fn full_runs_skip_zero_and_untouched_pages_but_take_known_ones() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 * PAGE)]).unwrap();
         use vm_memory::Bytes;
         for page in [1u64, 2, 3, 10, 63] {
@@ -366,8 +421,15 @@ mod tests {
         mem.write_obj(0u8, GuestAddress(20 * PAGE as u64)).unwrap();
         // SAFETY: no vCPU exists in this test.
         let regions = unsafe { region_slices(&mem) };
-        let runs = touched_runs(regions[0].1);
+        let runs = full_runs(regions[0].1, &[]);
         let got: Vec<(u64, u64)> = runs.iter().map(|r| (r.first_page, r.count)).collect();
         assert_eq!(got, vec![(1, 3), (10, 1), (63, 1)]);
+        // A known page that holds data but is not resident still counts; a
+        // known page of zeros does not.
+        let known = [PageRun {
+            first_page: 20,
+            count: 1,
+        }];
+        assert_eq!(full_runs(regions[0].1, &known).len(), 3);
     }
 }

@@ -45,9 +45,11 @@ use crate::memory::{self, GuestMemoryMmap};
 use crate::persist::{restore_vcpu, restore_vm, save_vm, Persist};
 use crate::snapshot::{
     self, AppStatus, DeviceState, ImageConfig, ImageParts, LoadedImage, MachineState,
-    ResourceLimits,
+    PageSelection, ResourceLimits,
 };
 use crate::vcpu::{self, Vcpu, VcpuEvent, VcpuHandle, VcpuResponse, VcpuRunState};
+use relive_images::format::{ImageId, ImageKind, ImageReader, ImageWriter, PageRun};
+use relive_images::store::ImageStore;
 
 /// Address of the three pages KVM needs for the TSS on Intel hosts.
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
@@ -74,6 +76,69 @@ pub struct VmConfig {
     pub control: Option<PathBuf>,
     /// Directory where checkpoints are written.
     pub images: Option<PathBuf>,
+    /// Consistency images kept in `images` (chains of a full image and its layers).
+    pub keep_images: usize,
+    /// Host resource limits (recorded in every image).
+    pub limits: ResourceLimits,
+}
+
+/// Incremental layers after which the store merges the chain into a new full image.
+pub const MERGE_AFTER_LAYERS: usize = 4;
+/// Default number of consistency images kept.
+pub const DEFAULT_KEEP_IMAGES: usize = 3;
+
+/// What the VM knows of its image directory.
+struct ImageHistory {
+    store: Arc<ImageStore>,
+    /// The newest image this process wrote or was restored from.
+    last: Option<ImageId>,
+    /// The next checkpoint must be full (a failed one lost the dirty log).
+    need_full: bool,
+    /// Layers written since the last full or merged image.
+    layers: usize,
+    /// Present pages per region of the image this VM was restored from.
+    base_present: Vec<Vec<PageRun>>,
+    /// The image a running restore uses: never deleted.
+    in_use: Option<ImageId>,
+    /// Background merge and retention.
+    housekeeper: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ImageHistory {
+    /// Merges `merge` (a layer) into a new full image if given, then applies
+    /// retention, on a background thread; one at a time.
+    fn housekeeping(&mut self, merge: Option<PathBuf>) {
+        if let Some(previous) = self.housekeeper.take() {
+            if !previous.is_finished() {
+                // Still busy: retention will run again after the next checkpoint.
+                self.housekeeper = Some(previous);
+                return;
+            }
+            let _ = previous.join();
+        }
+        let store = self.store.clone();
+        let in_use: Vec<ImageId> = self.in_use.into_iter().chain(self.last).collect();
+        let spawned = std::thread::Builder::new()
+            .name("image-store".into())
+            .spawn(move || {
+                if let Some(layer) = merge {
+                    match ImageReader::open(&layer)
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| store.merge(&r).map_err(|e| e.to_string()))
+                    {
+                        Ok(merged) => tracing::info!(image = %merged.id, "merged an image chain"),
+                        Err(e) => tracing::warn!(error = %e, "cannot merge the image chain"),
+                    }
+                }
+                if let Err(e) = store.retain(&in_use) {
+                    tracing::warn!(error = %e, "image retention failed");
+                }
+            });
+        match spawned {
+            Ok(handle) => self.housekeeper = Some(handle),
+            Err(e) => tracing::warn!(error = %e, "cannot start image housekeeping"),
+        }
+    }
 }
 
 /// How a VM comes to life.
@@ -146,6 +211,9 @@ pub enum VmError {
     /// The image cannot be used.
     #[error(transparent)]
     Snapshot(#[from] snapshot::SnapshotError),
+    /// The image directory cannot be used.
+    #[error("cannot use the image directory")]
+    Store(#[source] relive_images::store::StoreError),
     /// Saved state cannot be loaded into KVM.
     #[error("cannot restore the VM's state")]
     State(#[source] crate::persist::StateError),
@@ -299,6 +367,7 @@ pub struct Vm {
     control: Option<control::ControlServer>,
     agent: AgentState,
     pending_input: VecDeque<u8>,
+    history: Option<ImageHistory>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -327,12 +396,38 @@ impl Vm {
 
     /// Builds a VM from a failover image: memory mapped from the image,
     /// KVM and device state loaded; the guest resumes where the image was taken.
+    ///
+    /// An incremental layer is first merged with its chain into a new full
+    /// image in the layer's directory, and the VM is restored from that.
     pub fn restore(
         image: &std::path::Path,
         console: ConsoleOutput,
         control: Option<PathBuf>,
         images: Option<PathBuf>,
+        keep_images: usize,
     ) -> Result<Vm, VmError> {
+        let header = ImageReader::read_header(image).map_err(|source| {
+            VmError::Snapshot(snapshot::SnapshotError::Read {
+                path: image.to_path_buf(),
+                source,
+            })
+        })?;
+        let merged;
+        let image = if let ImageKind::Incremental { .. } = header.kind {
+            let dir = image.parent().unwrap_or(std::path::Path::new("."));
+            let store = ImageStore::open(dir, usize::MAX).map_err(VmError::Store)?;
+            let layer = ImageReader::open(image).map_err(|source| {
+                VmError::Snapshot(snapshot::SnapshotError::Read {
+                    path: image.to_path_buf(),
+                    source,
+                })
+            })?;
+            merged = store.merge(&layer).map_err(VmError::Store)?.path;
+            tracing::info!(layer = %image.display(), merged = %merged.display(), "restoring a layer through its merged image");
+            merged.as_path()
+        } else {
+            image
+        };
         let loaded = snapshot::load(image)?;
         let cfg = VmConfig {
             boot: BootConfig {
@@ -345,6 +440,8 @@ impl Vm {
             console,
             control,
             images,
+            keep_images,
+            limits: loaded.limits.clone(),
         };
         Self::assemble(cfg, Origin::Image(Box::new(loaded)))
     }
@@ -372,7 +469,13 @@ impl Vm {
             ..Default::default()
         };
         vm.create_pit2(pit).map_err(kvm_call("KVM_CREATE_PIT2"))?;
-        memory::register(&vm, &mem, 0)?;
+        // Dirty logging feeds incremental checkpoints; only VMs that write images pay for it.
+        let slot_flags = if cfg.images.is_some() {
+            kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        };
+        memory::register(&vm, &mem, slot_flags)?;
         let entry = match &origin {
             Origin::Boot => Some(boot::load(&mem, &cfg.boot)?),
             Origin::Image(image) => {
@@ -417,6 +520,42 @@ impl Vm {
                 image.devices.agent_pending_input.iter().copied().collect(),
             ),
         };
+        let history = match &cfg.images {
+            None => None,
+            Some(dir) => {
+                let store = ImageStore::open(dir, cfg.keep_images).map_err(VmError::Store)?;
+                let same_dir = |image: &LoadedImage| {
+                    let parent = image.reader.path().parent().map(std::fs::canonicalize);
+                    matches!((parent, std::fs::canonicalize(dir)), (Some(Ok(a)), Ok(b)) if a == b)
+                };
+                Some(match &origin {
+                    Origin::Boot => ImageHistory {
+                        store: Arc::new(store),
+                        last: None,
+                        need_full: true,
+                        layers: 0,
+                        base_present: Vec::new(),
+                        in_use: None,
+                        housekeeper: None,
+                    },
+                    Origin::Image(image) => ImageHistory {
+                        store: Arc::new(store),
+                        last: Some(image.reader.id()),
+                        // Layers must sit beside their parent.
+                        need_full: !same_dir(image),
+                        layers: 0,
+                        base_present: image
+                            .reader
+                            .memory_map()
+                            .iter()
+                            .map(|m| m.present.clone())
+                            .collect(),
+                        in_use: Some(image.reader.id()),
+                        housekeeper: None,
+                    },
+                })
+            }
+        };
         let control = match &cfg.control {
             Some(path) => Some(control::ControlServer::bind(path, sink.clone())?),
             None => None,
@@ -438,6 +577,7 @@ impl Vm {
             control,
             agent,
             pending_input,
+            history,
         })
     }
 
@@ -690,6 +830,7 @@ impl Vm {
             control,
             agent,
             pending_input,
+            history,
         } = self;
         let started = Instant::now();
         let started_ns = monotonic_ns();
@@ -724,6 +865,7 @@ impl Vm {
             state: RunState::Running,
             agent,
             pending_input,
+            history,
             watchers: Vec::new(),
         };
         let record = event_loop.run();
@@ -771,6 +913,7 @@ struct EventLoop {
     agent: AgentState,
     /// Host-to-guest agent bytes that did not fit in the COM2 FIFO yet.
     pending_input: VecDeque<u8>,
+    history: Option<ImageHistory>,
     watchers: Vec<SyncSender<Response>>,
 }
 
@@ -1107,26 +1250,58 @@ impl EventLoop {
         Ok(())
     }
 
-    /// Writes a consistency image: pause, capture, write, resume.
-    fn checkpoint(&mut self, kind: CheckpointKind) -> Result<CheckpointReport, String> {
-        let Some(dir) = self.cfg.images.clone() else {
+    /// Writes a consistency image: pause, capture, write, resume; then the
+    /// store's housekeeping (merge a long chain, retention) off the pause path.
+    ///
+    /// An incremental image holds the pages KVM's dirty log reports since the
+    /// previous image of this process (or since the restore from `in_use`);
+    /// the VMM itself writes no guest memory (its devices do no DMA), so the
+    /// dirty log is the complete set. Without a parent, or after a failed
+    /// checkpoint (whose dirty log is gone), the checkpoint is full.
+    fn checkpoint(&mut self, requested: CheckpointKind) -> Result<CheckpointReport, String> {
+        let Some(history) = self.history.as_ref() else {
             return Err("this VM has no image directory: start it with --images DIR".into());
         };
-        if kind == CheckpointKind::Incremental {
-            return Err("incremental checkpoints are not implemented yet: use full".into());
-        }
+        let parent = history.last.filter(|_| !history.need_full);
+        let kind = match (requested, parent) {
+            (CheckpointKind::Incremental, Some(parent)) => ImageKind::Incremental { parent },
+            _ => ImageKind::Full,
+        };
         let started = Instant::now();
         let was_running = self.state == RunState::Running;
         self.pause()?;
         let paused_at = Instant::now();
-        let result = self.write_checkpoint(&dir);
+        let written = self.write_checkpoint(kind);
         let pause_us = paused_at.elapsed().as_micros() as u64;
         if was_running {
             self.resume()?;
         }
-        let image = result?;
+        let result = written.and_then(|writer| writer.commit().map_err(|e| error_chain(&e)));
+        let history = self.history.as_mut().ok_or("no image history")?;
+        let image = match result {
+            Ok(image) => image,
+            Err(e) => {
+                history.need_full = true;
+                return Err(e);
+            }
+        };
+        history.last = Some(image.id);
+        history.need_full = false;
+        history.layers = match kind {
+            ImageKind::Incremental { .. } => history.layers + 1,
+            _ => 0,
+        };
+        let merge = (history.layers >= MERGE_AFTER_LAYERS).then(|| image.path.clone());
+        if merge.is_some() {
+            history.layers = 0;
+        }
+        history.housekeeping(merge);
         Ok(CheckpointReport {
             image_id: image.id.to_string(),
+            kind: match kind {
+                ImageKind::Incremental { .. } => CheckpointKind::Incremental,
+                _ => CheckpointKind::Full,
+            },
             path: image.path.display().to_string(),
             bytes: image.bytes_written,
             pause_us,
@@ -1134,10 +1309,39 @@ impl EventLoop {
         })
     }
 
-    fn write_checkpoint(
-        &mut self,
-        dir: &std::path::Path,
-    ) -> Result<relive_images::format::CommittedImage, String> {
+    /// Pages KVM saw written since the last call, per memory region.
+    fn take_dirty_log(&self) -> Result<Vec<Vec<PageRun>>, String> {
+        use vm_memory::GuestMemoryRegion;
+        let mut out = Vec::new();
+        for (slot, region) in vm_memory::GuestMemoryBackend::iter(&self.mem).enumerate() {
+            let len = region.len() as usize;
+            let bitmap = self
+                .vm
+                .get_dirty_log(slot as u32, len)
+                .map_err(|e| format!("KVM_GET_DIRTY_LOG on slot {slot} failed: {e}"))?;
+            out.push(PageRun::from_bitmap(&bitmap, (len / 4096) as u64));
+        }
+        Ok(out)
+    }
+
+    fn write_checkpoint(&mut self, kind: ImageKind) -> Result<ImageWriter, String> {
+        let t0 = Instant::now();
+        let history = self.history.as_ref().ok_or("no image history")?;
+        let dir = history.store.dir().to_path_buf();
+        let dirty = self.take_dirty_log()?;
+        let dirty_us = t0.elapsed().as_micros() as u64;
+        let pages = match kind {
+            ImageKind::Incremental { .. } => PageSelection::Dirty(dirty),
+            _ => PageSelection::Full {
+                known: history
+                    .base_present
+                    .iter()
+                    .zip(dirty.iter().chain(std::iter::repeat(&Vec::new())))
+                    .map(|(base, dirty)| snapshot::union_runs(base, dirty))
+                    .chain(dirty.iter().skip(history.base_present.len()).cloned())
+                    .collect(),
+            },
+        };
         let mut vcpus = Vec::with_capacity(self.handles.len());
         for handle in &self.handles {
             handle.send(VcpuEvent::Save);
@@ -1186,30 +1390,22 @@ impl EventLoop {
         };
         let parts = ImageParts {
             config: &config,
-            limits: &ResourceLimits::default(),
+            limits: &self.cfg.limits,
             machine: &machine,
             devices: &devices,
             app: &app,
         };
+        let state_us = t0.elapsed().as_micros() as u64 - dirty_us;
         // SAFETY: every vCPU is paused (checked by `checkpoint`) until this returns.
-        unsafe {
-            snapshot::write_image(
-                dir,
-                relive_images::format::ImageKind::Full,
-                &parts,
-                &self.mem,
-            )
-        }
-        .map_err(|e| {
-            let mut msg = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                msg.push_str(": ");
-                msg.push_str(&s.to_string());
-                source = s.source();
-            }
-            msg
-        })
+        let writer = unsafe { snapshot::write_image(&dir, kind, &parts, &self.mem, &pages) }
+            .map_err(|e| error_chain(&e));
+        tracing::debug!(
+            dirty_us,
+            state_us,
+            write_us = t0.elapsed().as_micros() as u64 - dirty_us - state_us,
+            "checkpoint written"
+        );
+        writer
     }
 
     fn flush_console(&self) {
@@ -1223,6 +1419,18 @@ impl EventLoop {
         }
         self.flush_console();
     }
+}
+
+/// An error and its causes as one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
 }
 
 /// CLOCK_MONOTONIC in nanoseconds.
