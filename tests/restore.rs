@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::{require_kvm, vmm_command, ChildGuard, TempDir, Vmm, STEP_TIMEOUT};
 use relive_images::guest::replay_hash;
-use relive_vmm::control::{ControlClient, Request, Response};
+use relive_vmm::control::{CheckpointKind, CheckpointReport, ControlClient, Request, Response};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Heartbeat {
@@ -158,6 +158,107 @@ fn checkpoint_kill_restore_continues_exactly_from_the_image() {
         .wait_timeout(STEP_TIMEOUT)
         .expect("restored VMM exits");
     assert_eq!(status.code(), Some(3));
+}
+
+fn checkpoint(socket: &Path, kind: CheckpointKind) -> CheckpointReport {
+    match request(socket, Request::Checkpoint { kind }) {
+        Response::Checkpoint(report) => report,
+        other => panic!("checkpoint failed: {other:?}"),
+    }
+}
+
+fn restore_and_check(image: &Path, console: &Path, before: Heartbeat) {
+    let dir = TempDir::new();
+    let socket = dir.join("ctl.sock");
+    let mut restored = ChildGuard::spawn(
+        vmm_command()
+            .arg("restore")
+            .arg("--image")
+            .arg(image)
+            .arg("--control")
+            .arg(&socket)
+            .arg("--console")
+            .arg(console)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    let after = first_heartbeat(&socket);
+    assert!(
+        after.seq > before.seq && after.seq <= before.seq + 10,
+        "the restored guest must go on from the image's heartbeat {before:?}, got {after:?}"
+    );
+    assert_eq!(
+        replay_hash(before.counter, before.hash, after.counter),
+        after.hash,
+        "the hash chain must continue from the image's state"
+    );
+    assert_eq!(request(&socket, Request::Shutdown), Response::Ok);
+    let status = restored
+        .wait_timeout(STEP_TIMEOUT)
+        .expect("restored VMM exits");
+    assert_eq!(status.code(), Some(3));
+}
+
+#[test]
+fn incremental_chain_restores_exactly_through_the_merged_image() {
+    if !require_kvm() {
+        return;
+    }
+    let images = TempDir::new();
+    let images_arg = images.path().to_str().unwrap().to_string();
+    let mut vmm = Vmm::start(&[
+        "--images",
+        &images_arg,
+        "--cmdline",
+        "relive.hb_ms=20 relive.touch_mib=8 relive.dirty_pages=30",
+    ]);
+    first_heartbeat(&vmm.socket);
+    let full = checkpoint(&vmm.socket, CheckpointKind::Full);
+    assert_eq!(full.kind, CheckpointKind::Full);
+    let mut layers = Vec::new();
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(60));
+        let layer = checkpoint(&vmm.socket, CheckpointKind::Incremental);
+        assert_eq!(layer.kind, CheckpointKind::Incremental);
+        // A layer holds the dirtied pages, far less than the full image.
+        assert!(
+            layer.bytes < full.bytes / 2,
+            "{} vs {}",
+            layer.bytes,
+            full.bytes
+        );
+        layers.push(layer);
+    }
+    // After four layers the VMM merges the chain into a new full image in
+    // the background: wait for it to appear.
+    let store = relive_images::store::ImageStore::open(images.path(), 10).unwrap();
+    let fulls = || {
+        store
+            .list()
+            .unwrap()
+            .iter()
+            .filter(|e| e.kind == Some(relive_images::format::ImageKind::Full))
+            .count()
+    };
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while fulls() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no merged image in {}",
+            images.path().display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(request(&vmm.socket, Request::Pause), Response::Ok);
+    let before = last_heartbeat(&vmm.socket);
+    let last = checkpoint(&vmm.socket, CheckpointKind::Incremental);
+    vmm.signal(libc::SIGKILL);
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while vmm.is_running() {
+        assert!(Instant::now() < deadline, "the VMM survived SIGKILL");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    restore_and_check(Path::new(&last.path), &vmm.console, before);
 }
 
 #[test]
