@@ -259,6 +259,22 @@ fn incremental_chain_restores_exactly_through_the_merged_image() {
         std::thread::sleep(Duration::from_millis(5));
     }
     restore_and_check(Path::new(&last.path), &vmm.console, before);
+
+    // The image tools see the same: every image good, layers and merged images.
+    let verify = common::run_vmm(["images", "verify", &images_arg]);
+    assert_eq!(verify.code, Some(0), "{}{}", verify.stdout, verify.stderr);
+    assert!(verify.stdout.contains("incremental"), "{}", verify.stdout);
+    assert!(verify.stdout.contains(" 0 bad"), "{}", verify.stdout);
+    let inspect = common::run_vmm(["images", "inspect", last.path.as_str(), "--json"]);
+    assert_eq!(inspect.code, Some(0), "{}", inspect.stderr);
+    let value: serde_json::Value = serde_json::from_str(&inspect.stdout).unwrap();
+    assert_eq!(value["memory_verified"], true);
+    assert_eq!(
+        value["app_status"]["last_heartbeat"]
+            .as_str()
+            .and_then(heartbeat),
+        Some(before)
+    );
 }
 
 #[test]

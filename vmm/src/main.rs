@@ -46,6 +46,14 @@ enum Command {
     Run(RunArgs),
     /// Start a VM from a failover image: the guest resumes where the image was taken.
     Restore(RestoreArgs),
+    /// Look at an image directory: list, verify or inspect failover images.
+    Images {
+        /// Print JSON.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        action: ImagesAction,
+    },
     /// Talk to a running VMM over its control socket.
     Ctl {
         /// The VMM's control socket.
@@ -116,6 +124,28 @@ impl HostArgs {
 }
 
 #[derive(Subcommand, Debug)]
+enum ImagesAction {
+    /// Every image in DIR, oldest first, with kind, parent, size and status
+    /// (headers and section checksums only).
+    List {
+        /// The image directory.
+        dir: PathBuf,
+    },
+    /// Like list, but also reads every image's memory and checks layer chains;
+    /// exits 1 if any image is bad.
+    Verify {
+        /// The image directory.
+        dir: PathBuf,
+    },
+    /// One image in detail: header, sections, memory, config and the guest's
+    /// last status. A directory means its latest good image.
+    Inspect {
+        /// An image file or an image directory.
+        path: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum CtlAction {
     /// State, uptime, vCPU exits, guest memory resident, agent channel.
     Status,
@@ -152,6 +182,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Restore(args) => restore(args),
+        Command::Images { json, action } => images(json, action),
         Command::Ctl {
             socket,
             json,
@@ -211,6 +242,132 @@ fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
     let record = vm.run()?;
     eprintln!("{}", record.to_json());
     Ok(ExitCode::from(record.status as u8))
+}
+
+fn images(json: bool, action: ImagesAction) -> anyhow::Result<ExitCode> {
+    use relive_images::format::{ImageReader, SectionKind};
+    use relive_images::store::{ImageStatus, ImageStore};
+    let open = |dir: &std::path::Path| {
+        if !dir.is_dir() {
+            anyhow::bail!("{} is not an image directory", dir.display());
+        }
+        Ok(ImageStore::open(dir, usize::MAX)?)
+    };
+    match action {
+        ImagesAction::List { dir } => {
+            let entries = open(&dir)?.list()?;
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&entries)?);
+            } else {
+                outln!("{}", relive_images::store::ImageEntry::HEADINGS);
+                for entry in &entries {
+                    outln!("{entry}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ImagesAction::Verify { dir } => {
+            let entries = open(&dir)?.verify_all()?;
+            let bad = entries
+                .iter()
+                .filter(|e| matches!(e.status, ImageStatus::Bad(_)))
+                .count();
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&entries)?);
+            } else {
+                outln!("{}", relive_images::store::ImageEntry::HEADINGS);
+                for entry in &entries {
+                    outln!("{entry}");
+                }
+                outln!("{} images, {bad} bad", entries.len());
+            }
+            Ok(if bad == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(STATUS_VMM_ERROR as u8)
+            })
+        }
+        ImagesAction::Inspect { path } => {
+            let reader = if path.is_dir() {
+                let selection = open(&path)?.latest_good()?;
+                for skipped in &selection.skipped {
+                    eprintln!(
+                        "relive-vmm: skipped {}: {}",
+                        skipped.path.display(),
+                        skipped.reason
+                    );
+                }
+                selection.image.ok_or_else(|| {
+                    anyhow::anyhow!("{} holds no good consistency image", path.display())
+                })?
+            } else {
+                ImageReader::open(&path)?
+            };
+            let memory_ok = reader.verify_memory().map_err(|e| e.to_string());
+            let json_section = |kind| {
+                reader
+                    .section(kind)
+                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
+            };
+            let regions: Vec<serde_json::Value> = reader
+                .memory_map()
+                .iter()
+                .map(|m| {
+                    serde_json::json!({
+                        "guest_addr": m.guest_addr,
+                        "len": m.len,
+                        "present_pages": m.present_pages(),
+                        "runs": m.present.len(),
+                    })
+                })
+                .collect();
+            if json {
+                outln!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "path": reader.path(),
+                        "header": reader.header(),
+                        "memory": regions,
+                        "memory_verified": memory_ok.is_ok(),
+                        "memory_error": memory_ok.as_ref().err(),
+                        "config": json_section(SectionKind::Config),
+                        "limits": json_section(SectionKind::Limits),
+                        "app_status": json_section(SectionKind::AppStatus),
+                    }))?
+                );
+            } else {
+                outln!("{}", reader.path().display());
+                outln!("{}", reader.header());
+                for m in reader.memory_map() {
+                    outln!(
+                        "memory {:#x}+{} MiB: {} pages present in {} runs",
+                        m.guest_addr,
+                        m.len >> 20,
+                        m.present_pages(),
+                        m.present.len()
+                    );
+                }
+                match &memory_ok {
+                    Ok(()) => outln!("memory checksum ok"),
+                    Err(e) => outln!("memory checksum BAD: {e}"),
+                }
+                for kind in [
+                    SectionKind::Config,
+                    SectionKind::Limits,
+                    SectionKind::AppStatus,
+                ] {
+                    if let Some(value) = json_section(kind) {
+                        outln!("{}: {value}", kind.name());
+                    }
+                }
+            }
+            Ok(if memory_ok.is_ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(STATUS_VMM_ERROR as u8)
+            })
+        }
+    }
 }
 
 fn ctl(socket: PathBuf, json: bool, action: CtlAction) -> anyhow::Result<ExitCode> {
