@@ -345,6 +345,7 @@ struct Devices {
     com1: Arc<Mutex<Com1>>,
     com2: Arc<Mutex<Com2>>,
     pvpanic: Arc<Mutex<PvPanic>>,
+    agent_tx: Sender<String>,
     reset_evt: EventFd,
     panic_evt: EventFd,
     power_evt: EventFd,
@@ -368,6 +369,85 @@ pub struct Vm {
     agent: AgentState,
     pending_input: VecDeque<u8>,
     history: Option<ImageHistory>,
+}
+
+/// The console's writer: stdout, or a file appended to.
+fn console_writer(console: &ConsoleOutput) -> Result<ConsoleWriter, VmError> {
+    let out: Box<dyn Write + Send> = match console {
+        ConsoleOutput::Stdout => Box::new(std::io::stdout()),
+        ConsoleOutput::File(path) => Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| VmError::Console {
+                    path: path.clone(),
+                    source,
+                })?,
+        ),
+    };
+    Ok(ConsoleWriter::new(out))
+}
+
+impl Devices {
+    /// Loads saved device state into the devices in place (the bus and the
+    /// vCPUs keep their references): each stateful device is rebuilt from
+    /// its state around the same interrupt lines and host channels.
+    fn load_state(&self, console: &ConsoleOutput, state: &DeviceState) -> Result<(), VmError> {
+        let os = |what| move |source| VmError::Os { what, source };
+        let restore_err = |device: &'static str| {
+            move |e: devices::SerialError| VmError::DeviceState {
+                device,
+                reason: e.to_string(),
+            }
+        };
+        let mut com1 = lock(&self.com1);
+        let irq = com1
+            .interrupt_evt()
+            .try_clone()
+            .map_err(os("clone the COM1 irqfd"))?;
+        *com1 = SerialDevice::restore(
+            (irq, SerialEventsSink::new(), console_writer(console)?),
+            &state.com1,
+        )
+        .map_err(restore_err("COM1"))?;
+        drop(com1);
+
+        let mut agent = AgentWriter::new(
+            AgentConfig::default(),
+            self.agent_tx.clone(),
+            self.agent_evt
+                .try_clone()
+                .map_err(os("clone the agent eventfd"))?,
+        );
+        // A partial line carries no newline, so this only refills the framer.
+        let _ = agent.write_all(state.agent_partial_line.as_bytes());
+        let mut com2 = lock(&self.com2);
+        let irq = com2
+            .interrupt_evt()
+            .try_clone()
+            .map_err(os("clone the COM2 irqfd"))?;
+        let drained = self
+            .com2_drained_evt
+            .try_clone()
+            .map_err(os("clone the COM2 drain eventfd"))?;
+        *com2 = SerialDevice::restore(
+            (irq, SerialEventsSink::with_rx_drained(drained), agent),
+            &state.com2,
+        )
+        .map_err(restore_err("COM2"))?;
+        drop(com2);
+
+        let panic_evt = self
+            .panic_evt
+            .try_clone()
+            .map_err(os("clone the panic eventfd"))?;
+        *lock(&self.pvpanic) = match PvPanic::restore(panic_evt, &state.pvpanic) {
+            Ok(dev) => dev,
+            Err(never) => match never {},
+        };
+        Ok(())
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -499,11 +579,10 @@ impl Vm {
                 source,
             })?),
         };
-        let saved_devices = match &origin {
-            Origin::Boot => None,
-            Origin::Image(image) => Some(&image.devices),
-        };
-        let (devices, bus) = Self::build_devices(&vm, &mem, &cfg, saved_devices)?;
+        let (devices, bus) = Self::build_devices(&vm, &mem, &cfg)?;
+        if let Origin::Image(image) = &origin {
+            devices.load_state(&cfg.console, &image.devices)?;
+        }
         let vcpus = match (&origin, entry) {
             (Origin::Image(image), _) => {
                 Self::restore_vcpus(&vm, &image.machine, &bus, &sink, &msr_index)?
@@ -612,45 +691,19 @@ impl Vm {
         vm: &VmFd,
         mem: &GuestMemoryMmap,
         cfg: &VmConfig,
-        saved: Option<&DeviceState>,
     ) -> Result<(Devices, PioBus), VmError> {
-        let restore_err = |device: &'static str| {
-            move |e: devices::SerialError| VmError::DeviceState {
-                device,
-                reason: e.to_string(),
-            }
-        };
         let dev_err = |device| move |source| VmError::Device { device, source };
-        let console_out: Box<dyn Write + Send> = match &cfg.console {
-            ConsoleOutput::Stdout => Box::new(std::io::stdout()),
-            ConsoleOutput::File(path) => Box::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|source| VmError::Console {
-                        path: path.clone(),
-                        source,
-                    })?,
-            ),
-        };
         let com1_irq = eventfd("create the COM1 irqfd")?;
         vm.register_irqfd(&com1_irq, devices::COM1_IRQ)
             .map_err(|e| VmError::KvmCall {
                 what: "KVM_IRQFD (COM1)",
                 source: e,
             })?;
-        let com1_args = (
+        let com1 = Arc::new(Mutex::new(SerialDevice::new(
             EventFdTrigger::new(com1_irq),
             SerialEventsSink::new(),
-            ConsoleWriter::new(console_out),
-        );
-        let com1 = Arc::new(Mutex::new(match saved {
-            None => SerialDevice::new(com1_args.0, com1_args.1, com1_args.2),
-            Some(state) => {
-                SerialDevice::restore(com1_args, &state.com1).map_err(restore_err("COM1"))?
-            }
-        }));
+            console_writer(&cfg.console)?,
+        )));
 
         let com2_irq = eventfd("create the COM2 irqfd")?;
         vm.register_irqfd(&com2_irq, devices::COM2_IRQ)
@@ -661,42 +714,26 @@ impl Vm {
         let (agent_tx, agent_rx) = std::sync::mpsc::channel();
         let agent_evt = eventfd("create the agent eventfd")?;
         let com2_drained_evt = eventfd("create the COM2 drain eventfd")?;
-        let mut agent_writer = AgentWriter::new(
-            AgentConfig::default(),
-            agent_tx,
-            agent_evt.try_clone().map_err(dev_err("agent channel"))?,
-        );
-        if let Some(state) = saved {
-            // A partial line carries no newline, so this only refills the framer.
-            let _ = agent_writer.write_all(state.agent_partial_line.as_bytes());
-        }
-        let com2_args = (
+        let com2 = Arc::new(Mutex::new(SerialDevice::new(
             EventFdTrigger::new(com2_irq),
             SerialEventsSink::with_rx_drained(
                 com2_drained_evt.try_clone().map_err(dev_err("COM2"))?,
             ),
-            agent_writer,
-        );
-        let com2 = Arc::new(Mutex::new(match saved {
-            None => SerialDevice::new(com2_args.0, com2_args.1, com2_args.2),
-            Some(state) => {
-                SerialDevice::restore(com2_args, &state.com2).map_err(restore_err("COM2"))?
-            }
-        }));
+            AgentWriter::new(
+                AgentConfig::default(),
+                agent_tx.clone(),
+                agent_evt.try_clone().map_err(dev_err("agent channel"))?,
+            ),
+        )));
 
         let reset_evt = eventfd("create the reset eventfd")?;
         let i8042 = Arc::new(Mutex::new(I8042::new(EventFdTrigger::new(
             reset_evt.try_clone().map_err(dev_err("i8042"))?,
         ))));
         let panic_evt = eventfd("create the panic eventfd")?;
-        let pvpanic_evt = panic_evt.try_clone().map_err(dev_err("pvpanic"))?;
-        let pvpanic = Arc::new(Mutex::new(match saved {
-            None => PvPanic::new(pvpanic_evt),
-            Some(state) => match PvPanic::restore(pvpanic_evt, &state.pvpanic) {
-                Ok(dev) => dev,
-                Err(never) => match never {},
-            },
-        }));
+        let pvpanic = Arc::new(Mutex::new(PvPanic::new(
+            panic_evt.try_clone().map_err(dev_err("pvpanic"))?,
+        )));
         let power_evt = eventfd("create the power-off eventfd")?;
         let power = Arc::new(Mutex::new(PowerOff::new(
             power_evt.try_clone().map_err(dev_err("power-off port"))?,
@@ -739,6 +776,7 @@ impl Vm {
                 com1,
                 com2,
                 pvpanic: pvpanic.clone(),
+                agent_tx,
                 reset_evt,
                 panic_evt,
                 power_evt,
