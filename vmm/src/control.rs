@@ -13,6 +13,7 @@
 //! {"cmd":"agent","line":"status"}     -> {"reply":"ok"} once the line is queued for the guest
 //! {"cmd":"watch"}                     -> {"reply":"ok"}, then {"reply":"agent","line":"hb seq=1 ..."} ...
 //! {"cmd":"pause"} / {"cmd":"resume"}  -> {"reply":"ok"}
+//! {"cmd":"restore","image":"PATH"}    -> {"reply":"restored","image_id":"..","path":"..","restore_us":..} (standby VMMs only)
 //! {"cmd":"checkpoint","kind":"full"}  -> {"reply":"checkpoint","image_id":"..","path":"..","bytes":..,"pause_us":..,"total_us":..}
 //! ```
 //!
@@ -62,6 +63,11 @@ pub enum Request {
     Pause,
     /// Run the vCPUs again.
     Resume,
+    /// Standby VMMs only: take this image and run its guest.
+    Restore {
+        /// The image file (a layer is merged with its chain first).
+        image: String,
+    },
     /// Write a consistency image into the VM's image directory.
     Checkpoint {
         /// `full` (default) or `incremental`.
@@ -119,6 +125,19 @@ pub enum Response {
     },
     /// The answer to `checkpoint`.
     Checkpoint(CheckpointReport),
+    /// The answer to `restore`.
+    Restored(RestoreReport),
+}
+
+/// The answer to `restore` on a standby VMM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreReport {
+    /// The image the guest now runs from.
+    pub image_id: String,
+    /// Its file.
+    pub path: String,
+    /// From the request reaching the VMM to the vCPUs running, in microseconds.
+    pub restore_us: u64,
 }
 
 /// A request on its way to the event thread, with the channel for answers.
@@ -274,7 +293,7 @@ fn serve(stream: UnixStream, sink: EventSink) {
             Ok(r) => r,
             Err(e) => {
                 let error = format!(
-                    "bad request: {e}; expected e.g. {{\"cmd\":\"status\"}} (commands: status, shutdown, agent, watch, pause, resume, checkpoint)"
+                    "bad request: {e}; expected e.g. {{\"cmd\":\"status\"}} (commands: status, shutdown, agent, watch, pause, resume, checkpoint, restore)"
                 );
                 if write_line(&mut writer, &Response::Error { error }).is_err() {
                     return;

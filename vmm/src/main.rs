@@ -4,7 +4,9 @@
 //! relive-vmm run [--kernel PATH|bundled] [--initrd PATH] [--cmdline STR]
 //!                [--mem-mib N] [--vcpus N] [--console PATH] [--control SOCKET]
 //! relive-vmm restore --image PATH [--console PATH] [--control SOCKET] [--images DIR]
-//! relive-vmm ctl SOCKET status|shutdown|agent LINE|watch|pause|resume|checkpoint [--json]
+//! relive-vmm standby [--mem-mib N] [--vcpus N] --control SOCKET [--console PATH] [--images DIR]
+//! relive-vmm images list|verify|inspect DIR [--json]
+//! relive-vmm ctl SOCKET status|shutdown|agent LINE|watch|pause|resume|checkpoint|restore IMAGE [--json]
 //! ```
 //!
 //! `run` exits with the status of the VM's exit reason (see `relive_vmm::exit`)
@@ -46,6 +48,9 @@ enum Command {
     Run(RunArgs),
     /// Start a VM from a failover image: the guest resumes where the image was taken.
     Restore(RestoreArgs),
+    /// Build a VM without a guest and wait for `ctl SOCKET restore IMAGE`:
+    /// failover without building a VM on the critical path.
+    Standby(StandbyArgs),
     /// Look at an image directory: list, verify or inspect failover images.
     Images {
         /// Print JSON.
@@ -82,6 +87,18 @@ struct RunArgs {
     #[arg(long, default_value_t = 128)]
     mem_mib: u64,
     /// Number of vCPUs (1 to the host's cores).
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    #[command(flatten)]
+    host: HostArgs,
+}
+
+#[derive(clap::Args, Debug)]
+struct StandbyArgs {
+    /// Guest memory in MiB (must match the images it will take).
+    #[arg(long, default_value_t = 128)]
+    mem_mib: u64,
+    /// Number of vCPUs (must match the images it will take).
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
     #[command(flatten)]
@@ -162,6 +179,11 @@ enum CtlAction {
     Pause,
     /// Run the vCPUs again.
     Resume,
+    /// Standby VMMs: take IMAGE and run its guest.
+    Restore {
+        /// The image file.
+        image: PathBuf,
+    },
     /// Write a consistency image into the VM's --images directory.
     Checkpoint {
         /// `full` or `incremental`.
@@ -182,6 +204,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Restore(args) => restore(args),
+        Command::Standby(args) => standby(args),
         Command::Images { json, action } => images(json, action),
         Command::Ctl {
             socket,
@@ -204,13 +227,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         KernelSource::Bundled => format!("relive.hb_ms={}", relive_images::guest::DEFAULT_HB_MS),
         KernelSource::File(_) => DEFAULT_LINUX_CMDLINE.to_string(),
     });
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let vcpus = u8::try_from(args.vcpus).map_err(|_| {
-        anyhow::anyhow!(
-            "--vcpus {} is out of range: use 1 to {cores} (this host's cores)",
-            args.vcpus
-        )
-    })?;
+    let vcpus = vcpu_count(args.vcpus)?;
     let cfg = VmConfig {
         boot: BootConfig {
             kernel,
@@ -226,6 +243,37 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         limits: Default::default(),
     };
     let vm = Vm::build(cfg)?;
+    let record = vm.run()?;
+    eprintln!("{}", record.to_json());
+    Ok(ExitCode::from(record.status as u8))
+}
+
+fn vcpu_count(vcpus: u32) -> anyhow::Result<u8> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    u8::try_from(vcpus).map_err(|_| {
+        anyhow::anyhow!("--vcpus {vcpus} is out of range: use 1 to {cores} (this host's cores)")
+    })
+}
+
+fn standby(args: StandbyArgs) -> anyhow::Result<ExitCode> {
+    if args.host.control.is_none() {
+        anyhow::bail!("a standby VMM needs --control SOCKET: that is where its image comes from");
+    }
+    let cfg = VmConfig {
+        boot: BootConfig {
+            kernel: KernelSource::Bundled,
+            initrd: None,
+            cmdline: String::new(),
+            vcpus: vcpu_count(args.vcpus)?,
+        },
+        mem_mib: args.mem_mib,
+        console: args.host.console(),
+        control: args.host.control,
+        images: args.host.images,
+        keep_images: args.host.keep_images,
+        limits: Default::default(),
+    };
+    let vm = Vm::standby(cfg)?;
     let record = vm.run()?;
     eprintln!("{}", record.to_json());
     Ok(ExitCode::from(record.status as u8))
@@ -378,6 +426,12 @@ fn ctl(socket: PathBuf, json: bool, action: CtlAction) -> anyhow::Result<ExitCod
         CtlAction::Agent { line } => Request::Agent { line: line.clone() },
         CtlAction::Watch => Request::Watch,
         CtlAction::Pause => Request::Pause,
+        CtlAction::Restore { image } => Request::Restore {
+            image: std::fs::canonicalize(image)
+                .unwrap_or_else(|_| image.clone())
+                .display()
+                .to_string(),
+        },
         CtlAction::Resume => Request::Resume,
         CtlAction::Checkpoint { kind } => Request::Checkpoint {
             kind: match kind.as_str() {
@@ -410,6 +464,16 @@ fn ctl(socket: PathBuf, json: bool, action: CtlAction) -> anyhow::Result<ExitCod
         CtlAction::Status if !json => {
             if let Response::Status(status) = &response {
                 print_status(status);
+            }
+        }
+        CtlAction::Restore { .. } if !json => {
+            if let Response::Restored(r) = &response {
+                outln!(
+                    "restored image {} in {:.3} ms\n{}",
+                    r.image_id,
+                    r.restore_us as f64 / 1000.0,
+                    r.path
+                );
             }
         }
         CtlAction::Checkpoint { .. } if !json => {

@@ -142,6 +142,14 @@ pub enum SnapshotError {
         #[source]
         source: serde_json::Error,
     },
+    /// A layer could not be merged into a full image.
+    #[error("cannot merge layer {path} with its chain: {reason}")]
+    Merge {
+        /// The layer.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
     /// Guest memory could not be mapped from the image.
     #[error("cannot map guest memory from image {path}: {reason}")]
     Map {
@@ -352,6 +360,30 @@ fn section<T: for<'de> Deserialize<'de>>(
         section: kind,
         reason: e.to_string(),
     })
+}
+
+/// The full image to restore `path` from: `path` itself, or for an
+/// incremental layer a new full image merged from its chain, written beside it.
+pub fn resolve_full(path: &Path) -> Result<PathBuf, SnapshotError> {
+    let read_err = |source| SnapshotError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let header = ImageReader::read_header(path).map_err(read_err)?;
+    if !matches!(header.kind, ImageKind::Incremental { .. }) {
+        return Ok(path.to_path_buf());
+    }
+    let merge_err = |e: &dyn std::fmt::Display| SnapshotError::Merge {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let store =
+        relive_images::store::ImageStore::open(dir, usize::MAX).map_err(|e| merge_err(&e))?;
+    let layer = ImageReader::open(path).map_err(read_err)?;
+    let merged = store.merge(&layer).map_err(|e| merge_err(&e))?;
+    tracing::info!(layer = %path.display(), merged = %merged.path.display(), "restoring a layer through its merged image");
+    Ok(merged.path)
 }
 
 /// Opens an image and decodes everything but guest memory.

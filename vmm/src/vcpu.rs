@@ -32,7 +32,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::devices::PioBus;
 use crate::exit::ExitReason;
-use crate::persist::{save_vcpu, VcpuState};
+use crate::persist::{restore_vcpu, save_vcpu, VcpuState};
 use crate::vm::EventSink;
 
 /// What the owner asks of a vCPU thread.
@@ -44,6 +44,8 @@ pub enum VcpuEvent {
     Resume,
     /// Capture the vCPU's state (only answered while paused).
     Save,
+    /// Load a saved state (only while paused; a standby restore).
+    Restore(Box<VcpuState>),
     /// Stop the thread.
     Finish,
 }
@@ -57,6 +59,8 @@ pub enum VcpuResponse {
     Resumed,
     /// The vCPU's state, or why it could not be captured.
     Saved(Result<Box<VcpuState>, String>),
+    /// The state was loaded, or why not.
+    Restored(Result<(), String>),
 }
 
 /// The state of a vCPU thread.
@@ -217,6 +221,19 @@ impl Vcpu {
                 state,
                 Some(VcpuResponse::Saved(Err(format!(
                     "vcpu{} must be paused to save its state",
+                    self.id
+                )))),
+            ),
+            (VcpuEvent::Restore(saved), VcpuRunState::Paused) => (
+                state,
+                Some(VcpuResponse::Restored(
+                    restore_vcpu(&self.fd, &saved).map_err(|e| format!("vcpu{}: {e}", self.id)),
+                )),
+            ),
+            (VcpuEvent::Restore(_), _) => (
+                state,
+                Some(VcpuResponse::Restored(Err(format!(
+                    "vcpu{} must be paused to load a state",
                     self.id
                 )))),
             ),

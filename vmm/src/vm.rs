@@ -34,7 +34,9 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::{self, BootConfig, BootEntry, SmpStart};
-use crate::control::{self, CheckpointKind, CheckpointReport, ControlRequest, Request, Response};
+use crate::control::{
+    self, CheckpointKind, CheckpointReport, ControlRequest, Request, Response, RestoreReport,
+};
 use crate::cpuid::{filter_cpuid, CpuidConfig};
 use crate::devices::{
     self, encode_command, AgentConfig, AgentWriter, ConsoleWriter, EventFdTrigger, LinePort,
@@ -105,6 +107,38 @@ struct ImageHistory {
 }
 
 impl ImageHistory {
+    fn new(store: ImageStore) -> Self {
+        ImageHistory {
+            store: Arc::new(store),
+            last: None,
+            need_full: true,
+            layers: 0,
+            base_present: Vec::new(),
+            in_use: None,
+            housekeeper: None,
+        }
+    }
+
+    /// The VM now runs from `image`: later layers build on it when it lives
+    /// in this store's directory (a layer must sit beside its parent).
+    fn adopt(&mut self, image: &LoadedImage) {
+        let parent = image.reader.path().parent().map(std::fs::canonicalize);
+        let same_dir = matches!(
+            (parent, std::fs::canonicalize(self.store.dir())),
+            (Some(Ok(a)), Ok(b)) if a == b
+        );
+        self.last = Some(image.reader.id());
+        self.need_full = !same_dir;
+        self.layers = 0;
+        self.base_present = image
+            .reader
+            .memory_map()
+            .iter()
+            .map(|m| m.present.clone())
+            .collect();
+        self.in_use = Some(image.reader.id());
+    }
+
     /// Merges `merge` (a layer) into a new full image if given, then applies
     /// retention, on a background thread; one at a time.
     fn housekeeping(&mut self, merge: Option<PathBuf>) {
@@ -147,6 +181,8 @@ pub enum Origin {
     Boot,
     /// Resume from a failover image.
     Image(Box<LoadedImage>),
+    /// Build everything that does not depend on an image and wait for one.
+    Standby,
 }
 
 /// Errors while building or running a VM.
@@ -285,6 +321,8 @@ pub enum RunState {
     Running,
     /// vCPUs paused.
     Paused,
+    /// A standby VMM: everything built, no guest yet; waits for `restore`.
+    Standby,
 }
 
 /// The answer to `status`.
@@ -369,6 +407,7 @@ pub struct Vm {
     agent: AgentState,
     pending_input: VecDeque<u8>,
     history: Option<ImageHistory>,
+    standby: bool,
 }
 
 /// The console's writer: stdout, or a file appended to.
@@ -474,6 +513,14 @@ impl Vm {
         Self::assemble(cfg, Origin::Boot)
     }
 
+    /// Builds a standby VM: the KVM VM, irqchip, PIT, memory slots over
+    /// untouched anonymous memory, devices and vCPU threads (parked), all
+    /// that does not depend on an image. `restore IMAGE` on the control
+    /// socket then maps the image's memory over the slots and loads its state.
+    pub fn standby(cfg: VmConfig) -> Result<Vm, VmError> {
+        Self::assemble(cfg, Origin::Standby)
+    }
+
     /// Builds a VM from a failover image: memory mapped from the image,
     /// KVM and device state loaded; the guest resumes where the image was taken.
     ///
@@ -486,29 +533,8 @@ impl Vm {
         images: Option<PathBuf>,
         keep_images: usize,
     ) -> Result<Vm, VmError> {
-        let header = ImageReader::read_header(image).map_err(|source| {
-            VmError::Snapshot(snapshot::SnapshotError::Read {
-                path: image.to_path_buf(),
-                source,
-            })
-        })?;
-        let merged;
-        let image = if let ImageKind::Incremental { .. } = header.kind {
-            let dir = image.parent().unwrap_or(std::path::Path::new("."));
-            let store = ImageStore::open(dir, usize::MAX).map_err(VmError::Store)?;
-            let layer = ImageReader::open(image).map_err(|source| {
-                VmError::Snapshot(snapshot::SnapshotError::Read {
-                    path: image.to_path_buf(),
-                    source,
-                })
-            })?;
-            merged = store.merge(&layer).map_err(VmError::Store)?.path;
-            tracing::info!(layer = %image.display(), merged = %merged.display(), "restoring a layer through its merged image");
-            merged.as_path()
-        } else {
-            image
-        };
-        let loaded = snapshot::load(image)?;
+        let image = snapshot::resolve_full(image)?;
+        let loaded = snapshot::load(&image)?;
         let cfg = VmConfig {
             boot: BootConfig {
                 kernel: boot::KernelSource::parse(&loaded.config.kernel),
@@ -535,7 +561,7 @@ impl Vm {
             return Err(VmError::VcpuCount { vcpus, max });
         }
         let mem = match &origin {
-            Origin::Boot => memory::create(cfg.mem_mib)?,
+            Origin::Boot | Origin::Standby => memory::create(cfg.mem_mib)?,
             Origin::Image(image) => snapshot::map_memory(image)?,
         };
         let kvm_call = |what| move |source| VmError::KvmCall { what, source };
@@ -558,6 +584,7 @@ impl Vm {
         memory::register(&vm, &mem, slot_flags)?;
         let entry = match &origin {
             Origin::Boot => Some(boot::load(&mem, &cfg.boot)?),
+            Origin::Standby => None,
             Origin::Image(image) => {
                 restore_vm(&vm, &image.machine.vm).map_err(VmError::State)?;
                 None
@@ -590,10 +617,12 @@ impl Vm {
             (Origin::Boot, Some(entry)) => {
                 Self::build_vcpus(&kvm, &vm, &cfg, entry, &bus, &sink, &msr_index)?
             }
-            (Origin::Boot, None) => unreachable!("a booted VM always has an entry point"),
+            (Origin::Standby, _) | (Origin::Boot, None) => {
+                Self::create_vcpus(&vm, &cfg, &bus, &sink, &msr_index)?
+            }
         };
         let (agent, pending_input) = match &origin {
-            Origin::Boot => (AgentState::default(), VecDeque::new()),
+            Origin::Boot | Origin::Standby => (AgentState::default(), VecDeque::new()),
             Origin::Image(image) => (
                 AgentState::from_app_status(&image.app),
                 image.devices.agent_pending_input.iter().copied().collect(),
@@ -603,38 +632,14 @@ impl Vm {
             None => None,
             Some(dir) => {
                 let store = ImageStore::open(dir, cfg.keep_images).map_err(VmError::Store)?;
-                let same_dir = |image: &LoadedImage| {
-                    let parent = image.reader.path().parent().map(std::fs::canonicalize);
-                    matches!((parent, std::fs::canonicalize(dir)), (Some(Ok(a)), Ok(b)) if a == b)
-                };
-                Some(match &origin {
-                    Origin::Boot => ImageHistory {
-                        store: Arc::new(store),
-                        last: None,
-                        need_full: true,
-                        layers: 0,
-                        base_present: Vec::new(),
-                        in_use: None,
-                        housekeeper: None,
-                    },
-                    Origin::Image(image) => ImageHistory {
-                        store: Arc::new(store),
-                        last: Some(image.reader.id()),
-                        // Layers must sit beside their parent.
-                        need_full: !same_dir(image),
-                        layers: 0,
-                        base_present: image
-                            .reader
-                            .memory_map()
-                            .iter()
-                            .map(|m| m.present.clone())
-                            .collect(),
-                        in_use: Some(image.reader.id()),
-                        housekeeper: None,
-                    },
-                })
+                let mut history = ImageHistory::new(store);
+                if let Origin::Image(image) = &origin {
+                    history.adopt(image);
+                }
+                Some(history)
             }
         };
+        let standby = matches!(origin, Origin::Standby);
         let control = match &cfg.control {
             Some(path) => Some(control::ControlServer::bind(path, sink.clone())?),
             None => None,
@@ -657,7 +662,35 @@ impl Vm {
             agent,
             pending_input,
             history,
+            standby,
         })
+    }
+
+    /// vCPUs with no state yet (a standby's): configured when an image comes.
+    fn create_vcpus(
+        vm: &VmFd,
+        cfg: &VmConfig,
+        bus: &PioBus,
+        sink: &EventSink,
+        msr_index: &Arc<Vec<u32>>,
+    ) -> Result<Vec<Vcpu>, VmError> {
+        (0..cfg.boot.vcpus)
+            .map(|id| {
+                let fd = vm
+                    .create_vcpu(u64::from(id))
+                    .map_err(|source| VmError::KvmCall {
+                        what: "KVM_CREATE_VCPU",
+                        source,
+                    })?;
+                Ok(Vcpu::new(
+                    id,
+                    fd,
+                    bus.clone(),
+                    sink.clone(),
+                    msr_index.clone(),
+                ))
+            })
+            .collect()
     }
 
     fn restore_vcpus(
@@ -869,17 +902,22 @@ impl Vm {
             agent,
             pending_input,
             history,
+            standby,
         } = self;
         let started = Instant::now();
         let started_ns = monotonic_ns();
         let mut handles = Vec::with_capacity(vcpus.len());
         for vcpu in vcpus {
             handles.push(
-                vcpu.start(VcpuRunState::Running)
-                    .map_err(|source| VmError::Os {
-                        what: "spawn a vCPU thread",
-                        source,
-                    })?,
+                vcpu.start(if standby {
+                    VcpuRunState::Paused
+                } else {
+                    VcpuRunState::Running
+                })
+                .map_err(|source| VmError::Os {
+                    what: "spawn a vCPU thread",
+                    source,
+                })?,
             );
         }
         if let Some(control) = &control {
@@ -900,7 +938,11 @@ impl Vm {
             _sink: sink,
             started,
             started_ns,
-            state: RunState::Running,
+            state: if standby {
+                RunState::Standby
+            } else {
+                RunState::Running
+            },
             agent,
             pending_input,
             history,
@@ -1161,6 +1203,12 @@ impl EventLoop {
                     "control socket: shutdown requested",
                 ))
             }
+            Request::Agent { .. } if self.state == RunState::Standby => {
+                let _ = reply.send(Response::Error {
+                    error: STANDBY_HAS_NO_GUEST.into(),
+                });
+                None
+            }
             Request::Agent { line } => {
                 let answer = match encode_command(&line) {
                     Ok(bytes) => {
@@ -1192,6 +1240,14 @@ impl EventLoop {
             Request::Resume => {
                 let answer = match self.resume() {
                     Ok(()) => Response::Ok,
+                    Err(error) => Response::Error { error },
+                };
+                let _ = reply.send(answer);
+                None
+            }
+            Request::Restore { image } => {
+                let answer = match self.restore_standby(std::path::Path::new(&image)) {
+                    Ok(report) => Response::Restored(report),
                     Err(error) => Response::Error { error },
                 };
                 let _ = reply.send(answer);
@@ -1244,8 +1300,10 @@ impl EventLoop {
 
     /// Pauses every vCPU and waits until each is out of KVM_RUN.
     fn pause(&mut self) -> Result<(), String> {
-        if self.state == RunState::Paused {
-            return Ok(());
+        match self.state {
+            RunState::Paused => return Ok(()),
+            RunState::Standby => return Err(STANDBY_HAS_NO_GUEST.into()),
+            RunState::Running => {}
         }
         for handle in &self.handles {
             handle.send(VcpuEvent::Pause);
@@ -1267,8 +1325,10 @@ impl EventLoop {
 
     /// Resumes every vCPU.
     fn resume(&mut self) -> Result<(), String> {
-        if self.state == RunState::Running {
-            return Ok(());
+        match self.state {
+            RunState::Running => return Ok(()),
+            RunState::Standby => return Err(STANDBY_HAS_NO_GUEST.into()),
+            RunState::Paused => {}
         }
         for handle in &self.handles {
             handle.send(VcpuEvent::Resume);
@@ -1286,6 +1346,81 @@ impl EventLoop {
         }
         self.state = RunState::Running;
         Ok(())
+    }
+
+    /// Standby restore: maps the image's memory over the registered slots,
+    /// loads the VM, vCPU and device state, and runs the guest. An image of
+    /// another shape (memory, vCPUs) is refused before anything changes, and
+    /// the standby stays ready for the next `restore`.
+    fn restore_standby(&mut self, path: &std::path::Path) -> Result<RestoreReport, String> {
+        let received = Instant::now();
+        if self.state != RunState::Standby {
+            return Err("this VMM already runs a guest: only a standby VMM takes an image".into());
+        }
+        let path = snapshot::resolve_full(path).map_err(|e| error_chain(&e))?;
+        let image = snapshot::load(&path).map_err(|e| error_chain(&e))?;
+        if image.config.mem_mib != self.cfg.mem_mib || image.config.vcpus != self.cfg.boot.vcpus {
+            return Err(format!(
+                "image {} is of a VM with {} MiB and {} vCPUs; this standby has {} MiB and {} vCPUs: \
+                 restore it into a standby started with --mem-mib {} --vcpus {}",
+                path.display(),
+                image.config.mem_mib,
+                image.config.vcpus,
+                self.cfg.mem_mib,
+                self.cfg.boot.vcpus,
+                image.config.mem_mib,
+                image.config.vcpus
+            ));
+        }
+        let layouts: Vec<(u64, u64, u64)> = image
+            .reader
+            .memory_map()
+            .iter()
+            .map(|m| (m.guest_addr, m.len, m.file_offset))
+            .collect();
+        memory::map_file_over(&self.mem, image.reader.file(), &layouts)
+            .map_err(|e| error_chain(&e))?;
+        restore_vm(&self.vm, &image.machine.vm).map_err(|e| error_chain(&e))?;
+        for (handle, state) in self.handles.iter().zip(&image.machine.vcpus) {
+            handle.send(VcpuEvent::Restore(Box::new(state.clone())));
+        }
+        for handle in &self.handles {
+            match handle.response(PAUSE_TIMEOUT) {
+                Some(VcpuResponse::Restored(Ok(()))) => {}
+                Some(VcpuResponse::Restored(Err(e))) => return Err(e),
+                other => {
+                    return Err(format!(
+                        "vcpu{} did not load its state: {other:?}",
+                        handle.id()
+                    ))
+                }
+            }
+        }
+        self.devices
+            .load_state(&self.cfg.console, &image.devices)
+            .map_err(|e| error_chain(&e))?;
+        self.pending_input = image.devices.agent_pending_input.iter().copied().collect();
+        self.agent = AgentState::from_app_status(&image.app);
+        self.cfg.boot.kernel = boot::KernelSource::parse(&image.config.kernel);
+        self.cfg.boot.initrd = image.config.initrd.clone();
+        self.cfg.boot.cmdline = image.config.cmdline.clone();
+        self.cfg.limits = image.limits.clone();
+        if let Some(history) = self.history.as_mut() {
+            history.adopt(&image);
+        }
+        // The standby's own (empty) writes are not the guest's: start clean.
+        if self.history.is_some() {
+            self.take_dirty_log()?;
+        }
+        self.state = RunState::Paused;
+        self.started = Instant::now();
+        self.started_ns = monotonic_ns();
+        self.resume()?;
+        Ok(RestoreReport {
+            image_id: image.reader.id().to_string(),
+            path: path.display().to_string(),
+            restore_us: received.elapsed().as_micros() as u64,
+        })
     }
 
     /// Writes a consistency image: pause, capture, write, resume; then the
@@ -1507,6 +1642,9 @@ fn install_termination_handler(wake: &EventFd) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+const STANDBY_HAS_NO_GUEST: &str =
+    "this is a standby VMM with no guest yet: restore an image first";
 
 /// Time the event thread waits for vCPUs to acknowledge a pause.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
