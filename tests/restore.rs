@@ -277,6 +277,193 @@ fn incremental_chain_restores_exactly_through_the_merged_image() {
     );
 }
 
+/// Starts `relive-vmm standby` and waits until it answers.
+fn start_standby(dir: &TempDir, name: &str, mem_mib: &str) -> (ChildGuard, PathBuf) {
+    let socket = dir.join(format!("{name}.sock"));
+    let child = ChildGuard::spawn(
+        vmm_command()
+            .arg("standby")
+            .arg("--mem-mib")
+            .arg(mem_mib)
+            .arg("--control")
+            .arg(&socket)
+            .arg("--console")
+            .arg(dir.join(format!("{name}.console")))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    let Response::Status(status) = connect(&socket).request(&Request::Status).unwrap() else {
+        panic!("standby status failed");
+    };
+    assert_eq!(
+        serde_json::to_value(status.state).unwrap(),
+        serde_json::json!("standby")
+    );
+    (child, socket)
+}
+
+#[test]
+fn standby_takes_an_image_and_continues_exactly() {
+    if !require_kvm() {
+        return;
+    }
+    let images = TempDir::new();
+    let images_arg = images.path().to_str().unwrap().to_string();
+    let mut vmm = Vmm::start(&[
+        "--images",
+        &images_arg,
+        "--cmdline",
+        "relive.hb_ms=20 relive.touch_mib=4",
+    ]);
+    let standbys = TempDir::new();
+    let (mut standby, socket) = start_standby(&standbys, "standby", "128");
+    let (mut wrong, wrong_socket) = start_standby(&standbys, "wrong", "256");
+    first_heartbeat(&vmm.socket);
+    assert_eq!(request(&vmm.socket, Request::Pause), Response::Ok);
+    let before = last_heartbeat(&vmm.socket);
+    let image = checkpoint(&vmm.socket, CheckpointKind::Full);
+    vmm.signal(libc::SIGKILL);
+
+    // A standby of another memory size refuses clearly and stays a standby.
+    match request(
+        &wrong_socket,
+        Request::Restore {
+            image: image.path.clone(),
+        },
+    ) {
+        Response::Error { error } => {
+            assert!(
+                error.contains("128 MiB") && error.contains("256 MiB"),
+                "{error}"
+            )
+        }
+        other => panic!("a 256 MiB standby took a 128 MiB image: {other:?}"),
+    }
+    let Response::Status(status) = request(&wrong_socket, Request::Status) else {
+        panic!("status failed");
+    };
+    assert_eq!(
+        serde_json::to_value(status.state).unwrap(),
+        serde_json::json!("standby")
+    );
+
+    let Response::Restored(report) = request(
+        &socket,
+        Request::Restore {
+            image: image.path.clone(),
+        },
+    ) else {
+        panic!("standby restore failed");
+    };
+    assert_eq!(report.image_id, image.image_id);
+    let after = first_heartbeat(&socket);
+    assert!(
+        after.seq > before.seq && after.seq <= before.seq + 10,
+        "the standby's guest must go on from the image's heartbeat {before:?}, got {after:?}"
+    );
+    assert_eq!(
+        replay_hash(before.counter, before.hash, after.counter),
+        after.hash
+    );
+    // It is now an ordinary running VM: a second restore is refused.
+    assert!(matches!(
+        request(
+            &socket,
+            Request::Restore {
+                image: image.path.clone()
+            }
+        ),
+        Response::Error { .. }
+    ));
+    for (child, socket) in [(&mut standby, &socket), (&mut wrong, &wrong_socket)] {
+        assert_eq!(request(socket, Request::Shutdown), Response::Ok);
+        assert_eq!(child.wait_timeout(STEP_TIMEOUT).unwrap().code(), Some(3));
+    }
+}
+
+#[test]
+fn restore_reapplies_the_cgroup_limits() {
+    if !require_kvm() {
+        return;
+    }
+    if !Path::new("/sys/fs/cgroup/pids").exists()
+        && !Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+    {
+        assert!(
+            !common::env_flag("RELIVE_REQUIRE_KVM"),
+            "no cgroup hierarchy to test limits with"
+        );
+        eprintln!("skipping restore_reapplies_the_cgroup_limits: no cgroup hierarchy");
+        return;
+    }
+    let name = format!("test-limits-{}", std::process::id());
+    let images = TempDir::new();
+    let images_arg = images.path().to_str().unwrap().to_string();
+    let mut vmm = Vmm::start(&[
+        "--images",
+        &images_arg,
+        "--name",
+        &name,
+        "--cpu-percent",
+        "50",
+        "--memory-limit-mib",
+        "512",
+        "--pids-max",
+        "64",
+    ]);
+    let wanted = relive_vmm::snapshot::ResourceLimits {
+        cpu_percent: Some(50),
+        memory_bytes: Some(512 << 20),
+        pids: Some(64),
+    };
+    assert_eq!(relive_vmm::cgroup::read_limits(vmm.pid()).unwrap(), wanted);
+    first_heartbeat(&vmm.socket);
+    let image = checkpoint(&vmm.socket, CheckpointKind::Full);
+    vmm.signal(libc::SIGKILL);
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while vmm.is_running() {
+        assert!(Instant::now() < deadline, "the VMM survived SIGKILL");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+
+    let dir = TempDir::new();
+    let socket = dir.join("ctl.sock");
+    let mut restored = ChildGuard::spawn(
+        vmm_command()
+            .arg("restore")
+            .arg("--image")
+            .arg(&image.path)
+            .arg("--control")
+            .arg(&socket)
+            .arg("--console")
+            .arg(dir.join("console.log"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    first_heartbeat(&socket);
+    // Read back from the cgroup files, not from what the VMM says.
+    assert_eq!(
+        relive_vmm::cgroup::read_limits(restored.id()).unwrap(),
+        wanted
+    );
+    let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", restored.id())).unwrap();
+    assert!(cgroups.contains(&format!("relive/{name}")), "{cgroups}");
+    let Response::Status(status) = request(&socket, Request::Status) else {
+        panic!("status failed");
+    };
+    assert_eq!(status.limits, wanted);
+    assert_eq!(request(&socket, Request::Shutdown), Response::Ok);
+    assert_eq!(restored.wait_timeout(STEP_TIMEOUT).unwrap().code(), Some(3));
+    // Leave no empty test cgroups behind.
+    for line in cgroups.lines() {
+        if let Some(path) = line.rsplit(':').next().filter(|p| p.ends_with(&name)) {
+            for hierarchy in ["cpu", "memory", "pids"] {
+                let _ = std::fs::remove_dir(format!("/sys/fs/cgroup/{hierarchy}{path}"));
+            }
+        }
+    }
+}
+
 #[test]
 fn restore_refuses_a_corrupt_image_naming_the_section() {
     if !require_kvm() {

@@ -11,8 +11,10 @@
 //! - [`control`]: the per-VM control socket protocol and its client.
 //! - [`exit`]: typed exit reasons and the process exit status of each.
 //! - [`persist`]: the save/restore trait and the saved state of vCPUs and the VM.
+//! - [`cgroup`]: host resource limits (cpu, memory, pids) of a VM process, cgroup v2 or v1.
 
 pub mod boot;
+pub mod cgroup;
 pub mod control;
 pub mod cpuid;
 pub mod devices;

@@ -21,6 +21,7 @@ use clap::{Parser, Subcommand};
 use relive_vmm::boot::{BootConfig, KernelSource, DEFAULT_LINUX_CMDLINE};
 use relive_vmm::control::{CheckpointKind, ControlClient, Request, Response};
 use relive_vmm::exit::STATUS_VMM_ERROR;
+use relive_vmm::snapshot::ResourceLimits;
 use relive_vmm::vm::{ConsoleOutput, Vm, VmConfig, VmStatus};
 
 /// `println!` for client output: a reader that went away (`ctl ... | head`)
@@ -89,6 +90,18 @@ struct RunArgs {
     /// Number of vCPUs (1 to the host's cores).
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
+    /// The VM's name (its cgroup is relive/<name> when limits are set).
+    #[arg(long)]
+    name: Option<String>,
+    /// CPU limit in percent of one core (cgroup cpu quota).
+    #[arg(long)]
+    cpu_percent: Option<u32>,
+    /// Memory limit of the VMM process in MiB (cgroup memory limit).
+    #[arg(long)]
+    memory_limit_mib: Option<u64>,
+    /// Most tasks (threads) the VMM process may have (cgroup pids limit).
+    #[arg(long)]
+    pids_max: Option<u64>,
     #[command(flatten)]
     host: HostArgs,
 }
@@ -110,6 +123,10 @@ struct RestoreArgs {
     /// The image file to start from.
     #[arg(long)]
     image: PathBuf,
+    /// The VM's name [default: the one recorded in the image]; the image's
+    /// resource limits are re-applied to the cgroup relive/<name>.
+    #[arg(long)]
+    name: Option<String>,
     #[command(flatten)]
     host: HostArgs,
 }
@@ -240,7 +257,12 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         control: args.host.control,
         images: args.host.images,
         keep_images: args.host.keep_images,
-        limits: Default::default(),
+        limits: ResourceLimits {
+            cpu_percent: args.cpu_percent,
+            memory_bytes: args.memory_limit_mib.map(|m| m << 20),
+            pids: args.pids_max,
+        },
+        name: args.name,
     };
     let vm = Vm::build(cfg)?;
     let record = vm.run()?;
@@ -272,6 +294,7 @@ fn standby(args: StandbyArgs) -> anyhow::Result<ExitCode> {
         images: args.host.images,
         keep_images: args.host.keep_images,
         limits: Default::default(),
+        name: None,
     };
     let vm = Vm::standby(cfg)?;
     let record = vm.run()?;
@@ -286,6 +309,7 @@ fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
         args.host.control,
         args.host.images,
         args.host.keep_images,
+        args.name,
     )?;
     let record = vm.run()?;
     eprintln!("{}", record.to_json());
@@ -518,6 +542,19 @@ fn print_status(s: &VmStatus) {
         s.mem_mib,
         s.guest_resident_bytes as f64 / (1 << 20) as f64
     );
+    if let Some(name) = &s.name {
+        outln!("name           {name}");
+    }
+    let l = &s.limits;
+    if l.cpu_percent.is_some() || l.memory_bytes.is_some() || l.pids.is_some() {
+        let show = |v: Option<u64>, unit: &str| v.map_or("-".to_string(), |v| format!("{v}{unit}"));
+        outln!(
+            "limits         cpu {} memory {} pids {}",
+            show(l.cpu_percent.map(u64::from), "%"),
+            show(l.memory_bytes.map(|b| b >> 20), " MiB"),
+            show(l.pids, "")
+        );
+    }
     outln!(
         "agent ready    {}",
         if s.agent.ready { "yes" } else { "no" }

@@ -52,9 +52,13 @@ pub struct ImageConfig {
     pub cmdline: String,
     /// The relive version that wrote the image.
     pub relive_version: String,
+    /// The VM's name (its cgroup is `relive/<name>`), when it has one.
+    #[serde(default)]
+    pub name: Option<String>,
 }
 
-/// Host resource limits that travel with the image.
+/// Host resource limits that travel with the image, applied to the VMM
+/// process's cgroup `relive/<name>` (see [`crate::cgroup`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResourceLimits {
     /// CPU quota in percent of one core.

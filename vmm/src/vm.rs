@@ -82,6 +82,8 @@ pub struct VmConfig {
     pub keep_images: usize,
     /// Host resource limits (recorded in every image).
     pub limits: ResourceLimits,
+    /// The VM's name: its cgroup is `relive/<name>`.
+    pub name: Option<String>,
 }
 
 /// Incremental layers after which the store merges the chain into a new full image.
@@ -247,6 +249,9 @@ pub enum VmError {
     /// The image cannot be used.
     #[error(transparent)]
     Snapshot(#[from] snapshot::SnapshotError),
+    /// The resource limits cannot be applied.
+    #[error("cannot apply the VM's resource limits")]
+    Cgroup(#[source] crate::cgroup::CgroupError),
     /// The image directory cannot be used.
     #[error("cannot use the image directory")]
     Store(#[source] relive_images::store::StoreError),
@@ -352,6 +357,10 @@ pub struct VmStatus {
     pub kernel: String,
     /// Agent channel.
     pub agent: AgentStatus,
+    /// The VM's name.
+    pub name: Option<String>,
+    /// Resource limits the VM runs under (as configured or restored).
+    pub limits: ResourceLimits,
 }
 
 /// The agent channel part of `status`.
@@ -532,6 +541,7 @@ impl Vm {
         control: Option<PathBuf>,
         images: Option<PathBuf>,
         keep_images: usize,
+        name: Option<String>,
     ) -> Result<Vm, VmError> {
         let image = snapshot::resolve_full(image)?;
         let loaded = snapshot::load(&image)?;
@@ -548,12 +558,15 @@ impl Vm {
             images,
             keep_images,
             limits: loaded.limits.clone(),
+            name: name.or_else(|| loaded.config.name.clone()),
         };
         Self::assemble(cfg, Origin::Image(Box::new(loaded)))
     }
 
     fn assemble(cfg: VmConfig, origin: Origin) -> Result<Vm, VmError> {
         let started = Instant::now();
+        // Limits first, so that everything the VM allocates is charged to them.
+        apply_limits(cfg.name.as_deref(), &cfg.limits)?;
         let kvm = Kvm::new().map_err(VmError::Kvm)?;
         let max = max_vcpus(&kvm);
         let vcpus = u32::from(cfg.boot.vcpus);
@@ -1285,6 +1298,8 @@ impl EventLoop {
             guest_resident_bytes: memory::resident_bytes(&self.mem),
             pid: std::process::id(),
             kernel: self.cfg.boot.kernel.to_string(),
+            name: self.cfg.name.clone(),
+            limits: self.cfg.limits.clone(),
             agent: AgentStatus {
                 ready: self.agent.ready,
                 lines: self.agent.lines,
@@ -1405,6 +1420,10 @@ impl EventLoop {
         self.cfg.boot.initrd = image.config.initrd.clone();
         self.cfg.boot.cmdline = image.config.cmdline.clone();
         self.cfg.limits = image.limits.clone();
+        if self.cfg.name.is_none() {
+            self.cfg.name = image.config.name.clone();
+        }
+        apply_limits(self.cfg.name.as_deref(), &self.cfg.limits).map_err(|e| error_chain(&e))?;
         if let Some(history) = self.history.as_mut() {
             history.adopt(&image);
         }
@@ -1555,6 +1574,7 @@ impl EventLoop {
             initrd: self.cfg.boot.initrd.clone(),
             cmdline: self.cfg.boot.cmdline.clone(),
             relive_version: env!("CARGO_PKG_VERSION").to_string(),
+            name: self.cfg.name.clone(),
         };
         let app = AppStatus {
             ready: self.agent.ready,
@@ -1592,6 +1612,18 @@ impl EventLoop {
         }
         self.flush_console();
     }
+}
+
+/// Puts this process into the cgroup `relive/<name>` with `limits`; nothing
+/// to do when no limit is set. A VM with limits needs a name.
+fn apply_limits(name: Option<&str>, limits: &ResourceLimits) -> Result<(), VmError> {
+    if limits == &ResourceLimits::default() {
+        return Ok(());
+    }
+    let fallback = format!("vmm-{}", std::process::id());
+    let name = name.unwrap_or(&fallback);
+    crate::cgroup::apply(name, limits).map_err(VmError::Cgroup)?;
+    Ok(())
 }
 
 /// An error and its causes as one line.
