@@ -464,6 +464,105 @@ fn restore_reapplies_the_cgroup_limits() {
     }
 }
 
+/// Runs a VM with `--boot-image MODE`, waits for its boot image and for
+/// heartbeat `seq_at_least`, kills it, and restores the boot image.
+fn boot_image_restart(mode: &str) -> (Heartbeat, Heartbeat, String) {
+    let images = TempDir::new();
+    let images_arg = images.path().to_str().unwrap().to_string();
+    let mut vmm = Vmm::start(&[
+        "--images",
+        &images_arg,
+        "--boot-image",
+        mode,
+        "--cmdline",
+        "relive.hb_ms=20",
+    ]);
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    let boot_image = loop {
+        let Response::Status(status) = request(&vmm.socket, Request::Status) else {
+            panic!("status failed");
+        };
+        if let Some(path) = status.boot_image {
+            break path;
+        }
+        assert!(Instant::now() < deadline, "no boot image was written");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    // Run well past the boot before the failure.
+    let mut before = first_heartbeat(&vmm.socket);
+    while before.seq < 20 {
+        assert!(Instant::now() < deadline, "the guest stopped heartbeating");
+        std::thread::sleep(Duration::from_millis(20));
+        before = last_heartbeat(&vmm.socket);
+    }
+    vmm.signal(libc::SIGKILL);
+    while vmm.is_running() {
+        assert!(Instant::now() < deadline, "the VMM survived SIGKILL");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let dir = TempDir::new();
+    let socket = dir.join("ctl.sock");
+    let console = dir.join("console.log");
+    let mut restored = ChildGuard::spawn(
+        vmm_command()
+            .arg("restore")
+            .arg("--image")
+            .arg(&boot_image)
+            .arg("--control")
+            .arg(&socket)
+            .arg("--console")
+            .arg(&console)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    let after = first_heartbeat(&socket);
+    assert_eq!(request(&socket, Request::Shutdown), Response::Ok);
+    assert_eq!(restored.wait_timeout(STEP_TIMEOUT).unwrap().code(), Some(3));
+    (
+        before,
+        after,
+        std::fs::read_to_string(console).unwrap_or_default(),
+    )
+}
+
+#[test]
+fn warm_boot_image_restarts_from_the_ready_state() {
+    if !require_kvm() {
+        return;
+    }
+    let (before, after, console) = boot_image_restart("warm");
+    // A clean start: the sequence starts again, far below where the VM was,
+    // and the hash chain runs from the workload's initial state.
+    assert!(
+        after.seq < before.seq && after.seq <= 10,
+        "{before:?} -> {after:?}"
+    );
+    assert_eq!(
+        replay_hash(0, relive_images::guest::HASH_INIT, after.counter),
+        after.hash
+    );
+    // No boot happened: the warm image skips it, so no banner is printed again.
+    assert!(!console.contains("relive-guest: up"), "{console}");
+}
+
+#[test]
+fn boot_recipe_boots_afresh() {
+    if !require_kvm() {
+        return;
+    }
+    let (before, after, console) = boot_image_restart("recipe");
+    assert!(
+        after.seq < before.seq && after.seq <= 10,
+        "{before:?} -> {after:?}"
+    );
+    assert_eq!(
+        replay_hash(0, relive_images::guest::HASH_INIT, after.counter),
+        after.hash
+    );
+    // A real boot with the recorded command line.
+    assert!(console.contains("relive-guest: up, hb_ms=20"), "{console}");
+}
+
 #[test]
 fn restore_refuses_a_corrupt_image_naming_the_section() {
     if !require_kvm() {

@@ -22,7 +22,7 @@ use relive_vmm::boot::{BootConfig, KernelSource, DEFAULT_LINUX_CMDLINE};
 use relive_vmm::control::{CheckpointKind, ControlClient, Request, Response};
 use relive_vmm::exit::STATUS_VMM_ERROR;
 use relive_vmm::snapshot::ResourceLimits;
-use relive_vmm::vm::{ConsoleOutput, Vm, VmConfig, VmStatus};
+use relive_vmm::vm::{BootImageMode, ConsoleOutput, Vm, VmConfig, VmStatus};
 
 /// `println!` for client output: a reader that went away (`ctl ... | head`)
 /// is not an error worth a panic.
@@ -102,6 +102,11 @@ struct RunArgs {
     /// Most tasks (threads) the VMM process may have (cgroup pids limit).
     #[arg(long)]
     pids_max: Option<u64>,
+    /// Write a boot image into --images: `recipe` (kernel, cmdline, config;
+    /// restoring it boots afresh) or `warm` (a snapshot taken when the guest
+    /// first says ready; restoring it is a clean start without the boot).
+    #[arg(long, value_parser = parse_boot_image)]
+    boot_image: Option<BootImageMode>,
     #[command(flatten)]
     host: HostArgs,
 }
@@ -263,11 +268,25 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             pids: args.pids_max,
         },
         name: args.name,
+        boot_image: args.boot_image,
     };
+    if cfg.boot_image.is_some() && cfg.images.is_none() {
+        anyhow::bail!("--boot-image needs --images DIR: that is where the boot image goes");
+    }
     let vm = Vm::build(cfg)?;
     let record = vm.run()?;
     eprintln!("{}", record.to_json());
     Ok(ExitCode::from(record.status as u8))
+}
+
+fn parse_boot_image(s: &str) -> Result<BootImageMode, String> {
+    match s {
+        "recipe" => Ok(BootImageMode::Recipe),
+        "warm" => Ok(BootImageMode::Warm),
+        other => Err(format!(
+            "{other:?} is not a boot image kind: use recipe or warm"
+        )),
+    }
 }
 
 fn vcpu_count(vcpus: u32) -> anyhow::Result<u8> {
@@ -295,6 +314,7 @@ fn standby(args: StandbyArgs) -> anyhow::Result<ExitCode> {
         keep_images: args.host.keep_images,
         limits: Default::default(),
         name: None,
+        boot_image: None,
     };
     let vm = Vm::standby(cfg)?;
     let record = vm.run()?;

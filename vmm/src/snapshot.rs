@@ -390,6 +390,34 @@ pub fn resolve_full(path: &Path) -> Result<PathBuf, SnapshotError> {
     Ok(merged.path)
 }
 
+/// A boot recipe: what a boot image without a snapshot holds.
+pub struct BootRecipe {
+    /// How to boot.
+    pub config: ImageConfig,
+    /// Limits to apply.
+    pub limits: ResourceLimits,
+}
+
+/// The recipe of `path` when it is a boot image without a snapshot (no VM
+/// state): restoring it means booting afresh. `None` for any other image.
+pub fn load_recipe(path: &Path) -> Result<Option<BootRecipe>, SnapshotError> {
+    let header = ImageReader::read_header(path).map_err(|source| SnapshotError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if header.kind != ImageKind::Boot || header.section(SectionKind::VmState).is_some() {
+        return Ok(None);
+    }
+    let reader = ImageReader::open(path).map_err(|source| SnapshotError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(Some(BootRecipe {
+        config: section(&reader, path, SectionKind::Config)?,
+        limits: section(&reader, path, SectionKind::Limits)?,
+    }))
+}
+
 /// Opens an image and decodes everything but guest memory.
 pub fn load(path: &Path) -> Result<LoadedImage, SnapshotError> {
     let reader = ImageReader::open(path).map_err(|source| SnapshotError::Read {

@@ -84,6 +84,20 @@ pub struct VmConfig {
     pub limits: ResourceLimits,
     /// The VM's name: its cgroup is `relive/<name>`.
     pub name: Option<String>,
+    /// Write a boot image into `images` (see [`BootImageMode`]).
+    pub boot_image: Option<BootImageMode>,
+}
+
+/// What boot image a booting VM writes into its image directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BootImageMode {
+    /// The recipe only (kernel, initrd, cmdline, config, limits), written at
+    /// start: restoring it boots the VM afresh.
+    Recipe,
+    /// A snapshot taken when the fresh guest first says `ready`: restoring it
+    /// is a clean start that skips the boot.
+    Warm,
 }
 
 /// Incremental layers after which the store merges the chain into a new full image.
@@ -361,6 +375,8 @@ pub struct VmStatus {
     pub name: Option<String>,
     /// Resource limits the VM runs under (as configured or restored).
     pub limits: ResourceLimits,
+    /// The boot image this VM wrote, if any.
+    pub boot_image: Option<String>,
 }
 
 /// The agent channel part of `status`.
@@ -544,6 +560,26 @@ impl Vm {
         name: Option<String>,
     ) -> Result<Vm, VmError> {
         let image = snapshot::resolve_full(image)?;
+        if let Some(recipe) = snapshot::load_recipe(&image)? {
+            tracing::info!(image = %image.display(), "booting afresh from a boot recipe");
+            let cfg = VmConfig {
+                boot: BootConfig {
+                    kernel: boot::KernelSource::parse(&recipe.config.kernel),
+                    initrd: recipe.config.initrd.clone(),
+                    cmdline: recipe.config.cmdline.clone(),
+                    vcpus: recipe.config.vcpus,
+                },
+                mem_mib: recipe.config.mem_mib,
+                console,
+                control,
+                images,
+                keep_images,
+                limits: recipe.limits,
+                name: name.or(recipe.config.name),
+                boot_image: None,
+            };
+            return Self::assemble(cfg, Origin::Boot);
+        }
         let loaded = snapshot::load(&image)?;
         let cfg = VmConfig {
             boot: BootConfig {
@@ -559,6 +595,7 @@ impl Vm {
             keep_images,
             limits: loaded.limits.clone(),
             name: name.or_else(|| loaded.config.name.clone()),
+            boot_image: None,
         };
         Self::assemble(cfg, Origin::Image(Box::new(loaded)))
     }
@@ -959,8 +996,12 @@ impl Vm {
             agent,
             pending_input,
             history,
+            boot_image_path: None,
             watchers: Vec::new(),
         };
+        if event_loop.cfg.boot_image == Some(BootImageMode::Recipe) {
+            event_loop.write_boot_image(BootImageMode::Recipe);
+        }
         let record = event_loop.run();
         event_loop.stop();
         drop(control);
@@ -1007,6 +1048,8 @@ struct EventLoop {
     /// Host-to-guest agent bytes that did not fit in the COM2 FIFO yet.
     pending_input: VecDeque<u8>,
     history: Option<ImageHistory>,
+    /// The boot image written by this VM.
+    boot_image_path: Option<String>,
     watchers: Vec<SyncSender<Response>>,
 }
 
@@ -1170,8 +1213,12 @@ impl EventLoop {
             self.agent.last_heartbeat_at = Some(now);
             self.agent.last_heartbeat = Some(line.clone());
         } else if line == "ready" || line.starts_with("ready ") {
+            let first = !self.agent.ready;
             self.agent.ready = true;
             self.agent.ready_monotonic_ns = Some(monotonic_ns());
+            if first && self.cfg.boot_image == Some(BootImageMode::Warm) {
+                self.write_boot_image(BootImageMode::Warm);
+            }
         }
         self.agent.last_line_at = Some(now);
         self.watchers.retain(
@@ -1300,6 +1347,7 @@ impl EventLoop {
             kernel: self.cfg.boot.kernel.to_string(),
             name: self.cfg.name.clone(),
             limits: self.cfg.limits.clone(),
+            boot_image: self.boot_image_path.clone(),
             agent: AgentStatus {
                 ready: self.agent.ready,
                 lines: self.agent.lines,
@@ -1501,6 +1549,65 @@ impl EventLoop {
         })
     }
 
+    /// Writes this VM's boot image; a failure is logged, the VM runs on.
+    fn write_boot_image(&mut self, mode: BootImageMode) {
+        let result = match mode {
+            BootImageMode::Recipe => self.write_recipe(),
+            BootImageMode::Warm => self.warm_snapshot(),
+        };
+        match result {
+            Ok(image) => {
+                tracing::info!(path = %image.path.display(), ?mode, "boot image written");
+                self.boot_image_path = Some(image.path.display().to_string());
+            }
+            Err(error) => tracing::error!(%error, ?mode, "cannot write the boot image"),
+        }
+    }
+
+    fn write_recipe(&mut self) -> Result<relive_images::format::CommittedImage, String> {
+        let history = self.history.as_ref().ok_or("no image directory")?;
+        let mut writer = ImageWriter::create(history.store.dir(), ImageKind::Boot)
+            .map_err(|e| error_chain(&e))?;
+        let config = serde_json::to_vec(&self.image_config()).map_err(|e| e.to_string())?;
+        let limits = serde_json::to_vec(&self.cfg.limits).map_err(|e| e.to_string())?;
+        for (kind, payload) in [
+            (relive_images::format::SectionKind::Config, config),
+            (relive_images::format::SectionKind::Limits, limits),
+        ] {
+            writer
+                .add_section(kind, snapshot::SECTION_VERSION, &payload)
+                .map_err(|e| error_chain(&e))?;
+        }
+        writer.commit().map_err(|e| error_chain(&e))
+    }
+
+    /// A full snapshot of the freshly booted guest, kept as a boot image.
+    fn warm_snapshot(&mut self) -> Result<relive_images::format::CommittedImage, String> {
+        let was_running = self.state == RunState::Running;
+        self.pause()?;
+        let written = self.write_checkpoint(ImageKind::Boot);
+        if was_running {
+            self.resume()?;
+        }
+        if let Some(history) = self.history.as_mut() {
+            // The snapshot consumed the dirty log: the next consistency image is full.
+            history.need_full = true;
+        }
+        written.and_then(|writer| writer.commit().map_err(|e| error_chain(&e)))
+    }
+
+    fn image_config(&self) -> ImageConfig {
+        ImageConfig {
+            vcpus: self.cfg.boot.vcpus,
+            mem_mib: self.cfg.mem_mib,
+            kernel: self.cfg.boot.kernel.to_string(),
+            initrd: self.cfg.boot.initrd.clone(),
+            cmdline: self.cfg.boot.cmdline.clone(),
+            relive_version: env!("CARGO_PKG_VERSION").to_string(),
+            name: self.cfg.name.clone(),
+        }
+    }
+
     /// Pages KVM saw written since the last call, per memory region.
     fn take_dirty_log(&self) -> Result<Vec<Vec<PageRun>>, String> {
         use vm_memory::GuestMemoryRegion;
@@ -1567,15 +1674,7 @@ impl EventLoop {
                 pvpanic,
             }
         };
-        let config = ImageConfig {
-            vcpus: self.cfg.boot.vcpus,
-            mem_mib: self.cfg.mem_mib,
-            kernel: self.cfg.boot.kernel.to_string(),
-            initrd: self.cfg.boot.initrd.clone(),
-            cmdline: self.cfg.boot.cmdline.clone(),
-            relive_version: env!("CARGO_PKG_VERSION").to_string(),
-            name: self.cfg.name.clone(),
-        };
+        let config = self.image_config();
         let app = AppStatus {
             ready: self.agent.ready,
             last_heartbeat: self.agent.last_heartbeat.clone(),
