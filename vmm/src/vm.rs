@@ -610,10 +610,12 @@ impl Vm {
         if vcpus == 0 || vcpus > max {
             return Err(VmError::VcpuCount { vcpus, max });
         }
+        let mut phases = Phases::new();
         let mem = match &origin {
             Origin::Boot | Origin::Standby => memory::create(cfg.mem_mib)?,
             Origin::Image(image) => snapshot::map_memory(image)?,
         };
+        phases.mark("memory");
         let kvm_call = |what| move |source| VmError::KvmCall { what, source };
         let vm = kvm.create_vm().map_err(kvm_call("KVM_CREATE_VM"))?;
         vm.set_tss_address(KVM_TSS_ADDRESS)
@@ -625,6 +627,7 @@ impl Vm {
             ..Default::default()
         };
         vm.create_pit2(pit).map_err(kvm_call("KVM_CREATE_PIT2"))?;
+        phases.mark("kvm-vm");
         // Dirty logging feeds incremental checkpoints; only VMs that write images pay for it.
         let slot_flags = if cfg.images.is_some() {
             kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
@@ -632,6 +635,7 @@ impl Vm {
             0
         };
         memory::register(&vm, &mem, slot_flags)?;
+        phases.mark("memory-slots");
         let entry = match &origin {
             Origin::Boot => Some(boot::load(&mem, &cfg.boot)?),
             Origin::Standby => None,
@@ -656,10 +660,12 @@ impl Vm {
                 source,
             })?),
         };
+        phases.mark("boot-or-vm-state");
         let (devices, bus) = Self::build_devices(&vm, &mem, &cfg)?;
         if let Origin::Image(image) = &origin {
             devices.load_state(&cfg.console, &image.devices)?;
         }
+        phases.mark("devices");
         let vcpus = match (&origin, entry) {
             (Origin::Image(image), _) => {
                 Self::restore_vcpus(&vm, &image.machine, &bus, &sink, &msr_index)?
@@ -671,6 +677,7 @@ impl Vm {
                 Self::create_vcpus(&vm, &cfg, &bus, &sink, &msr_index)?
             }
         };
+        phases.mark("vcpus");
         let (agent, pending_input) = match &origin {
             Origin::Boot | Origin::Standby => (AgentState::default(), VecDeque::new()),
             Origin::Image(image) => (
@@ -694,8 +701,10 @@ impl Vm {
             Some(path) => Some(control::ControlServer::bind(path, sink.clone())?),
             None => None,
         };
+        phases.mark("images-and-control");
         tracing::debug!(
             elapsed_us = started.elapsed().as_micros() as u64,
+            phases = %phases,
             "VM built"
         );
         Ok(Vm {
@@ -1723,6 +1732,37 @@ fn apply_limits(name: Option<&str>, limits: &ResourceLimits) -> Result<(), VmErr
     let name = name.unwrap_or(&fallback);
     crate::cgroup::apply(name, limits).map_err(VmError::Cgroup)?;
     Ok(())
+}
+
+/// Durations of the steps of building a VM, for the debug log.
+struct Phases {
+    last: Instant,
+    done: Vec<(&'static str, u64)>,
+}
+
+impl Phases {
+    fn new() -> Self {
+        Phases {
+            last: Instant::now(),
+            done: Vec::new(),
+        }
+    }
+
+    fn mark(&mut self, name: &'static str) {
+        let now = Instant::now();
+        self.done
+            .push((name, now.duration_since(self.last).as_micros() as u64));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for Phases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (name, us)) in self.done.iter().enumerate() {
+            write!(f, "{}{name}={us}us", if i == 0 { "" } else { " " })?;
+        }
+        Ok(())
+    }
 }
 
 /// An error and its causes as one line.
