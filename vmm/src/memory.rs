@@ -204,22 +204,32 @@ pub fn map_file_over(
     Ok(())
 }
 
-/// Bytes of guest memory resident in host RAM (mincore(2) over each region).
+/// Bytes of guest memory this process has in RAM: the `Rss` of each guest
+/// memory mapping in `/proc/self/smaps`. The kernel counts only pages mapped
+/// into this process (it walks the present page-table entries, so the cost
+/// follows what the guest touched, not its size), which for a VM restored from
+/// an image file excludes the file's other cached pages.
 pub fn resident_bytes(mem: &GuestMemoryMmap) -> u64 {
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
-    let mut total = 0u64;
-    let mut vec = Vec::new();
-    for region in mem.iter() {
-        let len = region.len() as usize;
-        let pages = len.div_ceil(page);
-        vec.clear();
-        vec.resize(pages, 0u8);
-        // SAFETY: `region.as_ptr()` is page-aligned and `len` bytes are mapped; `vec`
-        // has one byte per page of that range, as mincore(2) requires.
-        let rc = unsafe { libc::mincore(region.as_ptr().cast(), len, vec.as_mut_ptr()) };
-        if rc == 0 {
-            total += vec.iter().filter(|b| **b & 1 == 1).count() as u64 * page as u64;
+    let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
+        return 0;
+    };
+    let starts: Vec<u64> = mem.iter().map(|r| r.as_ptr() as u64).collect();
+    let mut total = 0;
+    let mut in_region = false;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((start, _end)) = first.split_once('-') {
+            if let Ok(start) = u64::from_str_radix(start, 16) {
+                in_region = starts.contains(&start);
+                continue;
+            }
+        }
+        if in_region {
+            if let Some(kib) = line.strip_prefix("Rss:") {
+                let kib = kib.trim().trim_end_matches("kB").trim();
+                total += kib.parse::<u64>().unwrap_or(0) * 1024;
+                in_region = false;
+            }
         }
     }
     total
