@@ -119,6 +119,9 @@ struct StandbyArgs {
     /// Number of vCPUs (must match the images it will take).
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
+    /// The name of the VM it will run [default: the one in the image].
+    #[arg(long)]
+    name: Option<String>,
     #[command(flatten)]
     host: HostArgs,
 }
@@ -313,7 +316,7 @@ fn standby(args: StandbyArgs) -> anyhow::Result<ExitCode> {
         images: args.host.images,
         keep_images: args.host.keep_images,
         limits: Default::default(),
-        name: None,
+        name: args.name,
         boot_image: None,
     };
     let vm = Vm::standby(cfg)?;

@@ -1,0 +1,366 @@
+//! `relive`: the supervisor daemon (`relive up FLEET.yaml`) and its CLI.
+//!
+//! Every command but `up` talks to a running supervisor over its API (see
+//! `relive_supervisor::client` for how it is found). Human tables by
+//! default, `--json` for the raw answers.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use relive_supervisor::client::Client;
+use serde_json::Value;
+
+/// `println!` that does not panic when the reader went away (`relive ... | head`).
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "relive",
+    version,
+    about = "relive keeps virtual machines alive"
+)]
+struct Cli {
+    /// The supervisor's API: a socket path or http://HOST:PORT
+    /// [default: $RELIVE_API, else the one the last `relive up` recorded].
+    #[arg(long, global = true)]
+    api: Option<String>,
+    /// Bearer token for a TCP API [default: $RELIVE_TOKEN].
+    #[arg(long, global = true)]
+    token: Option<String>,
+    /// Print JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the supervisor for a fleet file, in the foreground.
+    Up {
+        /// The fleet file (YAML).
+        fleet: PathBuf,
+        /// The relive-vmm binary [default: beside this one, else on PATH].
+        #[arg(long)]
+        vmm_bin: Option<PathBuf>,
+    },
+    /// Every VM: state, processes, failures, heartbeats.
+    Status,
+    /// One VM in detail.
+    Show {
+        /// The VM.
+        vm: String,
+    },
+    /// Fail a VM over now.
+    Failover {
+        /// The VM.
+        vm: String,
+        /// `consistency` (latest good image), `boot`, or an image id.
+        #[arg(long, default_value = "consistency")]
+        to: String,
+    },
+    /// Write a consistency image now.
+    Checkpoint {
+        /// The VM.
+        vm: String,
+    },
+    /// Pause a VM's guest.
+    Pause {
+        /// The VM.
+        vm: String,
+    },
+    /// Resume a paused VM.
+    Resume {
+        /// The VM.
+        vm: String,
+    },
+    /// Stop a VM; it stays down until `relive start`.
+    Stop {
+        /// The VM.
+        vm: String,
+    },
+    /// Start a stopped or failed VM (clean start from its boot image).
+    Start {
+        /// The VM.
+        vm: String,
+    },
+    /// State transitions, newest last.
+    Events {
+        /// Keep printing new events until interrupted.
+        #[arg(long, short)]
+        follow: bool,
+        /// How many past events to show.
+        #[arg(short, default_value_t = 20)]
+        n: usize,
+    },
+    /// A VM's failover images.
+    Images {
+        /// The VM.
+        vm: String,
+    },
+    /// The supervisor's Prometheus metrics.
+    Metrics,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("RELIVE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("relive: error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("relive: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn default_vmm_bin() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.join("relive-vmm")))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("relive-vmm"))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Up { fleet, vmm_bin } = &cli.command {
+        return up(fleet, vmm_bin.clone().unwrap_or_else(default_vmm_bin)).await;
+    }
+    let client = Client::new(cli.api.clone(), cli.token.clone())?;
+    let post = |vm: &str, what: &str| format!("/v1/vms/{vm}/{what}");
+    let json = cli.json;
+    match cli.command {
+        Command::Up { .. } => unreachable!("handled above"),
+        Command::Status => {
+            let vms = client.json(hyper::Method::GET, "/v1/vms", None).await?;
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&vms)?);
+            } else {
+                print_status(&vms);
+            }
+        }
+        Command::Show { vm } => {
+            let v = client
+                .json(hyper::Method::GET, &format!("/v1/vms/{vm}"), None)
+                .await?;
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&v)?);
+            } else if let Some(fields) = v.as_object() {
+                for (key, value) in fields {
+                    let text = match value {
+                        Value::String(s) => s.clone(),
+                        Value::Null => "-".into(),
+                        other => other.to_string(),
+                    };
+                    outln!("{key:<22} {text}");
+                }
+            }
+        }
+        Command::Failover { vm, to } => {
+            let v = client
+                .json(
+                    hyper::Method::POST,
+                    &post(&vm, "failover"),
+                    Some(serde_json::json!({ "to": to })),
+                )
+                .await?;
+            print_ok(&v, json)?;
+        }
+        Command::Checkpoint { vm } => act(&client, &post(&vm, "checkpoint"), json).await?,
+        Command::Pause { vm } => act(&client, &post(&vm, "pause"), json).await?,
+        Command::Resume { vm } => act(&client, &post(&vm, "resume"), json).await?,
+        Command::Stop { vm } => act(&client, &post(&vm, "stop"), json).await?,
+        Command::Start { vm } => act(&client, &post(&vm, "start"), json).await?,
+        Command::Events { follow, n } => {
+            let past = client
+                .json(hyper::Method::GET, &format!("/v1/events?n={n}"), None)
+                .await?;
+            for event in past.as_array().into_iter().flatten() {
+                print_event(event, json);
+            }
+            if follow {
+                client
+                    .follow(|line| {
+                        match serde_json::from_str::<Value>(line) {
+                            Ok(event) => print_event(&event, json),
+                            Err(_) => outln!("{line}"),
+                        }
+                        std::io::stdout().flush().is_ok()
+                    })
+                    .await?;
+            }
+        }
+        Command::Images { vm } => {
+            let images = client
+                .json(hyper::Method::GET, &format!("/v1/vms/{vm}/images"), None)
+                .await?;
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&images)?);
+            } else {
+                outln!(
+                    "{:<25} {:<33} {:<12} {:>12}  STATUS",
+                    "CREATED",
+                    "ID",
+                    "KIND",
+                    "ON DISK"
+                );
+                for image in images.as_array().into_iter().flatten() {
+                    let status = match &image["status"] {
+                        Value::Object(o) => o
+                            .get("status")
+                            .and_then(Value::as_str)
+                            .unwrap_or("?")
+                            .to_string(),
+                        other => other.as_str().unwrap_or("?").to_string(),
+                    };
+                    outln!(
+                        "{:<25} {:<33} {:<12} {:>12}  {}",
+                        image["created_unix_ms"]
+                            .as_u64()
+                            .map_or("-".to_string(), rfc3339_ms),
+                        image["id"].as_str().unwrap_or("-"),
+                        image["kind"]["kind"]
+                            .as_str()
+                            .or(image["kind"].as_str())
+                            .unwrap_or("-"),
+                        image["bytes_on_disk"].as_u64().unwrap_or(0),
+                        status
+                    );
+                }
+            }
+        }
+        Command::Metrics => outln!("{}", client.text("/metrics").await?),
+    }
+    Ok(())
+}
+
+async fn act(client: &Client, path: &str, json: bool) -> anyhow::Result<()> {
+    let v = client.json(hyper::Method::POST, path, None).await?;
+    print_ok(&v, json)
+}
+
+fn print_ok(v: &Value, json: bool) -> anyhow::Result<()> {
+    if json {
+        outln!("{}", serde_json::to_string(v)?);
+    } else {
+        outln!("{}", v["ok"].as_str().unwrap_or("ok"));
+    }
+    Ok(())
+}
+
+fn rfc3339_ms(ms: u64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+fn print_status(vms: &Value) {
+    outln!(
+        "{:<16} {:<22} {:>8} {:<9} {:>8} {:>8} {:>10}  LAST HEARTBEAT",
+        "VM",
+        "STATE",
+        "PID",
+        "STANDBY",
+        "FAILURES",
+        "RESTORES",
+        "HB AGE"
+    );
+    for vm in vms.as_array().into_iter().flatten() {
+        outln!(
+            "{:<16} {:<22} {:>8} {:<9} {:>8} {:>8} {:>10}  {}",
+            vm["name"].as_str().unwrap_or("?"),
+            vm["state"].as_str().unwrap_or("?"),
+            vm["pid"].as_u64().map_or("-".into(), |p| p.to_string()),
+            vm["standby"].as_str().unwrap_or("-"),
+            vm["recent_failures"].as_u64().unwrap_or(0),
+            vm["restores"].as_u64().unwrap_or(0),
+            vm["heartbeat_age_ms"]
+                .as_u64()
+                .map_or("-".into(), |ms| format!("{ms} ms")),
+            vm["last_heartbeat"].as_str().unwrap_or("-"),
+        );
+    }
+}
+
+fn print_event(event: &Value, json: bool) {
+    if json {
+        outln!("{event}");
+        return;
+    }
+    let mut line = format!(
+        "{} {:<12} {} -> {} ({})",
+        event["time"].as_str().unwrap_or("?"),
+        event["vm"].as_str().unwrap_or("?"),
+        event["from"].as_str().unwrap_or("?"),
+        event["to"].as_str().unwrap_or("?"),
+        event["reason"].as_str().unwrap_or("?"),
+    );
+    if let Some(path) = event["path"].as_str() {
+        line.push_str(&format!(" via {path}"));
+    }
+    if let Some(total) = event["durations"]["total_ms"].as_f64() {
+        line.push_str(&format!(" in {total:.2} ms"));
+    }
+    if let Some(id) = event["image_id"].as_str() {
+        line.push_str(&format!(" image {id}"));
+    }
+    if let Some(detail) = event["detail"].as_str() {
+        line.push_str(&format!(": {detail}"));
+    }
+    outln!("{line}");
+}
+
+async fn up(fleet: &std::path::Path, vmm_bin: PathBuf) -> anyhow::Result<()> {
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        stop.cancel();
+    });
+    relive_supervisor::daemon::up(fleet, vmm_bin, shutdown, |served| {
+        outln!("relive: supervising {}", fleet.display());
+        outln!("  API      unix:{}", served.socket.display());
+        if let Some(tcp) = served.tcp {
+            outln!("  API      http://{tcp} (bearer token)");
+        }
+        match served.metrics {
+            Some(m) => outln!("  metrics  http://{m}/metrics"),
+            None => outln!("  metrics  /metrics on the API"),
+        }
+        outln!("  events   {}", served.events.display());
+        outln!("  try      relive status | relive events --follow | relive failover VM --to boot");
+        let _ = std::io::stdout().flush();
+    })
+    .await?;
+    Ok(())
+}

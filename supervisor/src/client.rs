@@ -1,0 +1,266 @@
+//! The API client the `relive` CLI uses: HTTP/1.1 (hyper) over the
+//! supervisor's Unix socket, or over TCP with a bearer token.
+//!
+//! Where the API is: `--api` (a socket path or `http://HOST:PORT`), else
+//! `$RELIVE_API`, else the address the last `relive up` recorded in
+//! [`current_api_file`].
+
+use std::path::PathBuf;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+
+/// Where a supervisor's API is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiAddress {
+    /// A Unix socket.
+    Unix(PathBuf),
+    /// `host:port` over TCP.
+    Tcp(String),
+}
+
+impl ApiAddress {
+    /// Parses `http://HOST:PORT` or a socket path.
+    pub fn parse(s: &str) -> ApiAddress {
+        match s.strip_prefix("http://") {
+            Some(rest) => ApiAddress::Tcp(rest.trim_end_matches('/').to_string()),
+            None => ApiAddress::Unix(PathBuf::from(s.strip_prefix("unix:").unwrap_or(s))),
+        }
+    }
+}
+
+impl std::fmt::Display for ApiAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ApiAddress::Unix(p) => write!(f, "{}", p.display()),
+            ApiAddress::Tcp(a) => write!(f, "http://{a}"),
+        }
+    }
+}
+
+/// The file where `relive up` records its API address for the CLI.
+pub fn current_api_file() -> PathBuf {
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_dir())
+        .unwrap_or_else(std::env::temp_dir);
+    let uid = std::fs::metadata("/proc/self").map_or(0, |m| {
+        use std::os::unix::fs::MetadataExt;
+        m.uid()
+    });
+    base.join(format!("relive-{uid}.api"))
+}
+
+/// Errors of the client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No API address is known.
+    #[error("no supervisor found: start one with `relive up FLEET.yaml`, or pass --api SOCKET|http://HOST:PORT (or set RELIVE_API)")]
+    NoApi,
+    /// The connection failed.
+    #[error("cannot reach the supervisor at {address}: {reason}")]
+    Connect {
+        /// Where.
+        address: String,
+        /// Why.
+        reason: String,
+    },
+    /// The API answered with an error.
+    #[error("{message}")]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// The error text.
+        message: String,
+    },
+    /// The answer is not what the API documents.
+    #[error("bad answer from the supervisor: {0}")]
+    Bad(String),
+}
+
+/// A client for one supervisor.
+#[derive(Debug, Clone)]
+pub struct Client {
+    address: ApiAddress,
+    token: Option<String>,
+}
+
+impl Client {
+    /// A client for `address` (or the default, see the module docs).
+    pub fn new(address: Option<String>, token: Option<String>) -> Result<Client, ClientError> {
+        let address = address
+            .or_else(|| std::env::var("RELIVE_API").ok().filter(|s| !s.is_empty()))
+            .or_else(|| {
+                std::fs::read_to_string(current_api_file())
+                    .ok()
+                    .map(|s| s.trim().to_string())
+            })
+            .ok_or(ClientError::NoApi)?;
+        Ok(Client {
+            address: ApiAddress::parse(&address),
+            token: token.or_else(|| std::env::var("RELIVE_TOKEN").ok()),
+        })
+    }
+
+    /// The address in use.
+    pub fn address(&self) -> &ApiAddress {
+        &self.address
+    }
+
+    async fn send(
+        &self,
+        method: hyper::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
+        let connect_err = |reason: String| ClientError::Connect {
+            address: self.address.to_string(),
+            reason,
+        };
+        let (mut sender, host) = match &self.address {
+            ApiAddress::Unix(path) => {
+                let stream = tokio::net::UnixStream::connect(path)
+                    .await
+                    .map_err(|e| connect_err(e.to_string()))?;
+                let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(|e| connect_err(e.to_string()))?;
+                tokio::spawn(conn);
+                (sender, "localhost".to_string())
+            }
+            ApiAddress::Tcp(addr) => {
+                let stream = tokio::net::TcpStream::connect(addr)
+                    .await
+                    .map_err(|e| connect_err(e.to_string()))?;
+                let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(|e| connect_err(e.to_string()))?;
+                tokio::spawn(conn);
+                (sender, addr.clone())
+            }
+        };
+        let mut request = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, host);
+        if let Some(token) = &self.token {
+            request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let body = match body {
+            Some(json) => {
+                request = request.header(hyper::header::CONTENT_TYPE, "application/json");
+                Full::new(Bytes::from(json.to_string()))
+            }
+            None => Full::new(Bytes::new()),
+        };
+        let request = request
+            .body(body)
+            .map_err(|e| ClientError::Bad(e.to_string()))?;
+        sender
+            .send_request(request)
+            .await
+            .map_err(|e| connect_err(e.to_string()))
+    }
+
+    /// A request whose answer is one JSON document.
+    pub async fn json(
+        &self,
+        method: hyper::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value, ClientError> {
+        let response = self.send(method, path, body).await?;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Bad(e.to_string()))?
+            .to_bytes();
+        let value: serde_json::Value = if status == hyper::StatusCode::OK && path == "/metrics" {
+            serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned())
+        } else {
+            serde_json::from_slice(&bytes)
+                .map_err(|_| ClientError::Bad(String::from_utf8_lossy(&bytes).into_owned()))?
+        };
+        if !status.is_success() {
+            return Err(ClientError::Api {
+                status: status.as_u16(),
+                message: value["error"]
+                    .as_str()
+                    .map_or_else(|| value.to_string(), str::to_string),
+            });
+        }
+        Ok(value)
+    }
+
+    /// `GET path`, the body as text (for `/metrics`).
+    pub async fn text(&self, path: &str) -> Result<String, ClientError> {
+        let response = self.send(hyper::Method::GET, path, None).await?;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Bad(e.to_string()))?
+            .to_bytes();
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        if !status.is_success() {
+            return Err(ClientError::Api {
+                status: status.as_u16(),
+                message: text,
+            });
+        }
+        Ok(text)
+    }
+
+    /// Streams `/v1/events/follow`, calling `each` with every line.
+    pub async fn follow(&self, mut each: impl FnMut(&str) -> bool) -> Result<(), ClientError> {
+        let response = self
+            .send(hyper::Method::GET, "/v1/events/follow", None)
+            .await?;
+        if !response.status().is_success() {
+            return Err(ClientError::Api {
+                status: response.status().as_u16(),
+                message: "cannot follow events".into(),
+            });
+        }
+        let mut body = response.into_body();
+        let mut pending = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| ClientError::Bad(e.to_string()))?;
+            if let Some(data) = frame.data_ref() {
+                pending.extend_from_slice(data);
+                while let Some(pos) = pending.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=pos).collect();
+                    if !each(String::from_utf8_lossy(&line).trim_end()) {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_parse() {
+        assert_eq!(
+            ApiAddress::parse("http://127.0.0.1:7070/"),
+            ApiAddress::Tcp("127.0.0.1:7070".into())
+        );
+        assert_eq!(
+            ApiAddress::parse("/run/relive/api.sock"),
+            ApiAddress::Unix("/run/relive/api.sock".into())
+        );
+        assert_eq!(
+            ApiAddress::parse("unix:/x.sock"),
+            ApiAddress::Unix("/x.sock".into())
+        );
+    }
+}

@@ -1,0 +1,190 @@
+//! `relive up FLEET.yaml`: the supervisor daemon.
+//!
+//! Loads the fleet (a bad file starts nothing), opens the event log and the
+//! metrics registry, starts one task per VM (each adopts its running VMM or
+//! starts one), serves the API on the Unix socket (mode 0600) and, when
+//! configured, on loopback TCP with a bearer token and an extra `/metrics`
+//! listener. It runs until SIGINT or SIGTERM; stopping the supervisor leaves
+//! the VMs running, and the next `relive up` adopts them.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{self, ConfigError};
+use crate::events::EventLog;
+use crate::fleet::{Fleet, Paths};
+use crate::metrics::Metrics;
+
+/// Why the daemon could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The fleet file is bad.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A directory or file could not be made.
+    #[error("cannot {what} {path}")]
+    Io {
+        /// What was attempted.
+        what: &'static str,
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another supervisor serves the API socket.
+    #[error("another supervisor already serves {0}: stop it first, or use another state_dir")]
+    Running(PathBuf),
+    /// The event log cannot be opened.
+    #[error("cannot open the event log")]
+    Events(#[source] crate::events::EventError),
+    /// The metrics registry cannot be built.
+    #[error("cannot build the metrics registry")]
+    Metrics(#[source] prometheus::Error),
+}
+
+/// Where the daemon serves, for the start banner.
+#[derive(Debug, Clone)]
+pub struct Served {
+    /// The Unix socket.
+    pub socket: PathBuf,
+    /// The TCP API, if any.
+    pub tcp: Option<std::net::SocketAddr>,
+    /// The metrics listener, if any.
+    pub metrics: Option<std::net::SocketAddr>,
+    /// The event log file.
+    pub events: PathBuf,
+}
+
+/// Runs the supervisor for `fleet_file` until `shutdown` is cancelled;
+/// `on_ready` is called once the API serves.
+pub async fn up(
+    fleet_file: &Path,
+    vmm_bin: PathBuf,
+    shutdown: CancellationToken,
+    on_ready: impl FnOnce(&Served),
+) -> Result<(), DaemonError> {
+    let fleet_cfg = config::load(fleet_file)?;
+    let io = |what, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| DaemonError::Io { what, path, source }
+    };
+    std::fs::create_dir_all(&fleet_cfg.state_dir)
+        .map_err(io("create the state directory", &fleet_cfg.state_dir))?;
+    let socket = fleet_cfg.api.socket.clone();
+    if let Some(parent) = socket.parent() {
+        std::fs::create_dir_all(parent).map_err(io("create the directory of", &socket))?;
+    }
+    if socket.exists() {
+        if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+            return Err(DaemonError::Running(socket));
+        }
+        let _ = std::fs::remove_file(&socket);
+    }
+    let events_path = fleet_cfg.state_dir.join("events.jsonl");
+    let events = Arc::new(EventLog::open(&events_path, 1000).map_err(DaemonError::Events)?);
+    let metrics = Arc::new(Metrics::new().map_err(DaemonError::Metrics)?);
+    for vm in &fleet_cfg.vms {
+        metrics.add_vm(&vm.name);
+    }
+
+    let unix = tokio::net::UnixListener::bind(&socket).map_err(io("listen on", &socket))?;
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
+        .map_err(io("restrict the permissions of", &socket))?;
+    let tcp = match fleet_cfg.api.tcp {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(io("listen on", Path::new(&addr.to_string())))?,
+        ),
+        None => None,
+    };
+    let metrics_listener = match &fleet_cfg.metrics {
+        Some(m) => Some(
+            tokio::net::TcpListener::bind(m.listen)
+                .await
+                .map_err(io("listen on", Path::new(&m.listen.to_string())))?,
+        ),
+        None => None,
+    };
+
+    let (fleet, tasks) = Fleet::start(
+        fleet_cfg.vms.clone(),
+        Paths {
+            vmm_bin,
+            state_dir: fleet_cfg.state_dir.clone(),
+        },
+        events.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    );
+
+    let served = Served {
+        socket: socket.clone(),
+        tcp: tcp.as_ref().and_then(|l| l.local_addr().ok()),
+        metrics: metrics_listener.as_ref().and_then(|l| l.local_addr().ok()),
+        events: events_path,
+    };
+    let api_file = crate::client::current_api_file();
+    let _ = std::fs::write(&api_file, socket.display().to_string());
+
+    let mut servers = Vec::new();
+    let app = crate::api::router(fleet.clone(), None);
+    let stop = shutdown.clone();
+    servers.push(tokio::spawn(async move {
+        let _ = axum::serve(unix, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
+    }));
+    if let Some(tcp) = tcp {
+        let token = fleet_cfg.api.token.as_ref().map(|t| t.secret().to_string());
+        let app = crate::api::router(fleet.clone(), token);
+        let stop = shutdown.clone();
+        servers.push(tokio::spawn(async move {
+            let _ = axum::serve(tcp, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+        }));
+    }
+    if let Some(listener) = metrics_listener {
+        let fleet = fleet.clone();
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let fleet = fleet.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4",
+                        )],
+                        fleet.metrics.render(),
+                    )
+                }
+            }),
+        );
+        let stop = shutdown.clone();
+        servers.push(tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+        }));
+    }
+    on_ready(&served);
+
+    shutdown.cancelled().await;
+    for task in tasks {
+        let _ = task.await;
+    }
+    for server in servers {
+        let _ = server.await;
+    }
+    let _ = std::fs::remove_file(&socket);
+    if std::fs::read_to_string(&api_file).is_ok_and(|s| s.trim() == socket.display().to_string()) {
+        let _ = std::fs::remove_file(&api_file);
+    }
+    Ok(())
+}

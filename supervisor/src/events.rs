@@ -1,0 +1,675 @@
+//! Structured transition events: what happened to each VM, when and why.
+//!
+//! Every state transition of a VM becomes one [`Event`]. The [`EventLog`]
+//! keeps them three ways:
+//!
+//! - a bounded in-memory ring (the last `capacity` events, default
+//!   [`DEFAULT_CAPACITY`]) for `relive events` and the API, read with
+//!   [`EventLog::recent`] and [`EventLog::since`];
+//! - an append-only JSON-lines file, one event per line, written (one
+//!   `write(2)` on an `O_APPEND` file, no user-space buffer) before
+//!   [`EventLog::record`] returns;
+//! - a [`tokio::sync::broadcast`] channel for `relive events --follow`
+//!   ([`EventLog::subscribe`]).
+//!
+//! Each event gets a sequence number, increasing by one per event and carried
+//! on from the file's last line when the log is reopened, so a follower can
+//! ask for what it missed. A file line is the event's JSON object with a
+//! `seq` field added:
+//!
+//! ```text
+//! {"seq":7,"time":"2026-01-02T03:04:05.678Z","unix_ms":1767323045678,"vm":"demo-1","from":"running","to":"restoring-consistency","reason":"vmm-killed","image_id":null,"path":null,"durations":null,"detail":null}
+//! ```
+//!
+//! # The disk may fail; the log does not
+//!
+//! A failed write (a full disk, an I/O error) is counted
+//! ([`EventLog::write_failures`]) and logged once when writing starts failing
+//! and once when it works again; the event is still in the ring and still
+//! broadcast, and the next event tries the file again. A failed write may
+//! leave part of a line behind, so the first write after a failure starts
+//! with a newline: the broken fragment stands on a line of its own, and
+//! readers (including [`EventLog::open`]) skip lines that do not parse.
+//!
+//! # Locking
+//!
+//! Two locks, never held together: `ring` (the in-memory events and the next
+//! sequence number; the broadcast send happens under it so subscribers see
+//! events in sequence order) and `file` (the open file, so two lines never
+//! interleave). Serialization and the file write happen outside `ring`.
+//! `record` does a small blocking write; it is safe to call from any tokio
+//! task or thread.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use crate::metrics::RestorePath;
+use crate::policy::VmState;
+
+/// The ring's capacity when the configuration does not say.
+pub const DEFAULT_CAPACITY: usize = 1000;
+
+/// How many events a `--follow` subscriber may fall behind before it misses
+/// some (it then gets `RecvError::Lagged` and can catch up with `since`).
+const BROADCAST_CAPACITY: usize = 1024;
+
+/// At most this much of an existing file's tail is read back on open.
+const MAX_TAIL_BYTES: u64 = 4 << 20;
+
+/// One VM state transition.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// When, as RFC 3339 in UTC with milliseconds (`2026-01-02T03:04:05.678Z`).
+    pub time: String,
+    /// When, as milliseconds since the Unix epoch.
+    pub unix_ms: u64,
+    /// The VM's name.
+    pub vm: String,
+    /// The state before ([`VmState::as_str`]: `running`, `restoring-boot`, ...).
+    pub from: String,
+    /// The state after.
+    pub to: String,
+    /// Why, as a short kebab-case word: a failure reason
+    /// ([`crate::policy::FailureReason::as_str`]) or what happened otherwise
+    /// (`restored`, `operator-failover`, ...).
+    pub reason: String,
+    /// The image restored from, when the transition used one.
+    #[serde(default)]
+    pub image_id: Option<String>,
+    /// Whether a restore went into the hot standby or a fresh VMM.
+    #[serde(default)]
+    pub path: Option<RestorePath>,
+    /// How long the failover took, on the transition that ended it.
+    #[serde(default)]
+    pub durations: Option<EventDurations>,
+    /// Free-form detail for people (an error chain, the standby used, ...).
+    #[serde(default)]
+    pub detail: Option<String>,
+}
+
+/// The phases of a failover, in milliseconds (fractional: they are often
+/// below one).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EventDurations {
+    /// From the failure to its detection (for example the heartbeat timeout).
+    pub detect_ms: f64,
+    /// Restoring the image into a VMM.
+    pub restore_ms: f64,
+    /// From detection to the guest running again.
+    pub total_ms: f64,
+}
+
+impl EventDurations {
+    /// Builds the millisecond figures from durations.
+    pub fn new(detect: Duration, restore: Duration, total: Duration) -> Self {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        Self {
+            detect_ms: ms(detect),
+            restore_ms: ms(restore),
+            total_ms: ms(total),
+        }
+    }
+}
+
+impl Event {
+    /// An event happening now.
+    pub fn new(
+        vm: impl Into<String>,
+        from: &VmState,
+        to: &VmState,
+        reason: impl Into<String>,
+    ) -> Self {
+        Self::at(SystemTime::now(), vm, from, to, reason)
+    }
+
+    /// An event that happened at `when`.
+    pub fn at(
+        when: SystemTime,
+        vm: impl Into<String>,
+        from: &VmState,
+        to: &VmState,
+        reason: impl Into<String>,
+    ) -> Self {
+        let since_epoch = when.duration_since(UNIX_EPOCH).unwrap_or_default();
+        Self {
+            time: humantime::format_rfc3339_millis(when).to_string(),
+            unix_ms: u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX),
+            vm: vm.into(),
+            from: from.as_str().to_owned(),
+            to: to.as_str().to_owned(),
+            reason: reason.into(),
+            image_id: None,
+            path: None,
+            durations: None,
+            detail: None,
+        }
+    }
+
+    /// Sets the image id.
+    pub fn with_image_id(mut self, id: impl Into<String>) -> Self {
+        self.image_id = Some(id.into());
+        self
+    }
+
+    /// Sets the restore path.
+    pub fn with_path(mut self, path: RestorePath) -> Self {
+        self.path = Some(path);
+        self
+    }
+
+    /// Sets the failover durations.
+    pub fn with_durations(mut self, durations: EventDurations) -> Self {
+        self.durations = Some(durations);
+        self
+    }
+
+    /// Sets the detail.
+    pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+}
+
+/// A line of the JSON-lines file: the event with its sequence number.
+#[derive(Serialize)]
+struct LineOut<'a> {
+    seq: u64,
+    #[serde(flatten)]
+    event: &'a Event,
+}
+
+#[derive(Deserialize)]
+struct LineIn {
+    seq: u64,
+    #[serde(flatten)]
+    event: Event,
+}
+
+/// Opening the event log failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    /// A capacity of zero would keep nothing.
+    #[error("event log capacity must be at least 1")]
+    ZeroCapacity,
+    /// The file's directory could not be created.
+    #[error("cannot create the event log directory {path}")]
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The existing file could not be read back.
+    #[error("cannot read the event log {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The file could not be opened for appending.
+    #[error("cannot open the event log {path}")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+struct Ring {
+    events: VecDeque<(u64, Event)>,
+    capacity: usize,
+    next_seq: u64,
+}
+
+struct FileState {
+    file: File,
+    /// The previous write failed (and may have left part of a line).
+    failing: bool,
+}
+
+/// The bounded in-memory event ring, its JSON-lines file and its subscribers.
+pub struct EventLog {
+    path: PathBuf,
+    ring: Mutex<Ring>,
+    file: Mutex<FileState>,
+    write_failures: AtomicU64,
+    tx: broadcast::Sender<(u64, Event)>,
+}
+
+impl std::fmt::Debug for EventLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventLog")
+            .field("path", &self.path)
+            .field("write_failures", &self.write_failures())
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing a panicking holder leaves behind is inconsistent: a ring of
+    // complete events, a file handle.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl EventLog {
+    /// Opens (creating it and its parent directory if needed) the JSON-lines
+    /// file at `path` and keeps the last `capacity` events in memory. Events
+    /// already in the file (from a previous supervisor) fill the ring, and
+    /// sequence numbers carry on after the last one.
+    pub fn open(path: &Path, capacity: usize) -> Result<Self, EventError> {
+        if capacity == 0 {
+            return Err(EventError::ZeroCapacity);
+        }
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| EventError::CreateDir {
+                path: dir.to_owned(),
+                source,
+            })?;
+        }
+        let events = read_tail(path, capacity).map_err(|source| EventError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let next_seq = events.back().map_or(1, |(seq, _)| seq + 1);
+        let file = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path)
+            .map_err(|source| EventError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        let (tx, _) = broadcast::channel(BROADCAST_CAPACITY);
+        Ok(Self {
+            path: path.to_owned(),
+            ring: Mutex::new(Ring {
+                events,
+                capacity,
+                next_seq,
+            }),
+            file: Mutex::new(FileState {
+                file,
+                failing: false,
+            }),
+            write_failures: AtomicU64::new(0),
+            tx,
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Records an event: into the ring, to subscribers, then to the file.
+    /// Returns its sequence number. Never fails: a file write that fails is
+    /// counted in [`EventLog::write_failures`].
+    pub fn record(&self, event: Event) -> u64 {
+        let seq = {
+            let mut ring = lock(&self.ring);
+            let seq = ring.next_seq;
+            ring.next_seq += 1;
+            if ring.events.len() == ring.capacity {
+                ring.events.pop_front();
+            }
+            ring.events.push_back((seq, event.clone()));
+            // No subscriber is not an error.
+            let _ = self.tx.send((seq, event.clone()));
+            seq
+        };
+        self.append(seq, &event);
+        seq
+    }
+
+    fn append(&self, seq: u64, event: &Event) {
+        let mut line = Vec::with_capacity(256);
+        let encoded = serde_json::to_writer(&mut line, &LineOut { seq, event });
+        let mut state = lock(&self.file);
+        let written = encoded.map_err(io::Error::from).and_then(|()| {
+            line.push(b'\n');
+            if state.failing {
+                line.insert(0, b'\n');
+            }
+            state.file.write_all(&line)
+        });
+        match written {
+            Ok(()) => {
+                if state.failing {
+                    state.failing = false;
+                    tracing::info!(path = %self.path.display(), "event log is writable again");
+                }
+            }
+            Err(error) => {
+                self.write_failures.fetch_add(1, Ordering::Relaxed);
+                if !state.failing {
+                    state.failing = true;
+                    tracing::warn!(
+                        path = %self.path.display(),
+                        %error,
+                        "cannot write the event log; events stay in memory until it works again"
+                    );
+                }
+            }
+        }
+    }
+
+    /// How many events could not be written to the file.
+    pub fn write_failures(&self) -> u64 {
+        self.write_failures.load(Ordering::Relaxed)
+    }
+
+    /// The last `n` events in the ring, oldest first.
+    pub fn recent(&self, n: usize) -> Vec<Event> {
+        let ring = lock(&self.ring);
+        let skip = ring.events.len().saturating_sub(n);
+        ring.events
+            .iter()
+            .skip(skip)
+            .map(|(_, e)| e.clone())
+            .collect()
+    }
+
+    /// The events after sequence number `seq` still in the ring, oldest
+    /// first. `since(0)` is the whole ring. If the first returned number is
+    /// more than `seq + 1`, the ring no longer holds some of what was asked.
+    pub fn since(&self, seq: u64) -> Vec<(u64, Event)> {
+        let ring = lock(&self.ring);
+        // Sequence numbers increase along the ring.
+        let start = ring.events.partition_point(|(s, _)| *s <= seq);
+        ring.events.range(start..).cloned().collect()
+    }
+
+    /// The sequence number of the last event recorded (0 before any).
+    pub fn last_seq(&self) -> u64 {
+        lock(&self.ring).next_seq - 1
+    }
+
+    /// A receiver of every event recorded from now on, with its sequence
+    /// number. To follow without a gap: subscribe first, then read
+    /// [`EventLog::since`], then skip received events whose number is not
+    /// above the last one read. A receiver more than 1024 events behind gets
+    /// `RecvError::Lagged` and can catch up the same way.
+    pub fn subscribe(&self) -> broadcast::Receiver<(u64, Event)> {
+        self.tx.subscribe()
+    }
+}
+
+/// Reads the last `capacity` well-formed events from the tail of an existing
+/// file (nothing if there is none).
+fn read_tail(path: &Path, capacity: usize) -> io::Result<VecDeque<(u64, Event)>> {
+    let mut file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(VecDeque::new()),
+        Err(e) => return Err(e),
+    };
+    let len = file.metadata()?.len();
+    let start = len.saturating_sub(MAX_TAIL_BYTES);
+    file.seek(SeekFrom::Start(start))?;
+    let mut tail = Vec::new();
+    file.take(MAX_TAIL_BYTES).read_to_end(&mut tail)?;
+    let mut lines = tail.split(|b| *b == b'\n');
+    if start > 0 {
+        // Most likely the middle of a line.
+        lines.next();
+    }
+    let mut events = VecDeque::with_capacity(capacity);
+    let mut last = 0;
+    for line in lines {
+        let Ok(LineIn { seq, event }) = serde_json::from_slice::<LineIn>(line) else {
+            continue;
+        };
+        // Keep the numbers increasing even if the file was edited by hand.
+        if seq <= last {
+            continue;
+        }
+        last = seq;
+        if events.len() == capacity {
+            events.pop_front();
+        }
+        events.push_back((seq, event));
+    }
+    Ok(events)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use tokio::sync::broadcast::error::TryRecvError;
+
+    /// A fresh directory under the system temp dir, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> Self {
+            static N: AtomicUsize = AtomicUsize::new(0);
+            let path = std::env::temp_dir().join(format!(
+                "relive-events-test-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            let _ = std::fs::remove_dir_all(&path);
+            Self(path)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn consistency() -> VmState {
+        VmState::Restoring(crate::policy::RestoreTarget::Consistency)
+    }
+
+    fn event(vm: &str, n: u32) -> Event {
+        Event::new(vm, &VmState::Running, &consistency(), "vmm-killed").with_detail(format!("#{n}"))
+    }
+
+    #[test]
+    fn the_ring_is_bounded_and_keeps_the_newest() {
+        let dir = TempDir::new();
+        let log = EventLog::open(&dir.0.join("events.jsonl"), 3).unwrap();
+        for n in 0..5 {
+            assert_eq!(log.record(event("a", n)), u64::from(n) + 1);
+        }
+        let details: Vec<_> = log
+            .recent(10)
+            .into_iter()
+            .map(|e| e.detail.unwrap())
+            .collect();
+        assert_eq!(details, ["#2", "#3", "#4"]);
+        assert_eq!(log.recent(1)[0].detail.as_deref(), Some("#4"));
+        assert!(log.recent(0).is_empty());
+        let seqs: Vec<u64> = log.since(0).into_iter().map(|(s, _)| s).collect();
+        assert_eq!(seqs, [3, 4, 5]);
+        let seqs: Vec<u64> = log.since(4).into_iter().map(|(s, _)| s).collect();
+        assert_eq!(seqs, [5]);
+        assert!(log.since(5).is_empty());
+        assert_eq!(log.last_seq(), 5);
+        assert!(matches!(
+            EventLog::open(&dir.0.join("x"), 0),
+            Err(EventError::ZeroCapacity)
+        ));
+    }
+
+    #[test]
+    fn the_file_holds_one_json_event_per_line() {
+        let dir = TempDir::new();
+        // The parent directories do not exist yet.
+        let path = dir.0.join("state/deep/events.jsonl");
+        let log = EventLog::open(&path, DEFAULT_CAPACITY).unwrap();
+        let when = UNIX_EPOCH + Duration::from_millis(1_767_323_045_678);
+        log.record(
+            Event::at(
+                when,
+                "demo-1",
+                &VmState::Running,
+                &consistency(),
+                "vmm-killed",
+            )
+            .with_detail("VMM exited on signal 9"),
+        );
+        log.record(
+            Event::at(
+                when,
+                "demo-1",
+                &consistency(),
+                &VmState::Running,
+                "restored",
+            )
+            .with_image_id("0190aabbccddeeff0011223344556677")
+            .with_path(RestorePath::Standby)
+            .with_durations(EventDurations::new(
+                Duration::from_micros(300),
+                Duration::from_micros(1_500),
+                Duration::from_micros(2_000),
+            )),
+        );
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.ends_with('\n'));
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        let first = &lines[0];
+        assert_eq!(first["seq"], 1);
+        assert_eq!(first["time"], "2026-01-02T03:04:05.678Z");
+        assert_eq!(first["unix_ms"], 1_767_323_045_678u64);
+        assert_eq!(first["vm"], "demo-1");
+        assert_eq!(first["from"], "running");
+        assert_eq!(first["to"], "restoring-consistency");
+        assert_eq!(first["reason"], "vmm-killed");
+        assert!(first["image_id"].is_null());
+        assert!(first["durations"].is_null());
+        assert!(first["path"].is_null());
+        assert_eq!(first["detail"], "VMM exited on signal 9");
+        let second = &lines[1];
+        assert_eq!(second["seq"], 2);
+        assert_eq!(second["image_id"], "0190aabbccddeeff0011223344556677");
+        assert_eq!(second["path"], "standby");
+        assert_eq!(second["durations"]["detect_ms"], 0.3);
+        assert_eq!(second["durations"]["restore_ms"], 1.5);
+        assert_eq!(second["durations"]["total_ms"], 2.0);
+        assert_eq!(log.write_failures(), 0);
+    }
+
+    #[test]
+    fn reopening_carries_on_from_the_file() {
+        let dir = TempDir::new();
+        let path = dir.0.join("events.jsonl");
+        {
+            let log = EventLog::open(&path, 10).unwrap();
+            for n in 0..4 {
+                log.record(event("a", n));
+            }
+        }
+        // A torn last line (a crash mid-write) is skipped.
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{\"seq\":5,\"ti").unwrap();
+        drop(f);
+        let log = EventLog::open(&path, 2).unwrap();
+        let seqs: Vec<u64> = log.since(0).into_iter().map(|(s, _)| s).collect();
+        assert_eq!(seqs, [3, 4]);
+        assert_eq!(log.record(event("a", 9)), 5);
+    }
+
+    #[test]
+    fn subscribers_receive_recorded_events() {
+        let dir = TempDir::new();
+        let log = EventLog::open(&dir.0.join("events.jsonl"), 10).unwrap();
+        log.record(event("a", 0));
+        let mut rx = log.subscribe();
+        let mut other = log.subscribe();
+        let seq = log.record(event("b", 1));
+        let (got_seq, got) = rx.try_recv().unwrap();
+        assert_eq!(got_seq, seq);
+        assert_eq!(got.vm, "b");
+        assert_eq!(other.try_recv().unwrap().1, got);
+        assert!(matches!(rx.try_recv(), Err(TryRecvError::Empty)));
+        // From another thread, as a tokio task on another worker would.
+        let log = std::sync::Arc::new(log);
+        let writer = {
+            let log = log.clone();
+            std::thread::spawn(move || log.record(event("c", 2)))
+        };
+        let (seq, got) = rx.blocking_recv().unwrap();
+        assert_eq!(seq, writer.join().unwrap());
+        assert_eq!(got.vm, "c");
+    }
+
+    #[test]
+    fn a_full_disk_is_counted_not_fatal() {
+        // /dev/full fails every write with ENOSPC, as a full disk does.
+        // (Removing or chmod-ing the directory after open would not do: the
+        // open descriptor still writes, and root ignores permissions.)
+        let full = Path::new("/dev/full");
+        if !full.exists() {
+            eprintln!("skipped: no /dev/full on this machine");
+            return;
+        }
+        let log = EventLog::open(full, 2).unwrap();
+        let mut rx = log.subscribe();
+        for n in 0..3 {
+            log.record(event("a", n));
+        }
+        assert_eq!(log.write_failures(), 3);
+        // The ring and the subscribers carried on.
+        assert_eq!(log.recent(5).len(), 2);
+        assert_eq!(log.last_seq(), 3);
+        assert_eq!(rx.try_recv().unwrap().0, 1);
+    }
+
+    #[test]
+    fn a_write_after_a_failure_starts_on_a_fresh_line() {
+        let dir = TempDir::new();
+        let path = dir.0.join("events.jsonl");
+        let log = EventLog::open(&path, 10).unwrap();
+        log.record(event("a", 0));
+        // Simulate a failed write that left part of a line behind.
+        {
+            let mut state = lock(&log.file);
+            state.file.write_all(b"{\"seq\":2,\"tor").unwrap();
+            state.failing = true;
+        }
+        log.record(event("a", 1));
+        let text = std::fs::read_to_string(&path).unwrap();
+        let good: Vec<u64> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .map(|v| v["seq"].as_u64().unwrap())
+            .collect();
+        assert_eq!(good, [1, 2]);
+        assert_eq!(text.lines().count(), 3);
+    }
+
+    #[test]
+    fn events_round_trip_through_json() {
+        let e = Event::new("a", &VmState::Failed, &VmState::Starting, "operator-start")
+            .with_image_id("x")
+            .with_path(RestorePath::Cold)
+            .with_durations(EventDurations::new(
+                Duration::ZERO,
+                Duration::from_millis(1),
+                Duration::from_millis(2),
+            ));
+        let json = serde_json::to_string(&e).unwrap();
+        assert_eq!(serde_json::from_str::<Event>(&json).unwrap(), e);
+        assert!(e.time.ends_with('Z'), "{}", e.time);
+    }
+}

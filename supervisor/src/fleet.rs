@@ -1,0 +1,1223 @@
+//! The fleet: one tokio task per VM, each owning its VM's state machine.
+//!
+//! ```text
+//! starting -> running -> (failure) -> restoring{consistency|boot} -> running ...
+//!                 \-> paused -> running        \-> failed (too many failures)
+//!                 \-> stopped (operator)         failed/stopped -> starting (relive start)
+//! ```
+//!
+//! A VM task ([`VmTask`]) owns the VM's `relive-vmm` process (and its standby
+//! when the policy asks for one) and waits, all at once, for:
+//! - the VMM process to end (pidfd): its exit record says why;
+//! - the guest's agent lines on a `watch` connection: heartbeats; the
+//!   connection ending while the process lives is `control-lost`;
+//! - the heartbeat deadline (`heartbeat_timeout` after the last heartbeat,
+//!   once past `ready_grace`): a hung guest;
+//! - the next periodic checkpoint (incremental; the VMM writes a full image
+//!   when it has no parent, and merges chains itself);
+//! - operator commands from the API ([`Action`]).
+//!
+//! A failure goes to the [`FailoverPolicy`], which answers: restore the
+//! latest good consistency image, restore the boot image, or give up. A
+//! restore goes into the standby VMM when one is ready (mapping the image over
+//! an already built VM) and cold into a new process otherwise; a new standby
+//! is then started in the background. Every transition is an [`Event`].
+//!
+//! What the supervisor knows of a VM's processes is written to
+//! `<state_dir>/<vm>/vmm.json`, so that a new supervisor adopts running VMMs
+//! instead of restarting them.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use relive_images::store::ImageStore;
+use relive_vmm::control::{CheckpointKind, Request, Response};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::{KernelSpec, VmSpec};
+use crate::events::{Event, EventDurations, EventLog};
+use crate::metrics::{Metrics, RestorePath};
+use crate::policy::{Decision, FailoverPolicy, FailureReason, RestoreTarget, VmState};
+use crate::vmm::{AgentWatch, VmmError, VmmProcess};
+
+/// How often a VM task checks heartbeats and checkpoint deadlines.
+pub const TICK: Duration = Duration::from_millis(50);
+/// How often a VM task samples its VMM for metrics.
+pub const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+
+/// How long a VMM gets to serve its control socket after it starts.
+pub const VMM_START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// What an operator asks of a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "kebab-case")]
+pub enum Action {
+    /// Fail over now to `to`: `consistency`, `boot`, or an image id.
+    Failover {
+        /// The target.
+        to: String,
+    },
+    /// Write a consistency image now.
+    Checkpoint,
+    /// Pause the guest.
+    Pause,
+    /// Resume the guest.
+    Resume,
+    /// Stop the VM; no restarts until `start`.
+    Stop,
+    /// Start a stopped or failed VM (a clean start from the boot image).
+    Start,
+}
+
+/// A VM as the API shows it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct VmView {
+    /// Name.
+    pub name: String,
+    /// State label.
+    pub state: String,
+    /// When it entered this state (unix ms).
+    pub since_unix_ms: u64,
+    /// VMM process id.
+    pub pid: Option<u32>,
+    /// VMM control socket.
+    pub socket: Option<String>,
+    /// Standby VMM: `ready`, `starting`, `none`, or `disabled`.
+    pub standby: String,
+    /// Standby process id.
+    pub standby_pid: Option<u32>,
+    /// Host memory the standby holds (its RSS).
+    pub standby_memory_bytes: u64,
+    /// Failures within the failure window.
+    pub recent_failures: usize,
+    /// The last failure's reason.
+    pub last_failure: Option<String>,
+    /// Restores since the supervisor started.
+    pub restores: u64,
+    /// The last checkpoint's image id.
+    pub last_checkpoint: Option<String>,
+    /// The last heartbeat line.
+    pub last_heartbeat: Option<String>,
+    /// Milliseconds since the last heartbeat (when the view was read).
+    pub heartbeat_age_ms: Option<u64>,
+    /// When the last heartbeat came (unix ms).
+    pub last_heartbeat_unix_ms: Option<u64>,
+    /// The VM's image directory.
+    pub images_dir: String,
+}
+
+/// An answer to an [`Action`].
+pub type ActionResult = Result<String, ActionError>;
+
+/// Why an action failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ActionError {
+    /// No VM of that name.
+    #[error("no VM named {0:?}")]
+    UnknownVm(String),
+    /// The action does not fit the VM's state.
+    #[error("{0}")]
+    Conflict(String),
+    /// The action failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+struct Command {
+    action: Action,
+    reply: oneshot::Sender<ActionResult>,
+}
+
+/// The handle the API uses: send actions, read views.
+#[derive(Clone)]
+pub struct Fleet {
+    vms: Arc<BTreeMap<String, VmHandle>>,
+    /// The event log.
+    pub events: Arc<EventLog>,
+    /// The metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+#[derive(Clone)]
+struct VmHandle {
+    tx: mpsc::Sender<Command>,
+    view: Arc<Mutex<VmView>>,
+    images_dir: PathBuf,
+}
+
+impl VmHandle {
+    fn read(&self) -> VmView {
+        let mut view = self.view.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        view.heartbeat_age_ms = view
+            .last_heartbeat_unix_ms
+            .map(|at| unix_ms().saturating_sub(at));
+        view
+    }
+}
+
+/// Where the supervisor finds things.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    /// The `relive-vmm` binary.
+    pub vmm_bin: PathBuf,
+    /// The fleet's state directory.
+    pub state_dir: PathBuf,
+}
+
+impl Fleet {
+    /// Starts one task per VM; each adopts its running VMM or starts one.
+    pub fn start(
+        specs: Vec<VmSpec>,
+        paths: Paths,
+        events: Arc<EventLog>,
+        metrics: Arc<Metrics>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> (Fleet, Vec<tokio::task::JoinHandle<()>>) {
+        let mut vms = BTreeMap::new();
+        let mut tasks = Vec::new();
+        for spec in specs {
+            let (tx, rx) = mpsc::channel(16);
+            let view = Arc::new(Mutex::new(VmView {
+                name: spec.name.clone(),
+                state: "starting".into(),
+                images_dir: spec.images_dir.display().to_string(),
+                ..VmView::default()
+            }));
+            vms.insert(
+                spec.name.clone(),
+                VmHandle {
+                    tx,
+                    view: view.clone(),
+                    images_dir: spec.images_dir.clone(),
+                },
+            );
+            let task = VmTask::new(
+                spec,
+                paths.clone(),
+                events.clone(),
+                metrics.clone(),
+                view,
+                rx,
+                shutdown.clone(),
+            );
+            tasks.push(tokio::spawn(task.run()));
+        }
+        (
+            Fleet {
+                vms: Arc::new(vms),
+                events,
+                metrics,
+            },
+            tasks,
+        )
+    }
+
+    /// Every VM.
+    pub fn list(&self) -> Vec<VmView> {
+        self.vms.values().map(VmHandle::read).collect()
+    }
+
+    /// One VM.
+    pub fn show(&self, name: &str) -> Option<VmView> {
+        self.vms.get(name).map(VmHandle::read)
+    }
+
+    /// The image directory of a VM.
+    pub fn images_dir(&self, name: &str) -> Option<PathBuf> {
+        self.vms.get(name).map(|h| h.images_dir.clone())
+    }
+
+    /// Asks VM `name` to do `action` and waits for the answer.
+    pub async fn act(&self, name: &str, action: Action) -> ActionResult {
+        let handle = self
+            .vms
+            .get(name)
+            .ok_or_else(|| ActionError::UnknownVm(name.to_string()))?;
+        let (reply, rx) = oneshot::channel();
+        handle
+            .tx
+            .send(Command { action, reply })
+            .await
+            .map_err(|_| ActionError::Failed(format!("the task of VM {name} has ended")))?;
+        rx.await
+            .map_err(|_| ActionError::Failed(format!("the task of VM {name} has ended")))?
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What the supervisor records about a VM's processes, for adoption.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Persisted {
+    pid: Option<u32>,
+    socket: Option<PathBuf>,
+    standby_pid: Option<u32>,
+    standby_socket: Option<PathBuf>,
+}
+
+struct Standby {
+    process: VmmProcess,
+}
+
+/// What ended the wait of a running VM.
+enum Wake {
+    Exited(crate::vmm::ExitInfo),
+    Line(Option<String>),
+    Tick,
+    Command(Option<Command>),
+    StandbyExited,
+    Shutdown,
+}
+
+struct VmTask {
+    spec: VmSpec,
+    paths: Paths,
+    dir: PathBuf,
+    events: Arc<EventLog>,
+    metrics: Arc<Metrics>,
+    view: Arc<Mutex<VmView>>,
+    rx: mpsc::Receiver<Command>,
+    shutdown: tokio_util::sync::CancellationToken,
+    policy: FailoverPolicy,
+    state: VmState,
+    vmm: Option<VmmProcess>,
+    watch: Option<AgentWatch>,
+    standby: Option<Standby>,
+    standby_starting: Option<tokio::task::JoinHandle<Result<VmmProcess, VmmError>>>,
+    standby_failures: u32,
+    standby_retry_at: Option<Instant>,
+    /// Drives heartbeat checks, checkpoints and sampling (persists across waits,
+    /// so a busy agent channel cannot starve it).
+    ticker: tokio::time::Interval,
+    last_sample: Option<Instant>,
+    running_since: Instant,
+    last_heartbeat_at: Option<Instant>,
+    last_heartbeat: Option<String>,
+    last_checkpoint_at: Option<Instant>,
+    restores: u64,
+    /// Which of the two socket names the active VMM uses (the standby takes the other).
+    socket_flip: bool,
+    /// The active VMM is being stopped on purpose: its exit is not a failure.
+    stopping: bool,
+}
+
+impl VmTask {
+    fn new(
+        spec: VmSpec,
+        paths: Paths,
+        events: Arc<EventLog>,
+        metrics: Arc<Metrics>,
+        view: Arc<Mutex<VmView>>,
+        rx: mpsc::Receiver<Command>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Self {
+        let dir = paths.state_dir.join(&spec.name);
+        VmTask {
+            policy: FailoverPolicy::new(spec.policy.clone()),
+            spec,
+            paths,
+            dir,
+            events,
+            metrics,
+            view,
+            rx,
+            shutdown,
+            state: VmState::Starting,
+            vmm: None,
+            watch: None,
+            standby: None,
+            standby_starting: None,
+            standby_failures: 0,
+            standby_retry_at: None,
+            ticker: {
+                let mut t = tokio::time::interval(TICK);
+                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                t
+            },
+            last_sample: None,
+            running_since: Instant::now(),
+            last_heartbeat_at: None,
+            last_heartbeat: None,
+            last_checkpoint_at: None,
+            restores: 0,
+            socket_flip: false,
+            stopping: false,
+        }
+    }
+
+    fn socket_path(&self, flip: bool) -> PathBuf {
+        self.dir
+            .join(if flip { "vmm-b.sock" } else { "vmm-a.sock" })
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.join("vmm.log")
+    }
+
+    fn console_path(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+
+    fn persisted_path(&self) -> PathBuf {
+        self.dir.join("vmm.json")
+    }
+
+    fn persist(&self) {
+        let p = Persisted {
+            pid: self.vmm.as_ref().map(VmmProcess::pid),
+            socket: self.vmm.as_ref().map(|v| v.socket().to_path_buf()),
+            standby_pid: self.standby.as_ref().map(|s| s.process.pid()),
+            standby_socket: self
+                .standby
+                .as_ref()
+                .map(|s| s.process.socket().to_path_buf()),
+        };
+        let tmp = self.dir.join("vmm.json.tmp");
+        let written = serde_json::to_vec_pretty(&p)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, self.persisted_path()));
+        if let Err(e) = written {
+            tracing::warn!(vm = %self.spec.name, error = %e, "cannot record the VMM's pid");
+        }
+    }
+
+    fn store(&self) -> Result<ImageStore, String> {
+        ImageStore::open(&self.spec.images_dir, self.spec.policy.keep_images.max(1))
+            .map_err(|e| e.to_string())
+    }
+
+    fn set_state(&mut self, to: VmState, event: impl FnOnce(Event) -> Event, reason: &str) {
+        let from = self.state.clone();
+        self.state = to;
+        self.metrics.set_state(&self.spec.name, &self.state);
+        self.metrics
+            .set_up(&self.spec.name, self.state == VmState::Running);
+        self.events.record(event(Event::new(
+            &self.spec.name,
+            &from,
+            &self.state,
+            reason,
+        )));
+        self.refresh_view();
+    }
+
+    fn note(&self, reason: &str, detail: String) {
+        self.events.record(
+            Event::new(&self.spec.name, &self.state, &self.state, reason).with_detail(detail),
+        );
+    }
+
+    fn refresh_view(&self) {
+        let mut view = self.view.lock().unwrap_or_else(|e| e.into_inner());
+        let state = self.state.as_str();
+        if view.state != state {
+            view.since_unix_ms = unix_ms();
+        }
+        view.state = state.to_string();
+        view.pid = self.vmm.as_ref().map(VmmProcess::pid);
+        view.socket = self.vmm.as_ref().map(|v| v.socket().display().to_string());
+        view.standby = if !self.spec.policy.standby {
+            "disabled".into()
+        } else if self.standby.is_some() {
+            "ready".into()
+        } else if self.standby_starting.is_some() {
+            "starting".into()
+        } else {
+            "none".into()
+        };
+        view.standby_pid = self.standby.as_ref().map(|s| s.process.pid());
+        view.standby_memory_bytes = self
+            .standby
+            .as_ref()
+            .map_or(0, |s| rss_bytes(s.process.pid()));
+        view.recent_failures = self.policy.recent_failures(Instant::now()).count();
+        view.restores = self.restores;
+        view.last_heartbeat = self.last_heartbeat.clone();
+        view.last_heartbeat_unix_ms = self
+            .last_heartbeat_at
+            .map(|t| unix_ms().saturating_sub(t.elapsed().as_millis() as u64));
+    }
+
+    /// The arguments shared by every way of starting this VM's VMM.
+    fn host_args(&self, socket: &Path) -> Vec<OsString> {
+        let mut args: Vec<OsString> = vec![
+            "--control".into(),
+            socket.into(),
+            "--console".into(),
+            self.console_path().into(),
+            "--images".into(),
+            self.spec.images_dir.clone().into(),
+            "--keep-images".into(),
+            self.spec.policy.keep_images.to_string().into(),
+        ];
+        args.extend(["--name".into(), self.spec.name.clone().into()]);
+        args
+    }
+
+    fn boot_args(&self, socket: &Path, with_boot_image: bool) -> Vec<OsString> {
+        let mut args: Vec<OsString> = vec!["run".into(), "--kernel".into()];
+        args.push(match &self.spec.kernel {
+            KernelSpec::Bundled => "bundled".into(),
+            KernelSpec::Path(p) => p.clone().into(),
+        });
+        if let Some(initrd) = &self.spec.initrd {
+            args.extend(["--initrd".into(), initrd.clone().into()]);
+        }
+        if let Some(cmdline) = &self.spec.cmdline {
+            args.extend(["--cmdline".into(), cmdline.into()]);
+        }
+        args.extend([
+            "--mem-mib".into(),
+            self.spec.memory_mib.to_string().into(),
+            "--vcpus".into(),
+            self.spec.vcpus.to_string().into(),
+        ]);
+        let limits = &self.spec.limits;
+        if let Some(cpu) = limits.cpu_percent {
+            args.extend(["--cpu-percent".into(), cpu.to_string().into()]);
+        }
+        if let Some(mib) = limits.memory_mib {
+            args.extend(["--memory-limit-mib".into(), mib.to_string().into()]);
+        }
+        if let Some(pids) = limits.pids {
+            args.extend(["--pids-max".into(), pids.to_string().into()]);
+        }
+        if with_boot_image {
+            let mode = if self.spec.policy.warm_boot_image {
+                "warm"
+            } else {
+                "recipe"
+            };
+            args.extend(["--boot-image".into(), mode.into()]);
+        }
+        args.extend(self.host_args(socket));
+        args
+    }
+
+    async fn spawn(&self, args: Vec<OsString>, socket: &Path) -> Result<VmmProcess, VmmError> {
+        VmmProcess::spawn(
+            &self.paths.vmm_bin,
+            args,
+            socket,
+            &self.log_path(),
+            VMM_START_TIMEOUT,
+        )
+        .await
+    }
+
+    /// A fresh boot: the boot image when there is one, else the kernel.
+    async fn boot(&mut self) -> Result<Option<String>, String> {
+        let socket = self.socket_path(self.socket_flip);
+        let store = self.store()?;
+        let boot_image = store
+            .boot_image()
+            .map_err(|e| e.to_string())?
+            .image
+            .map(|r| r.path().to_path_buf());
+        let (args, image_id) = match &boot_image {
+            Some(path) => {
+                let mut args: Vec<OsString> =
+                    vec!["restore".into(), "--image".into(), path.clone().into()];
+                args.extend(self.host_args(&socket));
+                (args, image_id_of(path))
+            }
+            None => (self.boot_args(&socket, true), None),
+        };
+        let vmm = self.spawn(args, &socket).await.map_err(|e| e.to_string())?;
+        self.adopt_active(vmm).await;
+        Ok(image_id)
+    }
+
+    async fn adopt_active(&mut self, vmm: VmmProcess) {
+        self.watch = AgentWatch::open(vmm.socket()).await.ok();
+        self.vmm = Some(vmm);
+        self.running_since = Instant::now();
+        self.last_heartbeat_at = None;
+        self.persist();
+    }
+
+    /// Restores `path` into the standby when one is ready, else cold.
+    /// Returns whether the standby was used.
+    async fn restore_image(&mut self, path: &Path) -> Result<bool, String> {
+        if let Some(standby) = self.standby.take() {
+            let reply = standby
+                .process
+                .request(&Request::Restore {
+                    image: path.display().to_string(),
+                })
+                .await;
+            match reply {
+                Ok(Response::Restored(_)) => {
+                    self.socket_flip = !self.socket_flip;
+                    self.adopt_active(standby.process).await;
+                    return Ok(true);
+                }
+                other => {
+                    tracing::warn!(vm = %self.spec.name, reply = ?other, "the standby did not take the image; restoring cold");
+                    standby.process.kill();
+                }
+            }
+        }
+        let socket = self.socket_path(self.socket_flip);
+        let mut args: Vec<OsString> = vec!["restore".into(), "--image".into(), path.into()];
+        args.extend(self.host_args(&socket));
+        let vmm = self.spawn(args, &socket).await.map_err(|e| e.to_string())?;
+        self.adopt_active(vmm).await;
+        Ok(false)
+    }
+
+    /// Brings the VM back to `target`, falling back from a missing or bad
+    /// consistency image to the boot image. Returns (what was restored, image
+    /// id, path used).
+    async fn restore(
+        &mut self,
+        target: &RestoreTarget,
+    ) -> Result<(RestoreTarget, Option<String>, RestorePath), String> {
+        let store = self.store()?;
+        let chosen = match target {
+            RestoreTarget::Consistency => {
+                let selection = store.latest_good().map_err(|e| e.to_string())?;
+                for skipped in &selection.skipped {
+                    self.note(
+                        "image-skipped",
+                        format!("{}: {}", skipped.path.display(), skipped.reason),
+                    );
+                }
+                match selection.image {
+                    Some(image) => Some((RestoreTarget::Consistency, image.path().to_path_buf())),
+                    None => {
+                        self.note(
+                            "no-consistency-image",
+                            "no good consistency image: falling back to the boot image".into(),
+                        );
+                        None
+                    }
+                }
+            }
+            RestoreTarget::Image(id) => {
+                let id_parsed = id
+                    .parse()
+                    .map_err(|_| format!("{id:?} is not an image id (32 hex digits)"))?;
+                let path = store
+                    .find(id_parsed)
+                    .map_err(|e| e.to_string())?
+                    .ok_or_else(|| {
+                        format!("no image {id} in {}", self.spec.images_dir.display())
+                    })?;
+                Some((target.clone(), path))
+            }
+            RestoreTarget::Boot => None,
+        };
+        match chosen {
+            Some((what, path)) => {
+                let standby = self.restore_image(&path).await?;
+                Ok((what, image_id_of(&path), path_kind(standby)))
+            }
+            None => {
+                let boot_image = store
+                    .boot_image()
+                    .map_err(|e| e.to_string())?
+                    .image
+                    .map(|r| r.path().to_path_buf());
+                match boot_image {
+                    Some(path) => {
+                        let standby = self.restore_image(&path).await?;
+                        Ok((RestoreTarget::Boot, image_id_of(&path), path_kind(standby)))
+                    }
+                    None => {
+                        self.boot().await?;
+                        Ok((RestoreTarget::Boot, None, RestorePath::Cold))
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts a standby in the background when the policy wants one.
+    fn ensure_standby(&mut self) {
+        if !self.spec.policy.standby || self.standby.is_some() || self.standby_starting.is_some() {
+            return;
+        }
+        if self.standby_retry_at.is_some_and(|at| Instant::now() < at) {
+            return;
+        }
+        let socket = self.socket_path(!self.socket_flip);
+        let mut args: Vec<OsString> = vec![
+            "standby".into(),
+            "--mem-mib".into(),
+            self.spec.memory_mib.to_string().into(),
+            "--vcpus".into(),
+            self.spec.vcpus.to_string().into(),
+        ];
+        args.extend(self.host_args(&socket));
+        let bin = self.paths.vmm_bin.clone();
+        let log = self.dir.join("standby.log");
+        self.standby_starting = Some(tokio::spawn(async move {
+            VmmProcess::spawn(&bin, args, &socket, &log, VMM_START_TIMEOUT).await
+        }));
+    }
+
+    async fn poll_standby_start(&mut self) {
+        let finished = self
+            .standby_starting
+            .as_ref()
+            .is_some_and(tokio::task::JoinHandle::is_finished);
+        if !finished {
+            return;
+        }
+        if let Some(handle) = self.standby_starting.take() {
+            match handle.await {
+                Ok(Ok(process)) => {
+                    self.standby_failures = 0;
+                    self.metrics
+                        .set_standby(&self.spec.name, true, rss_bytes(process.pid()));
+                    self.standby = Some(Standby { process });
+                    self.persist();
+                }
+                Ok(Err(e)) => {
+                    // Back off: 1 s, doubling up to a minute, so a broken setup does not spin.
+                    self.standby_failures += 1;
+                    let delay = Duration::from_secs(1 << self.standby_failures.min(6))
+                        .min(Duration::from_secs(60));
+                    self.standby_retry_at = Some(Instant::now() + delay);
+                    tracing::warn!(vm = %self.spec.name, error = %e, retry_in = ?delay, "cannot start a standby VMM");
+                }
+                Err(e) => {
+                    tracing::warn!(vm = %self.spec.name, error = %e, "the standby start task failed")
+                }
+            }
+        }
+    }
+
+    /// Takes over the VMMs an earlier supervisor left running.
+    async fn try_adopt(&mut self) -> bool {
+        let Ok(bytes) = std::fs::read(self.persisted_path()) else {
+            return false;
+        };
+        let Ok(p) = serde_json::from_slice::<Persisted>(&bytes) else {
+            return false;
+        };
+        if let (Some(pid), Some(socket)) = (p.standby_pid, p.standby_socket.clone()) {
+            if let Some(process) = VmmProcess::adopt(pid, &socket, &self.dir.join("standby.log")) {
+                if process.request(&Request::Status).await.is_ok() {
+                    self.standby = Some(Standby { process });
+                }
+            }
+        }
+        let (Some(pid), Some(socket)) = (p.pid, p.socket) else {
+            return false;
+        };
+        let Some(process) = VmmProcess::adopt(pid, &socket, &self.log_path()) else {
+            return false;
+        };
+        if process.request(&Request::Status).await.is_err() {
+            return false;
+        }
+        self.socket_flip = socket == self.socket_path(true);
+        self.adopt_active(process).await;
+        // An adopted VM has been running for a while: healthy already.
+        self.running_since = Instant::now()
+            .checked_sub(self.spec.policy.ready_grace)
+            .unwrap_or_else(Instant::now);
+        true
+    }
+
+    async fn run(mut self) {
+        if let Err(e) = std::fs::create_dir_all(&self.dir) {
+            tracing::error!(vm = %self.spec.name, error = %e, "cannot create the VM's state directory");
+        }
+        let _span = tracing::info_span!("vm", name = %self.spec.name);
+        if self.try_adopt().await {
+            self.set_state(VmState::Running, |e| e, "adopted");
+        } else {
+            match self.boot().await {
+                Ok(image) => self.set_state(VmState::Running, |e| with_image(e, image), "started"),
+                Err(e) => {
+                    tracing::error!(vm = %self.spec.name, error = %e, "cannot start the VM");
+                    self.on_failure(FailureReason::StartFailed, Instant::now(), e)
+                        .await;
+                }
+            }
+        }
+        self.ensure_standby();
+        loop {
+            let wake = self.wait().await;
+            let now = Instant::now();
+            match wake {
+                Wake::Shutdown => break,
+                Wake::Command(None) => break,
+                Wake::Command(Some(cmd)) => {
+                    let result = self.on_action(cmd.action).await;
+                    let _ = cmd.reply.send(result);
+                }
+                Wake::Exited(info) => {
+                    self.watch = None;
+                    let vmm = self.vmm.take();
+                    if self.stopping {
+                        self.stopping = false;
+                    } else if self.state.is_up() || matches!(self.state, VmState::Starting) {
+                        drop(vmm);
+                        let reason = failure_reason(&info);
+                        self.on_failure(reason, now, info.detail()).await;
+                    }
+                    self.persist();
+                }
+                Wake::Line(Some(line)) => {
+                    if line.starts_with("hb ") {
+                        self.last_heartbeat_at = Some(now);
+                        self.last_heartbeat = Some(line);
+                    }
+                }
+                Wake::Line(None) => {
+                    self.watch = None;
+                    let alive = self.vmm.as_ref().is_some_and(VmmProcess::is_alive);
+                    if alive && self.state.is_up() {
+                        if let Some(vmm) = &self.vmm {
+                            vmm.kill();
+                        }
+                        self.stopping = true;
+                        if let Some(mut vmm) = self.vmm.take() {
+                            let _ = vmm.exited().await;
+                        }
+                        self.stopping = false;
+                        self.on_failure(
+                            FailureReason::ControlLost,
+                            now,
+                            "the VMM's control socket went away".into(),
+                        )
+                        .await;
+                    }
+                }
+                Wake::StandbyExited => {
+                    self.standby = None;
+                    self.metrics.set_standby(&self.spec.name, false, 0);
+                    self.persist();
+                }
+                Wake::Tick => self.on_tick(now).await,
+            }
+            self.poll_standby_start().await;
+            if self.state.is_up() {
+                self.ensure_standby();
+            }
+            self.refresh_view();
+        }
+    }
+
+    async fn wait(&mut self) -> Wake {
+        let tick = self.ticker.tick();
+        let exited = async {
+            match self.vmm.as_mut() {
+                Some(vmm) => vmm.exited().await,
+                None => std::future::pending().await,
+            }
+        };
+        let line = async {
+            match self.watch.as_mut() {
+                Some(w) => w.next_line().await,
+                None => std::future::pending().await,
+            }
+        };
+        let standby_exit = async {
+            match self.standby.as_mut() {
+                Some(s) => {
+                    s.process.exited().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = self.shutdown.cancelled() => Wake::Shutdown,
+            info = exited => Wake::Exited(info),
+            line = line => Wake::Line(line),
+            cmd = self.rx.recv() => Wake::Command(cmd),
+            () = standby_exit => Wake::StandbyExited,
+            _ = tick => Wake::Tick,
+        }
+    }
+
+    async fn on_tick(&mut self, now: Instant) {
+        if self.state != VmState::Running {
+            return;
+        }
+        // A hung guest: no heartbeat for heartbeat_timeout, once past ready_grace.
+        if self.policy.is_healthy(now, self.running_since) {
+            let last = self.last_heartbeat_at.unwrap_or(self.running_since);
+            if self.policy.is_hung(now, last) {
+                if let Some(mut vmm) = self.vmm.take() {
+                    vmm.kill();
+                    let _ = vmm.exited().await;
+                }
+                self.watch = None;
+                self.on_failure(
+                    FailureReason::HeartbeatTimeout,
+                    now,
+                    format!("no heartbeat for {:?}", now.saturating_duration_since(last)),
+                )
+                .await;
+                return;
+            }
+        }
+        if self.policy.should_checkpoint(
+            &self.state,
+            now,
+            self.running_since,
+            self.last_checkpoint_at,
+        ) {
+            self.last_checkpoint_at = Some(now);
+            if let Err(e) = self.checkpoint(CheckpointKind::Incremental).await {
+                tracing::warn!(vm = %self.spec.name, error = %e, "periodic checkpoint failed");
+            }
+        }
+        self.sample(now).await;
+    }
+
+    /// Per-VM accounting from the VMM's status and /proc, every [`SAMPLE_EVERY`].
+    async fn sample(&mut self, now: Instant) {
+        if self
+            .last_sample
+            .is_some_and(|t| now.saturating_duration_since(t) < SAMPLE_EVERY)
+        {
+            return;
+        }
+        self.last_sample = Some(now);
+        let Some(vmm) = &self.vmm else { return };
+        let name = &self.spec.name;
+        if let Ok(Response::Status(status)) = vmm.request(&Request::Status).await {
+            self.metrics
+                .observe_vcpu_exits(name, vmm.pid(), status.vcpu_exits);
+            self.metrics
+                .set_guest_memory_resident(name, status.guest_resident_bytes);
+        }
+        if let Some(at) = self.last_heartbeat_at {
+            self.metrics.set_heartbeat_age(name, at.elapsed());
+        }
+        if let Ok(cpu) = crate::metrics::proc_cpu_seconds(vmm.pid()) {
+            self.metrics.observe_vmm_cpu_seconds(name, vmm.pid(), cpu);
+        }
+        self.metrics.set_standby(
+            name,
+            self.standby.is_some(),
+            self.standby
+                .as_ref()
+                .map_or(0, |s| rss_bytes(s.process.pid())),
+        );
+    }
+
+    async fn checkpoint(&mut self, kind: CheckpointKind) -> Result<String, String> {
+        let Some(vmm) = &self.vmm else {
+            return Err("the VM has no running VMM".into());
+        };
+        match vmm.request(&Request::Checkpoint { kind }).await {
+            Ok(Response::Checkpoint(report)) => {
+                let kind = match report.kind {
+                    CheckpointKind::Full => crate::metrics::CheckpointKind::Full,
+                    CheckpointKind::Incremental => crate::metrics::CheckpointKind::Incremental,
+                };
+                let name = &self.spec.name;
+                self.metrics
+                    .observe_checkpoint(name, kind, Duration::from_micros(report.total_us));
+                self.metrics.observe_checkpoint_pause(
+                    name,
+                    kind,
+                    Duration::from_micros(report.pause_us),
+                );
+                let (count, bytes) = dir_usage(&self.spec.images_dir);
+                self.metrics.set_images(name, count, bytes);
+                // A fresh image of a healthy guest: consistency images are trusted again.
+                self.policy.on_checkpoint(Instant::now());
+                self.view
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .last_checkpoint = Some(report.image_id.clone());
+                Ok(report.image_id)
+            }
+            Ok(other) => Err(format!("unexpected reply {other:?}")),
+            Err(e) => {
+                self.metrics.record_checkpoint_failure(&self.spec.name);
+                Err(e.to_string())
+            }
+        }
+    }
+
+    async fn on_failure(&mut self, reason: FailureReason, detected: Instant, detail: String) {
+        self.metrics.record_failure(&self.spec.name, reason);
+        self.view
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .last_failure = Some(reason.as_str().to_string());
+        let decision = self.policy.on_failure(detected, reason);
+        match decision {
+            Decision::GiveUp => {
+                if let Some(vmm) = self.vmm.take() {
+                    vmm.kill();
+                }
+                self.watch = None;
+                let event_detail = format!(
+                    "{detail}; too many failures within failure_window: waiting for `relive start`"
+                );
+                tracing::error!(vm = %self.spec.name, detail = %event_detail, "VM failed");
+                self.set_state(
+                    VmState::Failed,
+                    |e| e.with_detail(event_detail),
+                    reason.as_str(),
+                );
+            }
+            Decision::Restore { target, after } => {
+                self.set_state(
+                    VmState::Restoring(target.clone()),
+                    |e| e.with_detail(detail),
+                    reason.as_str(),
+                );
+                if !after.is_zero() {
+                    tokio::time::sleep(after).await;
+                }
+                self.do_restore(target, detected, reason.as_str()).await;
+            }
+        }
+    }
+
+    /// Restores `target` and records the outcome; a failed restore is a
+    /// failure of its own (`start-failed`), which the policy escalates.
+    async fn do_restore(&mut self, target: RestoreTarget, detected: Instant, reason: &str) {
+        let started = Instant::now();
+        match self.restore(&target).await {
+            Ok((what, image_id, path)) => {
+                self.restores += 1;
+                let now = Instant::now();
+                self.policy.on_restored(now, what.clone());
+                let total = now.saturating_duration_since(detected);
+                let restore = now.saturating_duration_since(started);
+                let name = &self.spec.name;
+                self.metrics.record_restore(name, &what, path);
+                self.metrics.observe_restore(name, path, restore);
+                self.metrics.observe_failover(name, &what, path, total);
+                let durations = EventDurations::new(
+                    started.saturating_duration_since(detected),
+                    restore,
+                    total,
+                );
+                self.set_state(
+                    VmState::Running,
+                    |e| {
+                        let e = e
+                            .with_path(path)
+                            .with_durations(durations)
+                            .with_detail(format!("{reason}: restored {what}"));
+                        match image_id {
+                            Some(id) => e.with_image_id(id),
+                            None => e,
+                        }
+                    },
+                    "restored",
+                );
+            }
+            Err(e) => {
+                tracing::error!(vm = %self.spec.name, error = %e, "restore failed");
+                Box::pin(self.on_failure(FailureReason::StartFailed, Instant::now(), e)).await;
+            }
+        }
+    }
+
+    async fn stop_vmm(&mut self) {
+        self.watch = None;
+        if let Some(mut vmm) = self.vmm.take() {
+            let _ = vmm.request(&Request::Shutdown).await;
+            let ended = tokio::time::timeout(Duration::from_secs(5), vmm.exited()).await;
+            if ended.is_err() {
+                vmm.kill();
+                let _ = vmm.exited().await;
+            }
+        }
+    }
+
+    async fn on_action(&mut self, action: Action) -> ActionResult {
+        let conflict = |msg: String| Err(ActionError::Conflict(msg));
+        match action {
+            Action::Failover { to } => {
+                if matches!(self.state, VmState::Stopped | VmState::Failed) {
+                    return conflict(format!(
+                        "VM {} is {}: use `relive start` first",
+                        self.spec.name, self.state
+                    ));
+                }
+                let target = match to.as_str() {
+                    "consistency" => RestoreTarget::Consistency,
+                    "boot" => RestoreTarget::Boot,
+                    id => RestoreTarget::Image(id.to_string()),
+                };
+                if let RestoreTarget::Image(id) = &target {
+                    let exists = id
+                        .parse()
+                        .ok()
+                        .and_then(|id| self.store().ok()?.find(id).ok()?)
+                        .is_some();
+                    if !exists {
+                        return Err(ActionError::Failed(format!(
+                            "no image {id} for VM {}: see `relive images {}`",
+                            self.spec.name, self.spec.name
+                        )));
+                    }
+                }
+                let detected = Instant::now();
+                self.stopping = true;
+                if let Some(mut vmm) = self.vmm.take() {
+                    vmm.kill();
+                    let _ = vmm.exited().await;
+                }
+                self.watch = None;
+                self.stopping = false;
+                self.set_state(
+                    VmState::Restoring(target.clone()),
+                    |e| e,
+                    "operator-failover",
+                );
+                self.do_restore(target, detected, "operator-failover").await;
+                if self.state == VmState::Running {
+                    Ok(format!("VM {} failed over", self.spec.name))
+                } else {
+                    Err(ActionError::Failed(format!(
+                        "VM {} is {} after the failover",
+                        self.spec.name, self.state
+                    )))
+                }
+            }
+            Action::Checkpoint => {
+                if self.state != VmState::Running && self.state != VmState::Paused {
+                    return conflict(format!(
+                        "VM {} is {}: nothing to checkpoint",
+                        self.spec.name, self.state
+                    ));
+                }
+                self.checkpoint(CheckpointKind::Incremental)
+                    .await
+                    .map(|id| format!("image {id}"))
+                    .map_err(ActionError::Failed)
+            }
+            Action::Pause | Action::Resume => {
+                let (request, from, to) = match action {
+                    Action::Pause => (Request::Pause, VmState::Running, VmState::Paused),
+                    _ => (Request::Resume, VmState::Paused, VmState::Running),
+                };
+                if self.state != from {
+                    return conflict(format!(
+                        "VM {} is {}, not {from}",
+                        self.spec.name, self.state
+                    ));
+                }
+                let Some(vmm) = &self.vmm else {
+                    return conflict("no VMM".into());
+                };
+                vmm.request(&request)
+                    .await
+                    .map_err(|e| ActionError::Failed(e.to_string()))?;
+                if to == VmState::Running {
+                    self.running_since = Instant::now();
+                    self.last_heartbeat_at = None;
+                }
+                let reason = if to == VmState::Paused {
+                    "operator-pause"
+                } else {
+                    "operator-resume"
+                };
+                self.set_state(to, |e| e, reason);
+                Ok(format!("VM {} is {}", self.spec.name, self.state))
+            }
+            Action::Stop => {
+                if matches!(self.state, VmState::Stopped) {
+                    return Ok(format!("VM {} is already stopped", self.spec.name));
+                }
+                self.stopping = true;
+                self.stop_vmm().await;
+                self.stopping = false;
+                self.set_state(VmState::Stopped, |e| e, "operator-stop");
+                self.persist();
+                Ok(format!("VM {} stopped", self.spec.name))
+            }
+            Action::Start => {
+                if self.state.is_up()
+                    || matches!(self.state, VmState::Restoring(_) | VmState::Starting)
+                {
+                    return conflict(format!("VM {} is {}", self.spec.name, self.state));
+                }
+                self.policy.on_operator_start();
+                self.set_state(VmState::Starting, |e| e, "operator-start");
+                match self.boot().await {
+                    Ok(image) => {
+                        self.set_state(VmState::Running, |e| with_image(e, image), "started");
+                        Ok(format!("VM {} started", self.spec.name))
+                    }
+                    Err(e) => {
+                        let detail = e.clone();
+                        self.set_state(
+                            VmState::Failed,
+                            |ev| ev.with_detail(detail),
+                            "start-failed",
+                        );
+                        Err(ActionError::Failed(e))
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn path_kind(standby: bool) -> RestorePath {
+    if standby {
+        RestorePath::Standby
+    } else {
+        RestorePath::Cold
+    }
+}
+
+fn failure_reason(info: &crate::vmm::ExitInfo) -> FailureReason {
+    match info.reason() {
+        "exit" => FailureReason::PowerOff,
+        "reset" => FailureReason::Reset,
+        "panic" => FailureReason::Panic,
+        "triple-fault" => FailureReason::TripleFault,
+        "kvm-error" => FailureReason::KvmError,
+        "shutdown" => FailureReason::VmmKilled,
+        _ => FailureReason::VmmKilled,
+    }
+}
+
+fn with_image(event: Event, image: Option<String>) -> Event {
+    match image {
+        Some(id) => event.with_image_id(id),
+        None => event,
+    }
+}
+
+fn image_id_of(path: &Path) -> Option<String> {
+    let stem = path.file_stem()?.to_str()?;
+    stem.rsplit('-').next().map(str::to_string)
+}
+
+fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/statm"))
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
+}
+
+/// Count and bytes on disk of the images in `dir`.
+fn dir_usage(dir: &Path) -> (usize, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return (0, 0);
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter(|e| e.path().extension().is_some_and(|x| x == "rimg"))
+        .filter_map(|e| e.metadata().ok())
+        .fold((0, 0), |(n, b), m| (n + 1, b + m.blocks() * 512))
+}

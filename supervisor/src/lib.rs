@@ -1,0 +1,17 @@
+//! relive-supervisor: runs a fleet of relive microVMs from one YAML file and
+//! keeps every VM alive.
+//!
+//! - [`config`]: the fleet file, checked whole before anything starts (the
+//!   only module that knows YAML).
+//! - [`policy`]: the failover policy (consistency image, then boot image, then
+//!   `failed`), health and checkpoint timing; pure, time passed in.
+#![forbid(unsafe_code)]
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod daemon;
+pub mod events;
+pub mod fleet;
+pub mod metrics;
+pub mod policy;
+pub mod vmm;
