@@ -1027,6 +1027,26 @@ impl VmTask {
         }
     }
 
+    /// Ends the standby VMM (and one being started): a stopped VM keeps none.
+    async fn stop_standby(&mut self) {
+        if let Some(handle) = self.standby_starting.take() {
+            if let Ok(Ok(process)) = handle.await {
+                process.kill();
+            }
+        }
+        if let Some(mut standby) = self.standby.take() {
+            let _ = standby.process.request(&Request::Shutdown).await;
+            if tokio::time::timeout(Duration::from_secs(5), standby.process.exited())
+                .await
+                .is_err()
+            {
+                standby.process.kill();
+            }
+        }
+        self.metrics.set_standby(&self.spec.name, false, 0);
+        self.persist();
+    }
+
     async fn stop_vmm(&mut self) {
         self.watch = None;
         if let Some(mut vmm) = self.vmm.take() {
@@ -1137,6 +1157,7 @@ impl VmTask {
                 }
                 self.stopping = true;
                 self.stop_vmm().await;
+                self.stop_standby().await;
                 self.stopping = false;
                 self.set_state(VmState::Stopped, |e| e, "operator-stop");
                 self.persist();
