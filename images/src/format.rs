@@ -657,6 +657,20 @@ impl fmt::Display for UtcTime {
 // Memory description
 // ---------------------------------------------------------------------------
 
+/// A guest memory region given as its present pages only (see
+/// [`ImageWriter::add_memory_packed`]).
+#[derive(Debug, Clone)]
+pub struct PackedRegion<'a> {
+    /// Guest-physical address of the region.
+    pub guest_addr: u64,
+    /// Length of the region in bytes (a multiple of the page size).
+    pub len: u64,
+    /// Present pages, ascending and disjoint.
+    pub present: Vec<PageRun>,
+    /// The present pages' bytes, concatenated in run order.
+    pub data: &'a [u8],
+}
+
 /// A run of consecutive pages within a region.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 pub struct PageRun {
@@ -1374,6 +1388,40 @@ impl ImageWriter {
                 let start = (run.first_page * PAGE_SIZE) as usize;
                 let end = (run.end() * PAGE_SIZE) as usize;
                 self.write_memory(i, start as u64, &region.bytes[start..end])?;
+            }
+        }
+        self.end_memory()
+    }
+
+    /// Like [`add_memory`](Self::add_memory), but each region's present pages
+    /// come packed: `data` holds exactly the pages of `present`, in run order.
+    /// A VMM copies dirty pages into such a buffer while the guest is paused
+    /// and writes the image after it runs again.
+    pub fn add_memory_packed(&mut self, regions: &[PackedRegion<'_>]) -> Result<(), WriteError> {
+        for (i, r) in regions.iter().enumerate() {
+            let pages: u64 = r.present.iter().map(|run| run.count).sum();
+            if pages * PAGE_SIZE != r.data.len() as u64 {
+                return Err(self.invalid(format!(
+                    "packed memory region {i}: {} bytes of data for {pages} present pages",
+                    r.data.len()
+                )));
+            }
+        }
+        let plans = regions
+            .iter()
+            .map(|r| RegionPlan {
+                guest_addr: r.guest_addr,
+                len: r.len,
+                present: r.present.clone(),
+            })
+            .collect();
+        self.begin_memory(plans)?;
+        for (i, region) in regions.iter().enumerate() {
+            let mut at = 0usize;
+            for run in &region.present {
+                let len = (run.count * PAGE_SIZE) as usize;
+                self.write_memory(i, run.first_page * PAGE_SIZE, &region.data[at..at + len])?;
+                at += len;
             }
         }
         self.end_memory()
@@ -2139,6 +2187,50 @@ mod tests {
         let dst = dir.path().join(name);
         fs::copy(src, &dst).unwrap();
         dst
+    }
+
+    #[test]
+    fn packed_memory_reads_back_like_a_full_region() {
+        let dir = TempDir::new("packed");
+        let whole = region(16, |p| p as u8 + 1);
+        let runs = vec![run(2, 2), run(4, 1), run(10, 1)];
+        let mut data = Vec::new();
+        for r in &runs {
+            data.extend_from_slice(
+                &whole[(r.first_page * PAGE_SIZE) as usize..(r.end() * PAGE_SIZE) as usize],
+            );
+        }
+        let mut w = ImageWriter::create(dir.path(), ImageKind::Full).unwrap();
+        // Data that does not match the runs is refused.
+        assert!(w
+            .add_memory_packed(&[PackedRegion {
+                guest_addr: 0,
+                len: 16 * PAGE_SIZE,
+                present: runs.clone(),
+                data: &data[..PAGE_SIZE as usize],
+            }])
+            .is_err());
+        let mut w = ImageWriter::create(dir.path(), ImageKind::Full).unwrap();
+        w.add_memory_packed(&[PackedRegion {
+            guest_addr: 0,
+            len: 16 * PAGE_SIZE,
+            present: runs.clone(),
+            data: &data,
+        }])
+        .unwrap();
+        let c = w.commit().unwrap();
+        let r = ImageReader::open(&c.path).unwrap();
+        r.verify_memory().unwrap();
+        let layout = r.memory_map()[0].clone();
+        assert_eq!(layout.present_pages(), 4);
+        for page in [2u64, 3, 4, 10] {
+            let mut buf = vec![0u8; PAGE_SIZE as usize];
+            r.read_memory(&layout, page * PAGE_SIZE, &mut buf).unwrap();
+            assert_eq!(
+                buf,
+                whole[(page * PAGE_SIZE) as usize..((page + 1) * PAGE_SIZE) as usize]
+            );
+        }
     }
 
     #[test]

@@ -23,7 +23,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use relive_images::format::{
-    ImageKind, ImageReader, ImageWriter, MemoryRegionSource, PageRun, SectionKind,
+    ImageKind, ImageReader, ImageWriter, MemoryRegionSource, PackedRegion, PageRun, SectionKind,
 };
 use serde::{Deserialize, Serialize};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -300,7 +300,87 @@ pub unsafe fn write_image(
     mem: &GuestMemoryMmap,
     pages: &PageSelection,
 ) -> Result<ImageWriter, SnapshotError> {
+    // SAFETY: forwarded from this function's contract.
+    let regions = unsafe { region_slices(mem) };
+    write_image_from(dir, kind, parts, &regions, pages)
+}
+
+/// Guest pages copied out of a paused VM: per region its address, length and
+/// runs, and all their bytes packed in `data` (region by region, run order).
+#[derive(Debug, Default)]
+pub struct PackedPages {
+    /// (guest address, region length, present runs) per region.
+    pub regions: Vec<(u64, u64, Vec<PageRun>)>,
+    /// The pages' bytes.
+    pub data: Vec<u8>,
+}
+
+/// Copies the pages of `runs` (per region) out of guest memory into `data`
+/// (cleared first; pass the previous checkpoint's buffer to reuse its
+/// memory), so the image can be written after the vCPUs resume. This is how
+/// an incremental checkpoint keeps its pause short: one memcpy per run.
+///
+/// # Safety
+/// Every vCPU must be paused for the duration of the call.
+pub unsafe fn copy_pages(
+    mem: &GuestMemoryMmap,
+    runs: Vec<Vec<PageRun>>,
+    mut data: Vec<u8>,
+) -> PackedPages {
+    // SAFETY: forwarded from this function's contract.
+    let regions = unsafe { region_slices(mem) };
+    data.clear();
+    let total: u64 = runs.iter().flatten().map(|r| r.count).sum();
+    data.reserve((total as usize) * PAGE);
+    let mut packed = Vec::with_capacity(regions.len());
+    let mut runs = runs.into_iter();
+    for (addr, bytes) in regions {
+        let region_runs = runs.next().unwrap_or_default();
+        for run in &region_runs {
+            let start = (run.first_page as usize * PAGE).min(bytes.len());
+            let end = ((run.first_page + run.count) as usize * PAGE).min(bytes.len());
+            data.extend_from_slice(&bytes[start..end]);
+        }
+        packed.push((addr, bytes.len() as u64, region_runs));
+    }
+    PackedPages {
+        regions: packed,
+        data,
+    }
+}
+
+/// Writes an image whose memory is `pages` (see [`copy_pages`]).
+pub fn write_image_packed(
+    dir: &Path,
+    kind: ImageKind,
+    parts: &ImageParts<'_>,
+    pages: &PackedPages,
+) -> Result<ImageWriter, SnapshotError> {
     let mut writer = ImageWriter::create(dir, kind).map_err(SnapshotError::Write)?;
+    add_sections(&mut writer, parts)?;
+    let mut at = 0usize;
+    let regions: Vec<PackedRegion<'_>> = pages
+        .regions
+        .iter()
+        .map(|(addr, len, runs)| {
+            let bytes: usize = runs.iter().map(|r| r.count as usize * PAGE).sum();
+            let data = &pages.data[at.min(pages.data.len())..(at + bytes).min(pages.data.len())];
+            at += bytes;
+            PackedRegion {
+                guest_addr: *addr,
+                len: *len,
+                present: runs.clone(),
+                data,
+            }
+        })
+        .collect();
+    writer
+        .add_memory_packed(&regions)
+        .map_err(SnapshotError::Write)?;
+    Ok(writer)
+}
+
+fn add_sections(writer: &mut ImageWriter, parts: &ImageParts<'_>) -> Result<(), SnapshotError> {
     let sections = [
         (
             SectionKind::Config,
@@ -328,8 +408,19 @@ pub unsafe fn write_image(
             .add_section(*kind, SECTION_VERSION, payload)
             .map_err(SnapshotError::Write)?;
     }
-    // SAFETY: forwarded from this function's contract.
-    let regions = unsafe { region_slices(mem) };
+    Ok(())
+}
+
+/// Writes an image whose memory regions are `regions` (guest address, bytes).
+pub fn write_image_from(
+    dir: &Path,
+    kind: ImageKind,
+    parts: &ImageParts<'_>,
+    regions: &[(u64, &[u8])],
+    pages: &PageSelection,
+) -> Result<ImageWriter, SnapshotError> {
+    let mut writer = ImageWriter::create(dir, kind).map_err(SnapshotError::Write)?;
+    add_sections(&mut writer, parts)?;
     let sources: Vec<MemoryRegionSource<'_>> = regions
         .iter()
         .enumerate()

@@ -1006,6 +1006,7 @@ impl Vm {
             pending_input,
             history,
             boot_image_path: None,
+            copy_buffer: Vec::new(),
             watchers: Vec::new(),
         };
         if event_loop.cfg.boot_image == Some(BootImageMode::Recipe) {
@@ -1059,6 +1060,9 @@ struct EventLoop {
     history: Option<ImageHistory>,
     /// The boot image written by this VM.
     boot_image_path: Option<String>,
+    /// Dirty pages are copied here during an incremental checkpoint's pause
+    /// (kept between checkpoints so its pages are not faulted in again).
+    copy_buffer: Vec<u8>,
     watchers: Vec<SyncSender<Response>>,
 }
 
@@ -1525,7 +1529,13 @@ impl EventLoop {
         if was_running {
             self.resume()?;
         }
-        let result = written.and_then(|writer| writer.commit().map_err(|e| error_chain(&e)));
+        let result = written.and_then(|pending| {
+            let (result, buffer) = pending.finish();
+            if buffer.capacity() > 0 {
+                self.copy_buffer = buffer;
+            }
+            result
+        });
         let history = self.history.as_mut().ok_or("no image history")?;
         let image = match result {
             Ok(image) => image,
@@ -1602,7 +1612,7 @@ impl EventLoop {
             // The snapshot consumed the dirty log: the next consistency image is full.
             history.need_full = true;
         }
-        written.and_then(|writer| writer.commit().map_err(|e| error_chain(&e)))
+        written.and_then(|pending| pending.finish().0)
     }
 
     fn image_config(&self) -> ImageConfig {
@@ -1632,7 +1642,7 @@ impl EventLoop {
         Ok(out)
     }
 
-    fn write_checkpoint(&mut self, kind: ImageKind) -> Result<ImageWriter, String> {
+    fn write_checkpoint(&mut self, kind: ImageKind) -> Result<PendingImage, String> {
         let t0 = Instant::now();
         let history = self.history.as_ref().ok_or("no image history")?;
         let dir = history.store.dir().to_path_buf();
@@ -1697,16 +1707,36 @@ impl EventLoop {
             app: &app,
         };
         let state_us = t0.elapsed().as_micros() as u64 - dirty_us;
-        // SAFETY: every vCPU is paused (checked by `checkpoint`) until this returns.
-        let writer = unsafe { snapshot::write_image(&dir, kind, &parts, &self.mem, &pages) }
-            .map_err(|e| error_chain(&e));
+        let pending = match pages {
+            PageSelection::Dirty(runs) => {
+                let buffer = std::mem::take(&mut self.copy_buffer);
+                // SAFETY: every vCPU is paused (checked by `checkpoint`) until this returns.
+                let pages = unsafe { snapshot::copy_pages(&self.mem, runs, buffer) };
+                Ok(PendingImage::Copied(Box::new(CopiedImage {
+                    dir,
+                    kind,
+                    config,
+                    limits: self.cfg.limits.clone(),
+                    machine,
+                    devices,
+                    app,
+                    pages,
+                })))
+            }
+            full => {
+                // SAFETY: every vCPU is paused (checked by `checkpoint`) until this returns.
+                unsafe { snapshot::write_image(&dir, kind, &parts, &self.mem, &full) }
+                    .map(PendingImage::Written)
+                    .map_err(|e| error_chain(&e))
+            }
+        };
         tracing::debug!(
             dirty_us,
             state_us,
-            write_us = t0.elapsed().as_micros() as u64 - dirty_us - state_us,
-            "checkpoint written"
+            copy_or_write_us = t0.elapsed().as_micros() as u64 - dirty_us - state_us,
+            "checkpoint captured"
         );
-        writer
+        pending
     }
 
     fn flush_console(&self) {
@@ -1732,6 +1762,55 @@ fn apply_limits(name: Option<&str>, limits: &ResourceLimits) -> Result<(), VmErr
     let name = name.unwrap_or(&fallback);
     crate::cgroup::apply(name, limits).map_err(VmError::Cgroup)?;
     Ok(())
+}
+
+/// A checkpoint captured while the vCPUs were paused, to be finished after.
+enum PendingImage {
+    /// Written to its temporary file already: commit it.
+    Written(ImageWriter),
+    /// Copied into memory (an incremental layer): write, then commit.
+    Copied(Box<CopiedImage>),
+}
+
+struct CopiedImage {
+    dir: PathBuf,
+    kind: ImageKind,
+    config: ImageConfig,
+    limits: ResourceLimits,
+    machine: MachineState,
+    devices: DeviceState,
+    app: AppStatus,
+    pages: snapshot::PackedPages,
+}
+
+impl PendingImage {
+    /// Writes what is left and commits (fsync, rename, fsync of the
+    /// directory); gives back the copy buffer for the next checkpoint.
+    fn finish(
+        self,
+    ) -> (
+        Result<relive_images::format::CommittedImage, String>,
+        Vec<u8>,
+    ) {
+        match self {
+            PendingImage::Written(writer) => {
+                (writer.commit().map_err(|e| error_chain(&e)), Vec::new())
+            }
+            PendingImage::Copied(c) => {
+                let parts = ImageParts {
+                    config: &c.config,
+                    limits: &c.limits,
+                    machine: &c.machine,
+                    devices: &c.devices,
+                    app: &c.app,
+                };
+                let result = snapshot::write_image_packed(&c.dir, c.kind, &parts, &c.pages)
+                    .map_err(|e| error_chain(&e))
+                    .and_then(|w| w.commit().map_err(|e| error_chain(&e)));
+                (result, c.pages.data)
+            }
+        }
+    }
 }
 
 /// Durations of the steps of building a VM, for the debug log.
