@@ -1726,7 +1726,7 @@ impl EventLoop {
             full => {
                 // SAFETY: every vCPU is paused (checked by `checkpoint`) until this returns.
                 unsafe { snapshot::write_image(&dir, kind, &parts, &self.mem, &full) }
-                    .map(PendingImage::Written)
+                    .map(|w| PendingImage::Written(Box::new(w)))
                     .map_err(|e| error_chain(&e))
             }
         };
@@ -1767,7 +1767,7 @@ fn apply_limits(name: Option<&str>, limits: &ResourceLimits) -> Result<(), VmErr
 /// A checkpoint captured while the vCPUs were paused, to be finished after.
 enum PendingImage {
     /// Written to its temporary file already: commit it.
-    Written(ImageWriter),
+    Written(Box<ImageWriter>),
     /// Copied into memory (an incremental layer): write, then commit.
     Copied(Box<CopiedImage>),
 }
