@@ -148,20 +148,21 @@ async fn simple_action(
     State(fleet): State<Fleet>,
     Path((vm, action)): Path<(String, String)>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let action =
-        match action.as_str() {
-            "checkpoint" => Action::Checkpoint,
-            "pause" => Action::Pause,
-            "resume" => Action::Resume,
-            "stop" => Action::Stop,
-            "start" => Action::Start,
-            other => return Err(ApiError(
+    let action = match action.as_str() {
+        "checkpoint" => Action::Checkpoint,
+        "pause" => Action::Pause,
+        "resume" => Action::Resume,
+        "stop" => Action::Stop,
+        "start" => Action::Start,
+        other => {
+            return Err(ApiError(
                 StatusCode::NOT_FOUND,
                 format!(
                     "no action {other:?}: use failover, checkpoint, pause, resume, stop or start"
                 ),
-            )),
-        };
+            ))
+        }
+    };
     let message = fleet.act(&vm, action).await?;
     Ok(Json(serde_json::json!({ "ok": message })))
 }

@@ -18,7 +18,11 @@
 //! - operator commands from the API ([`Action`]).
 //!
 //! A failure goes to the [`FailoverPolicy`], which answers: restore the
-//! latest good consistency image, restore the boot image, or give up. A
+//! latest good consistency image, restore the boot image, or give up. After a
+//! failure of the guest itself (panic, triple fault, reset, power-off, hang),
+//! the consistency images captured after its last heartbeat are deleted first:
+//! no heartbeat vouches for them, and they may hold the failing guest (a hung
+//! one, or one with the fatal command already queued). A
 //! restore goes into the standby VMM when one is ready (mapping the image over
 //! an already built VM) and cold into a new process otherwise; a new standby
 //! is then started in the background. Every transition is an [`Event`].
@@ -51,6 +55,11 @@ pub const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 
 /// How long a VMM gets to serve its control socket after it starts.
 pub const VMM_START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How long a VMM whose control connection ended gets to exit by itself
+/// before its control socket counts as lost: an ending VMM closes its
+/// connections before it writes its exit record and exits.
+pub const EXIT_GRACE: Duration = Duration::from_secs(1);
 
 /// What an operator asks of a VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -307,6 +316,12 @@ struct VmTask {
     socket_flip: bool,
     /// The active VMM is being stopped on purpose: its exit is not a failure.
     stopping: bool,
+    /// The next checkpoint must be a full image: the active VMM came from a
+    /// boot image (a layer on it has no consistency parent) or was adopted.
+    full_checkpoint_next: bool,
+    /// When the active VMM came up (unix ms): its images are the ones
+    /// [`VmTask::discard_unconfirmed_images`] may judge by heartbeat seq.
+    active_since_unix_ms: u64,
 }
 
 impl VmTask {
@@ -350,6 +365,8 @@ impl VmTask {
             restores: 0,
             socket_flip: false,
             stopping: false,
+            full_checkpoint_next: false,
+            active_since_unix_ms: 0,
         }
     }
 
@@ -534,6 +551,7 @@ impl VmTask {
         };
         let vmm = self.spawn(args, &socket).await.map_err(|e| e.to_string())?;
         self.adopt_active(vmm).await;
+        self.full_checkpoint_next = boot_image.is_some();
         Ok(image_id)
     }
 
@@ -542,6 +560,10 @@ impl VmTask {
         self.vmm = Some(vmm);
         self.running_since = Instant::now();
         self.last_heartbeat_at = None;
+        // The previous VMM's last line says nothing about this one.
+        self.last_heartbeat = None;
+        self.full_checkpoint_next = false;
+        self.active_since_unix_ms = unix_ms();
         self.persist();
     }
 
@@ -631,6 +653,7 @@ impl VmTask {
                 match boot_image {
                     Some(path) => {
                         let standby = self.restore_image(&path).await?;
+                        self.full_checkpoint_next = true;
                         Ok((RestoreTarget::Boot, image_id_of(&path), path_kind(standby)))
                     }
                     None => {
@@ -719,15 +742,26 @@ impl VmTask {
         let Some(process) = VmmProcess::adopt(pid, &socket, &self.log_path()) else {
             return false;
         };
-        if process.request(&Request::Status).await.is_err() {
+        let Ok(Response::Status(status)) = process.request(&Request::Status).await else {
             return false;
-        }
+        };
         self.socket_flip = socket == self.socket_path(true);
         self.adopt_active(process).await;
+        // Whatever this VMM last wrote, a full image starts a chain for sure.
+        self.full_checkpoint_next = true;
+        let now = Instant::now();
         // An adopted VM has been running for a while: healthy already.
-        self.running_since = Instant::now()
-            .checked_sub(self.spec.policy.ready_grace)
-            .unwrap_or_else(Instant::now);
+        self.running_since = now.checked_sub(self.spec.policy.ready_grace).unwrap_or(now);
+        // Its last heartbeat is the VMM's, not the start of `ready_grace`
+        // (that would count the VM as hung at once when `heartbeat_timeout`
+        // is shorter than `ready_grace`).
+        self.last_heartbeat_at = Some(
+            status
+                .agent
+                .last_heartbeat_age_ms
+                .and_then(|age| now.checked_sub(Duration::from_millis(age)))
+                .unwrap_or(now),
+        );
         true
     }
 
@@ -781,20 +815,34 @@ impl VmTask {
                     self.watch = None;
                     let alive = self.vmm.as_ref().is_some_and(VmmProcess::is_alive);
                     if alive && self.state.is_up() {
-                        if let Some(vmm) = &self.vmm {
-                            vmm.kill();
+                        // An ending VMM (guest panic, triple fault, ...) closes
+                        // its connections before it writes its exit record:
+                        // let it end, so the failure gets its real reason.
+                        let ended = match self.vmm.as_mut() {
+                            Some(vmm) => tokio::time::timeout(EXIT_GRACE, vmm.exited()).await.ok(),
+                            None => None,
+                        };
+                        if let Some(info) = ended {
+                            self.vmm = None;
+                            self.on_failure(failure_reason(&info), now, info.detail())
+                                .await;
+                        } else {
+                            if let Some(vmm) = &self.vmm {
+                                vmm.kill();
+                            }
+                            self.stopping = true;
+                            if let Some(mut vmm) = self.vmm.take() {
+                                let _ = vmm.exited().await;
+                            }
+                            self.stopping = false;
+                            self.on_failure(
+                                FailureReason::ControlLost,
+                                now,
+                                "the VMM's control socket went away".into(),
+                            )
+                            .await;
                         }
-                        self.stopping = true;
-                        if let Some(mut vmm) = self.vmm.take() {
-                            let _ = vmm.exited().await;
-                        }
-                        self.stopping = false;
-                        self.on_failure(
-                            FailureReason::ControlLost,
-                            now,
-                            "the VMM's control socket went away".into(),
-                        )
-                        .await;
+                        self.persist();
                     }
                 }
                 Wake::StandbyExited => {
@@ -916,8 +964,16 @@ impl VmTask {
         let Some(vmm) = &self.vmm else {
             return Err("the VM has no running VMM".into());
         };
+        // A layer on a boot image has no consistency parent: the store could
+        // never restore it (nor anything layered on it).
+        let kind = if self.full_checkpoint_next {
+            CheckpointKind::Full
+        } else {
+            kind
+        };
         match vmm.request(&Request::Checkpoint { kind }).await {
             Ok(Response::Checkpoint(report)) => {
+                self.full_checkpoint_next = false;
                 let kind = match report.kind {
                     CheckpointKind::Full => crate::metrics::CheckpointKind::Full,
                     CheckpointKind::Incremental => crate::metrics::CheckpointKind::Incremental,
@@ -948,8 +1004,65 @@ impl VmTask {
         }
     }
 
+    /// Deletes the consistency images the guest never heartbeated after: those
+    /// the active VMM captured once the guest's last heartbeat had been sent.
+    /// After a failure of the guest itself (a hang, or a panic whose command
+    /// was already on its way) they hold the failing guest, and restoring one
+    /// would only fail again.
+    fn discard_unconfirmed_images(&self) {
+        let Some(last_seq) = self.last_heartbeat.as_deref().and_then(heartbeat_seq) else {
+            return;
+        };
+        let Ok(entries) = self
+            .store()
+            .and_then(|s| s.list().map_err(|e| e.to_string()))
+        else {
+            return;
+        };
+        let mut discarded = Vec::new();
+        // Newest first; stop at the first image a later heartbeat confirms.
+        for entry in entries.iter().rev() {
+            if !entry.kind.is_some_and(|k| k.is_consistency())
+                || entry
+                    .created_unix_ms
+                    .is_none_or(|ms| ms < self.active_since_unix_ms)
+            {
+                continue;
+            }
+            let Some(seq) = captured_heartbeat_seq(&entry.path) else {
+                continue;
+            };
+            if seq < last_seq {
+                break;
+            }
+            if std::fs::remove_file(&entry.path).is_ok() {
+                discarded.push(entry.path.display().to_string());
+            }
+        }
+        if !discarded.is_empty() {
+            self.note(
+                "image-discarded",
+                format!(
+                    "captured after the guest's last heartbeat (seq {last_seq}): {}",
+                    discarded.join(", ")
+                ),
+            );
+        }
+    }
+
     async fn on_failure(&mut self, reason: FailureReason, detected: Instant, detail: String) {
         self.metrics.record_failure(&self.spec.name, reason);
+        if matches!(
+            reason,
+            FailureReason::Panic
+                | FailureReason::TripleFault
+                | FailureReason::Reset
+                | FailureReason::PowerOff
+                | FailureReason::KvmError
+                | FailureReason::HeartbeatTimeout
+        ) {
+            self.discard_unconfirmed_images();
+        }
         self.view
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -1221,6 +1334,24 @@ fn with_image(event: Event, image: Option<String>) -> Event {
 fn image_id_of(path: &Path) -> Option<String> {
     let stem = path.file_stem()?.to_str()?;
     stem.rsplit('-').next().map(str::to_string)
+}
+
+/// The `seq` of a heartbeat line (`hb seq=S counter=C ...`).
+fn heartbeat_seq(line: &str) -> Option<u64> {
+    line.strip_prefix("hb ")?
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("seq="))?
+        .parse()
+        .ok()
+}
+
+/// The seq of the last heartbeat the VMM had seen when it captured `image`.
+fn captured_heartbeat_seq(image: &Path) -> Option<u64> {
+    use relive_images::format::{ImageReader, SectionKind};
+    let reader = ImageReader::open(image).ok()?;
+    let app: relive_vmm::snapshot::AppStatus =
+        serde_json::from_slice(reader.section(SectionKind::AppStatus)?).ok()?;
+    heartbeat_seq(app.last_heartbeat.as_deref()?)
 }
 
 fn rss_bytes(pid: u32) -> u64 {

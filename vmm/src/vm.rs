@@ -144,7 +144,9 @@ impl ImageHistory {
             (Some(Ok(a)), Ok(b)) if a == b
         );
         self.last = Some(image.reader.id());
-        self.need_full = !same_dir;
+        // Layers sit beside their parent, and a boot image is no parent:
+        // the first image after a boot-image start is full.
+        self.need_full = !same_dir || image.reader.kind() == ImageKind::Boot;
         self.layers = 0;
         self.base_present = image
             .reader

@@ -1,0 +1,1434 @@
+//! End-to-end tests of the supervisor, the way its users meet it: each test
+//! writes a fleet file, runs `relive up FLEET.yaml` (the real binary, with the
+//! real `relive-vmm` and the bundled guest), and checks what an operator would
+//! check:
+//!
+//! - `relive --api <state_dir>/api.sock status|show|events|images|... --json`
+//!   (the real CLI over the Unix socket API);
+//! - `relive metrics`, parsed as Prometheus text (`prometheus-parse`), whose
+//!   counters must match what happened in the test;
+//! - `relive-vmm ctl SOCKET ...` on the VMMs' control sockets (to make a guest
+//!   panic, crash or hang, and to see that VMMs outlive the supervisor);
+//! - `relive-vmm images inspect IMAGE --json`, whose app status holds the
+//!   guest's last heartbeat at the image: with the guest's hash chain
+//!   ([`replay_hash`]) it proves where a restored guest continued from.
+//!
+//! Policies are short so the suite stays fast (see [`fleet_yaml`]): 500 ms
+//! checkpoints, 1 s ready grace, 5 s failure window, at most 2 failures in
+//! it, heartbeats every 50 ms. `heartbeat_timeout` is 2 s rather than 1 s: on
+//! a loaded 2-core machine a guest can be descheduled long enough to look
+//! hung, which would add failures the counters do not expect.
+//!
+//! # No leaks, no hangs
+//!
+//! VMMs outlive the supervisor by design, so [`Fleet`]'s drop kills the
+//! supervisor and then every VMM of the test by pid: the pids it saw in
+//! `relive status`/`show` (`pid`, `standby_pid`), those in the state
+//! directory's `vmm.json` files, and any `relive-vmm` process whose command
+//! line names the test's own state directory (no kill by name). Every wait
+//! polls with a deadline. When a test fails, the drop prints the supervisor's
+//! log and the events.
+//!
+//! The binaries must be built first: `cargo build --workspace` (see
+//! `tests/common/mod.rs`). Tests that boot VMs skip without `/dev/kvm`, or
+//! fail with `RELIVE_REQUIRE_KVM=1`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // helpers fail a test by panicking
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::fmt::Display;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::{require_kvm, run_vmm, run_with_timeout, vmm_bin, ChildGuard, Output, TempDir};
+use relive_images::guest::{replay_hash, HASH_INIT};
+use serde_json::Value;
+
+/// The `relive` binary (the root package's own, built by `cargo test`).
+const RELIVE: &str = env!("CARGO_BIN_EXE_relive");
+
+/// Bound for one CLI call or one step a user waits for (a VM starting, a
+/// failover completing). Generous: this is a loaded 2-core machine.
+const STEP: Duration = Duration::from_secs(30);
+
+/// The fleet's `failure_window` (see [`fleet_yaml`]).
+const FAILURE_WINDOW: Duration = Duration::from_secs(5);
+
+/// The fleet's `heartbeat_timeout`.
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How often a wait polls.
+const POLL: Duration = Duration::from_millis(100);
+
+// ---------------------------------------------------------------------------
+// Fleet files
+// ---------------------------------------------------------------------------
+
+/// A fleet of bundled-guest VMs named `vms` with the tests' short policy;
+/// `extra` is inserted at the top level (e.g. an `api:` section).
+fn fleet_yaml(state_dir: &Path, vms: &[&str], standby: bool, extra: &str) -> String {
+    let mut yaml = format!(
+        "state_dir: {}\n{extra}defaults:\n  checkpoint_interval: 500ms\n  heartbeat_timeout: 2s\n  \
+         ready_grace: 1s\n  failure_window: 5s\n  max_failures: 2\n  warm_boot_image: true\n  \
+         standby: {standby}\nvms:\n",
+        state_dir.display()
+    );
+    for vm in vms {
+        yaml.push_str(&format!(
+            "  - name: {vm}\n    kernel: bundled\n    cmdline: \"relive.hb_ms=50\"\n    memory_mib: 64\n"
+        ));
+    }
+    yaml
+}
+
+// ---------------------------------------------------------------------------
+// Heartbeats
+// ---------------------------------------------------------------------------
+
+/// A heartbeat of the bundled guest: `hb seq=S counter=C hash=H cpus=N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Heartbeat {
+    seq: u64,
+    counter: u64,
+    hash: u64,
+}
+
+impl Heartbeat {
+    fn parse(line: &str) -> Option<Heartbeat> {
+        let rest = line.strip_prefix("hb ")?;
+        let field = |key: &str| {
+            rest.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+        };
+        Some(Heartbeat {
+            seq: field("seq")?.parse().ok()?,
+            counter: field("counter")?.parse().ok()?,
+            hash: u64::from_str_radix(field("hash")?, 16).ok()?,
+        })
+    }
+
+    /// The heartbeat `relive show`/`status` reports for a VM.
+    fn of(view: &Value) -> Option<Heartbeat> {
+        view["last_heartbeat"].as_str().and_then(Heartbeat::parse)
+    }
+
+    /// Asserts that `later` follows from this heartbeat by the guest's own
+    /// workload: a larger seq and counter, and the hash the workload reaches
+    /// from here at `later`'s counter.
+    fn assert_continued_by(&self, later: &Heartbeat, what: &str) {
+        assert!(
+            later.seq > self.seq && later.counter > self.counter,
+            "{what}: {later:?} does not come after {self:?}"
+        );
+        assert_eq!(
+            replay_hash(self.counter, self.hash, later.counter),
+            later.hash,
+            "{what}: the hash chain from {self:?} does not lead to {later:?}"
+        );
+    }
+}
+
+/// The guest's last heartbeat as recorded in an image (`relive-vmm images
+/// inspect IMAGE --json`, `app_status.last_heartbeat`).
+fn heartbeat_in_image(image: &Value) -> Heartbeat {
+    let path = image["path"].as_str().expect("an image has a path");
+    let out = run_vmm(["images", "inspect", path, "--json"]);
+    assert_eq!(out.code, Some(0), "images inspect {path}: {out:?}");
+    let inspected: Value = serde_json::from_str(&out.stdout).unwrap();
+    inspected["app_status"]["last_heartbeat"]
+        .as_str()
+        .and_then(Heartbeat::parse)
+        .unwrap_or_else(|| panic!("{path} records no heartbeat: {}", inspected["app_status"]))
+}
+
+// ---------------------------------------------------------------------------
+// Processes
+// ---------------------------------------------------------------------------
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// Whether `pid` exists and is not a zombie.
+fn is_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+    })
+}
+
+/// The command line of `pid`, arguments joined by spaces (empty when gone).
+fn cmdline(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .unwrap_or_default()
+}
+
+/// Whether `pid` is a live `relive-vmm` working in `state_dir`.
+fn is_vmm_of(pid: u32, state_dir: &Path) -> bool {
+    let line = cmdline(pid);
+    is_alive(pid)
+        && line
+            .split(' ')
+            .next()
+            .is_some_and(|argv0| argv0.ends_with("relive-vmm"))
+        && line.contains(&*state_dir.to_string_lossy())
+}
+
+/// Every live `relive-vmm` process whose command line names `state_dir`.
+fn vmms_of(state_dir: &Path) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| is_vmm_of(*pid, state_dir))
+        .collect()
+}
+
+/// Sends SIGKILL to `pid`.
+fn kill9(pid: u32) {
+    let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");
+    // SAFETY: kill(2) only sends a signal; every caller checked just before
+    // that `pid` is a relive-vmm process of this test (`is_vmm_of`).
+    let _ = unsafe { libc::kill(pid, libc::SIGKILL) };
+}
+
+/// Waits until `probe` returns something, polling every [`POLL`]; panics
+/// naming `what` after `timeout`.
+fn wait_for<T>(what: impl Display, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(POLL);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Metrics
+// ---------------------------------------------------------------------------
+
+/// One scrape of `/metrics`, parsed.
+struct Metrics {
+    samples: Vec<prometheus_parse::Sample>,
+    text: String,
+}
+
+impl Metrics {
+    fn parse(text: String) -> Metrics {
+        let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+            .expect("the metrics are in the Prometheus text format");
+        Metrics {
+            samples: scrape.samples,
+            text,
+        }
+    }
+
+    fn matching<'a>(
+        &'a self,
+        name: &'a str,
+        labels: &'a [(&'a str, &'a str)],
+    ) -> impl Iterator<Item = &'a prometheus_parse::Sample> + 'a {
+        self.samples.iter().filter(move |s| {
+            s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
+        })
+    }
+
+    /// The sum of the counter, gauge or untyped samples of `name` carrying
+    /// `labels` (0 when there is none).
+    fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.matching(name, labels)
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                ref other => panic!("{name} is not a plain sample: {other:?}"),
+            })
+            .sum()
+    }
+
+    /// The value of the one sample of `name` carrying `labels`.
+    fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let n = self.matching(name, labels).count();
+        assert_eq!(
+            n, 1,
+            "expected one {name}{labels:?} series, found {n}:\n{}",
+            self.text
+        );
+        self.sum(name, labels)
+    }
+
+    /// Observations of histogram `name` carrying `labels` (its `_count`).
+    fn count(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.sum(&format!("{name}_count"), labels)
+    }
+
+    /// Asserts the VM's `relive_vm_state` is 1 for `state` only.
+    fn assert_state(&self, vm: &str, state: &str) {
+        assert_eq!(
+            self.value("relive_vm_state", &[("vm", vm), ("state", state)]),
+            1.0,
+            "relive_vm_state of {vm} is not {state}:\n{}",
+            self.text
+        );
+        assert_eq!(
+            self.sum("relive_vm_state", &[("vm", vm)]),
+            1.0,
+            "{vm} is in more than one state:\n{}",
+            self.text
+        );
+    }
+
+    /// Asserts the VM's failures by reason are exactly `expected` (every
+    /// other reason 0).
+    fn assert_failures(&self, vm: &str, expected: &[(&str, f64)]) {
+        let total: f64 = expected.iter().map(|(_, n)| n).sum();
+        for (reason, n) in expected {
+            assert_eq!(
+                self.value("relive_failures_total", &[("vm", vm), ("reason", reason)]),
+                *n,
+                "relive_failures_total{{vm={vm},reason={reason}}}:\n{}",
+                self.text
+            );
+        }
+        assert_eq!(
+            self.sum("relive_failures_total", &[("vm", vm)]),
+            total,
+            "failures of {vm} other than {expected:?}:\n{}",
+            self.text
+        );
+    }
+
+    /// Asserts the VM's restores by (image kind, path) are exactly `expected`,
+    /// each with as many failover durations observed.
+    fn assert_restores(&self, vm: &str, expected: &[(&str, &str, f64)]) {
+        let total: f64 = expected.iter().map(|(_, _, n)| n).sum();
+        for (image, path, n) in expected {
+            let labels = [("vm", vm), ("image", *image), ("path", *path)];
+            assert_eq!(
+                self.value("relive_restores_total", &labels),
+                *n,
+                "relive_restores_total{labels:?}:\n{}",
+                self.text
+            );
+            assert_eq!(
+                self.count("relive_failover_duration_seconds", &labels),
+                *n,
+                "relive_failover_duration_seconds{labels:?} count:\n{}",
+                self.text
+            );
+        }
+        assert_eq!(
+            self.sum("relive_restores_total", &[("vm", vm)]),
+            total,
+            "restores of {vm} other than {expected:?}:\n{}",
+            self.text
+        );
+        assert_eq!(
+            self.count("relive_failover_duration_seconds", &[("vm", vm)]),
+            total,
+            "failover durations of {vm} other than {expected:?}:\n{}",
+            self.text
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The fleet under test
+// ---------------------------------------------------------------------------
+
+/// A fleet file in its own temporary directory, and the `relive up` running
+/// it. Drop kills the supervisor and every VMM of the fleet (see the module
+/// docs).
+struct Fleet {
+    supervisor: Option<ChildGuard>,
+    /// How many supervisors were started (each logs to its own files).
+    ups: usize,
+    file: PathBuf,
+    state: PathBuf,
+    api: PathBuf,
+    /// Every VMM pid `relive status`/`show` reported.
+    seen_pids: Mutex<BTreeSet<u32>>,
+    /// Declared last: removed once the processes are gone.
+    dir: TempDir,
+}
+
+impl Fleet {
+    /// Writes the fleet file `yaml(state_dir)` into a new temporary directory.
+    fn new(yaml: impl FnOnce(&Path) -> String) -> Fleet {
+        let dir = TempDir::new();
+        let state = dir.join("state");
+        let file = dir.join("fleet.yaml");
+        std::fs::write(&file, yaml(&state)).unwrap();
+        Fleet {
+            supervisor: None,
+            ups: 0,
+            api: state.join("api.sock"),
+            file,
+            state,
+            seen_pids: Mutex::new(BTreeSet::new()),
+            dir,
+        }
+    }
+
+    /// Writes the standard fleet ([`fleet_yaml`]) and starts its supervisor.
+    fn up(vms: &[&str], standby: bool) -> Fleet {
+        let mut fleet = Fleet::new(|state| fleet_yaml(state, vms, standby, ""));
+        fleet.start_supervisor();
+        fleet
+    }
+
+    /// The `relive up FILE` command (without output redirections).
+    fn up_command(&self) -> Command {
+        let mut cmd = Command::new(RELIVE);
+        cmd.arg("up")
+            .arg(&self.file)
+            .arg("--vmm-bin")
+            .arg(vmm_bin())
+            .env_remove("RELIVE_API")
+            .env_remove("RELIVE_TOKEN")
+            .env("RELIVE_LOG", "info")
+            // `relive up` records its API address for the CLI in
+            // $XDG_RUNTIME_DIR: keep that inside the test.
+            .env("XDG_RUNTIME_DIR", self.dir.path())
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Starts `relive up` and waits until its API answers.
+    fn start_supervisor(&mut self) {
+        assert!(self.supervisor.is_none(), "a supervisor is running already");
+        self.ups += 1;
+        let out = File::create(self.stdout_path()).unwrap();
+        let err = File::create(self.stderr_path()).unwrap();
+        let mut cmd = self.up_command();
+        cmd.stdout(out).stderr(err);
+        self.supervisor = Some(ChildGuard::spawn(&mut cmd));
+        wait_for("the supervisor's API", STEP, || {
+            if let Some(status) = self.supervisor.as_mut().and_then(ChildGuard::try_wait) {
+                panic!(
+                    "relive up exited ({status}) before serving its API:\n{}",
+                    self.supervisor_log()
+                );
+            }
+            (self.api.exists() && self.relive(&["status", "--json"]).code == Some(0)).then_some(())
+        });
+    }
+
+    /// Kills the supervisor with SIGKILL (and reaps it); its VMMs go on.
+    fn kill_supervisor(&mut self) {
+        let mut supervisor = self.supervisor.take().expect("a running supervisor");
+        supervisor.kill();
+    }
+
+    fn stdout_path(&self) -> PathBuf {
+        self.dir.join(format!("relive-up-{}.out", self.ups))
+    }
+
+    fn stderr_path(&self) -> PathBuf {
+        self.dir.join(format!("relive-up-{}.err", self.ups))
+    }
+
+    /// What the current supervisor printed (for failure messages).
+    fn supervisor_log(&self) -> String {
+        let read = |p: PathBuf| std::fs::read_to_string(p).unwrap_or_default();
+        let err = read(self.stderr_path());
+        let lines: Vec<&str> = err.lines().collect();
+        format!(
+            "--- relive up stdout ---\n{}--- relive up stderr (last 80 lines) ---\n{}",
+            read(self.stdout_path()),
+            lines[lines.len().saturating_sub(80)..].join("\n")
+        )
+    }
+
+    /// Runs `relive --api SOCKET ARGS...` to its end.
+    fn relive(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(RELIVE);
+        cmd.arg("--api")
+            .arg(&self.api)
+            .args(args)
+            .env_remove("RELIVE_API")
+            .env_remove("RELIVE_TOKEN")
+            .env_remove("RELIVE_LOG")
+            .stdin(Stdio::null());
+        run_with_timeout(&mut cmd, STEP)
+    }
+
+    /// Runs `relive --api SOCKET ARGS... --json`, asserting success; its JSON.
+    fn json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.relive(&all);
+        assert_eq!(out.code, Some(0), "relive {all:?} failed: {out:?}");
+        serde_json::from_str(out.stdout.trim())
+            .unwrap_or_else(|e| panic!("relive {all:?} printed no JSON ({e}): {out:?}"))
+    }
+
+    /// Runs `relive ARGS... --json` for an action (`failover`, `pause`, ...),
+    /// asserting that it succeeded.
+    fn act(&self, args: &[&str]) {
+        let answer = self.json(args);
+        assert!(answer["ok"].is_string(), "relive {args:?}: {answer}");
+    }
+
+    fn note_pids(&self, view: &Value) {
+        let mut seen = self.seen_pids.lock().unwrap();
+        for key in ["pid", "standby_pid"] {
+            if let Some(pid) = view[key].as_u64() {
+                seen.insert(pid as u32);
+            }
+        }
+    }
+
+    /// `relive show VM --json`.
+    fn show(&self, vm: &str) -> Value {
+        let view = self.json(&["show", vm]);
+        self.note_pids(&view);
+        view
+    }
+
+    /// `relive status --json`.
+    fn status(&self) -> Vec<Value> {
+        let vms = self.json(&["status"]);
+        let vms = vms.as_array().expect("status is a list").clone();
+        for view in &vms {
+            self.note_pids(view);
+        }
+        vms
+    }
+
+    /// `relive events --json -n 1000`: every event the supervisor keeps.
+    fn events(&self) -> Vec<Value> {
+        let out = self.relive(&["events", "--json", "-n", "1000"]);
+        assert_eq!(out.code, Some(0), "relive events failed: {out:?}");
+        out.stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("event {l:?}: {e}")))
+            .collect()
+    }
+
+    /// The state transitions of `vm` (events whose `from` differs from `to`)
+    /// among the events after the first `since`.
+    fn transitions(&self, vm: &str, since: usize) -> Vec<Value> {
+        self.events()
+            .into_iter()
+            .skip(since)
+            .filter(|e| e["vm"] == vm && e["from"] != e["to"])
+            .collect()
+    }
+
+    /// Waits for a failover of `vm` among the events after the first `since`:
+    /// a transition from `running` with `reason` to `restoring`, then the
+    /// transition back to running. Returns both events.
+    fn wait_failover(&self, vm: &str, since: usize, reason: &str) -> (Value, Value) {
+        wait_for(format!("a failover of {vm} ({reason})"), STEP, || {
+            let events = self.transitions(vm, since);
+            let at = events.iter().position(|e| e["reason"] == reason)?;
+            let failure = events[at].clone();
+            let done = events[at + 1..]
+                .iter()
+                .find(|e| e["from"] == failure["to"])?
+                .clone();
+            Some((failure, done))
+        })
+    }
+
+    /// `relive images VM --json`.
+    fn images(&self, vm: &str) -> Vec<Value> {
+        self.json(&["images", vm]).as_array().unwrap().clone()
+    }
+
+    /// `relive metrics`, parsed.
+    fn metrics(&self) -> Metrics {
+        let out = self.relive(&["metrics"]);
+        assert_eq!(out.code, Some(0), "relive metrics failed: {out:?}");
+        Metrics::parse(out.stdout)
+    }
+
+    /// Waits until `vm` runs, has a consistency image, has heartbeated at
+    /// least `min_seq` times and, with a standby policy, has its standby
+    /// ready. Returns its view.
+    fn wait_healthy(&self, vm: &str, min_seq: u64, standby: bool) -> Value {
+        wait_for(
+            format!("{vm} running with a checkpoint and heartbeat seq >= {min_seq}"),
+            STEP,
+            || {
+                let view = self.show(vm);
+                let ok = view["state"] == "running"
+                    && view["pid"].is_u64()
+                    && view["last_checkpoint"].is_string()
+                    && Heartbeat::of(&view).is_some_and(|hb| hb.seq >= min_seq)
+                    && (!standby || (view["standby"] == "ready" && view["standby_pid"].is_u64()));
+                ok.then_some(view)
+            },
+        )
+    }
+
+    /// Waits until `vm` runs in VMM `pid` and has heartbeated from it.
+    fn wait_heartbeat_from(&self, vm: &str, pid: u64) -> Heartbeat {
+        wait_for(format!("a heartbeat of {vm} from VMM {pid}"), STEP, || {
+            let view = self.show(vm);
+            if view["pid"].as_u64() != Some(pid) || view["state"] != "running" {
+                return None;
+            }
+            Heartbeat::of(&view)
+        })
+    }
+
+    /// Kills the active VMM of `vm` with SIGKILL; returns its pid.
+    fn kill_vmm(&self, vm: &str) -> u64 {
+        let pid = self.show(vm)["pid"].as_u64().expect("the VM has a VMM");
+        assert!(
+            is_vmm_of(pid as u32, &self.state),
+            "pid {pid} is not a VMM of this fleet: {}",
+            cmdline(pid as u32)
+        );
+        kill9(pid as u32);
+        pid
+    }
+
+    /// Sends `line` to the guest of `vm` through its VMM's control socket
+    /// (`relive-vmm ctl SOCKET agent LINE`).
+    fn agent(&self, vm: &str, line: &str) {
+        let view = self.show(vm);
+        let socket = view["socket"]
+            .as_str()
+            .expect("the VM has a control socket");
+        let out = run_vmm(["ctl", socket, "agent", line]);
+        assert_eq!(
+            (out.code, out.stdout.trim()),
+            (Some(0), "ok"),
+            "ctl agent {line}: {out:?}"
+        );
+    }
+
+    /// Waits for `vm`'s next periodic checkpoint, so that what follows
+    /// happens early in a checkpoint interval.
+    fn wait_next_checkpoint(&self, vm: &str) {
+        let last = self.show(vm)["last_checkpoint"].clone();
+        wait_for(format!("a new checkpoint of {vm}"), STEP, || {
+            (self.show(vm)["last_checkpoint"] != last).then_some(())
+        });
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let events =
+                std::fs::read_to_string(self.state.join("events.jsonl")).unwrap_or_default();
+            eprintln!("{}\n--- events ---\n{events}---", self.supervisor_log());
+        }
+        if let Some(mut supervisor) = self.supervisor.take() {
+            supervisor.kill();
+        }
+        // Every VMM of this fleet, by pid: seen by the CLI, recorded for
+        // adoption, or naming the fleet's state directory.
+        let mut pids: BTreeSet<u32> = self.seen_pids.lock().map(|s| s.clone()).unwrap_or_default();
+        if let Ok(dirs) = std::fs::read_dir(&self.state) {
+            for dir in dirs.filter_map(Result::ok) {
+                let Ok(text) = std::fs::read_to_string(dir.path().join("vmm.json")) else {
+                    continue;
+                };
+                if let Ok(recorded) = serde_json::from_str::<Value>(&text) {
+                    for key in ["pid", "standby_pid"] {
+                        if let Some(pid) = recorded[key].as_u64() {
+                            pids.insert(pid as u32);
+                        }
+                    }
+                }
+            }
+        }
+        pids.extend(vmms_of(&self.state));
+        for pid in &pids {
+            if is_vmm_of(*pid, &self.state) {
+                kill9(*pid);
+            }
+        }
+        let deadline = Instant::now() + STEP;
+        while pids.iter().any(|p| is_vmm_of(*p, &self.state)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Finds the image `id` in a VM's image list.
+fn image_by_id<'a>(images: &'a [Value], id: &str) -> &'a Value {
+    images
+        .iter()
+        .find(|i| i["id"] == id)
+        .unwrap_or_else(|| panic!("no image {id} in {images:#?}"))
+}
+
+/// An image's kind: `full`, `incremental` or `boot`.
+fn kind(image: &Value) -> &str {
+    image["kind"]["kind"].as_str().unwrap_or("?")
+}
+
+fn is_consistency(image: &Value) -> bool {
+    matches!(kind(image), "full" | "incremental")
+}
+
+// ---------------------------------------------------------------------------
+// Failures and failover
+// ---------------------------------------------------------------------------
+
+/// kill -9 of a VM's VMM: the supervisor restores the latest consistency
+/// image into the hot standby, the guest continues from that image, and a
+/// new standby is ready afterwards.
+#[test]
+fn a_killed_vmm_is_restored_from_the_latest_consistency_image_into_the_standby() {
+    if !require_kvm() {
+        return;
+    }
+    let fleet = Fleet::up(&["web"], true);
+    let before = fleet.wait_healthy("web", 20, true);
+    let standby_pid = before["standby_pid"].as_u64().unwrap();
+    let since = fleet.events().len();
+
+    let killed = fleet.kill_vmm("web");
+    let (failure, restored) = fleet.wait_failover("web", since, "vmm-killed");
+    assert_eq!(failure["from"], "running", "{failure}");
+    assert_eq!(failure["to"], "restoring-consistency", "{failure}");
+    assert_eq!(restored["to"], "running", "{restored}");
+    assert_eq!(restored["reason"], "restored", "{restored}");
+    assert_eq!(restored["path"], "standby", "{restored}");
+
+    // The image is a consistency image, and the newest one taken before the
+    // failure.
+    let id = restored["image_id"]
+        .as_str()
+        .expect("the restore names its image");
+    let images = fleet.images("web");
+    let image = image_by_id(&images, id);
+    assert!(is_consistency(image), "restored from {image}");
+    let created = image["created_unix_ms"].as_u64().unwrap();
+    let failed_at = failure["unix_ms"].as_u64().unwrap();
+    assert!(created <= failed_at, "{image} is newer than the failure");
+    let newer: Vec<&Value> = images
+        .iter()
+        .filter(|i| is_consistency(i))
+        .filter(|i| {
+            let t = i["created_unix_ms"].as_u64().unwrap();
+            t > created && t < failed_at
+        })
+        .collect();
+    assert!(newer.is_empty(), "{id} is not the latest image: {newer:#?}");
+
+    // The guest went on from the image: its counter and hash continue the
+    // image's, in the process that was the standby.
+    let at_image = heartbeat_in_image(image);
+    assert!(
+        at_image.seq >= 10,
+        "the image is of a guest that ran: {at_image:?}"
+    );
+    let after = fleet.wait_heartbeat_from("web", standby_pid);
+    at_image.assert_continued_by(&after, "after the restore");
+    assert!(!is_alive(killed as u32));
+
+    // A new standby is started in the background.
+    let view = wait_for("a new standby", STEP, || {
+        let view = fleet.show("web");
+        (view["standby"] == "ready"
+            && view["standby_pid"]
+                .as_u64()
+                .is_some_and(|p| p != standby_pid && p != killed))
+        .then_some(view)
+    });
+    assert!(is_vmm_of(
+        view["standby_pid"].as_u64().unwrap() as u32,
+        &fleet.state
+    ));
+    assert!(view["standby_memory_bytes"].as_u64().unwrap() > 0, "{view}");
+
+    let metrics = fleet.metrics();
+    metrics.assert_state("web", "running");
+    metrics.assert_failures("web", &[("vmm-killed", 1.0)]);
+    metrics.assert_restores("web", &[("consistency", "standby", 1.0)]);
+    assert_eq!(metrics.value("relive_standby_ready", &[("vm", "web")]), 1.0);
+}
+
+/// A guest `panic`, `crash` (triple fault) and `hang`, one per VM: each is
+/// detected with its own reason and restored from a consistency image, from
+/// which the guest continues.
+#[test]
+fn guest_panic_crash_and_hang_are_each_detected_with_their_reason_and_restored() {
+    if !require_kvm() {
+        return;
+    }
+    let cases = [
+        ("p", "panic", "panic"),
+        ("c", "crash", "triple-fault"),
+        ("h", "hang", "heartbeat-timeout"),
+    ];
+    let fleet = Fleet::up(&["p", "c", "h"], false);
+    for (vm, _, _) in cases {
+        fleet.wait_healthy(vm, 20, false);
+    }
+    let since = fleet.events().len();
+    let started = Instant::now();
+    for (vm, command, _) in cases {
+        // Early in a checkpoint interval, so the guest acts on the command
+        // well before the next image.
+        fleet.wait_next_checkpoint(vm);
+        fleet.agent(vm, command);
+    }
+    for (vm, command, reason) in cases {
+        let (failure, restored) = fleet.wait_failover(vm, since, reason);
+        assert_eq!(
+            failure["to"], "restoring-consistency",
+            "{command}: {failure}"
+        );
+        assert_eq!(restored["to"], "running", "{command}: {restored}");
+        assert_eq!(restored["path"], "cold", "{command}: {restored}");
+        let id = restored["image_id"].as_str().expect("an image id");
+        let images = fleet.images(vm);
+        let image = image_by_id(&images, id);
+        assert!(is_consistency(image), "{command}: restored from {image}");
+        let at_image = heartbeat_in_image(image);
+        let pid = fleet.show(vm)["pid"].as_u64().unwrap();
+        let after = fleet.wait_heartbeat_from(vm, pid);
+        at_image.assert_continued_by(&after, &format!("after the {command}"));
+        let view = fleet.show(vm);
+        assert_eq!(view["last_failure"], reason, "{view}");
+    }
+    // A hang is only seen once heartbeat_timeout has passed.
+    assert!(started.elapsed() >= HEARTBEAT_TIMEOUT);
+
+    // Each VM failed once, for its own reason, and was restored once.
+    let metrics = fleet.metrics();
+    for (vm, _, reason) in cases {
+        metrics.assert_state(vm, "running");
+        metrics.assert_failures(vm, &[(reason, 1.0)]);
+        metrics.assert_restores(vm, &[("consistency", "cold", 1.0)]);
+    }
+}
+
+/// A second failure within `failure_window` of a consistency restore goes to
+/// the boot image (the guest's counter starts again); one more is beyond
+/// `max_failures`: the VM is `failed` and stays down until `relive start`.
+#[test]
+fn repeated_failures_go_to_the_boot_image_then_failed_until_start() {
+    if !require_kvm() {
+        return;
+    }
+    let fleet = Fleet::up(&["db"], false);
+    fleet.wait_healthy("db", 60, false);
+    let since = fleet.events().len();
+    let window_start = Instant::now();
+
+    // 1st failure: the latest consistency image.
+    fleet.kill_vmm("db");
+    let (_, restored) = fleet.wait_failover("db", since, "vmm-killed");
+    assert_eq!(restored["from"], "restoring-consistency", "{restored}");
+    let pid = fleet.show("db")["pid"].as_u64().unwrap();
+    let before = fleet.wait_heartbeat_from("db", pid);
+    assert!(before.seq >= 40, "{before:?}");
+
+    // 2nd failure, within the window: the (warm) boot image.
+    let since = fleet.events().len();
+    fleet.kill_vmm("db");
+    let (failure, restored) = fleet.wait_failover("db", since, "vmm-killed");
+    assert_eq!(failure["to"], "restoring-boot", "{failure}");
+    assert_eq!(restored["to"], "running", "{restored}");
+    let id = restored["image_id"].as_str().expect("the boot image's id");
+    assert_eq!(kind(image_by_id(&fleet.images("db"), id)), "boot");
+    // The counter starts again: a warm boot image is the guest at `ready`,
+    // before its workload's first step.
+    let pid = fleet.show("db")["pid"].as_u64().unwrap();
+    let after = fleet.wait_heartbeat_from("db", pid);
+    assert!(
+        after.seq < before.seq && after.counter < before.counter,
+        "the guest did not start again: {before:?} -> {after:?}"
+    );
+    assert_eq!(replay_hash(0, HASH_INIT, after.counter), after.hash);
+
+    // 3rd failure, within the window: more than max_failures (2).
+    let since = fleet.events().len();
+    let last_pid = fleet.kill_vmm("db");
+    let failed = wait_for("db failed", STEP, || {
+        fleet
+            .transitions("db", since)
+            .into_iter()
+            .find(|e| e["to"] == "failed")
+    });
+    assert_eq!(failed["reason"], "vmm-killed", "{failed}");
+    assert!(
+        window_start.elapsed() < FAILURE_WINDOW,
+        "the failures were not within failure_window; the machine is too slow for this test"
+    );
+
+    // It stays down: no VMM, no restore, until an operator starts it.
+    let down_since = Instant::now();
+    while down_since.elapsed() < Duration::from_millis(1500) {
+        let view = fleet.show("db");
+        assert_eq!(view["state"], "failed", "{view}");
+        assert!(view["pid"].is_null(), "{view}");
+        assert_eq!(vmms_of(&fleet.state), Vec::<u32>::new());
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(!is_alive(last_pid as u32));
+    assert!(
+        fleet
+            .transitions("db", since)
+            .iter()
+            .all(|e| e["to"] != "running"),
+        "a failed VM was restarted"
+    );
+    let metrics = fleet.metrics();
+    metrics.assert_state("db", "failed");
+    assert_eq!(metrics.value("relive_vm_up", &[("vm", "db")]), 0.0);
+
+    let since = fleet.events().len();
+    fleet.act(&["start", "db"]);
+    let view = fleet.show("db");
+    assert_eq!(view["state"], "running", "{view}");
+    let pid = view["pid"].as_u64().expect("a VMM again");
+    fleet.wait_heartbeat_from("db", pid);
+    let reasons: Vec<Value> = fleet
+        .transitions("db", since)
+        .iter()
+        .map(|e| e["reason"].clone())
+        .collect();
+    assert_eq!(reasons, ["operator-start", "started"]);
+
+    let metrics = fleet.metrics();
+    metrics.assert_state("db", "running");
+    metrics.assert_failures("db", &[("vmm-killed", 3.0)]);
+    metrics.assert_restores("db", &[("consistency", "cold", 1.0), ("boot", "cold", 1.0)]);
+}
+
+/// After a boot fallback, once `failure_window` has passed and the VM has
+/// taken a new checkpoint, a failure restores a consistency image again.
+#[test]
+fn a_failure_after_the_window_restores_a_consistency_image_again() {
+    if !require_kvm() {
+        return;
+    }
+    let fleet = Fleet::up(&["app"], false);
+    fleet.wait_healthy("app", 20, false);
+    let since = fleet.events().len();
+    fleet.kill_vmm("app");
+    let (first, _) = fleet.wait_failover("app", since, "vmm-killed");
+    assert_eq!(first["to"], "restoring-consistency", "{first}");
+    let since = fleet.events().len();
+    fleet.kill_vmm("app");
+    let (second, booted) = fleet.wait_failover("app", since, "vmm-killed");
+    assert_eq!(second["to"], "restoring-boot", "{second}");
+    let booted_at = booted["unix_ms"].as_u64().unwrap();
+
+    // The consistency images predate the boot fallback: they are trusted
+    // again only once a new one exists, and the failures only count for
+    // failure_window.
+    let fresh = wait_for("a consistency image taken after the boot", STEP, || {
+        fleet
+            .images("app")
+            .into_iter()
+            .find(|i| is_consistency(i) && i["created_unix_ms"].as_u64().unwrap() > booted_at)
+    });
+    wait_for("the failures to leave failure_window", STEP, || {
+        (fleet.show("app")["recent_failures"] == 0).then_some(())
+    });
+    let window_end = second["unix_ms"].as_u64().unwrap() + FAILURE_WINDOW.as_millis() as u64;
+    assert!(unix_ms() >= window_end);
+
+    let since = fleet.events().len();
+    fleet.kill_vmm("app");
+    let (third, restored) = fleet.wait_failover("app", since, "vmm-killed");
+    assert_eq!(third["to"], "restoring-consistency", "{third}");
+    let id = restored["image_id"].as_str().unwrap();
+    let images = fleet.images("app");
+    let image = image_by_id(&images, id);
+    assert!(is_consistency(image), "{image}");
+    assert!(
+        image["created_unix_ms"].as_u64().unwrap() >= fresh["created_unix_ms"].as_u64().unwrap(),
+        "restored {image}, older than the first image after the boot, {fresh}"
+    );
+    let at_image = heartbeat_in_image(image);
+    let pid = fleet.show("app")["pid"].as_u64().unwrap();
+    at_image.assert_continued_by(&fleet.wait_heartbeat_from("app", pid), "after the restore");
+
+    let metrics = fleet.metrics();
+    metrics.assert_state("app", "running");
+    metrics.assert_failures("app", &[("vmm-killed", 3.0)]);
+    metrics.assert_restores(
+        "app",
+        &[("consistency", "cold", 2.0), ("boot", "cold", 1.0)],
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Operator actions
+// ---------------------------------------------------------------------------
+
+/// `relive failover VM --to consistency|boot|IMAGE_ID`, `pause`/`resume` and
+/// `stop`/`start`, as an operator runs them. Forced failovers are restores,
+/// not failures.
+#[test]
+fn operator_failover_to_each_target_pause_resume_stop_start() {
+    if !require_kvm() {
+        return;
+    }
+    let fleet = Fleet::up(&["ops"], false);
+    fleet.wait_healthy("ops", 20, false);
+
+    // --to consistency: the latest consistency image.
+    let since = fleet.events().len();
+    fleet.act(&["failover", "ops", "--to", "consistency"]);
+    let (forced, restored) = fleet.wait_failover("ops", since, "operator-failover");
+    assert_eq!(forced["to"], "restoring-consistency", "{forced}");
+    let images = fleet.images("ops");
+    let image = image_by_id(&images, restored["image_id"].as_str().unwrap());
+    assert!(is_consistency(image), "{image}");
+    let pid = fleet.show("ops")["pid"].as_u64().unwrap();
+    heartbeat_in_image(image)
+        .assert_continued_by(&fleet.wait_heartbeat_from("ops", pid), "--to consistency");
+
+    // --to boot: the boot image; the guest starts again.
+    let before = fleet.wait_healthy("ops", 40, false);
+    let before = Heartbeat::of(&before).unwrap();
+    let since = fleet.events().len();
+    fleet.act(&["failover", "ops", "--to", "boot"]);
+    let (forced, restored) = fleet.wait_failover("ops", since, "operator-failover");
+    assert_eq!(forced["to"], "restoring-boot", "{forced}");
+    let id = restored["image_id"].as_str().unwrap();
+    assert_eq!(kind(image_by_id(&fleet.images("ops"), id)), "boot");
+    let pid = fleet.show("ops")["pid"].as_u64().unwrap();
+    let after = fleet.wait_heartbeat_from("ops", pid);
+    assert!(
+        after.seq < before.seq && after.counter < before.counter,
+        "the guest did not start again: {before:?} -> {after:?}"
+    );
+    assert_eq!(replay_hash(0, HASH_INIT, after.counter), after.hash);
+
+    // --to IMAGE_ID: that very image.
+    fleet.wait_healthy("ops", 20, false);
+    let images = fleet.images("ops");
+    let chosen = images
+        .iter()
+        .rev()
+        .find(|i| kind(i) == "full")
+        .expect("a full consistency image");
+    let chosen_id = chosen["id"].as_str().unwrap();
+    let since = fleet.events().len();
+    fleet.act(&["failover", "ops", "--to", chosen_id]);
+    let (forced, restored) = fleet.wait_failover("ops", since, "operator-failover");
+    assert_eq!(forced["to"], "restoring-image", "{forced}");
+    assert_eq!(restored["image_id"], chosen_id, "{restored}");
+    let pid = fleet.show("ops")["pid"].as_u64().unwrap();
+    heartbeat_in_image(chosen)
+        .assert_continued_by(&fleet.wait_heartbeat_from("ops", pid), "--to IMAGE_ID");
+
+    // pause: heartbeats stop, and a paused guest is not a hung one.
+    let since = fleet.events().len();
+    fleet.act(&["pause", "ops"]);
+    let paused = fleet.show("ops");
+    assert_eq!(paused["state"], "paused", "{paused}");
+    fleet.metrics().assert_state("ops", "paused");
+    std::thread::sleep(POLL * 2); // a heartbeat already on its way
+    let paused = fleet.show("ops");
+    std::thread::sleep(HEARTBEAT_TIMEOUT + Duration::from_millis(500));
+    let still = fleet.show("ops");
+    assert_eq!(still["state"], "paused", "{still}");
+    assert_eq!(still["pid"], paused["pid"], "{still}");
+    assert_eq!(
+        still["last_heartbeat"], paused["last_heartbeat"],
+        "a paused guest heartbeated"
+    );
+    assert!(still["heartbeat_age_ms"].as_u64().unwrap() >= HEARTBEAT_TIMEOUT.as_millis() as u64);
+    let at_pause = Heartbeat::of(&still).unwrap();
+
+    // resume: the same guest goes on.
+    fleet.act(&["resume", "ops"]);
+    let resumed = wait_for("a heartbeat after resume", STEP, || {
+        let view = fleet.show("ops");
+        Heartbeat::of(&view).filter(|hb| view["state"] == "running" && hb.seq > at_pause.seq)
+    });
+    at_pause.assert_continued_by(&resumed, "after resume");
+    let reasons: Vec<Value> = fleet
+        .transitions("ops", since)
+        .iter()
+        .map(|e| e["reason"].clone())
+        .collect();
+    assert_eq!(reasons, ["operator-pause", "operator-resume"]);
+
+    // stop: the VMM is gone and stays gone; start: running again.
+    let pid = fleet.show("ops")["pid"].as_u64().unwrap();
+    fleet.act(&["stop", "ops"]);
+    let stopped = fleet.show("ops");
+    assert_eq!(stopped["state"], "stopped", "{stopped}");
+    assert!(stopped["pid"].is_null(), "{stopped}");
+    assert!(!is_vmm_of(pid as u32, &fleet.state), "the VMM still runs");
+    assert_eq!(vmms_of(&fleet.state), Vec::<u32>::new());
+    fleet.metrics().assert_state("ops", "stopped");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(fleet.show("ops")["state"], "stopped");
+    fleet.act(&["start", "ops"]);
+    let started = fleet.show("ops");
+    assert_eq!(started["state"], "running", "{started}");
+    let pid = started["pid"].as_u64().unwrap();
+    fleet.wait_heartbeat_from("ops", pid);
+
+    let metrics = fleet.metrics();
+    metrics.assert_state("ops", "running");
+    metrics.assert_failures("ops", &[]);
+    metrics.assert_restores(
+        "ops",
+        &[
+            ("consistency", "cold", 1.0),
+            ("boot", "cold", 1.0),
+            ("image", "cold", 1.0),
+        ],
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Supervisor restart
+// ---------------------------------------------------------------------------
+
+/// The status reply of the VMM at `socket` (`relive-vmm ctl SOCKET status
+/// --json`).
+fn vmm_status(socket: &str) -> Value {
+    let out = run_vmm(["ctl", socket, "status", "--json"]);
+    assert_eq!(out.code, Some(0), "ctl {socket} status: {out:?}");
+    serde_json::from_str(out.stdout.trim()).unwrap()
+}
+
+/// kill -9 of the supervisor: the VMMs go on running and heartbeating, and a
+/// new `relive up` of the same fleet adopts them without restarting any.
+#[test]
+fn a_killed_supervisor_leaves_the_vms_running_and_a_new_one_adopts_them() {
+    if !require_kvm() {
+        return;
+    }
+    let mut fleet = Fleet::new(|state| {
+        fleet_yaml(state, &["one", "two"], false, "")
+            // As with the built-in defaults (10s and 2s), ready_grace is longer
+            // than heartbeat_timeout: an adopted VM must still get its
+            // heartbeats judged from its last one, not from ready_grace ago.
+            .replace("ready_grace: 1s", "ready_grace: 3s")
+            // `one` keeps a standby: adopted too.
+            .replace(
+                "    memory_mib: 64\n  - name: two",
+                "    memory_mib: 64\n    policy: { standby: true }\n  - name: two",
+            )
+    });
+    assert!(std::fs::read_to_string(&fleet.file)
+        .unwrap()
+        .contains("ready_grace: 3s\n"));
+    fleet.start_supervisor();
+    let mut before = Vec::new();
+    for (vm, standby) in [("one", true), ("two", false)] {
+        let view = fleet.wait_healthy(vm, 20, standby);
+        before.push(view);
+    }
+
+    // The new supervisor reads the event log back: count what is there.
+    let since = fleet.events().len();
+    fleet.kill_supervisor();
+    // The VMMs did not notice: still running, still heartbeating.
+    for view in &before {
+        let socket = view["socket"].as_str().unwrap();
+        let pid = view["pid"].as_u64().unwrap();
+        let first = vmm_status(socket);
+        assert_eq!(first["state"], "running", "{first}");
+        assert_eq!(first["pid"], pid, "{first}");
+        let beat = |status: &Value| {
+            Heartbeat::parse(status["agent"]["last_line"].as_str().unwrap_or("")).unwrap()
+        };
+        let first = beat(&first);
+        let later = wait_for("a heartbeat without the supervisor", STEP, || {
+            Some(beat(&vmm_status(socket))).filter(|hb| hb.seq > first.seq)
+        });
+        first.assert_continued_by(&later, "without a supervisor");
+    }
+    let standby_pid = before[0]["standby_pid"].as_u64().unwrap();
+    assert!(is_vmm_of(standby_pid as u32, &fleet.state));
+
+    fleet.start_supervisor();
+    for view in &before {
+        let vm = view["name"].as_str().unwrap();
+        let adopted = wait_for(format!("{vm} adopted"), STEP, || {
+            fleet
+                .transitions(vm, since)
+                .into_iter()
+                .find(|e| e["reason"] == "adopted")
+        });
+        assert_eq!(adopted["to"], "running", "{adopted}");
+        let pid = view["pid"].as_u64().unwrap();
+        let status = fleet.status();
+        let now = status.iter().find(|v| v["name"] == vm).unwrap();
+        assert_eq!(now["pid"], pid, "{vm} runs in another VMM: {now}");
+        // The guest was not restarted: its heartbeats carry on.
+        let hb = fleet.wait_heartbeat_from(vm, pid);
+        Heartbeat::of(view)
+            .unwrap()
+            .assert_continued_by(&hb, "after the adoption");
+    }
+    let one = fleet.show("one");
+    assert_eq!(one["standby"], "ready", "{one}");
+    assert_eq!(one["standby_pid"], standby_pid, "{one}");
+
+    // Well past heartbeat_timeout, nothing happened to them.
+    std::thread::sleep(HEARTBEAT_TIMEOUT + Duration::from_millis(500));
+    for view in &before {
+        let vm = view["name"].as_str().unwrap();
+        let transitions = fleet.transitions(vm, since);
+        assert_eq!(transitions.len(), 1, "{vm}: {transitions:#?}");
+        let now = fleet.show(vm);
+        assert_eq!(now["state"], "running", "{now}");
+        assert_eq!(now["pid"], view["pid"], "{now}");
+    }
+    let metrics = fleet.metrics();
+    for vm in ["one", "two"] {
+        metrics.assert_state(vm, "running");
+        metrics.assert_failures(vm, &[]);
+        metrics.assert_restores(vm, &[]);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Bad input
+// ---------------------------------------------------------------------------
+
+/// A bad fleet file: `relive up` exits non-zero with one error line naming
+/// the file, the line and the key, and starts nothing.
+#[test]
+fn bad_fleet_files_are_refused_naming_file_line_and_key_and_nothing_starts() {
+    let good_vm = "  - name: a\n    kernel: bundled\n";
+    // (what, the file after `state_dir:`, line, key, words of the message)
+    let cases: [(&str, String, usize, &str, &str); 6] = [
+        (
+            "unknown key",
+            format!("defaults:\n  checkpoint_intervl: 5s\nvms:\n{good_vm}"),
+            3,
+            "defaults.checkpoint_intervl",
+            "did you mean \"checkpoint_interval\"",
+        ),
+        (
+            "bad duration",
+            format!("defaults:\n  heartbeat_timeout: 30 s\nvms:\n{good_vm}"),
+            3,
+            "defaults.heartbeat_timeout",
+            "is not a duration",
+        ),
+        (
+            "missing kernel file",
+            "vms:\n  - name: a\n    kernel: ./kernels/vmlinux\n".to_string(),
+            4,
+            "vms[0].kernel",
+            "does not exist",
+        ),
+        (
+            "no kernel key",
+            "vms:\n  - name: a\n    memory_mib: 64\n".to_string(),
+            3,
+            "vms[0].kernel",
+            "missing required key \"kernel\"",
+        ),
+        (
+            "duplicate names",
+            format!("vms:\n{good_vm}{good_vm}"),
+            5,
+            "vms[1].name",
+            "duplicate VM name \"a\"",
+        ),
+        (
+            "impossible policy",
+            format!("defaults:\n  ready_grace: 10s\n  failure_window: 5s\nvms:\n{good_vm}"),
+            4,
+            "defaults.failure_window",
+            "shorter than ready_grace",
+        ),
+    ];
+    for (what, body, line, key, words) in cases {
+        let fleet = Fleet::new(|state| format!("state_dir: {}\n{body}", state.display()));
+        let out = run_with_timeout(&mut fleet.up_command(), STEP);
+        assert_eq!(out.code, Some(1), "{what}: {out:?}");
+        let errors: Vec<&str> = out
+            .stderr
+            .lines()
+            .filter(|l| l.starts_with("relive: error: "))
+            .collect();
+        assert_eq!(errors.len(), 1, "{what}: {}", out.stderr);
+        let expected = format!("{}:{line}:", fleet.file.display());
+        assert!(
+            errors[0].contains(&expected) && errors[0].contains(&format!(" {key}: ")),
+            "{what}: {:?} does not name {expected} and {key}",
+            errors[0]
+        );
+        assert!(errors[0].contains(words), "{what}: {:?}", errors[0]);
+        assert!(out.stdout.is_empty(), "{what}: {}", out.stdout);
+        // Nothing started: no state directory, no VMM.
+        assert!(!fleet.state.exists(), "{what}: the state dir was created");
+        assert_eq!(vmms_of(&fleet.state), Vec::<u32>::new(), "{what}");
+    }
+}
+
+/// One HTTP/1.1 request over TCP; the status code and the parsed JSON body.
+fn http(addr: &str, method: &str, path: &str, token: Option<&str>) -> (u16, Value) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(STEP)).unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line: {head}"));
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/json"),
+        "{head}"
+    );
+    let body = serde_json::from_str(body).unwrap_or_else(|e| panic!("body {body:?}: {e}"));
+    (status, body)
+}
+
+/// The TCP API refuses calls without its token or with a wrong one (401,
+/// JSON error, nothing done); an unknown VM is a 404 with a clear message.
+#[test]
+fn api_calls_without_the_token_or_for_an_unknown_vm_are_refused_and_change_nothing() {
+    if !require_kvm() {
+        return;
+    }
+    const TOKEN: &str = "test-token-0123456789abcdef";
+    let mut fleet = Fleet::new(|state| {
+        fleet_yaml(
+            state,
+            &["web"],
+            false,
+            &format!("api:\n  tcp: 127.0.0.1:0\n  token: {TOKEN}\n"),
+        )
+    });
+    fleet.start_supervisor();
+    let before = fleet.wait_healthy("web", 5, false);
+    let banner = std::fs::read_to_string(fleet.stdout_path()).unwrap();
+    let addr = banner
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("API      http://"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no TCP API in the banner:\n{banner}"))
+        .to_string();
+    let url = format!("http://{addr}");
+    let since = fleet.events().len();
+
+    // Over HTTP: 401 and a JSON error, for reads and actions alike.
+    for (method, path) in [
+        ("GET", "/v1/vms"),
+        ("POST", "/v1/vms/web/stop"),
+        ("GET", "/metrics"),
+    ] {
+        let (status, body) = http(&addr, method, path, None);
+        assert_eq!(status, 401, "{method} {path}: {body}");
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .contains("missing bearer token"),
+            "{body}"
+        );
+        let (status, body) = http(&addr, method, path, Some("wrong-token-0123456789"));
+        assert_eq!(status, 401, "{method} {path}: {body}");
+        assert_eq!(body["error"], "wrong bearer token", "{body}");
+    }
+    // Through the CLI: a non-zero exit and the same message.
+    let cli = |args: &[&str]| {
+        let mut cmd = Command::new(RELIVE);
+        cmd.args(["--api", &url])
+            .args(args)
+            .env_remove("RELIVE_API")
+            .env_remove("RELIVE_TOKEN")
+            .stdin(Stdio::null());
+        run_with_timeout(&mut cmd, STEP)
+    };
+    for args in [
+        &["stop", "web"][..],
+        &["failover", "web", "--to", "boot"],
+        &["status"],
+    ] {
+        let out = cli(args);
+        assert_eq!(out.code, Some(1), "{args:?}: {out:?}");
+        assert!(
+            out.stderr.contains("missing bearer token"),
+            "{args:?}: {out:?}"
+        );
+        let mut wrong = vec!["--token", "wrong-token-0123456789"];
+        wrong.extend_from_slice(args);
+        let out = cli(&wrong);
+        assert_eq!(out.code, Some(1), "{wrong:?}: {out:?}");
+        assert!(
+            out.stderr.contains("wrong bearer token"),
+            "{wrong:?}: {out:?}"
+        );
+    }
+    // With the token it works.
+    let out = cli(&["--token", TOKEN, "show", "web", "--json"]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let view: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(view["name"], "web");
+
+    // Unknown VM: 404 with a message naming it, over HTTP and the CLI.
+    let (status, body) = http(&addr, "GET", "/v1/vms/nope", Some(TOKEN));
+    assert_eq!(status, 404, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("no VM named \"nope\""),
+        "{body}"
+    );
+    let (status, body) = http(&addr, "POST", "/v1/vms/nope/stop", Some(TOKEN));
+    assert_eq!(status, 404, "{body}");
+    for args in [
+        &["show", "nope"][..],
+        &["failover", "nope"],
+        &["stop", "nope"],
+        &["images", "nope"],
+    ] {
+        let out = fleet.relive(args);
+        assert_eq!(out.code, Some(1), "{args:?}: {out:?}");
+        assert!(
+            out.stderr
+                .starts_with("relive: error: no VM named \"nope\""),
+            "{args:?}: {}",
+            out.stderr
+        );
+    }
+
+    // Nothing changed: same VMM, still running, no transition, no restore.
+    let after = fleet.show("web");
+    assert_eq!(after["state"], "running", "{after}");
+    assert_eq!(after["pid"], before["pid"], "{after}");
+    assert_eq!(fleet.transitions("web", since), Vec::<Value>::new());
+    let metrics = fleet.metrics();
+    metrics.assert_state("web", "running");
+    metrics.assert_failures("web", &[]);
+    metrics.assert_restores("web", &[]);
+}
