@@ -18,110 +18,24 @@
 mod common;
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Read;
 use std::os::unix::fs::FileExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    env_flag, require_kvm, run_vmm, vmm_command, ChildGuard, Output, TempDir, Vmm, STEP_TIMEOUT,
+    checkpoint, connect, env_flag, hb_seq, request, require_kvm, run_vmm, status, vmm_command,
+    wait_gone, ChildGuard, Output, TempDir, Vmm, STEP_TIMEOUT,
 };
 use relive_images::format::{ImageReader, SectionKind, FORMAT_VERSION, HEADER_LEN, PAGE_SIZE};
 use relive_images::store::ImageStore;
-use relive_vmm::control::{CheckpointKind, CheckpointReport, Request, Response};
+use relive_vmm::control::{CheckpointKind, Request, Response};
 use relive_vmm::vm::{RunState, VmStatus};
 
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
-
-/// A checkpoint of a guest that touched a few hundred MiB takes seconds on a
-/// loaded machine; bound every answer generously (the VMM itself gives up on
-/// a request after `relive_vmm::control::REPLY_TIMEOUT`).
-const REPLY_TIMEOUT: Duration = Duration::from_secs(90);
-
-/// A control-socket client whose reads have a deadline, so that a VMM that
-/// stops answering fails the test instead of hanging it.
-struct Client {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-}
-
-impl Client {
-    /// Sends a request without waiting for the answer.
-    fn send(&mut self, request: &Request) {
-        let mut line = serde_json::to_vec(request).unwrap();
-        line.push(b'\n');
-        self.writer.write_all(&line).unwrap();
-    }
-
-    /// Sends a request and waits (bounded) for its answer.
-    fn request(&mut self, request: &Request) -> Response {
-        self.send(request);
-        self.reader
-            .get_ref()
-            .set_read_timeout(Some(REPLY_TIMEOUT))
-            .unwrap();
-        let mut line = String::new();
-        match self.reader.read_line(&mut line) {
-            Ok(n) if n > 0 => {}
-            other => panic!("no answer to {request:?} within {REPLY_TIMEOUT:?}: {other:?}"),
-        }
-        serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("bad reply {line:?}: {e}"))
-    }
-}
-
-fn connect(socket: &Path) -> Client {
-    let deadline = Instant::now() + STEP_TIMEOUT;
-    loop {
-        if let Ok(stream) = UnixStream::connect(socket) {
-            return Client {
-                writer: stream.try_clone().unwrap(),
-                reader: BufReader::new(stream),
-            };
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} never served",
-            socket.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn request(socket: &Path, request: Request) -> Response {
-    connect(socket).request(&request)
-}
-
-fn status(socket: &Path) -> VmStatus {
-    match request(socket, Request::Status) {
-        Response::Status(status) => *status,
-        other => panic!("status answered {other:?}"),
-    }
-}
-
-fn checkpoint(socket: &Path) -> CheckpointReport {
-    match request(
-        socket,
-        Request::Checkpoint {
-            kind: CheckpointKind::Full,
-        },
-    ) {
-        Response::Checkpoint(report) => report,
-        other => panic!("checkpoint answered {other:?}"),
-    }
-}
-
-/// The `seq` of a heartbeat line (`hb seq=S ...`).
-fn hb_seq(line: &str) -> Option<u64> {
-    line.strip_prefix("hb ")?
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("seq="))?
-        .parse()
-        .ok()
-}
 
 /// Polls `status` until `pred` holds; returns that status.
 fn wait_status(
@@ -166,15 +80,6 @@ fn image_hb_seq(path: &Path) -> u64 {
         .as_str()
         .and_then(hb_seq)
         .unwrap_or_else(|| panic!("{} recorded no heartbeat: {app}", path.display()))
-}
-
-/// Waits for a child to end (after SIGKILL, say).
-fn wait_gone(vmm: &mut Vmm) {
-    let deadline = Instant::now() + STEP_TIMEOUT;
-    while vmm.is_running() {
-        assert!(Instant::now() < deadline, "the VMM survived SIGKILL");
-        std::thread::sleep(Duration::from_millis(2));
-    }
 }
 
 /// A `relive-vmm restore` process, killed and cleaned up on drop.
@@ -438,7 +343,7 @@ fn kill_once(at: KillAt) -> KillOutcome {
         "relive.touch_mib=256",
     ]);
     wait_ready(&vmm.socket);
-    let baseline = checkpoint(&vmm.socket);
+    let baseline = checkpoint(&vmm.socket, CheckpointKind::Full);
     let baseline_path = PathBuf::from(&baseline.path);
     let baseline_total = Duration::from_micros(baseline.total_us);
     assert!(
@@ -557,8 +462,8 @@ fn truncated_and_flipped_images_name_the_section() {
     let images_arg = images.path().to_str().unwrap().to_string();
     let vmm = Vmm::start(&["--images", &images_arg]);
     wait_ready(&vmm.socket);
-    let older = checkpoint(&vmm.socket);
-    let newer = checkpoint(&vmm.socket);
+    let older = checkpoint(&vmm.socket, CheckpointKind::Full);
+    let newer = checkpoint(&vmm.socket, CheckpointKind::Full);
     drop(vmm);
     let newer_path = PathBuf::from(&newer.path);
     let older_path = PathBuf::from(&older.path);
@@ -813,7 +718,7 @@ fn newer_format_version_is_refused() {
     let images_arg = images.path().to_str().unwrap().to_string();
     let vmm = Vmm::start(&["--images", &images_arg]);
     wait_ready(&vmm.socket);
-    let image = PathBuf::from(checkpoint(&vmm.socket).path);
+    let image = PathBuf::from(checkpoint(&vmm.socket, CheckpointKind::Full).path);
     drop(vmm);
 
     // format_version is the u32 at offset 8; the header checksum (the last 4

@@ -9,54 +9,19 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{require_kvm, vmm_command, ChildGuard, TempDir, Vmm, STEP_TIMEOUT};
+use common::{
+    checkpoint, connect, heartbeat, request, require_kvm, vmm_command, wait_gone, ChildGuard,
+    Heartbeat, TempDir, Vmm, STEP_TIMEOUT,
+};
 use relive_images::guest::replay_hash;
-use relive_vmm::control::{CheckpointKind, CheckpointReport, ControlClient, Request, Response};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Heartbeat {
-    seq: u64,
-    counter: u64,
-    hash: u64,
-}
-
-fn field(line: &str, key: &str) -> Option<String> {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key)?.strip_prefix('=').map(str::to_string))
-}
-
-fn heartbeat(line: &str) -> Option<Heartbeat> {
-    if !line.starts_with("hb ") {
-        return None;
-    }
-    Some(Heartbeat {
-        seq: field(line, "seq")?.parse().ok()?,
-        counter: field(line, "counter")?.parse().ok()?,
-        hash: u64::from_str_radix(&field(line, "hash")?, 16).ok()?,
-    })
-}
-
-fn connect(socket: &Path) -> ControlClient {
-    let deadline = Instant::now() + STEP_TIMEOUT;
-    loop {
-        if let Ok(client) = ControlClient::connect(socket) {
-            return client;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} never served",
-            socket.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
+use relive_vmm::control::{CheckpointKind, Request, Response};
 
 /// The first heartbeat a fresh watch connection sees.
 fn first_heartbeat(socket: &Path) -> Heartbeat {
     let mut client = connect(socket);
-    assert_eq!(client.request(&Request::Watch).unwrap(), Response::Ok);
+    assert_eq!(client.request(&Request::Watch), Response::Ok);
     loop {
-        match client.next_response().unwrap() {
+        match client.next_response() {
             Some(Response::Agent { line }) => {
                 if let Some(hb) = heartbeat(&line) {
                     return hb;
@@ -66,10 +31,6 @@ fn first_heartbeat(socket: &Path) -> Heartbeat {
             None => panic!("the VMM closed the watch before a heartbeat"),
         }
     }
-}
-
-fn request(socket: &Path, request: Request) -> Response {
-    connect(socket).request(&request).unwrap()
 }
 
 fn last_heartbeat(socket: &Path) -> Heartbeat {
@@ -116,11 +77,7 @@ fn checkpoint_kill_restore_continues_exactly_from_the_image() {
     assert!(on_disk < 16 << 20, "image uses {on_disk} bytes on disk");
 
     vmm.signal(libc::SIGKILL);
-    let deadline = Instant::now() + STEP_TIMEOUT;
-    while vmm.is_running() {
-        assert!(Instant::now() < deadline, "the VMM survived SIGKILL");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_gone(&mut vmm);
 
     let dir = TempDir::new();
     let socket = dir.join("ctl.sock");
@@ -158,13 +115,6 @@ fn checkpoint_kill_restore_continues_exactly_from_the_image() {
         .wait_timeout(STEP_TIMEOUT)
         .expect("restored VMM exits");
     assert_eq!(status.code(), Some(3));
-}
-
-fn checkpoint(socket: &Path, kind: CheckpointKind) -> CheckpointReport {
-    match request(socket, Request::Checkpoint { kind }) {
-        Response::Checkpoint(report) => report,
-        other => panic!("checkpoint failed: {other:?}"),
-    }
 }
 
 fn restore_and_check(image: &Path, console: &Path, before: Heartbeat) {
@@ -253,11 +203,7 @@ fn incremental_chain_restores_exactly_through_the_merged_image() {
     let before = last_heartbeat(&vmm.socket);
     let last = checkpoint(&vmm.socket, CheckpointKind::Incremental);
     vmm.signal(libc::SIGKILL);
-    let deadline = Instant::now() + STEP_TIMEOUT;
-    while vmm.is_running() {
-        assert!(Instant::now() < deadline, "the VMM survived SIGKILL");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_gone(&mut vmm);
     restore_and_check(Path::new(&last.path), &vmm.console, before);
 
     // The image tools see the same: every image good, layers and merged images.
@@ -292,7 +238,7 @@ fn start_standby(dir: &TempDir, name: &str, mem_mib: &str) -> (ChildGuard, PathB
             .stdout(Stdio::null())
             .stderr(Stdio::null()),
     );
-    let Response::Status(status) = connect(&socket).request(&Request::Status).unwrap() else {
+    let Response::Status(status) = connect(&socket).request(&Request::Status) else {
         panic!("standby status failed");
     };
     assert_eq!(
@@ -420,11 +366,7 @@ fn restore_reapplies_the_cgroup_limits() {
     first_heartbeat(&vmm.socket);
     let image = checkpoint(&vmm.socket, CheckpointKind::Full);
     vmm.signal(libc::SIGKILL);
-    let deadline = Instant::now() + STEP_TIMEOUT;
-    while vmm.is_running() {
-        assert!(Instant::now() < deadline, "the VMM survived SIGKILL");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_gone(&mut vmm);
 
     let dir = TempDir::new();
     let socket = dir.join("ctl.sock");

@@ -40,6 +40,9 @@
 
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read, Write};
+
+use relive_vmm::control::{CheckpointKind, CheckpointReport, Request, Response};
+use relive_vmm::vm::VmStatus;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -654,4 +657,144 @@ impl Watch {
     pub fn stop(&mut self) {
         self.child.kill();
     }
+}
+
+// ---------------------------------------------------------------------------
+// Talking to a VMM's control socket directly (library types, bounded reads)
+// ---------------------------------------------------------------------------
+
+/// A checkpoint of a guest that touched a few hundred MiB takes seconds on a
+/// loaded machine; bound every answer generously (the VMM itself gives up on
+/// a request after `relive_vmm::control::REPLY_TIMEOUT`).
+const REPLY_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// A control-socket client whose reads have a deadline, so that a VMM that
+/// stops answering fails the test instead of hanging it.
+pub struct Client {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Client {
+    /// Sends a request without waiting for the answer.
+    pub fn send(&mut self, request: &Request) {
+        let mut line = serde_json::to_vec(request).unwrap();
+        line.push(b'\n');
+        self.writer.write_all(&line).unwrap();
+    }
+
+    /// Sends a request and waits (bounded) for its answer.
+    pub fn request(&mut self, request: &Request) -> Response {
+        self.send(request);
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(REPLY_TIMEOUT))
+            .unwrap();
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(n) if n > 0 => {}
+            other => panic!("no answer to {request:?} within {REPLY_TIMEOUT:?}: {other:?}"),
+        }
+        serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("bad reply {line:?}: {e}"))
+    }
+
+    /// The next answer (bounded), `None` when the VMM closed the connection:
+    /// for `watch`, one per guest line.
+    pub fn next_response(&mut self) -> Option<Response> {
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(REPLY_TIMEOUT))
+            .unwrap();
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => None,
+            Ok(_) => Some(
+                serde_json::from_str(line.trim())
+                    .unwrap_or_else(|e| panic!("bad reply {line:?}: {e}")),
+            ),
+            Err(e) => panic!("no answer within {REPLY_TIMEOUT:?}: {e}"),
+        }
+    }
+}
+
+pub fn connect(socket: &Path) -> Client {
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    loop {
+        if let Ok(stream) = UnixStream::connect(socket) {
+            return Client {
+                writer: stream.try_clone().unwrap(),
+                reader: BufReader::new(stream),
+            };
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never served",
+            socket.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+pub fn request(socket: &Path, request: Request) -> Response {
+    connect(socket).request(&request)
+}
+
+pub fn status(socket: &Path) -> VmStatus {
+    match request(socket, Request::Status) {
+        Response::Status(status) => *status,
+        other => panic!("status answered {other:?}"),
+    }
+}
+
+pub fn checkpoint(socket: &Path, kind: CheckpointKind) -> CheckpointReport {
+    match request(socket, Request::Checkpoint { kind }) {
+        Response::Checkpoint(report) => report,
+        other => panic!("checkpoint answered {other:?}"),
+    }
+}
+
+/// The `seq` of a heartbeat line (`hb seq=S ...`).
+pub fn hb_seq(line: &str) -> Option<u64> {
+    line.strip_prefix("hb ")?
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("seq="))?
+        .parse()
+        .ok()
+}
+
+/// Waits for a child to end (after SIGKILL, say).
+pub fn wait_gone(vmm: &mut Vmm) {
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while vmm.is_running() {
+        assert!(Instant::now() < deadline, "the VMM survived SIGKILL");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// A heartbeat of the bundled guest (`hb seq=S counter=C hash=H ...`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// Sequence number.
+    pub seq: u64,
+    /// Work counter.
+    pub counter: u64,
+    /// Running hash.
+    pub hash: u64,
+}
+
+fn field(line: &str, key: &str) -> Option<String> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('=').map(str::to_string))
+}
+
+/// Parses a heartbeat line.
+pub fn heartbeat(line: &str) -> Option<Heartbeat> {
+    if !line.starts_with("hb ") {
+        return None;
+    }
+    Some(Heartbeat {
+        seq: field(line, "seq")?.parse().ok()?,
+        counter: field(line, "counter")?.parse().ok()?,
+        hash: u64::from_str_radix(&field(line, "hash")?, 16).ok()?,
+    })
 }
