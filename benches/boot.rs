@@ -36,14 +36,18 @@
 //! Output: a small table, where the last run's RSS goes, and one final line
 //! `BENCH boot {json}` with every figure, for scripts.
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use relive_vmm::control::{ControlClient, Request, Response};
 use relive_vmm::exit::ExitReason;
 use relive_vmm::vm::{monotonic_ns, VmStatus};
+use support::{host_note, kvm_usable, newer_source_than, runs, vmm_binary, Result};
 
 /// Runs when `RELIVE_BENCH_RUNS` is not set.
 const DEFAULT_RUNS: usize = 20;
@@ -65,8 +69,6 @@ const POLL_INTERVAL: Duration = Duration::from_micros(250);
 
 const MIB: f64 = (1u64 << 20) as f64;
 
-type Result<T> = std::result::Result<T, String>;
-
 fn main() -> ExitCode {
     match bench() {
         Ok(()) => ExitCode::SUCCESS,
@@ -85,8 +87,8 @@ fn bench() -> Result<()> {
         println!("boot bench: skipped: {reason}");
         return Ok(());
     }
-    let vmm = vmm_binary()?;
-    let runs = runs()?;
+    let vmm = vmm_binary("boot")?;
+    let runs = runs(DEFAULT_RUNS)?;
     if let Some(newer) = newer_source_than(&vmm) {
         eprintln!(
             "boot bench: warning: {} is newer than {}: figures are for an old build; \
@@ -115,96 +117,6 @@ fn bench() -> Result<()> {
     }
     report(runs, &baselines, &vms);
     Ok(())
-}
-
-/// `target/release/relive-vmm`: this bench runs as `target/release/deps/boot-*`.
-fn vmm_binary() -> Result<PathBuf> {
-    let exe =
-        std::env::current_exe().map_err(|e| format!("cannot locate the bench executable: {e}"))?;
-    let release = exe
-        .parent()
-        .and_then(Path::parent)
-        .ok_or_else(|| format!("unexpected bench location {}", exe.display()))?;
-    let vmm = release.join("relive-vmm");
-    if vmm.is_file() {
-        Ok(vmm)
-    } else {
-        Err(format!(
-            "{} not found: run `cargo build --release --workspace` first \
-             (the documented command is `cargo build --release --workspace && cargo bench --bench boot`)",
-            vmm.display()
-        ))
-    }
-}
-
-/// Whether this process can open `/dev/kvm` read-write, as the VMM must.
-fn kvm_usable() -> std::result::Result<(), String> {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            Err("/dev/kvm does not exist on this machine".into())
-        }
-        Err(e) => Err(format!("/dev/kvm cannot be opened read-write: {e}")),
-    }
-}
-
-fn runs() -> Result<usize> {
-    match std::env::var("RELIVE_BENCH_RUNS") {
-        Err(_) => Ok(DEFAULT_RUNS),
-        Ok(v) => match v.trim().parse::<usize>() {
-            Ok(n) if n > 0 => Ok(n),
-            _ => Err(format!(
-                "RELIVE_BENCH_RUNS={v:?}: expected a number of runs, at least 1"
-            )),
-        },
-    }
-}
-
-/// A source file of the VMM or the bundled guest modified after `binary` was built.
-fn newer_source_than(binary: &Path) -> Option<PathBuf> {
-    fn newest(dir: &Path, best: &mut Option<(SystemTime, PathBuf)>) {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let Ok(meta) = entry.metadata() else { continue };
-            if meta.is_dir() {
-                newest(&path, best);
-            } else if let Ok(modified) = meta.modified() {
-                if best.as_ref().is_none_or(|(t, _)| modified > *t) {
-                    *best = Some((modified, path));
-                }
-            }
-        }
-    }
-    let built = std::fs::metadata(binary).and_then(|m| m.modified()).ok()?;
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut best = None;
-    for dir in ["vmm", "images"] {
-        newest(&root.join(dir), &mut best);
-    }
-    best.filter(|(t, _)| *t > built).map(|(_, p)| p)
-}
-
-fn host_note() -> String {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let hw = flags
-        .lines()
-        .filter(|l| l.starts_with("flags"))
-        .flat_map(str::split_whitespace)
-        .any(|f| f == "vmx" || f == "svm");
-    let kvm = if hw {
-        "KVM on vmx/svm"
-    } else {
-        "nested KVM (no vmx/svm flag in /proc/cpuinfo)"
-    };
-    format!("{cpus} CPUs, {kvm}")
 }
 
 /// A per-bench scratch directory, removed at the end.

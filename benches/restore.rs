@@ -61,17 +61,21 @@
 //! function that returns a `Row` (with [`CheckpointFigures`] and/or
 //! [`RestoreFigures`]); the table and the JSON line take any rows.
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use relive_images::format::{ImageReader, SectionKind};
 use relive_vmm::control::{CheckpointKind, Request, Response};
 use relive_vmm::exit::ExitReason;
 use relive_vmm::vm::{monotonic_ns, VmStatus};
+use support::{host_note, kvm_usable, newer_source_than, runs, vmm_binary, Result};
 
 /// Runs when `RELIVE_BENCH_RUNS` is not set.
 const DEFAULT_RUNS: usize = 20;
@@ -103,8 +107,6 @@ const BETWEEN_CHECKPOINTS: Duration = Duration::from_millis(20);
 
 const MIB: f64 = (1u64 << 20) as f64;
 
-type Result<T> = std::result::Result<T, String>;
-
 fn main() -> ExitCode {
     match bench() {
         Ok(()) => ExitCode::SUCCESS,
@@ -123,8 +125,8 @@ fn bench() -> Result<()> {
         println!("restore bench: skipped: {reason}");
         return Ok(());
     }
-    let vmm = vmm_binary()?;
-    let runs = runs()?;
+    let vmm = vmm_binary("restore")?;
+    let runs = runs(DEFAULT_RUNS)?;
     if let Some(newer) = newer_source_than(&vmm) {
         eprintln!(
             "restore bench: warning: {} is newer than {}: figures are for an old build; \
@@ -673,96 +675,6 @@ impl Drop for Running {
 // ---------------------------------------------------------------------------
 // Environment
 // ---------------------------------------------------------------------------
-
-/// `target/release/relive-vmm`: this bench runs as `target/release/deps/restore-*`.
-fn vmm_binary() -> Result<PathBuf> {
-    let exe =
-        std::env::current_exe().map_err(|e| format!("cannot locate the bench executable: {e}"))?;
-    let release = exe
-        .parent()
-        .and_then(Path::parent)
-        .ok_or_else(|| format!("unexpected bench location {}", exe.display()))?;
-    let vmm = release.join("relive-vmm");
-    if vmm.is_file() {
-        Ok(vmm)
-    } else {
-        Err(format!(
-            "{} not found: run `cargo build --release --workspace` first \
-             (the documented command is `cargo build --release --workspace && cargo bench --bench restore`)",
-            vmm.display()
-        ))
-    }
-}
-
-/// Whether this process can open `/dev/kvm` read-write, as the VMM must.
-fn kvm_usable() -> std::result::Result<(), String> {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            Err("/dev/kvm does not exist on this machine".into())
-        }
-        Err(e) => Err(format!("/dev/kvm cannot be opened read-write: {e}")),
-    }
-}
-
-fn runs() -> Result<usize> {
-    match std::env::var("RELIVE_BENCH_RUNS") {
-        Err(_) => Ok(DEFAULT_RUNS),
-        Ok(v) => match v.trim().parse::<usize>() {
-            Ok(n) if n > 0 => Ok(n),
-            _ => Err(format!(
-                "RELIVE_BENCH_RUNS={v:?}: expected a number of runs, at least 1"
-            )),
-        },
-    }
-}
-
-/// A source file of the VMM or the images crate modified after `binary` was built.
-fn newer_source_than(binary: &Path) -> Option<PathBuf> {
-    fn newest(dir: &Path, best: &mut Option<(SystemTime, PathBuf)>) {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let Ok(meta) = entry.metadata() else { continue };
-            if meta.is_dir() {
-                newest(&path, best);
-            } else if let Ok(modified) = meta.modified() {
-                if best.as_ref().is_none_or(|(t, _)| modified > *t) {
-                    *best = Some((modified, path));
-                }
-            }
-        }
-    }
-    let built = std::fs::metadata(binary).and_then(|m| m.modified()).ok()?;
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut best = None;
-    for dir in ["vmm", "images"] {
-        newest(&root.join(dir), &mut best);
-    }
-    best.filter(|(t, _)| *t > built).map(|(_, p)| p)
-}
-
-fn host_note() -> String {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let hw = flags
-        .lines()
-        .filter(|l| l.starts_with("flags"))
-        .flat_map(str::split_whitespace)
-        .any(|f| f == "vmx" || f == "svm");
-    let kvm = if hw {
-        "KVM on vmx/svm"
-    } else {
-        "nested KVM (no vmx/svm flag in /proc/cpuinfo)"
-    };
-    format!("{cpus} CPUs, {kvm}")
-}
 
 /// The file system that holds `dir`, from `/proc/self/mounts` (longest match):
 /// checkpoints end with an fsync, so it matters.

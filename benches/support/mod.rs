@@ -1,0 +1,100 @@
+//! Helpers shared by the benchmarks (each bench includes this module with
+//! `#[path = "support/mod.rs"] mod support;`): finding the release binaries,
+//! checking for /dev/kvm, the number of runs, and notes on the host.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+/// Errors of a bench are reported as text.
+pub type Result<T> = std::result::Result<T, String>;
+
+/// `target/release/relive-vmm`: this bench runs as `target/release/deps/boot-*`.
+pub fn vmm_binary(bench: &str) -> Result<PathBuf> {
+    let exe =
+        std::env::current_exe().map_err(|e| format!("cannot locate the bench executable: {e}"))?;
+    let release = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| format!("unexpected bench location {}", exe.display()))?;
+    let vmm = release.join("relive-vmm");
+    if vmm.is_file() {
+        Ok(vmm)
+    } else {
+        Err(format!(
+            "{} not found: run `cargo build --release --workspace` first \
+             (the documented command is `cargo build --release --workspace && cargo bench --bench {bench}`)",
+            vmm.display()
+        ))
+    }
+}
+
+/// Whether this process can open `/dev/kvm` read-write, as the VMM must.
+pub fn kvm_usable() -> std::result::Result<(), String> {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err("/dev/kvm does not exist on this machine".into())
+        }
+        Err(e) => Err(format!("/dev/kvm cannot be opened read-write: {e}")),
+    }
+}
+
+pub fn runs(default: usize) -> Result<usize> {
+    match std::env::var("RELIVE_BENCH_RUNS") {
+        Err(_) => Ok(default),
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(format!(
+                "RELIVE_BENCH_RUNS={v:?}: expected a number of runs, at least 1"
+            )),
+        },
+    }
+}
+
+/// A source file of the VMM or the bundled guest modified after `binary` was built.
+pub fn newer_source_than(binary: &Path) -> Option<PathBuf> {
+    fn newest(dir: &Path, best: &mut Option<(SystemTime, PathBuf)>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                newest(&path, best);
+            } else if let Ok(modified) = meta.modified() {
+                if best.as_ref().is_none_or(|(t, _)| modified > *t) {
+                    *best = Some((modified, path));
+                }
+            }
+        }
+    }
+    let built = std::fs::metadata(binary).and_then(|m| m.modified()).ok()?;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut best = None;
+    for dir in ["vmm", "images"] {
+        newest(&root.join(dir), &mut best);
+    }
+    best.filter(|(t, _)| *t > built).map(|(_, p)| p)
+}
+
+pub fn host_note() -> String {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let hw = flags
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .flat_map(str::split_whitespace)
+        .any(|f| f == "vmx" || f == "svm");
+    let kvm = if hw {
+        "KVM on vmx/svm"
+    } else {
+        "nested KVM (no vmx/svm flag in /proc/cpuinfo)"
+    };
+    format!("{cpus} CPUs, {kvm}")
+}
