@@ -58,15 +58,22 @@
 //! # 2. Baseline: the raw restore of the same images
 //!
 //! After the last failover batch its supervisor and VMMs are stopped and the
-//! bench restores that VM's newest full consistency image and its boot image
-//! itself, N times each after one warm-up:
+//! bench restores that VM's images itself, N times each after one warm-up:
+//! the consistency image `ImageStore::latest_good()` picks (what the
+//! supervisor restores on a first failure: usually an incremental layer,
+//! which the VMM merges with its chain before restoring), the newest full
+//! consistency image when that is another one, and the boot image:
 //! - *cold*: spawn `relive-vmm restore --image IMG` -> `vcpus_started_monotonic_ns`
 //!   (as `cargo bench --bench restore` measures it);
 //! - *standby*: a `relive-vmm standby` built beforehand, then the `restore`
 //!   request's round trip on its control socket (and the VMM's own
-//!   `restore_us`).
+//!   `restore_us`);
+//! - the supervisor's other steps on their own: choosing the image
+//!   (`ImageStore::open` + `latest_good`/`boot_image`), a `watch` right after
+//!   the restore, writing the pid record.
 //!
-//! The table shows each failover median over the raw cold restore median.
+//! The table shows each failover median over the raw cold restore median of
+//! the image its target restores.
 //!
 //! # 3. The supervisor's cost for a fleet
 //!
@@ -223,7 +230,7 @@ fn bench() -> Result<()> {
         let batch = run_batch(&sup, &bins, kind, standby, runs)
             .map_err(|e| format!("{} (standby {standby}): {e}", kind.label()))?;
         let images = if i + 1 == plan.len() {
-            Some(baseline_images(&sup, &batch)?)
+            Some(baseline_images(&sup)?)
         } else {
             None
         };
@@ -350,8 +357,6 @@ struct Batch {
     /// Failure events in the supervisor's log (more than `attempts`: someone
     /// else made this VM fail too).
     failures_seen: usize,
-    /// The consistency images restored, newest last (for the baseline).
-    last_consistency_image: Option<String>,
 }
 
 /// A fresh supervisor for one VM, then failures until each target has `runs`.
@@ -369,7 +374,6 @@ fn run_batch(
         discarded: Vec::new(),
         attempts: 0,
         failures_seen: 0,
-        last_consistency_image: None,
     };
     let max_attempts = runs * 4 + 10;
     let have = |b: &Batch, t: Target| b.samples.get(&t).map_or(0, Vec::len);
@@ -428,9 +432,6 @@ fn run_batch(
                 .ok_or_else(|| format!("restored event without durations.{key}: {restored}"))
         };
         let image_id = restored["image_id"].as_str().unwrap_or("");
-        if target == Target::Consistency && !image_id.is_empty() {
-            batch.last_consistency_image = Some(image_id.to_string());
-        }
         let sample = Sample {
             total_ms: ms("total_ms")?,
             restore_ms: ms("restore_ms")?,
@@ -626,51 +627,34 @@ fn image_kind(sup: &Supervisor, id: &str) -> String {
     }
 }
 
-/// The images of the last batch's VM the baseline restores.
+/// The images of the last batch's VM the baseline restores (besides the
+/// consistency image the supervisor would pick, found once it is stopped).
 struct BaselineImages {
-    consistency: PathBuf,
-    consistency_id: String,
-    boot: PathBuf,
-    boot_id: String,
+    /// The newest full consistency image.
+    full: (PathBuf, String),
+    boot: (PathBuf, String),
 }
 
-/// The consistency image the batch last restored if it is a full image,
-/// else the newest full consistency image; and the boot image.
-fn baseline_images(sup: &Supervisor, batch: &Batch) -> Result<BaselineImages> {
+/// The newest full consistency image and the boot image, from `relive images`.
+fn baseline_images(sup: &Supervisor) -> Result<BaselineImages> {
     let images = sup.json(&["images", VM])?;
     let list = images.as_array().ok_or("`relive images` gave no list")?;
-    let ok = |i: &&Value| i["status"]["status"] == "ok" || i["status"] == "ok";
-    let path_id = |i: &Value| -> Option<(PathBuf, String)> {
-        Some((
-            PathBuf::from(i["path"].as_str()?),
-            i["id"].as_str()?.to_string(),
-        ))
+    let newest = |kind: &str| {
+        list.iter()
+            .filter(|i| i["status"]["status"] == "ok" || i["status"] == "ok")
+            .filter(|i| i["kind"]["kind"] == kind)
+            .max_by_key(|i| i["created_unix_ms"].as_u64().unwrap_or(0))
+            .and_then(|i| {
+                Some((
+                    PathBuf::from(i["path"].as_str()?),
+                    i["id"].as_str()?.to_string(),
+                ))
+            })
+            .ok_or_else(|| format!("no {kind} image among {images}"))
     };
-    let full = |i: &&Value| i["kind"]["kind"] == "full";
-    let consistency = batch
-        .last_consistency_image
-        .as_deref()
-        .and_then(|id| list.iter().filter(ok).filter(full).find(|i| i["id"] == id))
-        .or_else(|| {
-            list.iter()
-                .filter(ok)
-                .filter(full)
-                .max_by_key(|i| i["created_unix_ms"].as_u64().unwrap_or(0))
-        })
-        .and_then(path_id)
-        .ok_or_else(|| format!("no full consistency image among {images}"))?;
-    let boot = list
-        .iter()
-        .filter(ok)
-        .filter(|i| i["kind"]["kind"] == "boot")
-        .max_by_key(|i| i["created_unix_ms"].as_u64().unwrap_or(0))
-        .and_then(path_id)
-        .ok_or_else(|| format!("no boot image among {images}"))?;
     Ok(BaselineImages {
-        consistency: consistency.0,
-        consistency_id: consistency.1,
-        boot: boot.0,
-        boot_id: boot.1,
+        full: newest("full")?,
+        boot: newest("boot")?,
     })
 }
 
@@ -694,38 +678,89 @@ struct RawRestores {
     choose_ms: Vec<f64>,
 }
 
+/// One image restored raw.
+struct BaselineRow {
+    /// `consistency` (what `latest_good` picks, as the supervisor would),
+    /// `consistency-full`, or `boot`.
+    label: &'static str,
+    image_id: String,
+    /// `layer`, `full`, `merged` or `boot`.
+    image_kind: String,
+    raw: RawRestores,
+}
+
 struct Baseline {
-    consistency: RawRestores,
-    consistency_id: String,
-    boot: RawRestores,
-    boot_id: String,
+    rows: Vec<BaselineRow>,
 }
 
 impl Baseline {
-    fn of(&self, target: Target) -> &RawRestores {
-        match target {
-            Target::Consistency => &self.consistency,
-            Target::Boot => &self.boot,
-        }
+    /// The raw restore of the image a failover to `target` restores.
+    fn of(&self, target: Target) -> Option<&RawRestores> {
+        let label = match target {
+            Target::Consistency => "consistency",
+            Target::Boot => "boot",
+        };
+        self.rows.iter().find(|r| r.label == label).map(|r| &r.raw)
     }
 }
 
+/// Raw restores of the image the supervisor would restore for a first
+/// failure now (`latest_good`: usually a layer, merged while restoring), of
+/// the newest full consistency image when that differs, and of the boot image.
 fn raw_baseline(bins: &Bins, dir: &Path, images: &BaselineImages, runs: usize) -> Result<Baseline> {
+    use relive_images::format::ImageKind;
+    use relive_images::store::ImageStore;
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let store_dir = images
-        .consistency
+        .boot
+        .0
         .parent()
-        .ok_or("the consistency image has no directory")?;
-    let mut consistency = raw_restores(bins, dir, &images.consistency, runs)?;
-    consistency.choose_ms = choose_image(store_dir, Target::Consistency, runs)?;
-    let mut boot = raw_restores(bins, dir, &images.boot, runs)?;
-    boot.choose_ms = choose_image(store_dir, Target::Boot, runs)?;
-    Ok(Baseline {
-        consistency,
-        consistency_id: images.consistency_id.clone(),
-        boot,
-        boot_id: images.boot_id.clone(),
-    })
+        .ok_or("the boot image has no directory")?;
+    // Timed first: restoring a layer below merges it into a new, newer full image.
+    let choose_consistency = choose_image(store_dir, Target::Consistency, runs)?;
+    let choose_boot = choose_image(store_dir, Target::Boot, runs)?;
+    let store = ImageStore::open(store_dir, usize::MAX)
+        .map_err(|e| format!("{}: {e}", store_dir.display()))?;
+    let latest = store
+        .latest_good()
+        .map_err(|e| format!("{}: {e}", store_dir.display()))?
+        .image
+        .ok_or_else(|| format!("no good consistency image in {}", store_dir.display()))?;
+    let latest_kind = match latest.kind() {
+        ImageKind::Incremental { .. } => "layer".to_string(),
+        ImageKind::Full if latest.header().merged_from.is_some() => "merged".to_string(),
+        other => other.name().to_string(),
+    };
+    let latest_path = latest.path().to_path_buf();
+    let latest_id = latest.id().to_string();
+    drop(latest);
+
+    let mut rows = Vec::new();
+    let mut raw = raw_restores(bins, dir, &latest_path, runs)?;
+    raw.choose_ms = choose_consistency;
+    rows.push(BaselineRow {
+        label: "consistency",
+        image_id: latest_id.clone(),
+        image_kind: latest_kind,
+        raw,
+    });
+    if images.full.1 != latest_id {
+        rows.push(BaselineRow {
+            label: "consistency-full",
+            image_id: images.full.1.clone(),
+            image_kind: "full".into(),
+            raw: raw_restores(bins, dir, &images.full.0, runs)?,
+        });
+    }
+    let mut raw = raw_restores(bins, dir, &images.boot.0, runs)?;
+    raw.choose_ms = choose_boot;
+    rows.push(BaselineRow {
+        label: "boot",
+        image_id: images.boot.1.clone(),
+        image_kind: "boot".into(),
+        raw,
+    });
+    Ok(Baseline { rows })
 }
 
 /// `runs` timings (after one warm-up) of what the supervisor does to pick the
@@ -1680,6 +1715,18 @@ fn counts<'a>(values: impl Iterator<Item = &'a str>) -> BTreeMap<String, usize> 
     })
 }
 
+/// Per reported failure reason: how many, and their median detected -> running.
+fn by_reason(samples: &[Sample]) -> BTreeMap<String, (usize, f64)> {
+    let mut groups: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for s in samples {
+        groups.entry(s.reason.clone()).or_default().push(s.total_ms);
+    }
+    groups
+        .into_iter()
+        .filter_map(|(reason, v)| Some((reason, (v.len(), median(&v)?))))
+        .collect()
+}
+
 fn counts_text(m: &BTreeMap<String, usize>) -> String {
     m.iter()
         .map(|(k, n)| format!("{k} {n}"))
@@ -1718,7 +1765,7 @@ fn report(
     let trig = |r: &Row| col(r, &|s| s.trigger_ms);
     let gone = |r: &Row| col(r, &|s| s.gone_ms);
     let after_gone = |r: &Row| col(r, &|s| Some(s.trigger_ms? - s.gone_ms?));
-    let raw_cold = |t: Target| median(&baseline.of(t).cold_ms);
+    let raw_cold = |t: Target| baseline.of(t).and_then(|b| median(&b.cold_ms));
 
     println!();
     println!(
@@ -1768,28 +1815,29 @@ fn report(
     }
 
     println!();
-    println!("  baseline: the bench restores the same VM's images itself ({runs} runs, 1 warm-up)");
-    for t in Target::ALL {
-        let b = baseline.of(t);
-        let id = match t {
-            Target::Consistency => &baseline.consistency_id,
-            Target::Boot => &baseline.boot_id,
-        };
+    println!(
+        "  baseline: the bench restores the last batch's images itself ({runs} runs, 1 warm-up);\n  \
+         `consistency` is the image `latest_good()` picks, as the supervisor would"
+    );
+    for b in &baseline.rows {
+        let raw = &b.raw;
         println!(
-            "    {:<11} cold restore spawn->vCPUs {} ms; standby restore round trip {} ms \
-             (VMM's own {} ms)   image {id}",
-            t.label(),
-            cell(&b.cold_ms),
-            cell(&b.standby_ms),
-            cell(&b.standby_vmm_ms),
+            "    {:<16} cold restore spawn->vCPUs {} ms; standby restore round trip {} ms \
+             (VMM's own {} ms)   {} image {}",
+            b.label,
+            cell(&raw.cold_ms),
+            cell(&raw.standby_ms),
+            cell(&raw.standby_vmm_ms),
+            b.image_kind,
+            b.image_id,
         );
         println!(
-            "    {:<11} the supervisor's other steps, done alone: choosing the image {} ms, \
+            "    {:<16} the supervisor's other steps, done alone: choosing the image {} ms, \
              watch after restore {} ms, pid record {} ms",
             "",
-            cell(&b.choose_ms),
-            cell(&b.watch_ms),
-            cell(&b.persist_ms),
+            cell(&raw.choose_ms),
+            cell(&raw.watch_ms),
+            cell(&raw.persist_ms),
         );
     }
 
@@ -1838,7 +1886,7 @@ fn report(
     for r in &rows {
         println!(
             "    {:<11} {:<11} standby {:<3} gone {:>6} gone->vCPUs {:>6} decide {:>5} restore {:>6}  \
-             path [{}]  image [{}]  reported reason [{}]",
+             path [{}]  image [{}]  reported reason: n, detected->running median [{}]",
             r.batch.kind.label(),
             r.target.label(),
             standby_label(r.batch.standby),
@@ -1848,7 +1896,11 @@ fn report(
             m2(restore(r)),
             counts_text(&counts(r.samples.iter().map(|s| s.path.as_str()))),
             counts_text(&counts(r.samples.iter().map(|s| s.image.as_str()))),
-            counts_text(&counts(r.samples.iter().map(|s| s.reason.as_str()))),
+            by_reason(r.samples)
+                .iter()
+                .map(|(reason, (n, m))| format!("{reason} {n}: {m:.2} ms"))
+                .collect::<Vec<_>>()
+                .join(", "),
         );
     }
     for b in batches {
@@ -1950,6 +2002,10 @@ fn report(
                 "paths": counts(r.samples.iter().map(|s| s.path.as_str())),
                 "images": counts(r.samples.iter().map(|s| s.image.as_str())),
                 "reported_reasons": counts(r.samples.iter().map(|s| s.reason.as_str())),
+                "detected_to_running_median_ms_by_reason": by_reason(r.samples)
+                    .into_iter()
+                    .map(|(reason, (_, m))| (reason, Value::from((m * 1000.0).round() / 1000.0)))
+                    .collect::<serde_json::Map<_, _>>(),
                 "target_median_ms": row_target(r.batch.kind, r.batch.standby),
                 "over_raw_cold_restore": match (median(&total(r)), raw_cold(r.target)) {
                     (Some(f), Some(raw)) if raw > 0.0 => Some((f / raw * 1000.0).round() / 1000.0),
@@ -1958,18 +2014,24 @@ fn report(
             })
         })
         .collect();
-    let baseline_json = |t: Target, id: &str| {
-        let b = baseline.of(t);
-        json!({
-            "image_id": id,
-            "cold_restore_vcpus_ms": summary_json(&b.cold_ms),
-            "standby_restore_round_trip_ms": summary_json(&b.standby_ms),
-            "standby_restore_vmm_ms": summary_json(&b.standby_vmm_ms),
-            "choose_image_ms": summary_json(&b.choose_ms),
-            "watch_after_restore_ms": summary_json(&b.watch_ms),
-            "pid_record_ms": summary_json(&b.persist_ms),
+    let baseline_json: serde_json::Map<String, Value> = baseline
+        .rows
+        .iter()
+        .map(|b| {
+            let raw = &b.raw;
+            let v = json!({
+                "image_id": b.image_id,
+                "image_kind": b.image_kind,
+                "cold_restore_vcpus_ms": summary_json(&raw.cold_ms),
+                "standby_restore_round_trip_ms": summary_json(&raw.standby_ms),
+                "standby_restore_vmm_ms": summary_json(&raw.standby_vmm_ms),
+                "choose_image_ms": summary_json(&raw.choose_ms),
+                "watch_after_restore_ms": summary_json(&raw.watch_ms),
+                "pid_record_ms": summary_json(&raw.persist_ms),
+            });
+            (b.label.to_string(), v)
         })
-    };
+        .collect();
     let r2 = |x: f64| (x * 100.0).round() / 100.0;
     let line = json!({
         "runs": runs,
@@ -1977,10 +2039,7 @@ fn report(
         "cmdline": CMDLINE,
         "policy": BATCH_POLICY.iter().map(|(k, v)| (k.to_string(), Value::from(*v))).collect::<serde_json::Map<_, _>>(),
         "rows": rows_json,
-        "baseline": {
-            "consistency": baseline_json(Target::Consistency, &baseline.consistency_id),
-            "boot": baseline_json(Target::Boot, &baseline.boot_id),
-        },
+        "baseline": baseline_json,
         "discarded": batches.iter().map(|b| b.discarded.len()).sum::<usize>(),
         "fleet": {
             "vms": fleet.vms,
