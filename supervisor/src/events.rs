@@ -99,7 +99,9 @@ pub struct Event {
 /// below one).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EventDurations {
-    /// From the failure to its detection (for example the heartbeat timeout).
+    /// From the failure's detection to the start of the restore: the
+    /// policy's decision and its `restart_backoff`. (When the failure itself
+    /// happened before its detection, e.g. for a hang, is not known.)
     pub detect_ms: f64,
     /// Restoring the image into a VMM.
     pub restore_ms: f64,

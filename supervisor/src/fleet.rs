@@ -270,6 +270,11 @@ struct Persisted {
     socket: Option<PathBuf>,
     standby_pid: Option<u32>,
     standby_socket: Option<PathBuf>,
+    /// Each VMM's log and where its own output starts there.
+    #[serde(default)]
+    log: Option<(PathBuf, u64)>,
+    #[serde(default)]
+    standby_log: Option<(PathBuf, u64)>,
 }
 
 struct Standby {
@@ -375,10 +380,6 @@ impl VmTask {
             .join(if flip { "vmm-b.sock" } else { "vmm-a.sock" })
     }
 
-    fn log_path(&self) -> PathBuf {
-        self.dir.join("vmm.log")
-    }
-
     fn console_path(&self) -> PathBuf {
         self.dir.join("console.log")
     }
@@ -396,6 +397,14 @@ impl VmTask {
                 .standby
                 .as_ref()
                 .map(|s| s.process.socket().to_path_buf()),
+            log: self.vmm.as_ref().map(|v| {
+                let (path, start) = v.log();
+                (path.to_path_buf(), start)
+            }),
+            standby_log: self.standby.as_ref().map(|s| {
+                let (path, start) = s.process.log();
+                (path.to_path_buf(), start)
+            }),
         };
         let tmp = self.dir.join("vmm.json.tmp");
         let written = serde_json::to_vec_pretty(&p)
@@ -520,12 +529,16 @@ impl VmTask {
         args
     }
 
+    /// Starts a VMM serving `socket`. Its output goes to the log beside the
+    /// socket (`vmm-a.log` or `vmm-b.log`): the two live VMMs of a VM (active
+    /// and standby) never share a log, so an exit record is always the
+    /// writer's own.
     async fn spawn(&self, args: Vec<OsString>, socket: &Path) -> Result<VmmProcess, VmmError> {
         VmmProcess::spawn(
             &self.paths.vmm_bin,
             args,
             socket,
-            &self.log_path(),
+            &socket.with_extension("log"),
             VMM_START_TIMEOUT,
         )
         .await
@@ -683,7 +696,7 @@ impl VmTask {
         ];
         args.extend(self.host_args(&socket));
         let bin = self.paths.vmm_bin.clone();
-        let log = self.dir.join("standby.log");
+        let log = socket.with_extension("log");
         self.standby_starting = Some(tokio::spawn(async move {
             VmmProcess::spawn(&bin, args, &socket, &log, VMM_START_TIMEOUT).await
         }));
@@ -730,7 +743,11 @@ impl VmTask {
             return false;
         };
         if let (Some(pid), Some(socket)) = (p.standby_pid, p.standby_socket.clone()) {
-            if let Some(process) = VmmProcess::adopt(pid, &socket, &self.dir.join("standby.log")) {
+            let (log, start) = p
+                .standby_log
+                .clone()
+                .unwrap_or_else(|| (socket.with_extension("log"), u64::MAX));
+            if let Some(process) = VmmProcess::adopt(pid, &socket, &log, start) {
                 if process.request(&Request::Status).await.is_ok() {
                     self.standby = Some(Standby { process });
                 }
@@ -739,7 +756,12 @@ impl VmTask {
         let (Some(pid), Some(socket)) = (p.pid, p.socket) else {
             return false;
         };
-        let Some(process) = VmmProcess::adopt(pid, &socket, &self.log_path()) else {
+        // Without a recorded start, no earlier record can be mistaken for its own.
+        let (log, start) = p
+            .log
+            .clone()
+            .unwrap_or_else(|| (socket.with_extension("log"), u64::MAX));
+        let Some(process) = VmmProcess::adopt(pid, &socket, &log, start) else {
             return false;
         };
         let Ok(Response::Status(status)) = process.request(&Request::Status).await else {

@@ -96,6 +96,9 @@ pub struct VmmProcess {
     pid: u32,
     socket: PathBuf,
     log: PathBuf,
+    /// Where this process's output starts in `log` (the file is shared over
+    /// time by the VMMs that took the same role: only this one's records count).
+    log_start: u64,
     pidfd: Option<AsyncFd<std::os::fd::OwnedFd>>,
     child: Option<tokio::process::Child>,
 }
@@ -131,6 +134,7 @@ impl VmmProcess {
                 })
         };
         let _ = std::fs::remove_file(socket);
+        let log_start = std::fs::metadata(log).map_or(0, |m| m.len());
         let child = tokio::process::Command::new(bin)
             .args(&args)
             .stdin(std::process::Stdio::null())
@@ -148,6 +152,7 @@ impl VmmProcess {
             pid,
             socket: socket.to_path_buf(),
             log: log.to_path_buf(),
+            log_start,
             pidfd: pidfd(pid),
             child: Some(child),
         };
@@ -156,8 +161,8 @@ impl VmmProcess {
     }
 
     /// Takes over a VMM started by an earlier supervisor, if `pid` is alive
-    /// and is a `relive-vmm`.
-    pub fn adopt(pid: u32, socket: &Path, log: &Path) -> Option<VmmProcess> {
+    /// and is a `relive-vmm`; its output starts at `log_start` in `log`.
+    pub fn adopt(pid: u32, socket: &Path, log: &Path, log_start: u64) -> Option<VmmProcess> {
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
         let argv0 = cmdline.split(|b| *b == 0).next()?;
         if !String::from_utf8_lossy(argv0).ends_with("relive-vmm") {
@@ -167,6 +172,7 @@ impl VmmProcess {
             pid,
             socket: socket.to_path_buf(),
             log: log.to_path_buf(),
+            log_start,
             pidfd: pidfd(pid),
             child: None,
         })
@@ -180,6 +186,11 @@ impl VmmProcess {
     /// The control socket.
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// The log file and where this process's output starts in it.
+    pub fn log(&self) -> (&Path, u64) {
+        (&self.log, self.log_start)
     }
 
     /// Whether the process still exists (not exited, not a zombie).
@@ -206,7 +217,7 @@ impl VmmProcess {
                 let info = self.exit_info();
                 self.reap();
                 return Err(VmmError::EarlyExit(
-                    last_log_error(&self.log).unwrap_or_else(|| info.detail()),
+                    last_log_error(&self.log, self.log_start).unwrap_or_else(|| info.detail()),
                 ));
             }
             if tokio::time::Instant::now() >= deadline {
@@ -248,7 +259,7 @@ impl VmmProcess {
     /// Why the process ended, from the last JSON exit record in its log.
     pub fn exit_info(&self) -> ExitInfo {
         ExitInfo {
-            record: last_exit_record(&self.log),
+            record: last_exit_record(&self.log, self.log_start),
         }
     }
 
@@ -268,27 +279,29 @@ impl VmmProcess {
     }
 }
 
-/// The last `vm-exit` record in a VMM log.
-pub fn last_exit_record(log: &Path) -> Option<ExitRecord> {
-    let text = read_tail(log, 64 * 1024)?;
+/// The last `vm-exit` record in a VMM log, after byte `start`.
+pub fn last_exit_record(log: &Path, start: u64) -> Option<ExitRecord> {
+    let text = read_tail(log, start, 64 * 1024)?;
     text.lines()
         .rev()
         .find_map(|line| serde_json::from_str::<ExitRecord>(line.trim()).ok())
 }
 
-fn last_log_error(log: &Path) -> Option<String> {
-    let text = read_tail(log, 16 * 1024)?;
+fn last_log_error(log: &Path, start: u64) -> Option<String> {
+    let text = read_tail(log, start, 16 * 1024)?;
     text.lines()
         .rev()
         .find(|l| l.starts_with("relive-vmm: error:"))
         .map(str::to_string)
 }
 
-fn read_tail(path: &Path, max: u64) -> Option<String> {
+/// At most the last `max` bytes of `path` after byte `start`.
+fn read_tail(path: &Path, start: u64, max: u64) -> Option<String> {
     use std::io::{Read, Seek, SeekFrom};
     let mut file = std::fs::File::open(path).ok()?;
     let len = file.metadata().ok()?.len();
-    file.seek(SeekFrom::Start(len.saturating_sub(max))).ok()?;
+    file.seek(SeekFrom::Start(len.saturating_sub(max).max(start)))
+        .ok()?;
     let mut buf = Vec::new();
     file.read_to_end(&mut buf).ok()?;
     Some(String::from_utf8_lossy(&buf).into_owned())
@@ -392,16 +405,22 @@ mod tests {
         let second = ExitRecord::new(ExitReason::Panic, 9, "pvpanic").to_json();
         std::fs::write(&log, format!("boot\n{first}\nnoise\n{second}\n")).unwrap();
         let info = ExitInfo {
-            record: last_exit_record(&log),
+            record: last_exit_record(&log, 0),
         };
         assert_eq!(info.reason(), "panic");
+        // A later VMM sharing the log, killed without a record, inherits nothing.
+        let start = std::fs::metadata(&log).unwrap().len();
+        let later = ExitInfo {
+            record: last_exit_record(&log, start),
+        };
+        assert_eq!(later.reason(), "vmm-lost");
         std::fs::write(&log, "relive-vmm: error: nope\n").unwrap();
         let none = ExitInfo {
-            record: last_exit_record(&log),
+            record: last_exit_record(&log, 0),
         };
         assert_eq!(none.reason(), "vmm-lost");
         assert_eq!(
-            last_log_error(&log).as_deref(),
+            last_log_error(&log, 0).as_deref(),
             Some("relive-vmm: error: nope")
         );
         std::fs::remove_dir_all(&dir).unwrap();
