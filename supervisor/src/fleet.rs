@@ -1096,6 +1096,8 @@ impl VmTask {
                     vmm.kill();
                 }
                 self.watch = None;
+                // A failed VM holds no standby; `relive start` builds a new one.
+                self.stop_standby().await;
                 let event_detail = format!(
                     "{detail}; too many failures within failure_window: waiting for `relive start`"
                 );
