@@ -88,6 +88,9 @@
 //! Output: the table, the targets with a verdict each, where the time goes,
 //! the fleet figures, and one final line `BENCH failover {json}`.
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
@@ -100,6 +103,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use relive_vmm::control::{Request, Response};
 use relive_vmm::vm::monotonic_ns;
 use serde_json::{json, Value};
+use support::{kvm_usable, newer_source_than, Result};
 
 /// Failovers per (kind, target, standby) when `RELIVE_BENCH_RUNS` is not set.
 const DEFAULT_RUNS: usize = 20;
@@ -158,8 +162,6 @@ const POLL: Duration = Duration::from_millis(25);
 const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
 /// Longest wait for a process to go away after SIGKILL or `shutdown`.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
-
-type Result<T> = std::result::Result<T, String>;
 
 fn main() -> ExitCode {
     match bench() {
@@ -1514,21 +1516,6 @@ impl Drop for Vmm {
 // Environment
 // ---------------------------------------------------------------------------
 
-/// Whether this process can open `/dev/kvm` read-write, as the VMM must.
-fn kvm_usable() -> std::result::Result<(), String> {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            Err("/dev/kvm does not exist on this machine".into())
-        }
-        Err(e) => Err(format!("/dev/kvm cannot be opened read-write: {e}")),
-    }
-}
-
 fn env_count(name: &str, default: usize) -> Result<usize> {
     match std::env::var(name) {
         Err(_) => Ok(default),
@@ -1539,48 +1526,11 @@ fn env_count(name: &str, default: usize) -> Result<usize> {
     }
 }
 
-/// A source file of the workspace modified after `binary` was built.
-fn newer_source_than(binary: &Path) -> Option<PathBuf> {
-    fn newest(dir: &Path, best: &mut Option<(SystemTime, PathBuf)>) {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let Ok(meta) = entry.metadata() else { continue };
-            if meta.is_dir() {
-                newest(&path, best);
-            } else if let Ok(modified) = meta.modified() {
-                if best.as_ref().is_none_or(|(t, _)| modified > *t) {
-                    *best = Some((modified, path));
-                }
-            }
-        }
-    }
-    let built = std::fs::metadata(binary).and_then(|m| m.modified()).ok()?;
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut best = None;
-    for dir in ["src", "supervisor/src", "vmm/src", "images/src"] {
-        newest(&root.join(dir), &mut best);
-    }
-    best.filter(|(t, _)| *t > built).map(|(_, p)| p)
-}
-
+/// The host, with its load at the start (other work skews the figures).
 fn host_note() -> String {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let hw = flags
-        .lines()
-        .filter(|l| l.starts_with("flags"))
-        .flat_map(str::split_whitespace)
-        .any(|f| f == "vmx" || f == "svm");
-    let kvm = if hw {
-        "KVM on vmx/svm"
-    } else {
-        "nested KVM (no vmx/svm flag in /proc/cpuinfo)"
-    };
     format!(
-        "{cpus} CPUs, {kvm}, load average {} at start",
+        "{}, load average {} at start",
+        support::host_note(),
         load_average()
     )
 }

@@ -77,7 +77,7 @@ pub fn newer_source_than(binary: &Path) -> Option<PathBuf> {
     let built = std::fs::metadata(binary).and_then(|m| m.modified()).ok()?;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut best = None;
-    for dir in ["vmm", "images"] {
+    for dir in ["src", "supervisor/src", "vmm/src", "images/src"] {
         newest(&root.join(dir), &mut best);
     }
     best.filter(|(t, _)| *t > built).map(|(_, p)| p)
