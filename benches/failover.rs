@@ -103,7 +103,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use relive_vmm::control::{Request, Response};
 use relive_vmm::vm::monotonic_ns;
 use serde_json::{json, Value};
-use support::{kvm_usable, newer_source_than, Result};
+use support::{kvm_usable, newer_source_than, Result, Summary};
 
 /// Failovers per (kind, target, standby) when `RELIVE_BENCH_RUNS` is not set.
 const DEFAULT_RUNS: usize = 20;
@@ -1591,38 +1591,6 @@ fn unix_ms() -> u64 {
 // ---------------------------------------------------------------------------
 // Report
 // ---------------------------------------------------------------------------
-
-/// Median, p90 (nearest rank), min and max of some figures.
-#[derive(Debug, Clone, Copy)]
-struct Summary {
-    median: f64,
-    p90: f64,
-    min: f64,
-    max: f64,
-}
-
-impl Summary {
-    fn of(values: &[f64]) -> Option<Summary> {
-        let mut v = values.to_vec();
-        if v.is_empty() {
-            return None;
-        }
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        let median = if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
-        };
-        let p90 = v[(n * 9).div_ceil(10).clamp(1, n) - 1];
-        Some(Summary {
-            median,
-            p90,
-            min: v[0],
-            max: v[n - 1],
-        })
-    }
-}
 
 fn summary_json(values: &[f64]) -> Value {
     let r = |x: f64| (x * 1000.0).round() / 1000.0;

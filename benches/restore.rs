@@ -75,7 +75,7 @@ use relive_images::format::{ImageReader, SectionKind};
 use relive_vmm::control::{CheckpointKind, Request, Response};
 use relive_vmm::exit::ExitReason;
 use relive_vmm::vm::{monotonic_ns, VmStatus};
-use support::{host_note, kvm_usable, newer_source_than, runs, vmm_binary, Result};
+use support::{host_note, kvm_usable, newer_source_than, runs, vmm_binary, Result, Summary};
 
 /// Runs when `RELIVE_BENCH_RUNS` is not set.
 const DEFAULT_RUNS: usize = 20;
@@ -744,51 +744,6 @@ fn ns_to_ms(ns: u64) -> f64 {
 // ---------------------------------------------------------------------------
 // Report
 // ---------------------------------------------------------------------------
-
-/// Median, p90 (nearest rank), min and max of some figures.
-#[derive(Debug, Clone, Copy)]
-struct Summary {
-    median: f64,
-    p90: f64,
-    min: f64,
-    max: f64,
-}
-
-impl Summary {
-    fn of(values: &[f64]) -> Option<Summary> {
-        let mut v = values.to_vec();
-        if v.is_empty() {
-            return None;
-        }
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        let median = if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
-        };
-        let p90 = v[(n * 9).div_ceil(10).clamp(1, n) - 1];
-        Some(Summary {
-            median,
-            p90,
-            min: v[0],
-            max: v[n - 1],
-        })
-    }
-
-    fn json(self, digits: i32) -> serde_json::Value {
-        let r = |x: f64| {
-            let k = 10f64.powi(digits);
-            (x * k).round() / k
-        };
-        serde_json::json!({
-            "median": r(self.median),
-            "p90": r(self.p90),
-            "min": r(self.min),
-            "max": r(self.max),
-        })
-    }
-}
 
 fn verdict(ok: bool) -> &'static str {
     if ok {

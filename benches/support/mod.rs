@@ -98,3 +98,54 @@ pub fn host_note() -> String {
     };
     format!("{cpus} CPUs, {kvm}")
 }
+
+/// Median, p90 (nearest rank), min and max of some figures.
+#[derive(Debug, Clone, Copy)]
+pub struct Summary {
+    /// Median.
+    pub median: f64,
+    /// 90th percentile (nearest rank).
+    pub p90: f64,
+    /// Smallest.
+    pub min: f64,
+    /// Largest.
+    pub max: f64,
+}
+
+impl Summary {
+    /// The summary of `values`, `None` when there are none.
+    pub fn of(values: &[f64]) -> Option<Summary> {
+        let mut v = values.to_vec();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        let p90 = v[(n * 9).div_ceil(10).clamp(1, n) - 1];
+        Some(Summary {
+            median,
+            p90,
+            min: v[0],
+            max: v[n - 1],
+        })
+    }
+
+    /// As JSON, rounded to `digits` decimals.
+    pub fn json(self, digits: i32) -> serde_json::Value {
+        let r = |x: f64| {
+            let k = 10f64.powi(digits);
+            (x * k).round() / k
+        };
+        serde_json::json!({
+            "median": r(self.median),
+            "p90": r(self.p90),
+            "min": r(self.min),
+            "max": r(self.max),
+        })
+    }
+}
