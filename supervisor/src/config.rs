@@ -861,8 +861,11 @@ impl Checker<'_> {
         }
     }
 
+    /// `path` relative to the fleet file's directory, without `.` components
+    /// (so paths read cleanly in logs and events; `..` is kept, since
+    /// collapsing it lexically is wrong across symlinks).
     fn resolve(&self, path: &str) -> PathBuf {
-        self.base.join(path)
+        self.base.join(path).components().collect()
     }
 
     fn check(&self, raw: RawFleet, absolute: PathBuf) -> Result<FleetConfig, ConfigError> {
