@@ -1,0 +1,471 @@
+//! Failover images of a running VM: consistency checkpoints (full and
+//! incremental), boot images, and a standby's restore of an image.
+//!
+//! A checkpoint pauses the vCPUs, captures the vCPU, VM and device state and
+//! the dirty log, and either writes the memory while paused (a full image) or
+//! copies the dirty pages into a buffer (an incremental layer); the vCPUs then
+//! resume before the layer is written and the image committed (fsync,
+//! rename, fsync of the directory). After a commit the store's housekeeping
+//! (merging a long chain, retention) runs on a background thread.
+
+use super::*;
+
+/// What the VM knows of its image directory.
+pub(super) struct ImageHistory {
+    store: Arc<ImageStore>,
+    /// The newest image this process wrote or was restored from.
+    last: Option<ImageId>,
+    /// The next checkpoint must be full (a failed one lost the dirty log).
+    need_full: bool,
+    /// Layers written since the last full or merged image.
+    layers: usize,
+    /// Present pages per region of the image this VM was restored from.
+    base_present: Vec<Vec<PageRun>>,
+    /// The image a running restore uses: never deleted.
+    in_use: Option<ImageId>,
+    /// Background merge and retention.
+    housekeeper: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ImageHistory {
+    pub(super) fn new(store: ImageStore) -> Self {
+        ImageHistory {
+            store: Arc::new(store),
+            last: None,
+            need_full: true,
+            layers: 0,
+            base_present: Vec::new(),
+            in_use: None,
+            housekeeper: None,
+        }
+    }
+
+    /// The VM now runs from `image`: later layers build on it when it lives
+    /// in this store's directory (a layer must sit beside its parent).
+    pub(super) fn adopt(&mut self, image: &LoadedImage) {
+        let parent = image.reader.path().parent().map(std::fs::canonicalize);
+        let same_dir = matches!(
+            (parent, std::fs::canonicalize(self.store.dir())),
+            (Some(Ok(a)), Ok(b)) if a == b
+        );
+        self.last = Some(image.reader.id());
+        // Layers sit beside their parent, and a boot image is no parent:
+        // the first image after a boot-image start is full.
+        self.need_full = !same_dir || image.reader.kind() == ImageKind::Boot;
+        self.layers = 0;
+        self.base_present = image
+            .reader
+            .memory_map()
+            .iter()
+            .map(|m| m.present.clone())
+            .collect();
+        self.in_use = Some(image.reader.id());
+    }
+
+    /// Merges `merge` (a layer) into a new full image if given, then applies
+    /// retention, on a background thread; one at a time.
+    fn housekeeping(&mut self, merge: Option<PathBuf>) {
+        if let Some(previous) = self.housekeeper.take() {
+            if !previous.is_finished() {
+                // Still busy: retention will run again after the next checkpoint.
+                self.housekeeper = Some(previous);
+                return;
+            }
+            let _ = previous.join();
+        }
+        let store = self.store.clone();
+        let in_use: Vec<ImageId> = self.in_use.into_iter().chain(self.last).collect();
+        let spawned = std::thread::Builder::new()
+            .name("image-store".into())
+            .spawn(move || {
+                if let Some(layer) = merge {
+                    match ImageReader::open(&layer)
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| store.merge(&r).map_err(|e| e.to_string()))
+                    {
+                        Ok(merged) => tracing::info!(image = %merged.id, "merged an image chain"),
+                        Err(e) => tracing::warn!(error = %e, "cannot merge the image chain"),
+                    }
+                }
+                if let Err(e) = store.retain(&in_use) {
+                    tracing::warn!(error = %e, "image retention failed");
+                }
+            });
+        match spawned {
+            Ok(handle) => self.housekeeper = Some(handle),
+            Err(e) => tracing::warn!(error = %e, "cannot start image housekeeping"),
+        }
+    }
+}
+
+impl EventLoop {
+    /// Standby restore: maps the image's memory over the registered slots,
+    /// loads the VM, vCPU and device state, and runs the guest. An image of
+    /// another shape (memory, vCPUs) is refused before anything changes, and
+    /// the standby stays ready for the next `restore`.
+    pub(super) fn restore_standby(
+        &mut self,
+        path: &std::path::Path,
+    ) -> Result<RestoreReport, String> {
+        let received = Instant::now();
+        if self.state != RunState::Standby {
+            return Err("this VMM already runs a guest: only a standby VMM takes an image".into());
+        }
+        let path = snapshot::resolve_full(path).map_err(|e| error_chain(&e))?;
+        let image = snapshot::load(&path).map_err(|e| error_chain(&e))?;
+        if image.config.mem_mib != self.cfg.mem_mib || image.config.vcpus != self.cfg.boot.vcpus {
+            return Err(format!(
+                "image {} is of a VM with {} MiB and {} vCPUs; this standby has {} MiB and {} vCPUs: \
+                 restore it into a standby started with --mem-mib {} --vcpus {}",
+                path.display(),
+                image.config.mem_mib,
+                image.config.vcpus,
+                self.cfg.mem_mib,
+                self.cfg.boot.vcpus,
+                image.config.mem_mib,
+                image.config.vcpus
+            ));
+        }
+        let layouts: Vec<(u64, u64, u64)> = image
+            .reader
+            .memory_map()
+            .iter()
+            .map(|m| (m.guest_addr, m.len, m.file_offset))
+            .collect();
+        memory::map_file_over(&self.mem, image.reader.file(), &layouts)
+            .map_err(|e| error_chain(&e))?;
+        restore_vm(&self.vm, &image.machine.vm).map_err(|e| error_chain(&e))?;
+        for (handle, state) in self.handles.iter().zip(&image.machine.vcpus) {
+            handle.send(VcpuEvent::Restore(Box::new(state.clone())));
+        }
+        for handle in &self.handles {
+            match handle.response(PAUSE_TIMEOUT) {
+                Some(VcpuResponse::Restored(Ok(()))) => {}
+                Some(VcpuResponse::Restored(Err(e))) => return Err(e),
+                other => {
+                    return Err(format!(
+                        "vcpu{} did not load its state: {other:?}",
+                        handle.id()
+                    ))
+                }
+            }
+        }
+        self.devices
+            .load_state(&self.cfg.console, &image.devices)
+            .map_err(|e| error_chain(&e))?;
+        self.pending_input = image.devices.agent_pending_input.iter().copied().collect();
+        self.agent = AgentState::from_app_status(&image.app);
+        self.cfg.boot.kernel = boot::KernelSource::parse(&image.config.kernel);
+        self.cfg.boot.initrd = image.config.initrd.clone();
+        self.cfg.boot.cmdline = image.config.cmdline.clone();
+        self.cfg.limits = image.limits.clone();
+        if self.cfg.name.is_none() {
+            self.cfg.name = image.config.name.clone();
+        }
+        apply_limits(self.cfg.name.as_deref(), &self.cfg.limits).map_err(|e| error_chain(&e))?;
+        if let Some(history) = self.history.as_mut() {
+            history.adopt(&image);
+        }
+        // The standby's own (empty) writes are not the guest's: start clean.
+        if self.history.is_some() {
+            self.take_dirty_log()?;
+        }
+        self.state = RunState::Paused;
+        self.started = Instant::now();
+        self.started_ns = monotonic_ns();
+        self.resume()?;
+        Ok(RestoreReport {
+            image_id: image.reader.id().to_string(),
+            path: path.display().to_string(),
+            restore_us: received.elapsed().as_micros() as u64,
+        })
+    }
+
+    /// Writes a consistency image: pause, capture, write, resume; then the
+    /// store's housekeeping (merge a long chain, retention) off the pause path.
+    ///
+    /// An incremental image holds the pages KVM's dirty log reports since the
+    /// previous image of this process (or since the restore from `in_use`);
+    /// the VMM itself writes no guest memory (its devices do no DMA), so the
+    /// dirty log is the complete set. Without a parent, or after a failed
+    /// checkpoint (whose dirty log is gone), the checkpoint is full.
+    pub(super) fn checkpoint(
+        &mut self,
+        requested: CheckpointKind,
+    ) -> Result<CheckpointReport, String> {
+        let Some(history) = self.history.as_ref() else {
+            return Err("this VM has no image directory: start it with --images DIR".into());
+        };
+        let parent = history.last.filter(|_| !history.need_full);
+        let kind = match (requested, parent) {
+            (CheckpointKind::Incremental, Some(parent)) => ImageKind::Incremental { parent },
+            _ => ImageKind::Full,
+        };
+        let started = Instant::now();
+        let was_running = self.state == RunState::Running;
+        self.pause()?;
+        let paused_at = Instant::now();
+        let written = self.write_checkpoint(kind);
+        let pause_us = paused_at.elapsed().as_micros() as u64;
+        if was_running {
+            self.resume()?;
+        }
+        let result = written.and_then(|pending| {
+            let (result, buffer) = pending.finish();
+            if buffer.capacity() > 0 {
+                self.copy_buffer = buffer;
+            }
+            result
+        });
+        let history = self.history.as_mut().ok_or("no image history")?;
+        let image = match result {
+            Ok(image) => image,
+            Err(e) => {
+                history.need_full = true;
+                return Err(e);
+            }
+        };
+        history.last = Some(image.id);
+        history.need_full = false;
+        history.layers = match kind {
+            ImageKind::Incremental { .. } => history.layers + 1,
+            _ => 0,
+        };
+        let merge = (history.layers >= MERGE_AFTER_LAYERS).then(|| image.path.clone());
+        if merge.is_some() {
+            history.layers = 0;
+        }
+        history.housekeeping(merge);
+        Ok(CheckpointReport {
+            image_id: image.id.to_string(),
+            kind: match kind {
+                ImageKind::Incremental { .. } => CheckpointKind::Incremental,
+                _ => CheckpointKind::Full,
+            },
+            path: image.path.display().to_string(),
+            bytes: image.bytes_written,
+            pause_us,
+            total_us: started.elapsed().as_micros() as u64,
+        })
+    }
+
+    /// Writes this VM's boot image; a failure is logged, the VM runs on.
+    pub(super) fn write_boot_image(&mut self, mode: BootImageMode) {
+        let result = match mode {
+            BootImageMode::Recipe => self.write_recipe(),
+            BootImageMode::Warm => self.warm_snapshot(),
+        };
+        match result {
+            Ok(image) => {
+                tracing::info!(path = %image.path.display(), ?mode, "boot image written");
+                self.boot_image_path = Some(image.path.display().to_string());
+            }
+            Err(error) => tracing::error!(%error, ?mode, "cannot write the boot image"),
+        }
+    }
+
+    fn write_recipe(&mut self) -> Result<relive_images::format::CommittedImage, String> {
+        let history = self.history.as_ref().ok_or("no image directory")?;
+        let mut writer = ImageWriter::create(history.store.dir(), ImageKind::Boot)
+            .map_err(|e| error_chain(&e))?;
+        let config = serde_json::to_vec(&self.image_config()).map_err(|e| e.to_string())?;
+        let limits = serde_json::to_vec(&self.cfg.limits).map_err(|e| e.to_string())?;
+        for (kind, payload) in [
+            (relive_images::format::SectionKind::Config, config),
+            (relive_images::format::SectionKind::Limits, limits),
+        ] {
+            writer
+                .add_section(kind, snapshot::SECTION_VERSION, &payload)
+                .map_err(|e| error_chain(&e))?;
+        }
+        writer.commit().map_err(|e| error_chain(&e))
+    }
+
+    /// A full snapshot of the freshly booted guest, kept as a boot image.
+    fn warm_snapshot(&mut self) -> Result<relive_images::format::CommittedImage, String> {
+        let was_running = self.state == RunState::Running;
+        self.pause()?;
+        let written = self.write_checkpoint(ImageKind::Boot);
+        if was_running {
+            self.resume()?;
+        }
+        if let Some(history) = self.history.as_mut() {
+            // The snapshot consumed the dirty log: the next consistency image is full.
+            history.need_full = true;
+        }
+        written.and_then(|pending| pending.finish().0)
+    }
+
+    fn image_config(&self) -> ImageConfig {
+        ImageConfig {
+            vcpus: self.cfg.boot.vcpus,
+            mem_mib: self.cfg.mem_mib,
+            kernel: self.cfg.boot.kernel.to_string(),
+            initrd: self.cfg.boot.initrd.clone(),
+            cmdline: self.cfg.boot.cmdline.clone(),
+            relive_version: env!("CARGO_PKG_VERSION").to_string(),
+            name: self.cfg.name.clone(),
+        }
+    }
+
+    /// Pages KVM saw written since the last call, per memory region.
+    pub(super) fn take_dirty_log(&self) -> Result<Vec<Vec<PageRun>>, String> {
+        use vm_memory::GuestMemoryRegion;
+        let mut out = Vec::new();
+        for (slot, region) in vm_memory::GuestMemoryBackend::iter(&self.mem).enumerate() {
+            let len = region.len() as usize;
+            let bitmap = self
+                .vm
+                .get_dirty_log(slot as u32, len)
+                .map_err(|e| format!("KVM_GET_DIRTY_LOG on slot {slot} failed: {e}"))?;
+            out.push(PageRun::from_bitmap(&bitmap, (len / 4096) as u64));
+        }
+        Ok(out)
+    }
+
+    fn write_checkpoint(&mut self, kind: ImageKind) -> Result<PendingImage, String> {
+        let t0 = Instant::now();
+        let history = self.history.as_ref().ok_or("no image history")?;
+        let dir = history.store.dir().to_path_buf();
+        let dirty = self.take_dirty_log()?;
+        let dirty_us = t0.elapsed().as_micros() as u64;
+        let pages = match kind {
+            ImageKind::Incremental { .. } => PageSelection::Dirty(dirty),
+            _ => PageSelection::Full {
+                known: history
+                    .base_present
+                    .iter()
+                    .zip(dirty.iter().chain(std::iter::repeat(&Vec::new())))
+                    .map(|(base, dirty)| snapshot::union_runs(base, dirty))
+                    .chain(dirty.iter().skip(history.base_present.len()).cloned())
+                    .collect(),
+            },
+        };
+        let mut vcpus = Vec::with_capacity(self.handles.len());
+        for handle in &self.handles {
+            handle.send(VcpuEvent::Save);
+        }
+        for handle in &self.handles {
+            match handle.response(PAUSE_TIMEOUT) {
+                Some(VcpuResponse::Saved(Ok(state))) => vcpus.push(*state),
+                Some(VcpuResponse::Saved(Err(e))) => return Err(e),
+                other => return Err(format!("vcpu{} did not save: {other:?}", handle.id())),
+            }
+        }
+        let machine = MachineState {
+            vm: save_vm(&self.vm).map_err(|e| e.to_string())?,
+            vcpus,
+        };
+        let devices = {
+            let com1 = lock(&self.devices.com1).save().map_err(|e| e.to_string())?;
+            let com2_dev = lock(&self.devices.com2);
+            let com2 = com2_dev.save().map_err(|e| e.to_string())?;
+            let agent_partial_line = com2_dev.writer().pending().to_string();
+            drop(com2_dev);
+            let pvpanic = match lock(&self.devices.pvpanic).save() {
+                Ok(state) => state,
+                Err(never) => match never {},
+            };
+            DeviceState {
+                com1,
+                com2,
+                agent_partial_line,
+                agent_pending_input: self.pending_input.iter().copied().collect(),
+                pvpanic,
+            }
+        };
+        let config = self.image_config();
+        let app = AppStatus {
+            ready: self.agent.ready,
+            last_heartbeat: self.agent.last_heartbeat.clone(),
+            last_line: self.agent.last_line.clone(),
+        };
+        let parts = ImageParts {
+            config: &config,
+            limits: &self.cfg.limits,
+            machine: &machine,
+            devices: &devices,
+            app: &app,
+        };
+        let state_us = t0.elapsed().as_micros() as u64 - dirty_us;
+        let pending = match pages {
+            PageSelection::Dirty(runs) => {
+                let buffer = std::mem::take(&mut self.copy_buffer);
+                // SAFETY: every vCPU is paused (checked by `checkpoint`) until this returns.
+                let pages = unsafe { snapshot::copy_pages(&self.mem, runs, buffer) };
+                Ok(PendingImage::Copied(Box::new(CopiedImage {
+                    dir,
+                    kind,
+                    config,
+                    limits: self.cfg.limits.clone(),
+                    machine,
+                    devices,
+                    app,
+                    pages,
+                })))
+            }
+            full => {
+                // SAFETY: every vCPU is paused (checked by `checkpoint`) until this returns.
+                unsafe { snapshot::write_image(&dir, kind, &parts, &self.mem, &full) }
+                    .map(|w| PendingImage::Written(Box::new(w)))
+                    .map_err(|e| error_chain(&e))
+            }
+        };
+        tracing::debug!(
+            dirty_us,
+            state_us,
+            copy_or_write_us = t0.elapsed().as_micros() as u64 - dirty_us - state_us,
+            "checkpoint captured"
+        );
+        pending
+    }
+}
+
+/// A checkpoint captured while the vCPUs were paused, to be finished after.
+enum PendingImage {
+    /// Written to its temporary file already: commit it.
+    Written(Box<ImageWriter>),
+    /// Copied into memory (an incremental layer): write, then commit.
+    Copied(Box<CopiedImage>),
+}
+
+struct CopiedImage {
+    dir: PathBuf,
+    kind: ImageKind,
+    config: ImageConfig,
+    limits: ResourceLimits,
+    machine: MachineState,
+    devices: DeviceState,
+    app: AppStatus,
+    pages: snapshot::PackedPages,
+}
+
+impl PendingImage {
+    /// Writes what is left and commits (fsync, rename, fsync of the
+    /// directory); gives back the copy buffer for the next checkpoint.
+    fn finish(
+        self,
+    ) -> (
+        Result<relive_images::format::CommittedImage, String>,
+        Vec<u8>,
+    ) {
+        match self {
+            PendingImage::Written(writer) => {
+                (writer.commit().map_err(|e| error_chain(&e)), Vec::new())
+            }
+            PendingImage::Copied(c) => {
+                let parts = ImageParts {
+                    config: &c.config,
+                    limits: &c.limits,
+                    machine: &c.machine,
+                    devices: &c.devices,
+                    app: &c.app,
+                };
+                let result = snapshot::write_image_packed(&c.dir, c.kind, &parts, &c.pages)
+                    .map_err(|e| error_chain(&e))
+                    .and_then(|w| w.commit().map_err(|e| error_chain(&e)));
+                (result, c.pages.data)
+            }
+        }
+    }
+}
