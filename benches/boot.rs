@@ -44,9 +44,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use relive_vmm::control::{ControlClient, Request, Response};
-use relive_vmm::exit::ExitReason;
-use relive_vmm::vm::{monotonic_ns, VmStatus};
+use relive_control::{error_chain, ControlClient, ExitReason, Request, Response, VmStatus};
+use relive_vmm::vm::monotonic_ns;
 use support::{host_note, kvm_usable, newer_source_than, runs, vmm_binary, Result};
 
 /// Runs when `RELIVE_BENCH_RUNS` is not set.
@@ -375,17 +374,6 @@ fn status(client: &mut ControlClient) -> Result<VmStatus> {
         Ok(other) => Err(format!("status answered {other:?}")),
         Err(e) => Err(format!("status: {}", error_chain(&e))),
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// The last lines of a file, for error messages.

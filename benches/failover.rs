@@ -93,14 +93,13 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use relive_vmm::control::{Request, Response};
+use relive_control::{ClientError, ControlClient, Request, Response};
 use relive_vmm::vm::monotonic_ns;
 use serde_json::{json, Value};
 use support::{kvm_usable, newer_source_than, Result, Summary};
@@ -842,12 +841,10 @@ fn raw_restores(bins: &Bins, dir: &Path, image: &Path, runs: usize) -> Result<Ra
             other => return Err(standby.failed(format!("restore answered {other:?}"))),
         };
         let t = Instant::now();
-        let watch = Conn::connect(&standby.socket)
-            .map_err(|e| e.to_string())
-            .and_then(|mut c| c.request(&Request::Watch));
+        let watch = connect(&standby.socket).and_then(ControlClient::watch);
         let watch_time = t.elapsed();
-        if !matches!(watch, Ok(Response::Ok)) {
-            return Err(standby.failed(format!("watch answered {watch:?}")));
+        if let Err(e) = watch {
+            return Err(standby.failed(format!("watch: {e}")));
         }
         standby.shutdown()?;
         let t = Instant::now();
@@ -1386,43 +1383,15 @@ fn clock_ticks_per_second() -> f64 {
     }
 }
 
-/// A control-socket connection whose reads have a deadline.
-struct Conn {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-}
-
-impl Conn {
-    fn connect(socket: &Path) -> std::io::Result<Conn> {
-        let stream = UnixStream::connect(socket)?;
-        stream.set_read_timeout(Some(REPLY_TIMEOUT))?;
-        Ok(Conn {
-            writer: stream.try_clone()?,
-            reader: BufReader::new(stream),
-        })
-    }
-
-    fn request(&mut self, request: &Request) -> Result<Response> {
-        let mut line = serde_json::to_vec(request).map_err(|e| e.to_string())?;
-        line.push(b'\n');
-        self.writer
-            .write_all(&line)
-            .map_err(|e| format!("cannot send {request:?}: {e}"))?;
-        let mut reply = String::new();
-        match self.reader.read_line(&mut reply) {
-            Ok(0) => Err("the VMM closed the connection".into()),
-            Ok(_) => {
-                serde_json::from_str(reply.trim()).map_err(|e| format!("bad reply {reply:?}: {e}"))
-            }
-            Err(e) => Err(format!("no answer within {REPLY_TIMEOUT:?}: {e}")),
-        }
-    }
+/// A client of `socket` whose answers have a deadline.
+fn connect(socket: &Path) -> std::result::Result<ControlClient, ClientError> {
+    ControlClient::connect(socket).map(|c| c.with_timeout(Some(REPLY_TIMEOUT)))
 }
 
 /// A VMM the bench runs itself (baseline), killed and reaped on drop.
 struct Vmm {
     child: Child,
-    conn: Conn,
+    conn: ControlClient,
     socket: PathBuf,
     log: PathBuf,
 }
@@ -1449,7 +1418,7 @@ impl Vmm {
             .map_err(|e| format!("cannot start {}: {e}", vmm.display()))?;
         let deadline = Instant::now() + REPLY_TIMEOUT;
         loop {
-            if let Ok(conn) = Conn::connect(&socket) {
+            if let Ok(conn) = connect(&socket) {
                 return Ok(Vmm {
                     child,
                     conn,

@@ -65,16 +65,16 @@
 mod support;
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
+use relive_control::{
+    error_chain, CheckpointKind, ClientError, ControlClient, ExitReason, Request, Response,
+    VmStatus, WatchEvent,
+};
 use relive_images::format::{ImageReader, SectionKind};
-use relive_vmm::control::{CheckpointKind, Request, Response};
-use relive_vmm::exit::ExitReason;
-use relive_vmm::vm::{monotonic_ns, VmStatus};
+use relive_vmm::vm::monotonic_ns;
 use support::{host_note, kvm_usable, newer_source_than, runs, vmm_binary, Result, Summary};
 
 /// Runs when `RELIVE_BENCH_RUNS` is not set.
@@ -446,56 +446,16 @@ struct FirstHeartbeat {
     exact: bool,
 }
 
-/// A control-socket connection whose reads have a deadline (a VMM that stops
+/// A client of `socket` whose answers have a deadline (a VMM that stops
 /// answering fails the bench instead of hanging it).
-struct Conn {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-}
-
-impl Conn {
-    fn connect(socket: &Path) -> std::io::Result<Conn> {
-        let stream = UnixStream::connect(socket)?;
-        Ok(Conn {
-            writer: stream.try_clone()?,
-            reader: BufReader::new(stream),
-        })
-    }
-
-    fn send(&mut self, request: &Request) -> Result<()> {
-        let mut line = serde_json::to_vec(request).map_err(|e| e.to_string())?;
-        line.push(b'\n');
-        self.writer
-            .write_all(&line)
-            .map_err(|e| format!("cannot send {request:?}: {e}"))
-    }
-
-    /// The next answer, waiting at most `timeout`.
-    fn next(&mut self, timeout: Duration) -> Result<Response> {
-        self.reader
-            .get_ref()
-            .set_read_timeout(Some(timeout))
-            .map_err(|e| e.to_string())?;
-        let mut line = String::new();
-        match self.reader.read_line(&mut line) {
-            Ok(0) => Err("the VMM closed the connection".into()),
-            Ok(_) => {
-                serde_json::from_str(line.trim()).map_err(|e| format!("bad reply {line:?}: {e}"))
-            }
-            Err(e) => Err(format!("no answer within {timeout:?}: {e}")),
-        }
-    }
-
-    fn request(&mut self, request: &Request) -> Result<Response> {
-        self.send(request)?;
-        self.next(REPLY_TIMEOUT)
-    }
+fn connect(socket: &Path) -> std::result::Result<ControlClient, ClientError> {
+    ControlClient::connect(socket).map(|c| c.with_timeout(Some(REPLY_TIMEOUT)))
 }
 
 /// A VMM process with its control socket, killed and reaped on drop.
 struct Running {
     child: Child,
-    client: Conn,
+    client: ControlClient,
     socket: PathBuf,
     dir: PathBuf,
 }
@@ -524,7 +484,7 @@ impl Running {
             .map_err(|e| format!("cannot start {}: {e}", vmm.display()))?;
         let deadline = Instant::now() + READY_TIMEOUT;
         let client = loop {
-            if let Ok(client) = Conn::connect(&socket) {
+            if let Ok(client) = connect(&socket) {
                 break client;
             }
             let early = child.try_wait().ok().flatten();
@@ -584,25 +544,18 @@ impl Running {
     /// must be a heartbeat after the image's (`image_seq`); then checks with
     /// `status` whether it was the VMM's first line (see the module docs).
     fn first_heartbeat(&mut self, image_seq: u64) -> Result<FirstHeartbeat> {
-        let watch = Conn::connect(&self.socket).and_then(|mut c| {
-            c.send(&Request::Watch).map_err(std::io::Error::other)?;
-            Ok(c)
-        });
+        let watch = connect(&self.socket).and_then(|c| c.with_timeout(Some(READY_TIMEOUT)).watch());
         let mut watch = match watch {
-            Ok(c) => c,
+            Ok(w) => w,
             Err(e) => return Err(self.failed(format!("watch: {e}"))),
         };
-        let line = |r: Result<Response>| match r {
-            Ok(Response::Agent { line }) => Ok(line),
-            Ok(other) => Err(format!("watch answered {other:?}")),
+        let line = |e: std::result::Result<Option<WatchEvent>, ClientError>| match e {
+            Ok(Some(WatchEvent::Line(line))) => Ok(line),
+            Ok(other) => Err(format!("watch gave {other:?}")),
             Err(e) => Err(format!("watch: {e}")),
         };
-        match watch.next(READY_TIMEOUT) {
-            Ok(Response::Ok) => {}
-            other => return Err(self.failed(format!("watch answered {other:?}"))),
-        }
         let registered_ns = monotonic_ns();
-        let first = match line(watch.next(READY_TIMEOUT)) {
+        let first = match line(watch.next_event()) {
             Ok(l) => l,
             Err(e) => return Err(self.failed(e)),
         };
@@ -619,7 +572,7 @@ impl Running {
         let mut seen = 1u64;
         let mut current = first;
         while current != last {
-            current = match line(watch.next(READY_TIMEOUT)) {
+            current = match line(watch.next_event()) {
                 Ok(l) => l,
                 Err(e) => return Err(self.failed(format!("{e} (waiting for {last:?})"))),
             };
@@ -710,17 +663,6 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// The last lines of a file, for error messages.

@@ -41,3 +41,26 @@ fn every_vmm_module_is_in_the_code_map() {
         );
     }
 }
+
+#[test]
+fn the_supervisor_and_the_wire_contract_link_no_kvm() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for member in ["supervisor", "control"] {
+        let manifest = std::fs::read_to_string(root.join(member).join("Cargo.toml")).unwrap();
+        for forbidden in [
+            "relive-vmm",
+            "kvm-ioctls",
+            "kvm-bindings",
+            "vm-memory",
+            "linux-loader",
+            "vm-superio",
+        ] {
+            assert!(
+                !manifest
+                    .lines()
+                    .any(|l| l.trim_start().starts_with(forbidden)),
+                "{member}/Cargo.toml depends on {forbidden}: the wire types live in relive-control"
+            );
+        }
+    }
+}

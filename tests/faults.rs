@@ -28,10 +28,10 @@ use common::{
     checkpoint, connect, env_flag, hb_seq, request, require_kvm, run_vmm, status, vmm_command,
     wait_gone, ChildGuard, Output, TempDir, Vmm, STEP_TIMEOUT,
 };
+use relive_control::{CheckpointKind, ErrorKind, Request, Response};
+use relive_control::{RunState, VmStatus};
 use relive_images::format::{ImageReader, SectionKind, FORMAT_VERSION, HEADER_LEN, PAGE_SIZE};
 use relive_images::store::ImageStore;
-use relive_vmm::control::{CheckpointKind, Request, Response};
-use relive_vmm::vm::{RunState, VmStatus};
 
 // ---------------------------------------------------------------------------
 // Helpers
@@ -645,9 +645,14 @@ fn full_disk_checkpoint_fails_cleanly_and_the_vm_keeps_running() {
             kind: CheckpointKind::Full,
         },
     );
-    let Response::Error { error } = answer else {
+    let Response::Error { error, kind } = answer else {
         panic!("a 16 MiB image cannot fit a 2 MiB file system, yet: {answer:?}");
     };
+    assert_eq!(
+        kind,
+        ErrorKind::ImageWrite,
+        "a full disk is an image-write error: {error}"
+    );
     assert!(
         error.contains("No space left on device"),
         "the error gives the OS's reason: {error}"
@@ -697,7 +702,7 @@ fn full_disk_checkpoint_fails_cleanly_and_the_vm_keeps_running() {
         },
     );
     assert!(
-        matches!(&again, Response::Error { error } if error.contains("No space left on device")),
+        matches!(&again, Response::Error { error, kind: ErrorKind::ImageWrite } if error.contains("No space left on device")),
         "{again:?}"
     );
     assert_eq!(status(&vmm.socket).state, RunState::Running);

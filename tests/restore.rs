@@ -13,8 +13,8 @@ use common::{
     checkpoint, connect, heartbeat, request, require_kvm, vmm_command, wait_gone, ChildGuard,
     Heartbeat, TempDir, Vmm, STEP_TIMEOUT,
 };
+use relive_control::{CheckpointKind, ErrorKind, Request, Response};
 use relive_images::guest::replay_hash;
-use relive_vmm::control::{CheckpointKind, Request, Response};
 
 /// The first heartbeat a fresh watch connection sees.
 fn first_heartbeat(socket: &Path) -> Heartbeat {
@@ -277,7 +277,8 @@ fn standby_takes_an_image_and_continues_exactly() {
             image: image.path.clone(),
         },
     ) {
-        Response::Error { error } => {
+        Response::Error { error, kind } => {
+            assert_eq!(kind, ErrorKind::ImageRefused, "{error}");
             assert!(
                 error.contains("128 MiB") && error.contains("256 MiB"),
                 "{error}"
@@ -357,7 +358,7 @@ fn restore_reapplies_the_cgroup_limits() {
         "--pids-max",
         "64",
     ]);
-    let wanted = relive_vmm::snapshot::ResourceLimits {
+    let wanted = relive_control::ResourceLimits {
         cpu_percent: Some(50),
         memory_bytes: Some(512 << 20),
         pids: Some(64),

@@ -47,7 +47,9 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{require_kvm, run_vmm, run_with_timeout, vmm_bin, ChildGuard, Output, TempDir};
+use common::{
+    require_kvm, run_vmm, run_with_timeout, vmm_bin, ChildGuard, Heartbeat, Output, TempDir,
+};
 use relive_images::guest::{replay_hash, HASH_INIT};
 use serde_json::Value;
 
@@ -92,47 +94,9 @@ fn fleet_yaml(state_dir: &Path, vms: &[&str], standby: bool, extra: &str) -> Str
 // Heartbeats
 // ---------------------------------------------------------------------------
 
-/// A heartbeat of the bundled guest: `hb seq=S counter=C hash=H cpus=N`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Heartbeat {
-    seq: u64,
-    counter: u64,
-    hash: u64,
-}
-
-impl Heartbeat {
-    fn parse(line: &str) -> Option<Heartbeat> {
-        let rest = line.strip_prefix("hb ")?;
-        let field = |key: &str| {
-            rest.split_whitespace()
-                .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
-        };
-        Some(Heartbeat {
-            seq: field("seq")?.parse().ok()?,
-            counter: field("counter")?.parse().ok()?,
-            hash: u64::from_str_radix(field("hash")?, 16).ok()?,
-        })
-    }
-
-    /// The heartbeat `relive show`/`status` reports for a VM.
-    fn of(view: &Value) -> Option<Heartbeat> {
-        view["last_heartbeat"].as_str().and_then(Heartbeat::parse)
-    }
-
-    /// Asserts that `later` follows from this heartbeat by the guest's own
-    /// workload: a larger seq and counter, and the hash the workload reaches
-    /// from here at `later`'s counter.
-    fn assert_continued_by(&self, later: &Heartbeat, what: &str) {
-        assert!(
-            later.seq > self.seq && later.counter > self.counter,
-            "{what}: {later:?} does not come after {self:?}"
-        );
-        assert_eq!(
-            replay_hash(self.counter, self.hash, later.counter),
-            later.hash,
-            "{what}: the hash chain from {self:?} does not lead to {later:?}"
-        );
-    }
+/// The heartbeat `relive show`/`status` reports for a VM.
+fn heartbeat_of(view: &Value) -> Option<Heartbeat> {
+    view["last_heartbeat"].as_str().and_then(Heartbeat::parse)
 }
 
 /// The guest's last heartbeat as recorded in an image (`relive-vmm images
@@ -576,7 +540,7 @@ impl Fleet {
                 let ok = view["state"] == "running"
                     && view["pid"].is_u64()
                     && view["last_checkpoint"].is_string()
-                    && Heartbeat::of(&view).is_some_and(|hb| hb.seq >= min_seq)
+                    && heartbeat_of(&view).is_some_and(|hb| hb.seq >= min_seq)
                     && (!standby || (view["standby"] == "ready" && view["standby_pid"].is_u64()));
                 ok.then_some(view)
             },
@@ -590,7 +554,7 @@ impl Fleet {
             if view["pid"].as_u64() != Some(pid) || view["state"] != "running" {
                 return None;
             }
-            Heartbeat::of(&view)
+            heartbeat_of(&view)
         })
     }
 
@@ -1005,7 +969,7 @@ fn operator_failover_to_each_target_pause_resume_stop_start() {
 
     // --to boot: the boot image; the guest starts again.
     let before = fleet.wait_healthy("ops", 40, false);
-    let before = Heartbeat::of(&before).unwrap();
+    let before = heartbeat_of(&before).unwrap();
     let since = fleet.events().len();
     fleet.act(&["failover", "ops", "--to", "boot"]);
     let (forced, restored) = fleet.wait_failover("ops", since, "operator-failover");
@@ -1055,13 +1019,13 @@ fn operator_failover_to_each_target_pause_resume_stop_start() {
         "a paused guest heartbeated"
     );
     assert!(still["heartbeat_age_ms"].as_u64().unwrap() >= HEARTBEAT_TIMEOUT.as_millis() as u64);
-    let at_pause = Heartbeat::of(&still).unwrap();
+    let at_pause = heartbeat_of(&still).unwrap();
 
     // resume: the same guest goes on.
     fleet.act(&["resume", "ops"]);
     let resumed = wait_for("a heartbeat after resume", STEP, || {
         let view = fleet.show("ops");
-        Heartbeat::of(&view).filter(|hb| view["state"] == "running" && hb.seq > at_pause.seq)
+        heartbeat_of(&view).filter(|hb| view["state"] == "running" && hb.seq > at_pause.seq)
     });
     at_pause.assert_continued_by(&resumed, "after resume");
     let reasons: Vec<Value> = fleet
@@ -1180,7 +1144,7 @@ fn a_killed_supervisor_leaves_the_vms_running_and_a_new_one_adopts_them() {
         assert_eq!(now["pid"], pid, "{vm} runs in another VMM: {now}");
         // The guest was not restarted: its heartbeats carry on.
         let hb = fleet.wait_heartbeat_from(vm, pid);
-        Heartbeat::of(view)
+        heartbeat_of(view)
             .unwrap()
             .assert_continued_by(&hb, "after the adoption");
     }

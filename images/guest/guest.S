@@ -31,10 +31,12 @@
  * starting from counter 0, hash FNV_OFFSET. The BSP also speaks the agent
  * protocol on COM2 (each line in one VM exit through relive's agent line
  * port at 0x2f0 when the VMM has it, else byte by byte on the UART):
- *     ready counter=C hash=H cpus=N hb_ms=M          once, after start
+ *     ready counter=C hash=H cpus=N hb_ms=M          once, when the boot is over
  *     hb seq=S counter=C hash=H cpus=N               every hb_ms
  *     status seq=S counter=C hash=H cpus=N ticks=T   reply to `status`
  *     ok CMD / error unknown command                 replies
+ * The console (COM1) gets one banner line, `relive-guest: up, hb_ms=M work=W`,
+ * before `ready`: nothing of the boot is left to do once the guest is ready.
  * counter and hash are the BSP's; cpus is the number of vCPUs whose counter
  * advanced since the previous heartbeat. Commands from the host (one per
  * line): panic (pvpanic), crash (triple fault), hang (stop heartbeats, keep
@@ -329,6 +331,23 @@ user_main:
         mov     $0x08, %al                      /* MCR.OUT2 */
         out     %al, %dx
 
+        /* banner on the console (one exit a byte on a UART), before `ready`:
+         * ready means the boot is over, so a snapshot taken at ready (a warm
+         * boot image) holds no boot output still to be printed */
+        call    line_reset
+        lea     s_banner(%rip), %rsi
+        mov     $(s_banner_end - s_banner), %ecx
+        call    put_str
+        mov     hb_ms(%rip), %rax
+        call    put_dec
+        lea     s_work(%rip), %rsi
+        mov     $(s_work_end - s_work), %ecx
+        call    put_str
+        mov     work(%rip), %rax
+        call    put_dec
+        mov     $COM1, %dx
+        call    send_line
+
         movq    $1, config_ready(%rip)
 
         /* ready */
@@ -343,21 +362,6 @@ user_main:
         mov     hb_ms(%rip), %rax
         call    put_dec
         mov     $COM2, %dx
-        call    send_line
-
-        /* banner on the console, after ready: one exit a byte on a UART */
-        call    line_reset
-        lea     s_banner(%rip), %rsi
-        mov     $(s_banner_end - s_banner), %ecx
-        call    put_str
-        mov     hb_ms(%rip), %rax
-        call    put_dec
-        lea     s_work(%rip), %rsi
-        mov     $(s_work_end - s_work), %ecx
-        call    put_str
-        mov     work(%rip), %rax
-        call    put_dec
-        mov     $COM1, %dx
         call    send_line
 
 bsp_loop:

@@ -8,13 +8,15 @@
 //!
 //! A VM task ([`VmTask`]) owns the VM's `relive-vmm` process (and its standby
 //! when the policy asks for one) and waits, all at once, for:
-//! - the VMM process to end (pidfd): its exit record says why;
-//! - the guest's agent lines on a `watch` connection: heartbeats; the
-//!   connection ending while the process lives is `control-lost`;
+//! - the VMM process to end (pidfd);
+//! - the VMM's `watch` connection: the guest's agent lines (heartbeats), and
+//!   last the VMM's exit record, which says why it ended; a connection that
+//!   ends without one while the process lives is `control-lost`;
 //! - the heartbeat deadline (`heartbeat_timeout` after the last heartbeat,
 //!   once past `ready_grace`): a hung guest;
 //! - the next periodic checkpoint (incremental; the VMM writes a full image
 //!   when it has no parent, and merges chains itself);
+//! - the end of the restart backoff, when a restore waits for it;
 //! - operator commands from the API ([`Action`]).
 //!
 //! A failure goes to the [`FailoverPolicy`], which answers: restore the
@@ -37,8 +39,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use relive_control::{
+    AppStatus, AsyncWatch, CheckpointKind, ErrorKind, ExitReason, ExitRecord, Heartbeat, Request,
+    Response, WatchEvent,
+};
 use relive_images::store::ImageStore;
-use relive_vmm::control::{CheckpointKind, Request, Response};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
@@ -46,7 +51,7 @@ use crate::config::{KernelSpec, VmSpec};
 use crate::events::{Event, EventDurations, EventLog};
 use crate::metrics::{Metrics, RestorePath};
 use crate::policy::{Decision, FailoverPolicy, FailureReason, RestoreTarget, VmState};
-use crate::vmm::{AgentWatch, VmmError, VmmProcess};
+use crate::vmm::{exit_detail, VmmError, VmmProcess};
 
 /// How often a VM task checks heartbeats and checkpoint deadlines.
 pub const TICK: Duration = Duration::from_millis(50);
@@ -56,10 +61,14 @@ pub const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 /// How long a VMM gets to serve its control socket after it starts.
 pub const VMM_START_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// How long a VMM whose control connection ended gets to exit by itself
-/// before its control socket counts as lost: an ending VMM closes its
-/// connections before it writes its exit record and exits.
+/// How long a VMM whose watch connection ended without an exit record gets
+/// to be seen gone (pidfd) before its control socket counts as lost. A
+/// killed VMM's sockets close a moment before its pidfd turns readable; the
+/// wait ends as soon as it does. A VMM that sent its exit record is not
+/// waited for this way.
 pub const EXIT_GRACE: Duration = Duration::from_secs(1);
+/// How long a VMM that sent its exit record gets to end.
+pub const EXIT_AFTER_RECORD: Duration = Duration::from_secs(5);
 
 /// What an operator asks of a VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -204,6 +213,7 @@ impl Fleet {
                     images_dir: spec.images_dir.clone(),
                 },
             );
+            let span = tracing::info_span!("vm", name = %spec.name);
             let task = VmTask::new(
                 spec,
                 paths.clone(),
@@ -213,7 +223,10 @@ impl Fleet {
                 rx,
                 shutdown.clone(),
             );
-            tasks.push(tokio::spawn(task.run()));
+            tasks.push(tokio::spawn(tracing::Instrument::instrument(
+                task.run(),
+                span,
+            )));
         }
         (
             Fleet {
@@ -283,8 +296,9 @@ struct Standby {
 
 /// What ended the wait of a running VM.
 enum Wake {
-    Exited(crate::vmm::ExitInfo),
-    Line(Option<String>),
+    Exited,
+    Watch(Option<WatchEvent>),
+    RestoreDue,
     Tick,
     Command(Option<Command>),
     StandbyExited,
@@ -303,7 +317,14 @@ struct VmTask {
     policy: FailoverPolicy,
     state: VmState,
     vmm: Option<VmmProcess>,
-    watch: Option<AgentWatch>,
+    watch: Option<AsyncWatch>,
+    /// Whether a watch was ever open on the active VMM (else its exit
+    /// record can only be found in its log).
+    watched: bool,
+    /// The active VMM's exit record, once its watch delivered it.
+    exit_record: Option<ExitRecord>,
+    /// A restore waiting for the restart backoff.
+    pending_restore: Option<PendingRestore>,
     standby: Option<Standby>,
     standby_starting: Option<tokio::task::JoinHandle<Result<VmmProcess, VmmError>>>,
     standby_failures: u32,
@@ -321,9 +342,6 @@ struct VmTask {
     socket_flip: bool,
     /// The active VMM is being stopped on purpose: its exit is not a failure.
     stopping: bool,
-    /// The next checkpoint must be a full image: the active VMM came from a
-    /// boot image (a layer on it has no consistency parent) or was adopted.
-    full_checkpoint_next: bool,
     /// When the active VMM came up (unix ms): its images are the ones
     /// [`VmTask::discard_unconfirmed_images`] may judge by heartbeat seq.
     active_since_unix_ms: u64,
@@ -353,6 +371,9 @@ impl VmTask {
             state: VmState::Starting,
             vmm: None,
             watch: None,
+            watched: false,
+            exit_record: None,
+            pending_restore: None,
             standby: None,
             standby_starting: None,
             standby_failures: 0,
@@ -370,7 +391,6 @@ impl VmTask {
             restores: 0,
             socket_flip: false,
             stopping: false,
-            full_checkpoint_next: false,
             active_since_unix_ms: 0,
         }
     }
@@ -564,40 +584,70 @@ impl VmTask {
         };
         let vmm = self.spawn(args, &socket).await.map_err(|e| e.to_string())?;
         self.adopt_active(vmm).await;
-        self.full_checkpoint_next = boot_image.is_some();
         Ok(image_id)
     }
 
+    /// Makes `vmm` the active VMM and opens its watch. Which image the next
+    /// checkpoint layers on is the VMM's own business (its image store).
     async fn adopt_active(&mut self, vmm: VmmProcess) {
-        self.watch = AgentWatch::open(vmm.socket()).await.ok();
+        self.watch = vmm.client().watch().await.ok();
+        self.watched = self.watch.is_some();
+        self.exit_record = None;
         self.vmm = Some(vmm);
         self.running_since = Instant::now();
         self.last_heartbeat_at = None;
         // The previous VMM's last line says nothing about this one.
         self.last_heartbeat = None;
-        self.full_checkpoint_next = false;
         self.active_since_unix_ms = unix_ms();
         self.persist();
+    }
+
+    /// Why the active VMM ended: the exit record its watch delivered (read
+    /// to its end first: the process is gone, so this does not wait), or,
+    /// for a VMM nobody watched, the record in its log.
+    async fn take_exit_record(&mut self) -> Option<ExitRecord> {
+        if let Some(mut watch) = self.watch.take() {
+            while self.exit_record.is_none() {
+                match tokio::time::timeout(EXIT_GRACE, watch.next_event()).await {
+                    Ok(Some(WatchEvent::Exit(record))) => self.exit_record = Some(record),
+                    Ok(Some(WatchEvent::Line(line))) => self.on_line(line, Instant::now()),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+        self.watch = None;
+        let record = self.exit_record.take();
+        if record.is_some() || self.watched {
+            return record;
+        }
+        self.vmm.as_ref().and_then(VmmProcess::logged_exit_record)
+    }
+
+    fn on_line(&mut self, line: String, now: Instant) {
+        if relive_control::heartbeat::is_heartbeat(&line) {
+            self.last_heartbeat_at = Some(now);
+            self.last_heartbeat = Some(line);
+        }
     }
 
     /// Restores `path` into the standby when one is ready, else cold.
     /// Returns whether the standby was used.
     async fn restore_image(&mut self, path: &Path) -> Result<bool, String> {
         if let Some(standby) = self.standby.take() {
-            let reply = standby
-                .process
-                .request(&Request::Restore {
-                    image: path.display().to_string(),
-                })
-                .await;
-            match reply {
-                Ok(Response::Restored(_)) => {
+            match standby.process.client().restore(path).await {
+                Ok(_) => {
                     self.socket_flip = !self.socket_flip;
                     self.adopt_active(standby.process).await;
                     return Ok(true);
                 }
-                other => {
-                    tracing::warn!(vm = %self.spec.name, reply = ?other, "the standby did not take the image; restoring cold");
+                Err(e) if e.refused_kind() == Some(ErrorKind::ImageRefused) => {
+                    // The image is at fault, not the standby: it stays ready,
+                    // and a cold restore of the same image would fail too.
+                    self.standby = Some(standby);
+                    return Err(relive_control::error_chain(&e));
+                }
+                Err(e) => {
+                    tracing::warn!(vm = %self.spec.name, error = %relive_control::error_chain(&e), "the standby did not take the image; restoring cold");
                     standby.process.kill();
                 }
             }
@@ -666,7 +716,6 @@ impl VmTask {
                 match boot_image {
                     Some(path) => {
                         let standby = self.restore_image(&path).await?;
-                        self.full_checkpoint_next = true;
                         Ok((RestoreTarget::Boot, image_id_of(&path), path_kind(standby)))
                     }
                     None => {
@@ -769,8 +818,6 @@ impl VmTask {
         };
         self.socket_flip = socket == self.socket_path(true);
         self.adopt_active(process).await;
-        // Whatever this VMM last wrote, a full image starts a chain for sure.
-        self.full_checkpoint_next = true;
         let now = Instant::now();
         // An adopted VM has been running for a while: healthy already.
         self.running_since = now.checked_sub(self.spec.policy.ready_grace).unwrap_or(now);
@@ -791,7 +838,6 @@ impl VmTask {
         if let Err(e) = std::fs::create_dir_all(&self.dir) {
             tracing::error!(vm = %self.spec.name, error = %e, "cannot create the VM's state directory");
         }
-        let _span = tracing::info_span!("vm", name = %self.spec.name);
         if self.try_adopt().await {
             self.set_state(VmState::Running, |e| e, "adopted");
         } else {
@@ -815,38 +861,59 @@ impl VmTask {
                     let result = self.on_action(cmd.action).await;
                     let _ = cmd.reply.send(result);
                 }
-                Wake::Exited(info) => {
-                    self.watch = None;
+                Wake::Exited => {
+                    let record = self.take_exit_record().await;
                     let vmm = self.vmm.take();
                     if self.stopping {
                         self.stopping = false;
                     } else if self.state.is_up() || matches!(self.state, VmState::Starting) {
                         drop(vmm);
-                        let reason = failure_reason(&info);
-                        self.on_failure(reason, now, info.detail()).await;
+                        let detail = exit_detail(record.as_ref());
+                        self.on_failure(failure_reason(record.as_ref()), now, detail)
+                            .await;
                     }
                     self.persist();
                 }
-                Wake::Line(Some(line)) => {
-                    if line.starts_with("hb ") {
-                        self.last_heartbeat_at = Some(now);
-                        self.last_heartbeat = Some(line);
+                Wake::Watch(Some(WatchEvent::Line(line))) => self.on_line(line, now),
+                Wake::Watch(Some(WatchEvent::Exit(record))) => {
+                    // The VMM is ending and said why: let its process end
+                    // (it exits right after), then fail over.
+                    self.watch = None;
+                    if let Some(vmm) = self.vmm.as_mut() {
+                        if tokio::time::timeout(EXIT_AFTER_RECORD, vmm.exited())
+                            .await
+                            .is_err()
+                        {
+                            vmm.kill();
+                            vmm.exited().await;
+                        }
                     }
+                    self.vmm = None;
+                    if self.state.is_up() && !self.stopping {
+                        let detail = exit_detail(Some(&record));
+                        self.on_failure(failure_reason(Some(&record)), now, detail)
+                            .await;
+                    }
+                    self.persist();
                 }
-                Wake::Line(None) => {
+                Wake::Watch(None) => {
                     self.watch = None;
                     let alive = self.vmm.as_ref().is_some_and(VmmProcess::is_alive);
                     if alive && self.state.is_up() {
-                        // An ending VMM (guest panic, triple fault, ...) closes
-                        // its connections before it writes its exit record:
-                        // let it end, so the failure gets its real reason.
+                        // No exit record: the VMM was killed (its pidfd turns
+                        // readable a moment after its sockets close), or its
+                        // control socket is gone while it runs.
                         let ended = match self.vmm.as_mut() {
                             Some(vmm) => tokio::time::timeout(EXIT_GRACE, vmm.exited()).await.ok(),
                             None => None,
                         };
-                        if let Some(info) = ended {
+                        if ended.is_some() {
+                            let record = self.vmm.as_ref().and_then(|v| {
+                                (!self.watched).then(|| v.logged_exit_record()).flatten()
+                            });
                             self.vmm = None;
-                            self.on_failure(failure_reason(&info), now, info.detail())
+                            let detail = exit_detail(record.as_ref());
+                            self.on_failure(failure_reason(record.as_ref()), now, detail)
                                 .await;
                         } else {
                             if let Some(vmm) = &self.vmm {
@@ -854,7 +921,7 @@ impl VmTask {
                             }
                             self.stopping = true;
                             if let Some(mut vmm) = self.vmm.take() {
-                                let _ = vmm.exited().await;
+                                vmm.exited().await;
                             }
                             self.stopping = false;
                             self.on_failure(
@@ -865,6 +932,11 @@ impl VmTask {
                             .await;
                         }
                         self.persist();
+                    }
+                }
+                Wake::RestoreDue => {
+                    if let Some(p) = self.pending_restore.take() {
+                        self.do_restore(p.target, p.detected, p.reason).await;
                     }
                 }
                 Wake::StandbyExited => {
@@ -890,9 +962,15 @@ impl VmTask {
                 None => std::future::pending().await,
             }
         };
-        let line = async {
+        let watch = async {
             match self.watch.as_mut() {
-                Some(w) => w.next_line().await,
+                Some(w) => w.next_event().await,
+                None => std::future::pending().await,
+            }
+        };
+        let restore_due = async {
+            match &self.pending_restore {
+                Some(p) => tokio::time::sleep_until(p.at.into()).await,
                 None => std::future::pending().await,
             }
         };
@@ -906,8 +984,9 @@ impl VmTask {
         };
         tokio::select! {
             () = self.shutdown.cancelled() => Wake::Shutdown,
-            info = exited => Wake::Exited(info),
-            line = line => Wake::Line(line),
+            () = exited => Wake::Exited,
+            event = watch => Wake::Watch(event),
+            () = restore_due => Wake::RestoreDue,
             cmd = self.rx.recv() => Wake::Command(cmd),
             () = standby_exit => Wake::StandbyExited,
             _ = tick => Wake::Tick,
@@ -924,7 +1003,7 @@ impl VmTask {
             if self.policy.is_hung(now, last) {
                 if let Some(mut vmm) = self.vmm.take() {
                     vmm.kill();
-                    let _ = vmm.exited().await;
+                    vmm.exited().await;
                 }
                 self.watch = None;
                 self.on_failure(
@@ -961,7 +1040,7 @@ impl VmTask {
         self.last_sample = Some(now);
         let Some(vmm) = &self.vmm else { return };
         let name = &self.spec.name;
-        if let Ok(Response::Status(status)) = vmm.request(&Request::Status).await {
+        if let Ok(status) = vmm.client().status().await {
             self.metrics
                 .observe_vcpu_exits(name, vmm.pid(), status.vcpu_exits);
             self.metrics
@@ -986,16 +1065,10 @@ impl VmTask {
         let Some(vmm) = &self.vmm else {
             return Err("the VM has no running VMM".into());
         };
-        // A layer on a boot image has no consistency parent: the store could
-        // never restore it (nor anything layered on it).
-        let kind = if self.full_checkpoint_next {
-            CheckpointKind::Full
-        } else {
-            kind
-        };
-        match vmm.request(&Request::Checkpoint { kind }).await {
-            Ok(Response::Checkpoint(report)) => {
-                self.full_checkpoint_next = false;
+        // The VMM decides whether it can layer on its last image (it writes
+        // a full image after a boot-image start or a failed checkpoint).
+        match vmm.client().checkpoint(kind).await {
+            Ok(report) => {
                 let kind = match report.kind {
                     CheckpointKind::Full => crate::metrics::CheckpointKind::Full,
                     CheckpointKind::Incremental => crate::metrics::CheckpointKind::Incremental,
@@ -1018,10 +1091,9 @@ impl VmTask {
                     .last_checkpoint = Some(report.image_id.clone());
                 Ok(report.image_id)
             }
-            Ok(other) => Err(format!("unexpected reply {other:?}")),
             Err(e) => {
                 self.metrics.record_checkpoint_failure(&self.spec.name);
-                Err(e.to_string())
+                Err(relive_control::error_chain(&e))
             }
         }
     }
@@ -1032,7 +1104,12 @@ impl VmTask {
     /// was already on its way) they hold the failing guest, and restoring one
     /// would only fail again.
     fn discard_unconfirmed_images(&self) {
-        let Some(last_seq) = self.last_heartbeat.as_deref().and_then(heartbeat_seq) else {
+        let Some(last_seq) = self
+            .last_heartbeat
+            .as_deref()
+            .and_then(Heartbeat::parse)
+            .map(|hb| hb.seq)
+        else {
             return;
         };
         let Ok(entries) = self
@@ -1114,10 +1191,18 @@ impl VmTask {
                     |e| e.with_detail(detail),
                     reason.as_str(),
                 );
-                if !after.is_zero() {
-                    tokio::time::sleep(after).await;
+                if after.is_zero() {
+                    self.do_restore(target, detected, reason.as_str()).await;
+                } else {
+                    // Waited for in the task's select!, so that stop, start,
+                    // a forced failover and shutdown are heard meanwhile.
+                    self.pending_restore = Some(PendingRestore {
+                        at: Instant::now() + after,
+                        target,
+                        detected,
+                        reason: reason.as_str(),
+                    });
                 }
-                self.do_restore(target, detected, reason.as_str()).await;
             }
         }
     }
@@ -1125,6 +1210,7 @@ impl VmTask {
     /// Restores `target` and records the outcome; a failed restore is a
     /// failure of its own (`start-failed`), which the policy escalates.
     async fn do_restore(&mut self, target: RestoreTarget, detected: Instant, reason: &str) {
+        self.pending_restore = None;
         let started = Instant::now();
         match self.restore(&target).await {
             Ok((what, image_id, path)) => {
@@ -1173,7 +1259,7 @@ impl VmTask {
         }
         if let Some(mut standby) = self.standby.take() {
             let _ = standby.process.request(&Request::Shutdown).await;
-            if tokio::time::timeout(Duration::from_secs(5), standby.process.exited())
+            if tokio::time::timeout(EXIT_AFTER_RECORD, standby.process.exited())
                 .await
                 .is_err()
             {
@@ -1188,10 +1274,10 @@ impl VmTask {
         self.watch = None;
         if let Some(mut vmm) = self.vmm.take() {
             let _ = vmm.request(&Request::Shutdown).await;
-            let ended = tokio::time::timeout(Duration::from_secs(5), vmm.exited()).await;
+            let ended = tokio::time::timeout(EXIT_AFTER_RECORD, vmm.exited()).await;
             if ended.is_err() {
                 vmm.kill();
-                let _ = vmm.exited().await;
+                vmm.exited().await;
             }
         }
     }
@@ -1225,10 +1311,11 @@ impl VmTask {
                     }
                 }
                 let detected = Instant::now();
+                self.pending_restore = None;
                 self.stopping = true;
                 if let Some(mut vmm) = self.vmm.take() {
                     vmm.kill();
-                    let _ = vmm.exited().await;
+                    vmm.exited().await;
                 }
                 self.watch = None;
                 self.stopping = false;
@@ -1273,9 +1360,10 @@ impl VmTask {
                 let Some(vmm) = &self.vmm else {
                     return conflict("no VMM".into());
                 };
-                vmm.request(&request)
+                vmm.client()
+                    .expect_ok(&request)
                     .await
-                    .map_err(|e| ActionError::Failed(e.to_string()))?;
+                    .map_err(|e| ActionError::Failed(relive_control::error_chain(&e)))?;
                 if to == VmState::Running {
                     self.running_since = Instant::now();
                     self.last_heartbeat_at = None;
@@ -1292,6 +1380,7 @@ impl VmTask {
                 if matches!(self.state, VmState::Stopped) {
                     return Ok(format!("VM {} is already stopped", self.spec.name));
                 }
+                self.pending_restore = None;
                 self.stopping = true;
                 self.stop_vmm().await;
                 self.stop_standby().await;
@@ -1336,16 +1425,26 @@ fn path_kind(standby: bool) -> RestorePath {
     }
 }
 
-fn failure_reason(info: &crate::vmm::ExitInfo) -> FailureReason {
-    match info.reason() {
-        "exit" => FailureReason::PowerOff,
-        "reset" => FailureReason::Reset,
-        "panic" => FailureReason::Panic,
-        "triple-fault" => FailureReason::TripleFault,
-        "kvm-error" => FailureReason::KvmError,
-        "shutdown" => FailureReason::VmmKilled,
-        _ => FailureReason::VmmKilled,
+/// The failure a VMM's end is: its exit record's reason, or a killed VMM
+/// when it left none.
+fn failure_reason(record: Option<&ExitRecord>) -> FailureReason {
+    match record.map(|r| r.reason) {
+        Some(ExitReason::Exit) => FailureReason::PowerOff,
+        Some(ExitReason::Reset) => FailureReason::Reset,
+        Some(ExitReason::Panic) => FailureReason::Panic,
+        Some(ExitReason::TripleFault) => FailureReason::TripleFault,
+        Some(ExitReason::KvmError | ExitReason::VcpuStuck) => FailureReason::KvmError,
+        // Shut down by someone else than this supervisor.
+        Some(ExitReason::Shutdown) | None => FailureReason::VmmKilled,
     }
+}
+
+/// A restore that waits for the restart backoff.
+struct PendingRestore {
+    at: Instant,
+    target: RestoreTarget,
+    detected: Instant,
+    reason: &'static str,
 }
 
 fn with_image(event: Event, image: Option<String>) -> Event {
@@ -1360,22 +1459,12 @@ fn image_id_of(path: &Path) -> Option<String> {
     stem.rsplit('-').next().map(str::to_string)
 }
 
-/// The `seq` of a heartbeat line (`hb seq=S counter=C ...`).
-fn heartbeat_seq(line: &str) -> Option<u64> {
-    line.strip_prefix("hb ")?
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("seq="))?
-        .parse()
-        .ok()
-}
-
 /// The seq of the last heartbeat the VMM had seen when it captured `image`.
 fn captured_heartbeat_seq(image: &Path) -> Option<u64> {
     use relive_images::format::{ImageReader, SectionKind};
     let reader = ImageReader::open(image).ok()?;
-    let app: relive_vmm::snapshot::AppStatus =
-        serde_json::from_slice(reader.section(SectionKind::AppStatus)?).ok()?;
-    heartbeat_seq(app.last_heartbeat.as_deref()?)
+    let app: AppStatus = serde_json::from_slice(reader.section(SectionKind::AppStatus)?).ok()?;
+    Heartbeat::parse(app.last_heartbeat.as_deref()?).map(|hb| hb.seq)
 }
 
 fn rss_bytes(pid: u32) -> u64 {

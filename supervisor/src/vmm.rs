@@ -4,8 +4,12 @@
 //! of its own, so a Ctrl-C or a kill of the supervisor never reaches it: VMMs
 //! outlive the supervisor, and a new supervisor adopts them by pid and control
 //! socket. Their stdout and stderr go to a log file in the VM's state
-//! directory; the last line a VMM writes there is its JSON exit record, which
-//! is how the supervisor learns why a VMM ended even when it is not its child.
+//! directory, for people.
+//!
+//! Why a VMM ended reaches the supervisor as the last message of its `watch`
+//! connection ([`relive_control::WatchEvent::Exit`]); a VMM killed by a
+//! signal sends none. Only a VMM that ended while nobody watched it (before
+//! its first watch was open) is looked up in its log ([`last_exit_record`]).
 //!
 //! Exit is watched with a pidfd (readable when the process ends), the same for
 //! children and adopted processes; children are then reaped.
@@ -14,11 +18,8 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use relive_vmm::control::{Request, Response};
-use relive_vmm::exit::{ExitReason, ExitRecord};
+use relive_control::{AsyncClient, ClientError, ExitRecord, Request, Response};
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
 
 /// How long one control request may take (a checkpoint included).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -44,49 +45,27 @@ pub enum VmmError {
         #[source]
         source: std::io::Error,
     },
-    /// The control socket did not answer.
-    #[error("control socket {socket}: {what}")]
-    Control {
+    /// The control socket did not answer, or the VMM refused.
+    #[error(transparent)]
+    Control(#[from] ClientError),
+    /// The VMM did not serve its control socket in time.
+    #[error("control socket {socket}: not serving after {after:?}")]
+    NotServing {
         /// The socket.
         socket: PathBuf,
-        /// What went wrong.
-        what: String,
+        /// How long it was given.
+        after: Duration,
     },
-    /// The VMM answered with an error.
-    #[error("the VMM refused: {0}")]
-    Refused(String),
     /// The VMM ended before it served its control socket.
     #[error("the VMM exited before serving its control socket: {0}")]
     EarlyExit(String),
 }
 
-/// How a VMM ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExitInfo {
-    /// Its exit record, when it wrote one.
-    pub record: Option<ExitRecord>,
-}
-
-impl ExitInfo {
-    /// The failure reason label for metrics and events.
-    pub fn reason(&self) -> &'static str {
-        match self.record.as_ref().map(|r| r.reason) {
-            Some(ExitReason::Exit) => "exit",
-            Some(ExitReason::Reset) => "reset",
-            Some(ExitReason::Panic) => "panic",
-            Some(ExitReason::TripleFault) => "triple-fault",
-            Some(ExitReason::KvmError) => "kvm-error",
-            Some(ExitReason::Shutdown) => "shutdown",
-            None => "vmm-lost",
-        }
-    }
-
-    /// One line for events.
-    pub fn detail(&self) -> String {
-        match &self.record {
-            Some(r) => r.detail.clone(),
-            None => "the VMM ended without an exit record (killed or crashed)".into(),
-        }
+/// One line for events about how a VMM ended.
+pub fn exit_detail(record: Option<&ExitRecord>) -> String {
+    match record {
+        Some(r) => r.detail.clone(),
+        None => "the VMM ended without an exit record (killed or crashed)".into(),
     }
 }
 
@@ -207,31 +186,30 @@ impl VmmProcess {
     async fn wait_serving(&mut self, timeout: Duration) -> Result<(), VmmError> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            if request(&self.socket, &Request::Status, Duration::from_millis(500))
-                .await
-                .is_ok()
-            {
+            let probe = AsyncClient::new(&self.socket, Duration::from_millis(500));
+            if probe.request(&Request::Status).await.is_ok() {
                 return Ok(());
             }
             if !self.is_alive() {
-                let info = self.exit_info();
+                let record = self.logged_exit_record();
                 self.reap();
                 return Err(VmmError::EarlyExit(
-                    last_log_error(&self.log, self.log_start).unwrap_or_else(|| info.detail()),
+                    last_log_error(&self.log, self.log_start)
+                        .unwrap_or_else(|| exit_detail(record.as_ref())),
                 ));
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(VmmError::Control {
+                return Err(VmmError::NotServing {
                     socket: self.socket.clone(),
-                    what: format!("not serving after {timeout:?}"),
+                    after: timeout,
                 });
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
 
-    /// Waits until the process ends, then says why.
-    pub async fn exited(&mut self) -> ExitInfo {
+    /// Waits until the process ends (and reaps it when it is a child).
+    pub async fn exited(&mut self) {
         match &self.pidfd {
             Some(fd) => {
                 if let Ok(mut guard) = fd.readable().await {
@@ -247,7 +225,6 @@ impl VmmProcess {
         if let Some(child) = self.child.as_mut() {
             let _ = child.wait().await;
         }
-        self.exit_info()
     }
 
     fn reap(&mut self) {
@@ -256,11 +233,10 @@ impl VmmProcess {
         }
     }
 
-    /// Why the process ended, from the last JSON exit record in its log.
-    pub fn exit_info(&self) -> ExitInfo {
-        ExitInfo {
-            record: last_exit_record(&self.log, self.log_start),
-        }
+    /// Why the process ended, from the last exit record in its own part of
+    /// the log: only for a VMM that ended while no watch was open on it.
+    pub fn logged_exit_record(&self) -> Option<ExitRecord> {
+        last_exit_record(&self.log, self.log_start)
     }
 
     /// Sends SIGKILL.
@@ -273,9 +249,14 @@ impl VmmProcess {
         }
     }
 
+    /// A client of its control socket, each request bounded by [`REQUEST_TIMEOUT`].
+    pub fn client(&self) -> AsyncClient {
+        AsyncClient::new(&self.socket, REQUEST_TIMEOUT)
+    }
+
     /// One control request.
-    pub async fn request(&self, req: &Request) -> Result<Response, VmmError> {
-        request(&self.socket, req, REQUEST_TIMEOUT).await
+    pub async fn request(&self, req: &Request) -> Result<Response, ClientError> {
+        self.client().request(req).await
     }
 }
 
@@ -307,94 +288,10 @@ fn read_tail(path: &Path, start: u64, max: u64) -> Option<String> {
     Some(String::from_utf8_lossy(&buf).into_owned())
 }
 
-/// One request on a VMM control socket, with a deadline.
-pub async fn request(
-    socket: &Path,
-    req: &Request,
-    timeout: Duration,
-) -> Result<Response, VmmError> {
-    let fail = |what: String| VmmError::Control {
-        socket: socket.to_path_buf(),
-        what,
-    };
-    let work = async {
-        let stream = UnixStream::connect(socket)
-            .await
-            .map_err(|e| fail(format!("cannot connect: {e}")))?;
-        let (read, mut write) = stream.into_split();
-        let mut line = serde_json::to_vec(req).map_err(|e| fail(e.to_string()))?;
-        line.push(b'\n');
-        write
-            .write_all(&line)
-            .await
-            .map_err(|e| fail(format!("cannot send: {e}")))?;
-        let mut reply = String::new();
-        BufReader::new(read)
-            .read_line(&mut reply)
-            .await
-            .map_err(|e| fail(format!("cannot read the reply: {e}")))?;
-        if reply.is_empty() {
-            return Err(fail("the VMM closed the connection".into()));
-        }
-        serde_json::from_str::<Response>(reply.trim())
-            .map_err(|e| fail(format!("bad reply {:?}: {e}", reply.trim())))
-    };
-    match tokio::time::timeout(timeout, work).await {
-        Ok(Ok(Response::Error { error })) => Err(VmmError::Refused(error)),
-        Ok(result) => result,
-        Err(_) => Err(fail(format!("no reply within {timeout:?}"))),
-    }
-}
-
-/// A `watch` connection: the guest's agent lines as they come.
-pub struct AgentWatch {
-    lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
-    _write: tokio::net::unix::OwnedWriteHalf,
-}
-
-impl AgentWatch {
-    /// Opens a watch on `socket`.
-    pub async fn open(socket: &Path) -> Result<AgentWatch, VmmError> {
-        let fail = |what: String| VmmError::Control {
-            socket: socket.to_path_buf(),
-            what,
-        };
-        let stream = UnixStream::connect(socket)
-            .await
-            .map_err(|e| fail(format!("cannot connect: {e}")))?;
-        let (read, mut write) = stream.into_split();
-        let mut line = serde_json::to_vec(&Request::Watch).map_err(|e| fail(e.to_string()))?;
-        line.push(b'\n');
-        write
-            .write_all(&line)
-            .await
-            .map_err(|e| fail(format!("cannot send: {e}")))?;
-        let mut lines = BufReader::new(read).lines();
-        match lines.next_line().await {
-            Ok(Some(first)) if first.contains("\"ok\"") => Ok(AgentWatch {
-                lines,
-                _write: write,
-            }),
-            other => Err(fail(format!("watch refused: {other:?}"))),
-        }
-    }
-
-    /// The next line the guest said; `None` when the connection ended.
-    pub async fn next_line(&mut self) -> Option<String> {
-        loop {
-            let raw = self.lines.next_line().await.ok()??;
-            match serde_json::from_str::<Response>(&raw) {
-                Ok(Response::Agent { line }) => return Some(line),
-                Ok(_) => continue,
-                Err(_) => continue,
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use relive_control::ExitReason;
 
     #[test]
     fn the_last_exit_record_of_a_log_is_found() {
@@ -404,21 +301,13 @@ mod tests {
         let first = ExitRecord::new(ExitReason::Reset, 5, "i8042").to_json();
         let second = ExitRecord::new(ExitReason::Panic, 9, "pvpanic").to_json();
         std::fs::write(&log, format!("boot\n{first}\nnoise\n{second}\n")).unwrap();
-        let info = ExitInfo {
-            record: last_exit_record(&log, 0),
-        };
-        assert_eq!(info.reason(), "panic");
+        let record = last_exit_record(&log, 0).unwrap();
+        assert_eq!(record.reason, ExitReason::Panic);
         // A later VMM sharing the log, killed without a record, inherits nothing.
         let start = std::fs::metadata(&log).unwrap().len();
-        let later = ExitInfo {
-            record: last_exit_record(&log, start),
-        };
-        assert_eq!(later.reason(), "vmm-lost");
+        assert_eq!(last_exit_record(&log, start), None);
         std::fs::write(&log, "relive-vmm: error: nope\n").unwrap();
-        let none = ExitInfo {
-            record: last_exit_record(&log, 0),
-        };
-        assert_eq!(none.reason(), "vmm-lost");
+        assert_eq!(last_exit_record(&log, 0), None);
         assert_eq!(
             last_log_error(&log, 0).as_deref(),
             Some("relive-vmm: error: nope")

@@ -41,8 +41,9 @@
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read, Write};
 
-use relive_vmm::control::{CheckpointKind, CheckpointReport, Request, Response};
-use relive_vmm::vm::VmStatus;
+use relive_control::{
+    CheckpointKind, CheckpointReport, ControlClient, Request, Response, VmStatus,
+};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -665,74 +666,51 @@ impl Watch {
 
 /// A checkpoint of a guest that touched a few hundred MiB takes seconds on a
 /// loaded machine; bound every answer generously (the VMM itself gives up on
-/// a request after `relive_vmm::control::REPLY_TIMEOUT`).
+/// a request after `relive_control::protocol::REPLY_TIMEOUT`).
 const REPLY_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// A control-socket client whose reads have a deadline, so that a VMM that
-/// stops answering fails the test instead of hanging it.
+/// A control-socket client for tests: `relive_control`'s client with a
+/// deadline on every answer, failing the test on any error.
 pub struct Client {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
+    inner: ControlClient,
 }
 
 impl Client {
     /// Sends a request without waiting for the answer.
     pub fn send(&mut self, request: &Request) {
-        let mut line = serde_json::to_vec(request).unwrap();
-        line.push(b'\n');
-        self.writer.write_all(&line).unwrap();
+        self.inner
+            .send(request)
+            .unwrap_or_else(|e| panic!("cannot send {request:?}: {e}"));
     }
 
-    /// Sends a request and waits (bounded) for its answer.
+    /// Sends a request and waits (bounded) for its answer, error replies included.
     pub fn request(&mut self, request: &Request) -> Response {
         self.send(request);
-        self.reader
-            .get_ref()
-            .set_read_timeout(Some(REPLY_TIMEOUT))
-            .unwrap();
-        let mut line = String::new();
-        match self.reader.read_line(&mut line) {
-            Ok(n) if n > 0 => {}
-            other => panic!("no answer to {request:?} within {REPLY_TIMEOUT:?}: {other:?}"),
-        }
-        serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("bad reply {line:?}: {e}"))
+        self.next_response().unwrap_or_else(|| {
+            panic!("the VMM closed the connection instead of answering {request:?}")
+        })
     }
 
     /// The next answer (bounded), `None` when the VMM closed the connection:
-    /// for `watch`, one per guest line.
+    /// for `watch`, one per guest line, then the exit record.
     pub fn next_response(&mut self) -> Option<Response> {
-        self.reader
-            .get_ref()
-            .set_read_timeout(Some(REPLY_TIMEOUT))
-            .unwrap();
-        let mut line = String::new();
-        match self.reader.read_line(&mut line) {
-            Ok(0) => None,
-            Ok(_) => Some(
-                serde_json::from_str(line.trim())
-                    .unwrap_or_else(|e| panic!("bad reply {line:?}: {e}")),
-            ),
-            Err(e) => panic!("no answer within {REPLY_TIMEOUT:?}: {e}"),
-        }
+        self.inner
+            .next_response("a test request")
+            .unwrap_or_else(|e| panic!("no answer within {REPLY_TIMEOUT:?}: {e}"))
+    }
+
+    /// The client itself, for its typed calls.
+    pub fn control(&mut self) -> &mut ControlClient {
+        &mut self.inner
     }
 }
 
+/// Connects to `socket`, waiting (bounded) until the VMM serves it.
 pub fn connect(socket: &Path) -> Client {
-    let deadline = Instant::now() + STEP_TIMEOUT;
-    loop {
-        if let Ok(stream) = UnixStream::connect(socket) {
-            return Client {
-                writer: stream.try_clone().unwrap(),
-                reader: BufReader::new(stream),
-            };
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} never served",
-            socket.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let inner = ControlClient::connect_within(socket, STEP_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{} never served: {e}", socket.display()))
+        .with_timeout(Some(REPLY_TIMEOUT));
+    Client { inner }
 }
 
 pub fn request(socket: &Path, request: Request) -> Response {
@@ -740,26 +718,22 @@ pub fn request(socket: &Path, request: Request) -> Response {
 }
 
 pub fn status(socket: &Path) -> VmStatus {
-    match request(socket, Request::Status) {
-        Response::Status(status) => *status,
-        other => panic!("status answered {other:?}"),
-    }
+    connect(socket)
+        .control()
+        .status()
+        .unwrap_or_else(|e| panic!("status: {e}"))
 }
 
 pub fn checkpoint(socket: &Path, kind: CheckpointKind) -> CheckpointReport {
-    match request(socket, Request::Checkpoint { kind }) {
-        Response::Checkpoint(report) => report,
-        other => panic!("checkpoint answered {other:?}"),
-    }
+    connect(socket)
+        .control()
+        .checkpoint(kind)
+        .unwrap_or_else(|e| panic!("checkpoint: {}", relive_control::error_chain(&e)))
 }
 
 /// The `seq` of a heartbeat line (`hb seq=S ...`).
 pub fn hb_seq(line: &str) -> Option<u64> {
-    line.strip_prefix("hb ")?
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("seq="))?
-        .parse()
-        .ok()
+    relive_control::Heartbeat::parse(line).map(|hb| hb.seq)
 }
 
 /// Waits for a child to end (after SIGKILL, say).
@@ -771,7 +745,8 @@ pub fn wait_gone(vmm: &mut Vmm) {
     }
 }
 
-/// A heartbeat of the bundled guest (`hb seq=S counter=C hash=H ...`).
+/// A heartbeat of the bundled guest (`hb seq=S counter=C hash=H ...`): the
+/// work fields are required.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Heartbeat {
     /// Sequence number.
@@ -782,19 +757,34 @@ pub struct Heartbeat {
     pub hash: u64,
 }
 
-fn field(line: &str, key: &str) -> Option<String> {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key)?.strip_prefix('=').map(str::to_string))
+impl Heartbeat {
+    /// Parses a bundled guest's heartbeat line.
+    pub fn parse(line: &str) -> Option<Heartbeat> {
+        let hb = relive_control::Heartbeat::parse(line)?;
+        Some(Heartbeat {
+            seq: hb.seq,
+            counter: hb.counter?,
+            hash: hb.hash?,
+        })
+    }
+
+    /// Asserts that `later` follows from this heartbeat by the guest's own
+    /// workload: a larger seq and counter, and the hash the workload reaches
+    /// from here at `later`'s counter.
+    pub fn assert_continued_by(&self, later: &Heartbeat, what: &str) {
+        assert!(
+            later.seq > self.seq && later.counter > self.counter,
+            "{what}: {later:?} does not come after {self:?}"
+        );
+        assert_eq!(
+            relive_images::guest::replay_hash(self.counter, self.hash, later.counter),
+            later.hash,
+            "{what}: the hash chain from {self:?} does not lead to {later:?}"
+        );
+    }
 }
 
 /// Parses a heartbeat line.
 pub fn heartbeat(line: &str) -> Option<Heartbeat> {
-    if !line.starts_with("hb ") {
-        return None;
-    }
-    Some(Heartbeat {
-        seq: field(line, "seq")?.parse().ok()?,
-        counter: field(line, "counter")?.parse().ok()?,
-        hash: u64::from_str_radix(&field(line, "hash")?, 16).ok()?,
-    })
+    Heartbeat::parse(line)
 }

@@ -1,155 +1,67 @@
-//! The per-VM control socket: protocol, server and client.
+//! The per-VM control socket server.
 //!
-//! A Unix stream socket (mode 0600) speaking newline-delimited JSON. Each
-//! request is one line; each answer is one line, except `watch`, which answers
-//! `ok` and then streams one `agent` line per line the guest sends on COM2
-//! until the client disconnects.
-//!
-//! Requests:
-//!
-//! ```text
-//! {"cmd":"status"}                    -> {"reply":"status", ...VmStatus fields}
-//! {"cmd":"shutdown"}                  -> {"reply":"ok"} and the VMM exits with status 3
-//! {"cmd":"agent","line":"status"}     -> {"reply":"ok"} once the line is queued for the guest
-//! {"cmd":"watch"}                     -> {"reply":"ok"}, then {"reply":"agent","line":"hb seq=1 ..."} ...
-//! {"cmd":"pause"} / {"cmd":"resume"}  -> {"reply":"ok"}
-//! {"cmd":"restore","image":"PATH"}    -> {"reply":"restored","image_id":"..","path":"..","restore_us":..} (standby VMMs only)
-//! {"cmd":"checkpoint","kind":"full"}  -> {"reply":"checkpoint","image_id":"..","path":"..","bytes":..,"pause_us":..,"total_us":..}
-//! ```
-//!
-//! Any request can be answered `{"reply":"error","error":"..."}`. Unknown
-//! commands and malformed JSON get such an error and the connection stays
-//! open. New commands (pause, resume, checkpoint) are new `cmd` values; clients
-//! must ignore reply fields they do not know.
+//! A Unix stream socket (mode 0600) speaking the protocol of the
+//! `relive-control` crate ([`relive_control::protocol`]): one JSON request
+//! per line, one reply per line; `watch` streams the guest's agent lines and
+//! ends with the VM's exit record.
 //!
 //! Threads: one accept thread, one thread per connection. A connection thread
 //! only parses; the VM's event thread owns all state and answers through a
-//! channel ([`ControlRequest`]). A `watch` client that stops reading loses
-//! lines (at most [`crate::vm::WATCH_QUEUE`] are queued for it); the guest
-//! never waits for it.
+//! channel ([`ControlRequest`]), one channel per request, so an answer can
+//! only ever reach the request it answers. A `watch` client that stops
+//! reading loses lines (at most [`crate::vm::WATCH_QUEUE`] are queued for
+//! it; the guest never waits for it), but never the exit record, which has a
+//! slot of its own ([`WatchEnd`]).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{sync_channel, SyncSender};
-use std::time::Duration;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
+use relive_control::protocol::{MAX_REQUEST_LEN, REPLY_TIMEOUT};
+use relive_control::{ErrorKind, ExitRecord, Request, Response};
 
-use crate::vm::{EventSink, VmEvent, VmStatus, WATCH_QUEUE};
-
-/// Longest request line the server reads.
-pub const MAX_REQUEST_LEN: usize = 64 * 1024;
-/// How long a connection waits for the event thread to answer.
-pub const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// A request on the control socket.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
-pub enum Request {
-    /// VM state and counters.
-    Status,
-    /// Stop the VM.
-    Shutdown,
-    /// Send one line to the guest's agent channel.
-    Agent {
-        /// The line, without newline.
-        line: String,
-    },
-    /// Stream what the guest says on the agent channel.
-    Watch,
-    /// Stop every vCPU (the guest's time stands still).
-    Pause,
-    /// Run the vCPUs again.
-    Resume,
-    /// Standby VMMs only: take this image and run its guest.
-    Restore {
-        /// The image file (a layer is merged with its chain first).
-        image: String,
-    },
-    /// Write a consistency image into the VM's image directory.
-    Checkpoint {
-        /// `full` (default) or `incremental`.
-        #[serde(default)]
-        kind: CheckpointKind,
-    },
-}
-
-/// What a checkpoint writes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum CheckpointKind {
-    /// Every page the guest touched.
-    #[default]
-    Full,
-    /// Only pages dirtied since the last image, as a layer on it (a full
-    /// image when there is no image to layer on yet).
-    Incremental,
-}
-
-/// The answer to `checkpoint`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CheckpointReport {
-    /// The image id (32 hex digits).
-    pub image_id: String,
-    /// What was written (an incremental request without a parent writes full).
-    pub kind: CheckpointKind,
-    /// The committed image file.
-    pub path: String,
-    /// Bytes written.
-    pub bytes: u64,
-    /// How long the vCPUs stood still, in microseconds.
-    pub pause_us: u64,
-    /// The whole checkpoint, in microseconds.
-    pub total_us: u64,
-}
-
-/// An answer on the control socket.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "reply", rename_all = "kebab-case")]
-pub enum Response {
-    /// Done.
-    Ok,
-    /// The request failed.
-    Error {
-        /// Why.
-        error: String,
-    },
-    /// The answer to `status`.
-    Status(Box<VmStatus>),
-    /// A line the guest sent (during `watch`).
-    Agent {
-        /// The line.
-        line: String,
-    },
-    /// The answer to `checkpoint`.
-    Checkpoint(CheckpointReport),
-    /// The answer to `restore`.
-    Restored(RestoreReport),
-}
-
-/// The answer to `restore` on a standby VMM.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RestoreReport {
-    /// The image the guest now runs from.
-    pub image_id: String,
-    /// Its file.
-    pub path: String,
-    /// From the request reaching the VMM to the vCPUs running, in microseconds.
-    pub restore_us: u64,
-}
+use crate::vm::{EventSink, VmEvent, WATCH_QUEUE};
 
 /// A request on its way to the event thread, with the channel for answers.
 #[derive(Debug)]
 pub struct ControlRequest {
     /// What is asked.
     pub request: Request,
-    /// Where answers go.
+    /// Where answers go (for `watch`, every line).
     pub reply: SyncSender<Response>,
+    /// For `watch`: where the exit record goes when the VM ends.
+    pub watch_end: Option<WatchEnd>,
 }
 
-/// Errors of the control socket, on either side.
+/// The end of a `watch`: the exit record's slot, and word that the
+/// connection has written it (or given up).
+#[derive(Debug)]
+pub struct WatchEnd {
+    record: Arc<OnceLock<ExitRecord>>,
+    written: Receiver<()>,
+}
+
+impl WatchEnd {
+    /// Gives the connection the VM's exit record; it writes it after the
+    /// lines still queued, once the line queue's sender is dropped.
+    pub fn set_record(&self, record: ExitRecord) {
+        let _ = self.record.set(record);
+    }
+
+    /// Waits until the connection has written the record and ended, or
+    /// `deadline` passed.
+    pub fn wait_written(self, deadline: Instant) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        // The connection thread never sends: it ends by dropping its sender.
+        let _ = self.written.recv_timeout(left);
+    }
+}
+
+/// Errors of the control socket server.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     /// Another live process serves this socket.
@@ -166,32 +78,6 @@ pub enum ControlError {
         /// Why.
         #[source]
         source: std::io::Error,
-    },
-    /// The client cannot connect.
-    #[error("cannot connect to control socket {path}: is the VMM running?")]
-    Connect {
-        /// The socket.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The connection broke.
-    #[error("control socket {path}: connection lost")]
-    Io {
-        /// The socket.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The other side sent something that is not protocol.
-    #[error("control socket {path}: bad reply {line:?}")]
-    BadReply {
-        /// The socket.
-        path: PathBuf,
-        /// What came.
-        line: String,
     },
 }
 
@@ -255,10 +141,11 @@ impl Drop for ControlServer {
     }
 }
 
-fn write_line(stream: &mut UnixStream, response: &Response) -> std::io::Result<()> {
-    let mut line = serde_json::to_vec(response).map_err(std::io::Error::other)?;
-    line.push(b'\n');
-    stream.write_all(&line)
+fn bad_request(error: String) -> Response {
+    Response::Error {
+        kind: ErrorKind::BadRequest,
+        error,
+    }
 }
 
 fn serve(stream: UnixStream, sink: EventSink) {
@@ -277,12 +164,8 @@ fn serve(stream: UnixStream, sink: EventSink) {
             Ok(_) => {}
         }
         if !line.ends_with('\n') && line.len() >= MAX_REQUEST_LEN {
-            let _ = write_line(
-                &mut writer,
-                &Response::Error {
-                    error: format!("request longer than {MAX_REQUEST_LEN} bytes"),
-                },
-            );
+            let error = format!("request longer than {MAX_REQUEST_LEN} bytes");
+            let _ = writer.write_all(&bad_request(error).to_line());
             return;
         }
         let text = line.trim();
@@ -295,151 +178,54 @@ fn serve(stream: UnixStream, sink: EventSink) {
                 let error = format!(
                     "bad request: {e}; expected e.g. {{\"cmd\":\"status\"}} (commands: status, shutdown, agent, watch, pause, resume, checkpoint, restore)"
                 );
-                if write_line(&mut writer, &Response::Error { error }).is_err() {
+                if writer.write_all(&bad_request(error).to_line()).is_err() {
                     return;
                 }
                 continue;
             }
         };
-        let watching = request == Request::Watch;
-        let (reply_tx, reply_rx) = sync_channel(WATCH_QUEUE);
+        if request == Request::Watch {
+            watch(&mut writer, &sink);
+            return;
+        }
+        let (reply_tx, reply_rx) = sync_channel(1);
         sink.send(VmEvent::Control(ControlRequest {
             request,
             reply: reply_tx,
+            watch_end: None,
         }));
-        if watching {
-            while let Ok(response) = reply_rx.recv() {
-                if write_line(&mut writer, &response).is_err() {
-                    return;
-                }
-            }
-            return;
-        }
         let response = reply_rx
             .recv_timeout(REPLY_TIMEOUT)
-            .unwrap_or(Response::Error {
-                error: "the VM did not answer in time".into(),
+            .unwrap_or_else(|_| Response::Error {
+                kind: ErrorKind::Timeout,
+                error: format!("the VM did not answer within {REPLY_TIMEOUT:?}"),
             });
-        if write_line(&mut writer, &response).is_err() {
+        if writer.write_all(&response.to_line()).is_err() {
             return;
         }
     }
 }
 
-/// A client of one VMM's control socket.
-#[derive(Debug)]
-pub struct ControlClient {
-    path: PathBuf,
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-}
-
-impl ControlClient {
-    /// Connects to the socket at `path`.
-    pub fn connect(path: &Path) -> Result<Self, ControlError> {
-        let stream = UnixStream::connect(path).map_err(|source| ControlError::Connect {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let writer = stream.try_clone().map_err(|source| ControlError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Ok(ControlClient {
-            path: path.to_path_buf(),
-            reader: BufReader::new(stream),
-            writer,
-        })
-    }
-
-    /// Sends a request without waiting for the answer.
-    pub fn send(&mut self, request: &Request) -> Result<(), ControlError> {
-        let mut line = serde_json::to_vec(request).map_err(|e| ControlError::Io {
-            path: self.path.clone(),
-            source: std::io::Error::other(e),
-        })?;
-        line.push(b'\n');
-        self.writer
-            .write_all(&line)
-            .map_err(|source| ControlError::Io {
-                path: self.path.clone(),
-                source,
-            })
-    }
-
-    /// Reads the next answer; `None` when the server closed the connection.
-    pub fn next_response(&mut self) -> Result<Option<Response>, ControlError> {
-        let mut line = String::new();
-        let n = self
-            .reader
-            .read_line(&mut line)
-            .map_err(|source| ControlError::Io {
-                path: self.path.clone(),
-                source,
-            })?;
-        if n == 0 {
-            return Ok(None);
+/// Streams a `watch`: every line, then the exit record when the VM ends.
+fn watch(writer: &mut UnixStream, sink: &EventSink) {
+    let (lines_tx, lines_rx) = sync_channel(WATCH_QUEUE);
+    // Dropped when this function returns: tells the event thread we are done.
+    let (_written_tx, written_rx) = std::sync::mpsc::channel::<()>();
+    let record = Arc::new(OnceLock::new());
+    sink.send(VmEvent::Control(ControlRequest {
+        request: Request::Watch,
+        reply: lines_tx,
+        watch_end: Some(WatchEnd {
+            record: record.clone(),
+            written: written_rx,
+        }),
+    }));
+    while let Ok(response) = lines_rx.recv() {
+        if writer.write_all(&response.to_line()).is_err() {
+            return;
         }
-        serde_json::from_str(line.trim())
-            .map(Some)
-            .map_err(|_| ControlError::BadReply {
-                path: self.path.clone(),
-                line: line.trim().to_string(),
-            })
     }
-
-    /// Sends a request and waits for its answer.
-    pub fn request(&mut self, request: &Request) -> Result<Response, ControlError> {
-        self.send(request)?;
-        self.next_response()?.ok_or_else(|| ControlError::Io {
-            path: self.path.clone(),
-            source: std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "the VMM closed the connection",
-            ),
-        })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn requests_have_a_stable_wire_form() {
-        let cases = [
-            (Request::Status, r#"{"cmd":"status"}"#),
-            (Request::Shutdown, r#"{"cmd":"shutdown"}"#),
-            (Request::Watch, r#"{"cmd":"watch"}"#),
-            (
-                Request::Agent {
-                    line: "panic".into(),
-                },
-                r#"{"cmd":"agent","line":"panic"}"#,
-            ),
-        ];
-        for (request, wire) in cases {
-            assert_eq!(serde_json::to_string(&request).unwrap(), wire);
-            assert_eq!(serde_json::from_str::<Request>(wire).unwrap(), request);
-        }
-        assert!(serde_json::from_str::<Request>(r#"{"cmd":"reboot"}"#).is_err());
-        assert!(serde_json::from_str::<Request>(r#"{"cmd":"agent","line":"a","x":1}"#).is_err());
-    }
-
-    #[test]
-    fn responses_have_a_stable_wire_form() {
-        assert_eq!(
-            serde_json::to_string(&Response::Ok).unwrap(),
-            r#"{"reply":"ok"}"#
-        );
-        assert_eq!(
-            serde_json::to_string(&Response::Agent { line: "hb".into() }).unwrap(),
-            r#"{"reply":"agent","line":"hb"}"#
-        );
-        let err = Response::Error {
-            error: "nope".into(),
-        };
-        let back: Response = serde_json::from_str(&serde_json::to_string(&err).unwrap()).unwrap();
-        assert_eq!(back, err);
+    if let Some(record) = record.get() {
+        let _ = writer.write_all(&Response::Exit(record.clone()).to_line());
     }
 }

@@ -8,8 +8,8 @@
 //!   i8042, pvpanic, power-off port). Devices know nothing of KVM.
 //! - [`vcpu`]: the vCPU thread state machine and its handle.
 //! - [`vm`]: the KVM VM, its vCPUs and devices, and the event loop.
-//! - [`control`]: the per-VM control socket protocol and its client.
-//! - [`exit`]: typed exit reasons and the process exit status of each.
+//! - [`control`]: the per-VM control socket server (the protocol and the
+//!   clients are the `relive-control` crate).
 //! - [`persist`]: the save/restore trait and the saved state of vCPUs and the VM.
 //! - [`cgroup`]: host resource limits (cpu, memory, pids) of a VM process, cgroup v2 or v1.
 
@@ -18,7 +18,6 @@ pub mod cgroup;
 pub mod control;
 pub mod cpuid;
 pub mod devices;
-pub mod exit;
 pub mod memory;
 pub mod mptable;
 pub mod persist;

@@ -18,11 +18,11 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use relive_control::exit::STATUS_VMM_ERROR;
+use relive_control::{CheckpointKind, ControlClient, Request, Response, VmStatus, WatchEvent};
 use relive_vmm::boot::{BootConfig, KernelSource, DEFAULT_LINUX_CMDLINE};
-use relive_vmm::control::{CheckpointKind, ControlClient, Request, Response};
-use relive_vmm::exit::STATUS_VMM_ERROR;
 use relive_vmm::snapshot::ResourceLimits;
-use relive_vmm::vm::{BootImageMode, ConsoleOutput, Vm, VmConfig, VmStatus};
+use relive_vmm::vm::{BootImageMode, ConsoleOutput, Vm, VmConfig};
 
 /// `println!` for client output: a reader that went away (`ctl ... | head`)
 /// is not an error worth a panic.
@@ -490,24 +490,30 @@ fn ctl(socket: PathBuf, json: bool, action: CtlAction) -> anyhow::Result<ExitCod
             },
         },
     };
-    let response = client.request(&request)?;
-    if let Response::Error { error } = &response {
-        anyhow::bail!("{error}");
-    }
-    match action {
-        CtlAction::Watch => {
-            let mut out = std::io::stdout().lock();
-            while let Some(response) = client.next_response()? {
-                let text = match response {
-                    Response::Agent { line } if !json => line,
-                    other => serde_json::to_string(&other).context("cannot encode reply")?,
-                };
-                // A reader that went away (`watch | head`) ends the watch quietly.
-                if writeln!(out, "{text}").and_then(|()| out.flush()).is_err() {
-                    break;
+    if let CtlAction::Watch = action {
+        let mut watch = client.watch()?;
+        let mut out = std::io::stdout().lock();
+        while let Some(event) = watch.next_event()? {
+            let text = match event {
+                WatchEvent::Line(line) if !json => line,
+                WatchEvent::Line(line) => serde_json::to_string(&Response::Agent { line })
+                    .context("cannot encode reply")?,
+                // The VM ended: its exit record, as the VMM prints it on stderr.
+                WatchEvent::Exit(record) if !json => record.to_json(),
+                WatchEvent::Exit(record) => {
+                    serde_json::to_string(&Response::Exit(record)).context("cannot encode reply")?
                 }
+            };
+            // A reader that went away (`watch | head`) ends the watch quietly.
+            if writeln!(out, "{text}").and_then(|()| out.flush()).is_err() {
+                break;
             }
         }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let response = client.request(&request)?;
+    match action {
+        CtlAction::Watch => {}
         CtlAction::Status if !json => {
             if let Response::Status(status) = &response {
                 print_status(status);
@@ -527,9 +533,7 @@ fn ctl(socket: PathBuf, json: bool, action: CtlAction) -> anyhow::Result<ExitCod
             if let Response::Checkpoint(r) = &response {
                 outln!(
                     "{} image {} ({} bytes), paused {:.3} ms, total {:.3} ms\n{}",
-                    serde_json::to_string(&r.kind)
-                        .unwrap_or_default()
-                        .trim_matches('"'),
+                    r.kind.as_str(),
                     r.image_id,
                     r.bytes,
                     r.pause_us as f64 / 1000.0,

@@ -22,6 +22,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+pub use relive_control::{AppStatus, ResourceLimits};
 use relive_images::format::{
     ImageKind, ImageReader, ImageWriter, MemoryRegionSource, PackedRegion, PageRun, SectionKind,
 };
@@ -32,6 +33,7 @@ use crate::devices::pvpanic::PvPanicSnapshot;
 use crate::devices::serial::SerialSnapshot;
 use crate::memory::GuestMemoryMmap;
 use crate::persist::{VcpuState, VmState};
+use crate::vcpu::Paused;
 
 /// Version of each JSON section this build writes.
 pub const SECTION_VERSION: u32 = 1;
@@ -57,18 +59,6 @@ pub struct ImageConfig {
     pub name: Option<String>,
 }
 
-/// Host resource limits that travel with the image, applied to the VMM
-/// process's cgroup `relive/<name>` (see [`crate::cgroup`]).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ResourceLimits {
-    /// CPU quota in percent of one core.
-    pub cpu_percent: Option<u32>,
-    /// Memory limit in bytes.
-    pub memory_bytes: Option<u64>,
-    /// Maximum number of tasks.
-    pub pids: Option<u64>,
-}
-
 /// KVM state of the whole machine.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MachineState {
@@ -91,17 +81,6 @@ pub struct DeviceState {
     pub agent_pending_input: Vec<u8>,
     /// pvpanic.
     pub pvpanic: PvPanicSnapshot,
-}
-
-/// What the guest last reported on the agent channel.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AppStatus {
-    /// Whether it had said `ready`.
-    pub ready: bool,
-    /// Its last heartbeat line.
-    pub last_heartbeat: Option<String>,
-    /// Its last line of any kind.
-    pub last_line: Option<String>,
 }
 
 /// Errors while writing or reading an image of a VM.
@@ -291,16 +270,18 @@ unsafe fn region_slices(mem: &GuestMemoryMmap) -> Vec<(u64, &[u8])> {
 /// the writer; [`ImageWriter::commit`] (fsync, rename, fsync of the
 /// directory) can then run after the vCPUs resume, off the pause.
 ///
-/// # Safety
-/// Every vCPU must be paused for the duration of the call.
-pub unsafe fn write_image(
+/// `paused` proves that no vCPU writes guest memory meanwhile.
+pub fn write_image(
+    paused: &Paused,
     dir: &Path,
     kind: ImageKind,
     parts: &ImageParts<'_>,
     mem: &GuestMemoryMmap,
     pages: &PageSelection,
 ) -> Result<ImageWriter, SnapshotError> {
-    // SAFETY: forwarded from this function's contract.
+    let _ = paused;
+    // SAFETY: every vCPU is parked while `paused` lives (it outlives this
+    // call) and the VMM's devices do no DMA: nothing writes guest memory.
     let regions = unsafe { region_slices(mem) };
     write_image_from(dir, kind, parts, &regions, pages)
 }
@@ -320,14 +301,16 @@ pub struct PackedPages {
 /// memory), so the image can be written after the vCPUs resume. This is how
 /// an incremental checkpoint keeps its pause short: one memcpy per run.
 ///
-/// # Safety
-/// Every vCPU must be paused for the duration of the call.
-pub unsafe fn copy_pages(
+/// `paused` proves that no vCPU writes guest memory meanwhile.
+pub fn copy_pages(
+    paused: &Paused,
     mem: &GuestMemoryMmap,
     runs: Vec<Vec<PageRun>>,
     mut data: Vec<u8>,
 ) -> PackedPages {
-    // SAFETY: forwarded from this function's contract.
+    let _ = paused;
+    // SAFETY: every vCPU is parked while `paused` lives (it outlives this
+    // call) and the VMM's devices do no DMA: nothing writes guest memory.
     let regions = unsafe { region_slices(mem) };
     data.clear();
     let total: u64 = runs.iter().flatten().map(|r| r.count).sum();

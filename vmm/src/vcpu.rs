@@ -17,22 +17,35 @@
 //! `KVM_RUN` is not lost: the ioctl returns `EINTR` at once and the thread
 //! drains its channel. Answers ([`VcpuResponse`]) come back on a second channel.
 //!
+//! Every event carries a sequence number and its answer carries the same
+//! one: the owner waits for the answer to *its* request and drops any older
+//! answer that arrived late, so a reply that missed its deadline can never be
+//! read as the answer to the next request. The thread handles events in the
+//! order they were sent.
+//!
+//! [`VcpuSet`] pauses and resumes all vCPUs of a VM as one: a pause either
+//! succeeds for every vCPU, giving a [`Paused`] proof that the functions
+//! reading guest memory for an image require, or leaves every vCPU running
+//! again ([`PauseError::Timeout`]); when not even that can be made sure, it
+//! says so ([`PauseError::Stuck`]) and the VM must end.
+//!
 //! The run loop only dispatches: port I/O goes to the [`PioBus`], anything that
 //! ends the VM becomes an [`ExitReason`] sent to the VM's event loop.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use relive_control::ExitReason;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::devices::PioBus;
-use crate::exit::ExitReason;
-use crate::persist::{restore_vcpu, save_vcpu, VcpuState};
+use crate::persist::{restore_vcpu, save_vcpu, StateError, VcpuState};
 use crate::vm::EventSink;
 
 /// What the owner asks of a vCPU thread.
@@ -50,17 +63,104 @@ pub enum VcpuEvent {
     Finish,
 }
 
+impl VcpuEvent {
+    const fn name(&self) -> &'static str {
+        match self {
+            VcpuEvent::Pause => "pause",
+            VcpuEvent::Resume => "resume",
+            VcpuEvent::Save => "save",
+            VcpuEvent::Restore(_) => "restore",
+            VcpuEvent::Finish => "finish",
+        }
+    }
+}
+
 /// What a vCPU thread answers.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum VcpuResponse {
     /// The vCPU is out of `KVM_RUN` and parked.
     Paused,
     /// The vCPU runs again.
     Resumed,
     /// The vCPU's state, or why it could not be captured.
-    Saved(Result<Box<VcpuState>, String>),
+    Saved(Result<Box<VcpuState>, VcpuError>),
     /// The state was loaded, or why not.
-    Restored(Result<(), String>),
+    Restored(Result<(), VcpuError>),
+}
+
+impl VcpuResponse {
+    const fn name(&self) -> &'static str {
+        match self {
+            VcpuResponse::Paused => "paused",
+            VcpuResponse::Resumed => "resumed",
+            VcpuResponse::Saved(_) => "saved",
+            VcpuResponse::Restored(_) => "restored",
+        }
+    }
+}
+
+/// Errors of one vCPU's requests.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// Saving or loading state needs the vCPU out of `KVM_RUN`.
+    #[error("vcpu{vcpu} must be paused to {what}")]
+    NotPaused {
+        /// The vCPU.
+        vcpu: u8,
+        /// What was asked.
+        what: &'static str,
+    },
+    /// KVM refused to save or load the state.
+    #[error("vcpu{vcpu}: cannot {what} its state")]
+    State {
+        /// The vCPU.
+        vcpu: u8,
+        /// `save` or `load`.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: StateError,
+    },
+    /// The thread did not answer in time.
+    #[error("vcpu{vcpu} did not answer {request} within {after:?}")]
+    Timeout {
+        /// The vCPU.
+        vcpu: u8,
+        /// What was asked.
+        request: &'static str,
+        /// The deadline.
+        after: Duration,
+    },
+    /// The thread has ended (the guest stopped the VM).
+    #[error("vcpu{vcpu} has stopped")]
+    Gone {
+        /// The vCPU.
+        vcpu: u8,
+    },
+    /// The thread answered another kind of request (a bug).
+    #[error("vcpu{vcpu} answered {got} to {request}")]
+    Unexpected {
+        /// The vCPU.
+        vcpu: u8,
+        /// What was asked.
+        request: &'static str,
+        /// What came.
+        got: &'static str,
+    },
+}
+
+impl VcpuError {
+    /// Whether a KVM call failed (rather than the thread not answering).
+    pub fn is_kvm(&self) -> bool {
+        matches!(self, VcpuError::State { .. })
+    }
+}
+
+/// A request to a vCPU thread, tagged.
+#[derive(Debug)]
+pub struct Tagged<T> {
+    seq: u64,
+    body: T,
 }
 
 /// The state of a vCPU thread.
@@ -132,8 +232,9 @@ pub struct Vcpu {
 #[derive(Debug)]
 pub struct VcpuHandle {
     id: u8,
-    events: Sender<VcpuEvent>,
-    responses: Receiver<VcpuResponse>,
+    events: Sender<Tagged<VcpuEvent>>,
+    responses: Receiver<Tagged<VcpuResponse>>,
+    next_seq: Cell<u64>,
     thread: Option<JoinHandle<()>>,
     stats: Arc<VcpuStats>,
 }
@@ -169,6 +270,7 @@ impl Vcpu {
             id,
             events: events_tx,
             responses: responses_rx,
+            next_seq: Cell::new(0),
             thread: Some(thread),
             stats,
         })
@@ -177,8 +279,8 @@ impl Vcpu {
     fn run(
         mut self,
         mut state: VcpuRunState,
-        events: Receiver<VcpuEvent>,
-        responses: Sender<VcpuResponse>,
+        events: Receiver<Tagged<VcpuEvent>>,
+        responses: Sender<Tagged<VcpuResponse>>,
     ) {
         let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
         KVM_RUN.with(|p| p.set(run_ptr));
@@ -202,11 +304,13 @@ impl Vcpu {
 
     fn on_event(
         &self,
-        event: VcpuEvent,
+        event: Tagged<VcpuEvent>,
         state: VcpuRunState,
-        responses: &Sender<VcpuResponse>,
+        responses: &Sender<Tagged<VcpuResponse>>,
     ) -> VcpuRunState {
-        let (next, answer) = match (event, state) {
+        let vcpu = self.id;
+        let state_err = |what| move |source| VcpuError::State { vcpu, what, source };
+        let (next, answer) = match (event.body, state) {
             (VcpuEvent::Pause, _) => (VcpuRunState::Paused, Some(VcpuResponse::Paused)),
             (VcpuEvent::Resume, _) => (VcpuRunState::Running, Some(VcpuResponse::Resumed)),
             (VcpuEvent::Save, VcpuRunState::Paused) => (
@@ -214,34 +318,37 @@ impl Vcpu {
                 Some(VcpuResponse::Saved(
                     save_vcpu(self.id, &self.fd, &self.msr_index)
                         .map(Box::new)
-                        .map_err(|e| format!("vcpu{}: {e}", self.id)),
+                        .map_err(state_err("save")),
                 )),
             ),
             (VcpuEvent::Save, _) => (
                 state,
-                Some(VcpuResponse::Saved(Err(format!(
-                    "vcpu{} must be paused to save its state",
-                    self.id
-                )))),
+                Some(VcpuResponse::Saved(Err(VcpuError::NotPaused {
+                    vcpu,
+                    what: "save its state",
+                }))),
             ),
             (VcpuEvent::Restore(saved), VcpuRunState::Paused) => (
                 state,
                 Some(VcpuResponse::Restored(
-                    restore_vcpu(&self.fd, &saved).map_err(|e| format!("vcpu{}: {e}", self.id)),
+                    restore_vcpu(&self.fd, &saved).map_err(state_err("load")),
                 )),
             ),
             (VcpuEvent::Restore(_), _) => (
                 state,
-                Some(VcpuResponse::Restored(Err(format!(
-                    "vcpu{} must be paused to load a state",
-                    self.id
-                )))),
+                Some(VcpuResponse::Restored(Err(VcpuError::NotPaused {
+                    vcpu,
+                    what: "load a state",
+                }))),
             ),
             (VcpuEvent::Finish, _) => (VcpuRunState::Finished, None),
         };
-        if let Some(answer) = answer {
+        if let Some(body) = answer {
             // The owner may be gone (process ending); nothing to do then.
-            let _ = responses.send(answer);
+            let _ = responses.send(Tagged {
+                seq: event.seq,
+                body,
+            });
         }
         next
     }
@@ -363,16 +470,56 @@ impl VcpuHandle {
         &self.stats
     }
 
-    /// Sends `event` and kicks the thread out of `KVM_RUN`.
-    pub fn send(&self, event: VcpuEvent) {
-        if self.events.send(event).is_ok() {
-            self.kick();
+    /// Sends `event` and kicks the thread out of `KVM_RUN`; returns the
+    /// event's sequence number (its answer carries the same), or `None` when
+    /// the thread has ended.
+    pub fn post(&self, event: VcpuEvent) -> Option<u64> {
+        let seq = self.next_seq.get();
+        self.next_seq.set(seq + 1);
+        self.events.send(Tagged { seq, body: event }).ok()?;
+        self.kick();
+        Some(seq)
+    }
+
+    /// Waits until `deadline` for the answer to event `seq`, dropping older
+    /// answers that came late.
+    pub fn wait(
+        &self,
+        seq: u64,
+        request: &'static str,
+        deadline: Instant,
+    ) -> Result<VcpuResponse, VcpuError> {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.responses.recv_timeout(left) {
+                Ok(answer) if answer.seq == seq => return Ok(answer.body),
+                Ok(stale) => {
+                    tracing::debug!(
+                        vcpu = self.id,
+                        seq = stale.seq,
+                        answer = stale.body.name(),
+                        "dropping a late vCPU answer"
+                    );
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(VcpuError::Timeout {
+                        vcpu: self.id,
+                        request,
+                        after: left,
+                    })
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(VcpuError::Gone { vcpu: self.id })
+                }
+            }
         }
     }
 
-    /// Waits for the thread's next answer.
-    pub fn response(&self, timeout: std::time::Duration) -> Option<VcpuResponse> {
-        self.responses.recv_timeout(timeout).ok()
+    /// Sends `event` and waits (at most `timeout`) for its answer.
+    pub fn request(&self, event: VcpuEvent, timeout: Duration) -> Result<VcpuResponse, VcpuError> {
+        let request = event.name();
+        let seq = self.post(event).ok_or(VcpuError::Gone { vcpu: self.id })?;
+        self.wait(seq, request, Instant::now() + timeout)
     }
 
     fn kick(&self) {
@@ -386,9 +533,369 @@ impl VcpuHandle {
 
     /// Stops the thread and waits for it.
     pub fn finish(mut self) {
-        self.send(VcpuEvent::Finish);
+        self.post(VcpuEvent::Finish);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+/// Proof that every vCPU of the VM is out of `KVM_RUN` and parked: nothing
+/// but the holder writes guest memory or vCPU state until it is handed back
+/// to [`VcpuSet::resume`]. Only [`VcpuSet`] makes one; it cannot be cloned.
+#[derive(Debug)]
+pub struct Paused {
+    _private: (),
+}
+
+/// Why the vCPUs could not be paused.
+#[derive(Debug, thiserror::Error)]
+pub enum PauseError {
+    /// A vCPU did not stop in time; every vCPU was told to run again and
+    /// those that had stopped did: the VM runs on, unchanged.
+    #[error("the vCPUs did not all stop in time; the VM runs on")]
+    Timeout(#[source] VcpuError),
+    /// A vCPU did not stop, and the others could not all be made to run
+    /// again: the VM is in no state to go on and must end.
+    #[error("a vCPU stopped answering while the VM was being paused")]
+    Stuck(#[source] VcpuError),
+}
+
+/// A vCPU did not answer `resume`: the VM must end.
+#[derive(Debug, thiserror::Error)]
+#[error("a vCPU did not resume")]
+pub struct StuckError(#[source] pub VcpuError);
+
+/// All vCPU threads of a VM, paused and resumed as one.
+///
+/// Lock and call order: only the event thread calls these; each call
+/// finishes (or times out) before it returns, and the vCPU threads answer in
+/// the order they were asked.
+#[derive(Debug)]
+pub struct VcpuSet {
+    handles: Vec<VcpuHandle>,
+    timeout: Duration,
+}
+
+impl VcpuSet {
+    /// The vCPUs started in `initial` state; answers are awaited at most
+    /// `timeout`. A set started paused comes with its [`Paused`] proof.
+    pub fn new(
+        handles: Vec<VcpuHandle>,
+        timeout: Duration,
+        initial: VcpuRunState,
+    ) -> (Self, Option<Paused>) {
+        let paused = (initial == VcpuRunState::Paused).then_some(Paused { _private: () });
+        (VcpuSet { handles, timeout }, paused)
+    }
+
+    /// The handles, in vCPU index order.
+    pub fn handles(&self) -> &[VcpuHandle] {
+        &self.handles
+    }
+
+    /// Stops every vCPU. All stop, or all run again
+    /// ([`PauseError::Timeout`]), or the VM must end ([`PauseError::Stuck`]).
+    pub fn pause(&self) -> Result<Paused, PauseError> {
+        let deadline = Instant::now() + self.timeout;
+        let posted: Vec<Option<u64>> = self
+            .handles
+            .iter()
+            .map(|h| h.post(VcpuEvent::Pause))
+            .collect();
+        let mut failure = None;
+        let mut answered = vec![false; self.handles.len()];
+        for (i, (handle, seq)) in self.handles.iter().zip(&posted).enumerate() {
+            let answer = match seq {
+                Some(seq) => handle.wait(*seq, "pause", deadline),
+                None => Err(VcpuError::Gone { vcpu: handle.id }),
+            };
+            match answer {
+                Ok(VcpuResponse::Paused) => answered[i] = true,
+                Ok(other) => {
+                    failure.get_or_insert(VcpuError::Unexpected {
+                        vcpu: handle.id,
+                        request: "pause",
+                        got: other.name(),
+                    });
+                }
+                Err(e) => {
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        let Some(failure) = failure else {
+            return Ok(Paused { _private: () });
+        };
+        // Undo: every vCPU gets `resume` after its `pause`, so each ends up
+        // running whenever it gets to its queue. Those that answered the
+        // pause must answer the resume now; a late one will run again once
+        // it handles both (its late answers are dropped by sequence number).
+        tracing::warn!(error = %failure, "pause failed: resuming the vCPUs");
+        let stopped: Vec<bool> = self
+            .handles
+            .iter()
+            .zip(&answered)
+            .map(|(_, ok)| *ok)
+            .collect();
+        match self.resume_where(|i| stopped[i]) {
+            Ok(()) => Err(PauseError::Timeout(failure)),
+            Err(StuckError(stuck)) => {
+                tracing::error!(error = %stuck, "a vCPU did not resume after a failed pause");
+                Err(PauseError::Stuck(stuck))
+            }
+        }
+    }
+
+    /// Runs every vCPU again.
+    pub fn resume(&self, paused: Paused) -> Result<(), StuckError> {
+        // The proof is used up: no one can write an image on its strength any more.
+        let Paused { _private: () } = paused;
+        self.resume_where(|_| true)
+    }
+
+    /// Posts `resume` to every vCPU and waits for the answers of those
+    /// `must_answer` picks.
+    fn resume_where(&self, must_answer: impl Fn(usize) -> bool) -> Result<(), StuckError> {
+        let deadline = Instant::now() + self.timeout;
+        let posted: Vec<Option<u64>> = self
+            .handles
+            .iter()
+            .map(|h| h.post(VcpuEvent::Resume))
+            .collect();
+        let mut failure = None;
+        for (i, (handle, seq)) in self.handles.iter().zip(posted).enumerate() {
+            // A thread that has ended (the guest stopped the VM) needs no resume.
+            let Some(seq) = seq.filter(|_| must_answer(i)) else {
+                continue;
+            };
+            match handle.wait(seq, "resume", deadline) {
+                Ok(VcpuResponse::Resumed) | Err(VcpuError::Gone { .. }) => {}
+                Ok(other) => {
+                    failure.get_or_insert(VcpuError::Unexpected {
+                        vcpu: handle.id,
+                        request: "resume",
+                        got: other.name(),
+                    });
+                }
+                Err(e) => {
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        failure.map_or(Ok(()), |e| Err(StuckError(e)))
+    }
+
+    /// Every vCPU's state, in index order.
+    pub fn save(&self, _paused: &Paused) -> Result<Vec<VcpuState>, VcpuError> {
+        let deadline = Instant::now() + self.timeout;
+        let posted: Vec<Option<u64>> = self
+            .handles
+            .iter()
+            .map(|h| h.post(VcpuEvent::Save))
+            .collect();
+        let mut states = Vec::with_capacity(self.handles.len());
+        for (handle, seq) in self.handles.iter().zip(posted) {
+            let seq = seq.ok_or(VcpuError::Gone { vcpu: handle.id })?;
+            match handle.wait(seq, "save", deadline)? {
+                VcpuResponse::Saved(state) => states.push(*state?),
+                other => {
+                    return Err(VcpuError::Unexpected {
+                        vcpu: handle.id,
+                        request: "save",
+                        got: other.name(),
+                    })
+                }
+            }
+        }
+        Ok(states)
+    }
+
+    /// Loads `states` (in index order) into the vCPUs.
+    pub fn load(&self, _paused: &Paused, states: &[VcpuState]) -> Result<(), VcpuError> {
+        let deadline = Instant::now() + self.timeout;
+        let posted: Vec<Option<u64>> = self
+            .handles
+            .iter()
+            .zip(states)
+            .map(|(h, state)| h.post(VcpuEvent::Restore(Box::new(state.clone()))))
+            .collect();
+        for (handle, seq) in self.handles.iter().zip(posted) {
+            let seq = seq.ok_or(VcpuError::Gone { vcpu: handle.id })?;
+            match handle.wait(seq, "restore", deadline)? {
+                VcpuResponse::Restored(result) => result?,
+                other => {
+                    return Err(VcpuError::Unexpected {
+                        vcpu: handle.id,
+                        request: "restore",
+                        got: other.name(),
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends every vCPU thread and waits for them (the set is empty after).
+    pub fn finish(&mut self) {
+        for handle in self.handles.drain(..) {
+            handle.finish();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A vCPU thread without KVM: it obeys pause/resume like the real one
+    /// (its state is in the returned cell), but before handling event number
+    /// `n` it waits `delay(n)`; `None` never answers again (stuck in the guest).
+    fn fake(
+        id: u8,
+        delay: impl Fn(u64) -> Option<Duration> + Send + 'static,
+    ) -> (VcpuHandle, Arc<std::sync::Mutex<VcpuRunState>>) {
+        install_kick_handler().unwrap();
+        let state = Arc::new(std::sync::Mutex::new(VcpuRunState::Running));
+        let (events_tx, events_rx) = std::sync::mpsc::channel::<Tagged<VcpuEvent>>();
+        let (responses_tx, responses_rx) = std::sync::mpsc::channel();
+        let thread_state = state.clone();
+        let thread = std::thread::spawn(move || {
+            let mut n = 0;
+            while let Ok(event) = events_rx.recv() {
+                match delay(n) {
+                    Some(d) => std::thread::sleep(d),
+                    None => loop {
+                        std::thread::park();
+                    },
+                }
+                n += 1;
+                let (next, body) = match event.body {
+                    VcpuEvent::Pause => (VcpuRunState::Paused, VcpuResponse::Paused),
+                    VcpuEvent::Resume => (VcpuRunState::Running, VcpuResponse::Resumed),
+                    VcpuEvent::Finish => return,
+                    _ => (
+                        *thread_state.lock().unwrap(),
+                        VcpuResponse::Restored(Ok(())),
+                    ),
+                };
+                *thread_state.lock().unwrap() = next;
+                if responses_tx
+                    .send(Tagged {
+                        seq: event.seq,
+                        body,
+                    })
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        let handle = VcpuHandle {
+            id,
+            events: events_tx,
+            responses: responses_rx,
+            next_seq: Cell::new(0),
+            thread: Some(thread),
+            stats: Arc::new(VcpuStats::default()),
+        };
+        (handle, state)
+    }
+
+    const TIMEOUT: Duration = Duration::from_millis(100);
+
+    fn prompt(n: u64) -> Option<Duration> {
+        let _ = n;
+        Some(Duration::ZERO)
+    }
+
+    fn state(cell: &std::sync::Mutex<VcpuRunState>) -> VcpuRunState {
+        *cell.lock().unwrap()
+    }
+
+    #[test]
+    fn a_late_vcpu_leaves_the_vm_running_and_its_late_answer_is_dropped() {
+        // vcpu1 handles its first event (the pause) three timeouts late.
+        let (v0, s0) = fake(0, prompt);
+        let (v1, s1) = fake(1, |n| {
+            Some(if n == 0 { TIMEOUT * 3 } else { Duration::ZERO })
+        });
+        let (set, none) = VcpuSet::new(vec![v0, v1], TIMEOUT, VcpuRunState::Running);
+        assert!(none.is_none());
+        match set.pause() {
+            Err(PauseError::Timeout(VcpuError::Timeout {
+                vcpu: 1,
+                request: "pause",
+                ..
+            })) => {}
+            other => panic!("expected a pause timeout of vcpu1, got {other:?}"),
+        }
+        // Not half paused: vcpu0 runs again at once, vcpu1 once it catches up.
+        assert_eq!(state(&s0), VcpuRunState::Running);
+        std::thread::sleep(TIMEOUT * 4);
+        assert_eq!(state(&s1), VcpuRunState::Running);
+        // vcpu1's late `paused` and `resumed` are queued now; they must not
+        // answer the next pause, which gets its own answers.
+        let paused = set.pause().expect("a second pause, answered in time");
+        assert_eq!(
+            (state(&s0), state(&s1)),
+            (VcpuRunState::Paused, VcpuRunState::Paused)
+        );
+        set.resume(paused).expect("resume after the second pause");
+        assert_eq!(
+            (state(&s0), state(&s1)),
+            (VcpuRunState::Running, VcpuRunState::Running)
+        );
+    }
+
+    #[test]
+    fn a_vcpu_that_never_answers_a_pause_leaves_the_others_running() {
+        let (v0, s0) = fake(0, prompt);
+        let (v1, _) = fake(1, |_| None);
+        let (set, _) = VcpuSet::new(vec![v0, v1], TIMEOUT, VcpuRunState::Running);
+        for _ in 0..2 {
+            match set.pause() {
+                Err(PauseError::Timeout(VcpuError::Timeout { vcpu: 1, .. })) => {}
+                other => panic!("expected a pause timeout of vcpu1, got {other:?}"),
+            }
+            assert_eq!(state(&s0), VcpuRunState::Running);
+        }
+    }
+
+    #[test]
+    fn a_vcpu_that_stops_answering_after_pausing_makes_the_vm_stuck() {
+        // vcpu0 pauses, then never answers again: the undo cannot finish.
+        let (v0, _) = fake(0, |n| (n == 0).then_some(Duration::ZERO));
+        let (v1, _) = fake(1, |_| None);
+        let (set, _) = VcpuSet::new(vec![v0, v1], TIMEOUT, VcpuRunState::Running);
+        match set.pause() {
+            Err(PauseError::Stuck(VcpuError::Timeout {
+                vcpu: 0,
+                request: "resume",
+                ..
+            })) => {}
+            other => panic!("expected vcpu0 stuck on resume, got {other:?}"),
+        }
+        // And a resume that is not answered is stuck too.
+        let (v2, _) = fake(2, |n| (n == 0).then_some(Duration::ZERO));
+        let (set, _) = VcpuSet::new(vec![v2], TIMEOUT, VcpuRunState::Running);
+        let paused = set.pause().unwrap();
+        assert!(matches!(
+            set.resume(paused),
+            Err(StuckError(VcpuError::Timeout { vcpu: 2, .. }))
+        ));
+    }
+
+    #[test]
+    fn a_set_started_paused_holds_its_proof() {
+        let (v0, s0) = fake(0, prompt);
+        *s0.lock().unwrap() = VcpuRunState::Paused;
+        let (set, paused) = VcpuSet::new(vec![v0], TIMEOUT, VcpuRunState::Paused);
+        let paused = paused.expect("a parked set is paused");
+        set.resume(paused).unwrap();
+        assert_eq!(state(&s0), VcpuRunState::Running);
+        let again = set.pause().unwrap();
+        assert_eq!(state(&s0), VcpuRunState::Paused);
+        set.resume(again).unwrap();
     }
 }

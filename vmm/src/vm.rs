@@ -34,28 +34,30 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::{self, BootConfig, BootEntry, SmpStart};
-use crate::control::{
-    self, CheckpointKind, CheckpointReport, ControlRequest, Request, Response, RestoreReport,
-};
+use crate::control::{self, ControlRequest, WatchEnd};
 use crate::cpuid::{filter_cpuid, CpuidConfig};
 use crate::devices::{
     self, encode_command, AgentConfig, AgentWriter, ConsoleWriter, EventFdTrigger, LinePort,
     PioBus, PowerOff, PvPanic, SerialDevice, SerialEventsSink, I8042,
 };
-use crate::exit::{ExitReason, ExitRecord};
 use crate::memory::{self, GuestMemoryMmap};
 use crate::persist::{restore_vcpu, restore_vm, save_vm, Persist};
 use crate::snapshot::{
-    self, AppStatus, DeviceState, ImageConfig, ImageParts, LoadedImage, MachineState,
-    PageSelection, ResourceLimits,
+    self, DeviceState, ImageConfig, ImageParts, LoadedImage, MachineState, PageSelection,
 };
-use crate::vcpu::{self, Vcpu, VcpuEvent, VcpuHandle, VcpuResponse, VcpuRunState};
+use crate::vcpu::{self, PauseError, Paused, Vcpu, VcpuRunState, VcpuSet};
+use relive_control::heartbeat;
+use relive_control::{
+    AgentStatus, AppStatus, CheckpointKind, CheckpointReport, ErrorKind, ExitReason, ExitRecord,
+    Request, ResourceLimits, Response, RestoreReport, RunState, VmStatus,
+};
 use relive_images::format::{ImageId, ImageKind, ImageReader, ImageWriter, PageRun};
 use relive_images::store::ImageStore;
 
 mod checkpoint;
 
 use checkpoint::ImageHistory;
+pub use checkpoint::{CheckpointError, StandbyRestoreError};
 
 /// Address of the three pages KVM needs for the TSS on Intel hosts.
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
@@ -248,75 +250,6 @@ impl EventSink {
             detail,
         });
     }
-}
-
-/// State of the VM as `status` reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum RunState {
-    /// vCPUs running.
-    Running,
-    /// vCPUs paused.
-    Paused,
-    /// A standby VMM: everything built, no guest yet; waits for `restore`.
-    Standby,
-}
-
-/// The answer to `status`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct VmStatus {
-    /// Running or paused.
-    pub state: RunState,
-    /// Milliseconds since the vCPUs started.
-    pub uptime_ms: u64,
-    /// When the vCPU threads were started (booted or restored), as
-    /// CLOCK_MONOTONIC nanoseconds: with a timestamp taken before spawning the
-    /// VMM, this gives process start to vCPUs running.
-    pub vcpus_started_monotonic_ns: u64,
-    /// Number of vCPUs.
-    pub vcpus: u8,
-    /// Returns from KVM_RUN to the VMM, all vCPUs.
-    pub vcpu_exits: u64,
-    /// Of those, port I/O exits.
-    pub io_exits: u64,
-    /// Configured guest memory in MiB.
-    pub mem_mib: u64,
-    /// Guest memory resident in host RAM.
-    pub guest_resident_bytes: u64,
-    /// Process id of the VMM.
-    pub pid: u32,
-    /// Kernel the VM booted.
-    pub kernel: String,
-    /// Agent channel.
-    pub agent: AgentStatus,
-    /// The VM's name.
-    pub name: Option<String>,
-    /// Resource limits the VM runs under (as configured or restored).
-    pub limits: ResourceLimits,
-    /// The boot image this VM wrote, if any.
-    pub boot_image: Option<String>,
-}
-
-/// The agent channel part of `status`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AgentStatus {
-    /// Whether the guest has said `ready`.
-    pub ready: bool,
-    /// Lines received from the guest.
-    pub lines: u64,
-    /// Lines dropped by the rate limit.
-    pub dropped_lines: u64,
-    /// Lines cut at the length limit.
-    pub truncated_lines: u64,
-    /// The last line the guest sent.
-    pub last_line: Option<String>,
-    /// Milliseconds since the last line.
-    pub last_line_age_ms: Option<u64>,
-    /// Milliseconds since the last heartbeat (`hb ...`).
-    pub last_heartbeat_age_ms: Option<u64>,
-    /// When the guest said `ready`, as CLOCK_MONOTONIC nanoseconds (comparable
-    /// with any other process's clock on this host).
-    pub ready_monotonic_ns: Option<u64>,
 }
 
 type Com1 = SerialDevice<ConsoleWriter>;
@@ -883,20 +816,19 @@ impl Vm {
         } = self;
         let started = Instant::now();
         let started_ns = monotonic_ns();
+        let initial = if standby {
+            VcpuRunState::Paused
+        } else {
+            VcpuRunState::Running
+        };
         let mut handles = Vec::with_capacity(vcpus.len());
         for vcpu in vcpus {
-            handles.push(
-                vcpu.start(if standby {
-                    VcpuRunState::Paused
-                } else {
-                    VcpuRunState::Running
-                })
-                .map_err(|source| VmError::Os {
-                    what: "spawn a vCPU thread",
-                    source,
-                })?,
-            );
+            handles.push(vcpu.start(initial).map_err(|source| VmError::Os {
+                what: "spawn a vCPU thread",
+                source,
+            })?);
         }
+        let (vcpus, parked) = VcpuSet::new(handles, PAUSE_TIMEOUT, initial);
         if let Some(control) = &control {
             control.start().map_err(|source| VmError::Os {
                 what: "spawn the control socket thread",
@@ -908,18 +840,18 @@ impl Vm {
             mem,
             cfg,
             devices,
-            handles,
+            vcpus,
             events_rx,
             events_wake,
             term_evt,
             _sink: sink,
             started,
             started_ns,
-            state: if standby {
-                RunState::Standby
-            } else {
-                RunState::Running
+            activity: match parked {
+                Some(paused) => Activity::Standby(paused),
+                None => Activity::Running,
             },
+            fatal: None,
             agent,
             pending_input,
             history,
@@ -932,6 +864,7 @@ impl Vm {
         }
         let record = event_loop.run();
         event_loop.stop();
+        event_loop.end_watches(&record);
         drop(control);
         Ok(record)
     }
@@ -959,19 +892,48 @@ impl AgentState {
     }
 }
 
+/// What the vCPUs are doing, with the proof of a pause where they are parked.
+enum Activity {
+    /// Running the guest.
+    Running,
+    /// Paused by a `pause` request.
+    Paused(Paused),
+    /// A standby VMM: parked, no guest yet.
+    Standby(Paused),
+}
+
+impl Activity {
+    fn run_state(&self) -> RunState {
+        match self {
+            Activity::Running => RunState::Running,
+            Activity::Paused(_) => RunState::Paused,
+            Activity::Standby(_) => RunState::Standby,
+        }
+    }
+}
+
+/// A `watch` client: its queue of lines and where its exit record goes.
+struct Watcher {
+    lines: SyncSender<Response>,
+    end: WatchEnd,
+}
+
 struct EventLoop {
     vm: VmFd,
     mem: GuestMemoryMmap,
     cfg: VmConfig,
     devices: Devices,
-    handles: Vec<VcpuHandle>,
+    vcpus: VcpuSet,
     events_rx: Receiver<VmEvent>,
     events_wake: EventFd,
     term_evt: EventFd,
     _sink: EventSink,
     started: Instant,
     started_ns: u64,
-    state: RunState,
+    activity: Activity,
+    /// Set when the VM cannot go on (a vCPU stopped answering): the event
+    /// loop ends the VM with it after the current event.
+    fatal: Option<ExitRecord>,
     agent: AgentState,
     /// Host-to-guest agent bytes that did not fit in the COM2 FIFO yet.
     pending_input: VecDeque<u8>,
@@ -981,7 +943,7 @@ struct EventLoop {
     /// Dirty pages are copied here during an incremental checkpoint's pause
     /// (kept between checkpoints so its pages are not faulted in again).
     copy_buffer: Vec<u8>,
-    watchers: Vec<SyncSender<Response>>,
+    watchers: Vec<Watcher>,
 }
 
 const TOKEN_EVENTS: u64 = 1;
@@ -996,6 +958,8 @@ const TOKEN_TERM: u64 = 7;
 const CONSOLE_FLUSH_INTERVAL_MS: i32 = 200;
 /// Lines queued for one `watch` client before lines are dropped for it.
 pub const WATCH_QUEUE: usize = 1024;
+/// How long an ending VMM waits for its `watch` clients to be sent its exit record.
+const WATCH_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl EventLoop {
     fn uptime_ms(&self) -> u64 {
@@ -1056,6 +1020,9 @@ impl EventLoop {
             }
             for event in &ready[..n] {
                 if let Some(record) = self.on_ready(event.data()) {
+                    return record;
+                }
+                if let Some(record) = self.fatal.take() {
                     return record;
                 }
             }
@@ -1140,10 +1107,10 @@ impl EventLoop {
     fn on_agent_line(&mut self, line: String) {
         let now = Instant::now();
         self.agent.lines += 1;
-        if line.starts_with("hb ") {
+        if heartbeat::is_heartbeat(&line) {
             self.agent.last_heartbeat_at = Some(now);
             self.agent.last_heartbeat = Some(line.clone());
-        } else if line == "ready" || line.starts_with("ready ") {
+        } else if heartbeat::is_ready(&line) {
             let first = !self.agent.ready;
             self.agent.ready = true;
             self.agent.ready_monotonic_ns = Some(monotonic_ns());
@@ -1153,7 +1120,7 @@ impl EventLoop {
         }
         self.agent.last_line_at = Some(now);
         self.watchers.retain(
-            |w| match w.try_send(Response::Agent { line: line.clone() }) {
+            |w| match w.lines.try_send(Response::Agent { line: line.clone() }) {
                 Ok(()) | Err(TrySendError::Full(_)) => true,
                 Err(TrySendError::Disconnected(_)) => false,
             },
@@ -1180,78 +1147,162 @@ impl EventLoop {
     }
 
     fn on_control(&mut self, request: ControlRequest) -> Option<ExitRecord> {
-        let ControlRequest { request, reply } = request;
-        match request {
-            Request::Status => {
-                let _ = reply.send(Response::Status(Box::new(self.status())));
-                None
-            }
+        let ControlRequest {
+            request,
+            reply,
+            watch_end,
+        } = request;
+        let standby = matches!(self.activity, Activity::Standby(_));
+        let answer = match request {
+            Request::Status => Response::Status(Box::new(self.status())),
             Request::Shutdown => {
                 let _ = reply.send(Response::Ok);
-                Some(ExitRecord::new(
+                return Some(ExitRecord::new(
                     ExitReason::Shutdown,
                     self.uptime_ms(),
                     "control socket: shutdown requested",
-                ))
+                ));
             }
-            Request::Agent { .. } if self.state == RunState::Standby => {
-                let _ = reply.send(Response::Error {
-                    error: STANDBY_HAS_NO_GUEST.into(),
-                });
-                None
-            }
-            Request::Agent { line } => {
-                let answer = match encode_command(&line) {
-                    Ok(bytes) => {
-                        self.pending_input.extend(bytes);
-                        self.push_pending_input();
-                        Response::Ok
-                    }
-                    Err(e) => Response::Error {
-                        error: format!("agent line refused: {e}"),
-                    },
-                };
-                let _ = reply.send(answer);
-                None
-            }
-            Request::Watch => {
-                if reply.send(Response::Ok).is_ok() {
-                    self.watchers.push(reply);
+            Request::Agent { .. } if standby => no_guest(),
+            Request::Agent { line } => match encode_command(&line) {
+                Ok(bytes) => {
+                    self.pending_input.extend(bytes);
+                    self.push_pending_input();
+                    Response::Ok
                 }
-                None
+                Err(e) => Response::error(ErrorKind::AgentRefused, &e),
+            },
+            Request::Watch => {
+                if let Some(end) = watch_end {
+                    if reply.send(Response::Ok).is_ok() {
+                        self.watchers.push(Watcher { lines: reply, end });
+                    }
+                }
+                return None;
             }
-            Request::Pause => {
-                let answer = match self.pause() {
-                    Ok(()) => Response::Ok,
-                    Err(error) => Response::Error { error },
-                };
-                let _ = reply.send(answer);
-                None
-            }
-            Request::Resume => {
-                let answer = match self.resume() {
-                    Ok(()) => Response::Ok,
-                    Err(error) => Response::Error { error },
-                };
-                let _ = reply.send(answer);
-                None
-            }
+            Request::Pause => self.pause_request(),
+            Request::Resume => self.resume_request(),
             Request::Restore { image } => {
-                let answer = match self.restore_standby(std::path::Path::new(&image)) {
+                match self.restore_standby(std::path::Path::new(&image)) {
                     Ok(report) => Response::Restored(report),
-                    Err(error) => Response::Error { error },
-                };
-                let _ = reply.send(answer);
-                None
+                    Err(e) => Response::error(e.kind(), &e),
+                }
             }
-            Request::Checkpoint { kind } => {
-                let answer = match self.checkpoint(kind) {
-                    Ok(report) => Response::Checkpoint(report),
-                    Err(error) => Response::Error { error },
-                };
-                let _ = reply.send(answer);
-                None
+            Request::Checkpoint { kind } => match self.checkpoint(kind) {
+                Ok(report) => Response::Checkpoint(report),
+                Err(e) => Response::error(e.kind(), &e),
+            },
+        };
+        let _ = reply.send(answer);
+        None
+    }
+
+    /// `pause`: every vCPU stops, or none does.
+    fn pause_request(&mut self) -> Response {
+        match self.activity {
+            Activity::Standby(_) => return no_guest(),
+            Activity::Paused(_) => return Response::Ok,
+            Activity::Running => {}
+        }
+        match self.vcpus.pause() {
+            Ok(paused) => {
+                self.activity = Activity::Paused(paused);
+                Response::Ok
             }
+            Err(e) => self.pause_failed(e),
+        }
+    }
+
+    /// `resume`.
+    fn resume_request(&mut self) -> Response {
+        match std::mem::replace(&mut self.activity, Activity::Running) {
+            Activity::Running => Response::Ok,
+            Activity::Standby(paused) => {
+                self.activity = Activity::Standby(paused);
+                no_guest()
+            }
+            Activity::Paused(paused) => match self.vcpus.resume(paused) {
+                Ok(()) => Response::Ok,
+                Err(e) => self.stuck(&e),
+            },
+        }
+    }
+
+    /// The answer to a failed pause; a stuck vCPU also ends the VM.
+    fn pause_failed(&mut self, e: PauseError) -> Response {
+        match e {
+            PauseError::Timeout(_) => Response::error(ErrorKind::PauseTimeout, &e),
+            PauseError::Stuck(_) => self.stuck(&e),
+        }
+    }
+
+    /// A vCPU stopped answering: the VM ends after this event with a
+    /// `vcpu-stuck` exit (the client that asked gets the error first).
+    fn stuck(&mut self, e: &dyn std::error::Error) -> Response {
+        let detail = relive_control::error_chain(e);
+        tracing::error!(error = %detail, "ending the VM: a vCPU stopped answering");
+        self.fatal = Some(ExitRecord::new(
+            ExitReason::VcpuStuck,
+            self.uptime_ms(),
+            detail.clone(),
+        ));
+        Response::Error {
+            kind: ErrorKind::PauseTimeout,
+            error: format!("{detail}; the VM is ending"),
+        }
+    }
+
+    /// Runs `f` with every vCPU paused: a running VM is paused first and
+    /// resumed after (a paused or standby VM stays as it is). A vCPU that
+    /// does not resume ends the VM (see [`EventLoop::stuck`]).
+    fn with_paused<T>(&mut self, f: impl FnOnce(&mut Self, &Paused) -> T) -> Result<T, PauseError> {
+        match std::mem::replace(&mut self.activity, Activity::Running) {
+            Activity::Running => {
+                let paused = match self.vcpus.pause() {
+                    Ok(paused) => paused,
+                    Err(e) => {
+                        if let PauseError::Stuck(_) = e {
+                            let _ = self.stuck(&e);
+                        }
+                        return Err(e);
+                    }
+                };
+                let out = f(self, &paused);
+                if let Err(e) = self.vcpus.resume(paused) {
+                    let _ = self.stuck(&e);
+                }
+                Ok(out)
+            }
+            Activity::Paused(paused) => {
+                let out = f(self, &paused);
+                self.activity = Activity::Paused(paused);
+                Ok(out)
+            }
+            Activity::Standby(paused) => {
+                let out = f(self, &paused);
+                self.activity = Activity::Standby(paused);
+                Ok(out)
+            }
+        }
+    }
+
+    /// Sends `record` as the last message of every `watch` and waits (at most
+    /// [`WATCH_FLUSH_TIMEOUT`]) until each connection has written it.
+    fn end_watches(&mut self, record: &ExitRecord) {
+        let deadline = Instant::now() + WATCH_FLUSH_TIMEOUT;
+        let ends: Vec<WatchEnd> = self
+            .watchers
+            .drain(..)
+            .map(|w| {
+                w.end.set_record(record.clone());
+                // Dropping the queue's sender lets the connection write what is
+                // queued, then the record.
+                drop(w.lines);
+                w.end
+            })
+            .collect();
+        for end in ends {
+            end.wait_written(deadline);
         }
     }
 
@@ -1259,14 +1310,14 @@ impl EventLoop {
         let now = Instant::now();
         let age = |t: Option<Instant>| t.map(|t| now.duration_since(t).as_millis() as u64);
         let stats = lock(&self.devices.com2).writer().stats();
-        let (exits, io_exits) = self.handles.iter().fold((0, 0), |(e, io), h| {
+        let (exits, io_exits) = self.vcpus.handles().iter().fold((0, 0), |(e, io), h| {
             (
                 e + h.stats().exits.load(Ordering::Relaxed),
                 io + h.stats().io_exits.load(Ordering::Relaxed),
             )
         });
         VmStatus {
-            state: self.state,
+            state: self.activity.run_state(),
             uptime_ms: self.uptime_ms(),
             vcpus_started_monotonic_ns: self.started_ns,
             vcpus: self.cfg.boot.vcpus,
@@ -1289,57 +1340,12 @@ impl EventLoop {
                 last_heartbeat_age_ms: age(self.agent.last_heartbeat_at),
                 ready_monotonic_ns: self.agent.ready_monotonic_ns,
             },
+            chain: self
+                .history
+                .as_ref()
+                .map(ImageHistory::chain_status)
+                .unwrap_or_default(),
         }
-    }
-
-    /// Pauses every vCPU and waits until each is out of KVM_RUN.
-    fn pause(&mut self) -> Result<(), String> {
-        match self.state {
-            RunState::Paused => return Ok(()),
-            RunState::Standby => return Err(STANDBY_HAS_NO_GUEST.into()),
-            RunState::Running => {}
-        }
-        for handle in &self.handles {
-            handle.send(VcpuEvent::Pause);
-        }
-        for handle in &self.handles {
-            match handle.response(PAUSE_TIMEOUT) {
-                Some(VcpuResponse::Paused) => {}
-                other => {
-                    return Err(format!(
-                        "vcpu{} did not pause (answered {other:?})",
-                        handle.id()
-                    ))
-                }
-            }
-        }
-        self.state = RunState::Paused;
-        Ok(())
-    }
-
-    /// Resumes every vCPU.
-    fn resume(&mut self) -> Result<(), String> {
-        match self.state {
-            RunState::Running => return Ok(()),
-            RunState::Standby => return Err(STANDBY_HAS_NO_GUEST.into()),
-            RunState::Paused => {}
-        }
-        for handle in &self.handles {
-            handle.send(VcpuEvent::Resume);
-        }
-        for handle in &self.handles {
-            match handle.response(PAUSE_TIMEOUT) {
-                Some(VcpuResponse::Resumed) => {}
-                other => {
-                    return Err(format!(
-                        "vcpu{} did not resume (answered {other:?})",
-                        handle.id()
-                    ))
-                }
-            }
-        }
-        self.state = RunState::Running;
-        Ok(())
     }
 
     fn flush_console(&self) {
@@ -1348,9 +1354,7 @@ impl EventLoop {
 
     /// Stops every vCPU thread and flushes the console.
     fn stop(&mut self) {
-        for handle in self.handles.drain(..) {
-            handle.finish();
-        }
+        self.vcpus.finish();
         self.flush_console();
     }
 }
@@ -1398,18 +1402,6 @@ impl std::fmt::Display for Phases {
     }
 }
 
-/// An error and its causes as one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        source = s.source();
-    }
-    msg
-}
-
 /// CLOCK_MONOTONIC in nanoseconds.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -1449,6 +1441,13 @@ fn install_termination_handler(wake: &EventFd) -> std::io::Result<()> {
 
 const STANDBY_HAS_NO_GUEST: &str =
     "this is a standby VMM with no guest yet: restore an image first";
+
+fn no_guest() -> Response {
+    Response::Error {
+        kind: ErrorKind::WrongState,
+        error: STANDBY_HAS_NO_GUEST.into(),
+    }
+}
 
 /// Time the event thread waits for vCPUs to acknowledge a pause.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);

@@ -10,6 +10,150 @@
 
 use super::*;
 
+use crate::devices::SerialError;
+use crate::persist::StateError;
+use crate::vcpu::VcpuError;
+use relive_control::ChainStatus;
+use relive_images::format::{CommittedImage, WriteError};
+
+/// Errors of a checkpoint or a boot image.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// The VM was started without `--images`.
+    #[error("this VM has no image directory: start it with --images DIR")]
+    NoImageDir,
+    /// A standby has no guest to write.
+    #[error("{STANDBY_HAS_NO_GUEST}")]
+    NoGuest,
+    /// The vCPUs could not be paused (the VM runs on, or ends when stuck).
+    #[error("cannot pause the VM for the checkpoint")]
+    Pause(#[source] PauseError),
+    /// KVM's dirty log could not be read.
+    #[error("KVM_GET_DIRTY_LOG on slot {slot} failed")]
+    DirtyLog {
+        /// The memory slot.
+        slot: u32,
+        /// The ioctl error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// A vCPU's state could not be captured.
+    #[error("cannot capture the vCPUs' state")]
+    Vcpu(#[source] VcpuError),
+    /// The VM-wide KVM state could not be captured.
+    #[error("cannot capture the VM's state")]
+    VmState(#[source] StateError),
+    /// A device's state could not be captured.
+    #[error("cannot capture the state of {device}")]
+    Device {
+        /// The device.
+        device: &'static str,
+        /// Why.
+        #[source]
+        source: SerialError,
+    },
+    /// A section could not be encoded.
+    #[error("cannot encode the image's {section} section")]
+    Encode {
+        /// The section.
+        section: &'static str,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The image could not be written.
+    #[error("cannot write the image")]
+    Write(#[source] snapshot::SnapshotError),
+    /// The image could not be committed (fsync, rename).
+    #[error("cannot commit the image")]
+    Commit(#[source] WriteError),
+}
+
+impl CheckpointError {
+    /// What kind of failure this is, for the control socket.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            CheckpointError::NoImageDir | CheckpointError::NoGuest => ErrorKind::WrongState,
+            CheckpointError::Pause(_) => ErrorKind::PauseTimeout,
+            CheckpointError::DirtyLog { .. } | CheckpointError::VmState(_) => ErrorKind::Kvm,
+            CheckpointError::Vcpu(e) if e.is_kvm() => ErrorKind::Kvm,
+            CheckpointError::Vcpu(_) => ErrorKind::PauseTimeout,
+            CheckpointError::Write(_) | CheckpointError::Commit(_) => ErrorKind::ImageWrite,
+            CheckpointError::Device { .. } | CheckpointError::Encode { .. } => ErrorKind::Other,
+        }
+    }
+}
+
+/// Errors of a standby's `restore`.
+#[derive(Debug, thiserror::Error)]
+pub enum StandbyRestoreError {
+    /// This VMM runs a guest already.
+    #[error("this VMM already runs a guest: only a standby VMM takes an image")]
+    NotStandby,
+    /// The image cannot be read or merged.
+    #[error(transparent)]
+    Image(#[from] snapshot::SnapshotError),
+    /// The image is of a VM of another shape.
+    #[error(
+        "image {path} is of a VM with {image_mib} MiB and {image_vcpus} vCPUs; this standby has \
+         {mib} MiB and {vcpus} vCPUs: restore it into a standby started with --mem-mib {image_mib} --vcpus {image_vcpus}"
+    )]
+    Shape {
+        /// The image.
+        path: PathBuf,
+        /// Its memory.
+        image_mib: u64,
+        /// Its vCPUs.
+        image_vcpus: u8,
+        /// This standby's memory.
+        mib: u64,
+        /// This standby's vCPUs.
+        vcpus: u8,
+    },
+    /// The image's memory could not be mapped over the slots.
+    #[error("cannot map the image's memory over guest memory")]
+    Map(#[source] memory::MemoryError),
+    /// The VM-wide state could not be loaded.
+    #[error("cannot load the VM's state")]
+    VmState(#[source] StateError),
+    /// A vCPU's state could not be loaded.
+    #[error("cannot load the vCPUs' state")]
+    Vcpu(#[source] VcpuError),
+    /// The devices' state could not be loaded.
+    #[error("cannot load the devices' state")]
+    Devices(#[source] Box<VmError>),
+    /// The resource limits could not be applied.
+    #[error("cannot apply the image's resource limits")]
+    Limits(#[source] Box<VmError>),
+    /// The dirty log could not be reset.
+    #[error("KVM_GET_DIRTY_LOG on slot {slot} failed")]
+    DirtyLog {
+        /// The memory slot.
+        slot: u32,
+        /// The ioctl error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+impl StandbyRestoreError {
+    /// What kind of failure this is, for the control socket.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            StandbyRestoreError::NotStandby => ErrorKind::WrongState,
+            StandbyRestoreError::Image(_) | StandbyRestoreError::Shape { .. } => {
+                ErrorKind::ImageRefused
+            }
+            StandbyRestoreError::VmState(_)
+            | StandbyRestoreError::Vcpu(_)
+            | StandbyRestoreError::DirtyLog { .. } => ErrorKind::Kvm,
+            StandbyRestoreError::Map(_)
+            | StandbyRestoreError::Devices(_)
+            | StandbyRestoreError::Limits(_) => ErrorKind::Other,
+        }
+    }
+}
+
 /// What the VM knows of its image directory.
 pub(super) struct ImageHistory {
     store: Arc<ImageStore>,
@@ -28,6 +172,15 @@ pub(super) struct ImageHistory {
 }
 
 impl ImageHistory {
+    /// What `status` reports of the chain.
+    pub(super) fn chain_status(&self) -> ChainStatus {
+        ChainStatus {
+            last_image: self.last.map(|id| id.to_string()),
+            next_full: self.need_full || self.last.is_none(),
+            layers: self.layers,
+        }
+    }
+
     pub(super) fn new(store: ImageStore) -> Self {
         ImageHistory {
             store: Arc::new(store),
@@ -106,25 +259,52 @@ impl EventLoop {
     pub(super) fn restore_standby(
         &mut self,
         path: &std::path::Path,
-    ) -> Result<RestoreReport, String> {
+    ) -> Result<RestoreReport, StandbyRestoreError> {
         let received = Instant::now();
-        if self.state != RunState::Standby {
-            return Err("this VMM already runs a guest: only a standby VMM takes an image".into());
+        let paused = match std::mem::replace(&mut self.activity, Activity::Running) {
+            Activity::Standby(paused) => paused,
+            other => {
+                self.activity = other;
+                return Err(StandbyRestoreError::NotStandby);
+            }
+        };
+        match self.load_into_standby(path, &paused) {
+            Ok(image) => {
+                self.started = Instant::now();
+                self.started_ns = monotonic_ns();
+                if let Err(e) = self.vcpus.resume(paused) {
+                    // The guest cannot run: end the VM (the request gets the error).
+                    let _ = self.stuck(&e);
+                }
+                Ok(RestoreReport {
+                    image_id: image.0,
+                    path: image.1,
+                    restore_us: received.elapsed().as_micros() as u64,
+                })
+            }
+            Err(e) => {
+                self.activity = Activity::Standby(paused);
+                Err(e)
+            }
         }
-        let path = snapshot::resolve_full(path).map_err(|e| error_chain(&e))?;
-        let image = snapshot::load(&path).map_err(|e| error_chain(&e))?;
+    }
+
+    /// Everything of a standby restore but the resume; gives the image's id and path.
+    fn load_into_standby(
+        &mut self,
+        path: &std::path::Path,
+        paused: &Paused,
+    ) -> Result<(String, String), StandbyRestoreError> {
+        let path = snapshot::resolve_full(path)?;
+        let image = snapshot::load(&path)?;
         if image.config.mem_mib != self.cfg.mem_mib || image.config.vcpus != self.cfg.boot.vcpus {
-            return Err(format!(
-                "image {} is of a VM with {} MiB and {} vCPUs; this standby has {} MiB and {} vCPUs: \
-                 restore it into a standby started with --mem-mib {} --vcpus {}",
-                path.display(),
-                image.config.mem_mib,
-                image.config.vcpus,
-                self.cfg.mem_mib,
-                self.cfg.boot.vcpus,
-                image.config.mem_mib,
-                image.config.vcpus
-            ));
+            return Err(StandbyRestoreError::Shape {
+                path,
+                image_mib: image.config.mem_mib,
+                image_vcpus: image.config.vcpus,
+                mib: self.cfg.mem_mib,
+                vcpus: self.cfg.boot.vcpus,
+            });
         }
         let layouts: Vec<(u64, u64, u64)> = image
             .reader
@@ -133,26 +313,14 @@ impl EventLoop {
             .map(|m| (m.guest_addr, m.len, m.file_offset))
             .collect();
         memory::map_file_over(&self.mem, image.reader.file(), &layouts)
-            .map_err(|e| error_chain(&e))?;
-        restore_vm(&self.vm, &image.machine.vm).map_err(|e| error_chain(&e))?;
-        for (handle, state) in self.handles.iter().zip(&image.machine.vcpus) {
-            handle.send(VcpuEvent::Restore(Box::new(state.clone())));
-        }
-        for handle in &self.handles {
-            match handle.response(PAUSE_TIMEOUT) {
-                Some(VcpuResponse::Restored(Ok(()))) => {}
-                Some(VcpuResponse::Restored(Err(e))) => return Err(e),
-                other => {
-                    return Err(format!(
-                        "vcpu{} did not load its state: {other:?}",
-                        handle.id()
-                    ))
-                }
-            }
-        }
+            .map_err(StandbyRestoreError::Map)?;
+        restore_vm(&self.vm, &image.machine.vm).map_err(StandbyRestoreError::VmState)?;
+        self.vcpus
+            .load(paused, &image.machine.vcpus)
+            .map_err(StandbyRestoreError::Vcpu)?;
         self.devices
             .load_state(&self.cfg.console, &image.devices)
-            .map_err(|e| error_chain(&e))?;
+            .map_err(|e| StandbyRestoreError::Devices(Box::new(e)))?;
         self.pending_input = image.devices.agent_pending_input.iter().copied().collect();
         self.agent = AgentState::from_app_status(&image.app);
         self.cfg.boot.kernel = boot::KernelSource::parse(&image.config.kernel);
@@ -162,23 +330,17 @@ impl EventLoop {
         if self.cfg.name.is_none() {
             self.cfg.name = image.config.name.clone();
         }
-        apply_limits(self.cfg.name.as_deref(), &self.cfg.limits).map_err(|e| error_chain(&e))?;
+        apply_limits(self.cfg.name.as_deref(), &self.cfg.limits)
+            .map_err(|e| StandbyRestoreError::Limits(Box::new(e)))?;
         if let Some(history) = self.history.as_mut() {
             history.adopt(&image);
         }
         // The standby's own (empty) writes are not the guest's: start clean.
         if self.history.is_some() {
-            self.take_dirty_log()?;
+            self.take_dirty_log()
+                .map_err(|(slot, source)| StandbyRestoreError::DirtyLog { slot, source })?;
         }
-        self.state = RunState::Paused;
-        self.started = Instant::now();
-        self.started_ns = monotonic_ns();
-        self.resume()?;
-        Ok(RestoreReport {
-            image_id: image.reader.id().to_string(),
-            path: path.display().to_string(),
-            restore_us: received.elapsed().as_micros() as u64,
-        })
+        Ok((image.reader.id().to_string(), path.display().to_string()))
     }
 
     /// Writes a consistency image: pause, capture, write, resume; then the
@@ -192,9 +354,12 @@ impl EventLoop {
     pub(super) fn checkpoint(
         &mut self,
         requested: CheckpointKind,
-    ) -> Result<CheckpointReport, String> {
+    ) -> Result<CheckpointReport, CheckpointError> {
+        if matches!(self.activity, Activity::Standby(_)) {
+            return Err(CheckpointError::NoGuest);
+        }
         let Some(history) = self.history.as_ref() else {
-            return Err("this VM has no image directory: start it with --images DIR".into());
+            return Err(CheckpointError::NoImageDir);
         };
         let parent = history.last.filter(|_| !history.need_full);
         let kind = match (requested, parent) {
@@ -202,14 +367,13 @@ impl EventLoop {
             _ => ImageKind::Full,
         };
         let started = Instant::now();
-        let was_running = self.state == RunState::Running;
-        self.pause()?;
-        let paused_at = Instant::now();
-        let written = self.write_checkpoint(kind);
-        let pause_us = paused_at.elapsed().as_micros() as u64;
-        if was_running {
-            self.resume()?;
-        }
+        let (written, pause_us) = self
+            .with_paused(|vm, paused| {
+                let paused_at = Instant::now();
+                let written = vm.write_checkpoint(paused, kind);
+                (written, paused_at.elapsed().as_micros() as u64)
+            })
+            .map_err(CheckpointError::Pause)?;
         let result = written.and_then(|pending| {
             let (result, buffer) = pending.finish();
             if buffer.capacity() > 0 {
@@ -217,7 +381,9 @@ impl EventLoop {
             }
             result
         });
-        let history = self.history.as_mut().ok_or("no image history")?;
+        let Some(history) = self.history.as_mut() else {
+            return Err(CheckpointError::NoImageDir);
+        };
         let image = match result {
             Ok(image) => image,
             Err(e) => {
@@ -260,35 +426,36 @@ impl EventLoop {
                 tracing::info!(path = %image.path.display(), ?mode, "boot image written");
                 self.boot_image_path = Some(image.path.display().to_string());
             }
-            Err(error) => tracing::error!(%error, ?mode, "cannot write the boot image"),
+            Err(error) => {
+                let error = relive_control::error_chain(&error);
+                tracing::error!(%error, ?mode, "cannot write the boot image");
+            }
         }
     }
 
-    fn write_recipe(&mut self) -> Result<relive_images::format::CommittedImage, String> {
-        let history = self.history.as_ref().ok_or("no image directory")?;
+    fn write_recipe(&mut self) -> Result<CommittedImage, CheckpointError> {
+        let history = self.history.as_ref().ok_or(CheckpointError::NoImageDir)?;
         let mut writer = ImageWriter::create(history.store.dir(), ImageKind::Boot)
-            .map_err(|e| error_chain(&e))?;
-        let config = serde_json::to_vec(&self.image_config()).map_err(|e| e.to_string())?;
-        let limits = serde_json::to_vec(&self.cfg.limits).map_err(|e| e.to_string())?;
+            .map_err(CheckpointError::Commit)?;
+        let encode = |section| move |source| CheckpointError::Encode { section, source };
+        let config = serde_json::to_vec(&self.image_config()).map_err(encode("config"))?;
+        let limits = serde_json::to_vec(&self.cfg.limits).map_err(encode("limits"))?;
         for (kind, payload) in [
             (relive_images::format::SectionKind::Config, config),
             (relive_images::format::SectionKind::Limits, limits),
         ] {
             writer
                 .add_section(kind, snapshot::SECTION_VERSION, &payload)
-                .map_err(|e| error_chain(&e))?;
+                .map_err(CheckpointError::Commit)?;
         }
-        writer.commit().map_err(|e| error_chain(&e))
+        writer.commit().map_err(CheckpointError::Commit)
     }
 
     /// A full snapshot of the freshly booted guest, kept as a boot image.
-    fn warm_snapshot(&mut self) -> Result<relive_images::format::CommittedImage, String> {
-        let was_running = self.state == RunState::Running;
-        self.pause()?;
-        let written = self.write_checkpoint(ImageKind::Boot);
-        if was_running {
-            self.resume()?;
-        }
+    fn warm_snapshot(&mut self) -> Result<CommittedImage, CheckpointError> {
+        let written = self
+            .with_paused(|vm, paused| vm.write_checkpoint(paused, ImageKind::Boot))
+            .map_err(CheckpointError::Pause)?;
         if let Some(history) = self.history.as_mut() {
             // The snapshot consumed the dirty log: the next consistency image is full.
             history.need_full = true;
@@ -308,8 +475,9 @@ impl EventLoop {
         }
     }
 
-    /// Pages KVM saw written since the last call, per memory region.
-    pub(super) fn take_dirty_log(&self) -> Result<Vec<Vec<PageRun>>, String> {
+    /// Pages KVM saw written since the last call, per memory region; on
+    /// failure, the slot whose log could not be read.
+    pub(super) fn take_dirty_log(&self) -> Result<Vec<Vec<PageRun>>, (u32, kvm_ioctls::Error)> {
         use vm_memory::GuestMemoryRegion;
         let mut out = Vec::new();
         for (slot, region) in vm_memory::GuestMemoryBackend::iter(&self.mem).enumerate() {
@@ -317,17 +485,27 @@ impl EventLoop {
             let bitmap = self
                 .vm
                 .get_dirty_log(slot as u32, len)
-                .map_err(|e| format!("KVM_GET_DIRTY_LOG on slot {slot} failed: {e}"))?;
+                .map_err(|e| (slot as u32, e))?;
             out.push(PageRun::from_bitmap(&bitmap, (len / 4096) as u64));
         }
         Ok(out)
     }
 
-    fn write_checkpoint(&mut self, kind: ImageKind) -> Result<PendingImage, String> {
+    /// Captures the state and the pages of an image while `paused`: an
+    /// incremental layer's pages are copied into memory, a full image is
+    /// written to its temporary file; [`PendingImage::finish`] does the rest
+    /// once the vCPUs run again.
+    fn write_checkpoint(
+        &mut self,
+        paused: &Paused,
+        kind: ImageKind,
+    ) -> Result<PendingImage, CheckpointError> {
         let t0 = Instant::now();
-        let history = self.history.as_ref().ok_or("no image history")?;
+        let history = self.history.as_ref().ok_or(CheckpointError::NoImageDir)?;
         let dir = history.store.dir().to_path_buf();
-        let dirty = self.take_dirty_log()?;
+        let dirty = self
+            .take_dirty_log()
+            .map_err(|(slot, source)| CheckpointError::DirtyLog { slot, source })?;
         let dirty_us = t0.elapsed().as_micros() as u64;
         let pages = match kind {
             ImageKind::Incremental { .. } => PageSelection::Dirty(dirty),
@@ -341,25 +519,18 @@ impl EventLoop {
                     .collect(),
             },
         };
-        let mut vcpus = Vec::with_capacity(self.handles.len());
-        for handle in &self.handles {
-            handle.send(VcpuEvent::Save);
-        }
-        for handle in &self.handles {
-            match handle.response(PAUSE_TIMEOUT) {
-                Some(VcpuResponse::Saved(Ok(state))) => vcpus.push(*state),
-                Some(VcpuResponse::Saved(Err(e))) => return Err(e),
-                other => return Err(format!("vcpu{} did not save: {other:?}", handle.id())),
-            }
-        }
+        let vcpus = self.vcpus.save(paused).map_err(CheckpointError::Vcpu)?;
         let machine = MachineState {
-            vm: save_vm(&self.vm).map_err(|e| e.to_string())?,
+            vm: save_vm(&self.vm).map_err(CheckpointError::VmState)?,
             vcpus,
         };
+        let device_err = |device| move |source| CheckpointError::Device { device, source };
         let devices = {
-            let com1 = lock(&self.devices.com1).save().map_err(|e| e.to_string())?;
+            let com1 = lock(&self.devices.com1)
+                .save()
+                .map_err(device_err("COM1"))?;
             let com2_dev = lock(&self.devices.com2);
-            let com2 = com2_dev.save().map_err(|e| e.to_string())?;
+            let com2 = com2_dev.save().map_err(device_err("COM2"))?;
             let agent_partial_line = com2_dev.writer().pending().to_string();
             drop(com2_dev);
             let pvpanic = match lock(&self.devices.pvpanic).save() {
@@ -391,8 +562,7 @@ impl EventLoop {
         let pending = match pages {
             PageSelection::Dirty(runs) => {
                 let buffer = std::mem::take(&mut self.copy_buffer);
-                // SAFETY: every vCPU is paused (checked by `checkpoint`) until this returns.
-                let pages = unsafe { snapshot::copy_pages(&self.mem, runs, buffer) };
+                let pages = snapshot::copy_pages(paused, &self.mem, runs, buffer);
                 Ok(PendingImage::Copied(Box::new(CopiedImage {
                     dir,
                     kind,
@@ -404,12 +574,9 @@ impl EventLoop {
                     pages,
                 })))
             }
-            full => {
-                // SAFETY: every vCPU is paused (checked by `checkpoint`) until this returns.
-                unsafe { snapshot::write_image(&dir, kind, &parts, &self.mem, &full) }
-                    .map(|w| PendingImage::Written(Box::new(w)))
-                    .map_err(|e| error_chain(&e))
-            }
+            full => snapshot::write_image(paused, &dir, kind, &parts, &self.mem, &full)
+                .map(|w| PendingImage::Written(Box::new(w)))
+                .map_err(CheckpointError::Write),
         };
         tracing::debug!(
             dirty_us,
@@ -443,15 +610,10 @@ struct CopiedImage {
 impl PendingImage {
     /// Writes what is left and commits (fsync, rename, fsync of the
     /// directory); gives back the copy buffer for the next checkpoint.
-    fn finish(
-        self,
-    ) -> (
-        Result<relive_images::format::CommittedImage, String>,
-        Vec<u8>,
-    ) {
+    fn finish(self) -> (Result<CommittedImage, CheckpointError>, Vec<u8>) {
         match self {
             PendingImage::Written(writer) => {
-                (writer.commit().map_err(|e| error_chain(&e)), Vec::new())
+                (writer.commit().map_err(CheckpointError::Commit), Vec::new())
             }
             PendingImage::Copied(c) => {
                 let parts = ImageParts {
@@ -462,8 +624,8 @@ impl PendingImage {
                     app: &c.app,
                 };
                 let result = snapshot::write_image_packed(&c.dir, c.kind, &parts, &c.pages)
-                    .map_err(|e| error_chain(&e))
-                    .and_then(|w| w.commit().map_err(|e| error_chain(&e)));
+                    .map_err(CheckpointError::Write)
+                    .and_then(|w| w.commit().map_err(CheckpointError::Commit));
                 (result, c.pages.data)
             }
         }

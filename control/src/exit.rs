@@ -17,6 +17,11 @@
 //! | 11     | `panic`        | the guest panicked (pvpanic, KVM crash event)         |
 //! | 12     | `triple-fault` | the guest triple-faulted (KVM_EXIT_SHUTDOWN)          |
 //! | 13     | `kvm-error`    | KVM could not run the guest (internal error, failed entry, unexpected exit) |
+//! | 14     | `vcpu-stuck`   | a vCPU stopped answering the VMM: it ended the VM rather than leave it half paused |
+//!
+//! The same record is the last message on every `watch` connection of the
+//! control socket ([`crate::Response::Exit`]), so a supervisor learns why its
+//! VMM ended without reading its log.
 
 use serde::{Deserialize, Serialize};
 
@@ -36,6 +41,9 @@ pub enum ExitReason {
     TripleFault,
     /// KVM could not run the guest.
     KvmError,
+    /// A vCPU thread stopped answering the VMM (a pause or resume was not
+    /// acknowledged in time): the VM cannot be kept consistent.
+    VcpuStuck,
 }
 
 /// Status of a VMM that failed before or outside the guest.
@@ -43,13 +51,14 @@ pub const STATUS_VMM_ERROR: i32 = 1;
 
 impl ExitReason {
     /// Every reason, for documentation and tests.
-    pub const ALL: [ExitReason; 6] = [
+    pub const ALL: [ExitReason; 7] = [
         ExitReason::Exit,
         ExitReason::Shutdown,
         ExitReason::Reset,
         ExitReason::Panic,
         ExitReason::TripleFault,
         ExitReason::KvmError,
+        ExitReason::VcpuStuck,
     ];
 
     /// The process exit status for this reason.
@@ -61,6 +70,7 @@ impl ExitReason {
             ExitReason::Panic => 11,
             ExitReason::TripleFault => 12,
             ExitReason::KvmError => 13,
+            ExitReason::VcpuStuck => 14,
         }
     }
 
@@ -78,6 +88,7 @@ impl ExitReason {
             ExitReason::Panic => "panic",
             ExitReason::TripleFault => "triple-fault",
             ExitReason::KvmError => "kvm-error",
+            ExitReason::VcpuStuck => "vcpu-stuck",
         }
     }
 }
