@@ -36,17 +36,18 @@
 //! Output: a small table, where the last run's RSS goes, and one final line
 //! `BENCH boot {json}` with every figure, for scripts.
 
-#[path = "support/mod.rs"]
-mod support;
-
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use relive_control::{error_chain, ControlClient, ExitReason, Request, Response, VmStatus};
+use relive_testkit::bins::{beside_exe, newer_source_than};
+use relive_testkit::{env_count, host_note, kvm_usable, ns_to_ms, tail, verdict, Summary, TempDir};
 use relive_vmm::vm::monotonic_ns;
-use support::{host_note, kvm_usable, newer_source_than, runs, vmm_binary, Result};
+
+/// Errors of a bench are reported as text.
+type Result<T> = std::result::Result<T, String>;
 
 /// Runs when `RELIVE_BENCH_RUNS` is not set.
 const DEFAULT_RUNS: usize = 20;
@@ -86,8 +87,8 @@ fn bench() -> Result<()> {
         println!("boot bench: skipped: {reason}");
         return Ok(());
     }
-    let vmm = vmm_binary("boot")?;
-    let runs = runs(DEFAULT_RUNS)?;
+    let vmm = beside_exe("relive-vmm")?;
+    let runs = env_count("RELIVE_BENCH_RUNS", DEFAULT_RUNS)?;
     if let Some(newer) = newer_source_than(&vmm) {
         eprintln!(
             "boot bench: warning: {} is newer than {}: figures are for an old build; \
@@ -103,39 +104,20 @@ fn bench() -> Result<()> {
     println!("  runs    {runs} (+1 warm-up discarded; RELIVE_BENCH_RUNS to change)");
     println!("  host    {}", host_note());
 
-    let scratch = Scratch::create()?;
+    let scratch = TempDir::create("relive-bench-boot")
+        .map_err(|e| format!("cannot create a scratch directory: {e}"))?;
     baseline_run(&vmm)?;
-    vm_run(&vmm, &scratch.dir.join("warm-up")).map_err(|e| format!("warm-up run: {e}"))?;
+    vm_run(&vmm, &scratch.join("warm-up")).map_err(|e| format!("warm-up run: {e}"))?;
     let mut baselines = Vec::with_capacity(runs);
     let mut vms = Vec::with_capacity(runs);
     for i in 0..runs {
         baselines.push(baseline_run(&vmm)?);
-        let run = vm_run(&vmm, &scratch.dir.join(format!("run-{i}")))
+        let run = vm_run(&vmm, &scratch.join(format!("run-{i}")))
             .map_err(|e| format!("run {}/{runs}: {e}", i + 1))?;
         vms.push(run);
     }
     report(runs, &baselines, &vms);
     Ok(())
-}
-
-/// A per-bench scratch directory, removed at the end.
-struct Scratch {
-    dir: PathBuf,
-}
-
-impl Scratch {
-    fn create() -> Result<Scratch> {
-        let dir = std::env::temp_dir().join(format!("relive-bench-boot-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        Ok(Scratch { dir })
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 /// A child VMM that is killed and reaped if it is still running when dropped.
@@ -376,21 +358,6 @@ fn status(client: &mut ControlClient) -> Result<VmStatus> {
     }
 }
 
-/// The last lines of a file, for error messages.
-fn tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    let start = lines.len().saturating_sub(10);
-    if lines.is_empty() {
-        return "    (empty)".into();
-    }
-    lines[start..]
-        .iter()
-        .map(|l| format!("    {l}"))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 /// Memory fields of `/proc/<pid>/status`, in bytes.
 struct ProcMemory {
     vm_rss: u64,
@@ -529,64 +496,6 @@ impl Smaps {
     }
 }
 
-fn ns_to_ms(ns: u64) -> f64 {
-    ns as f64 / 1e6
-}
-
-/// Median, p90 (nearest rank), min and max of some figures.
-#[derive(Debug, Clone, Copy)]
-struct Summary {
-    median: f64,
-    p90: f64,
-    min: f64,
-    max: f64,
-}
-
-impl Summary {
-    fn of(values: impl IntoIterator<Item = f64>) -> Option<Summary> {
-        let mut v: Vec<f64> = values.into_iter().collect();
-        if v.is_empty() {
-            return None;
-        }
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        let median = if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
-        };
-        let p90 = v[(n * 9).div_ceil(10).clamp(1, n) - 1];
-        Some(Summary {
-            median,
-            p90,
-            min: v[0],
-            max: v[n - 1],
-        })
-    }
-
-    fn scaled(self, by: f64) -> Summary {
-        Summary {
-            median: self.median / by,
-            p90: self.p90 / by,
-            min: self.min / by,
-            max: self.max / by,
-        }
-    }
-
-    fn json(self, digits: i32) -> serde_json::Value {
-        let r = |x: f64| {
-            let k = 10f64.powi(digits);
-            (x * k).round() / k
-        };
-        serde_json::json!({
-            "median": r(self.median),
-            "p90": r(self.p90),
-            "min": r(self.min),
-            "max": r(self.max),
-        })
-    }
-}
-
 /// Width of the label column of the table.
 const LABEL: usize = 38;
 
@@ -600,32 +509,54 @@ fn row(label: &str, unit: &str, digits: usize, s: Option<Summary>, target: &str)
     }
 }
 
-fn verdict(ok: bool) -> &'static str {
-    if ok {
-        "ok"
-    } else {
-        "MISSED"
-    }
-}
-
 fn report(runs: usize, baselines: &[f64], vms: &[VmRun]) {
-    let ready = Summary::of(vms.iter().map(|r| r.ready_ms));
-    let socket = Summary::of(vms.iter().map(|r| r.socket_ms));
-    let baseline = Summary::of(baselines.iter().copied());
-    let overhead = Summary::of(vms.iter().map(VmRun::overhead)).map(|s| s.scaled(MIB));
-    let overhead_smaps =
-        Summary::of(vms.iter().filter_map(VmRun::overhead_smaps)).map(|s| s.scaled(MIB));
-    let guest = Summary::of(vms.iter().map(|r| r.guest_resident as f64)).map(|s| s.scaled(MIB));
-    let vm_rss = Summary::of(vms.iter().map(|r| r.proc.vm_rss as f64)).map(|s| s.scaled(MIB));
+    let ready = Summary::of(&vms.iter().map(|r| r.ready_ms).collect::<Vec<f64>>());
+    let socket = Summary::of(&vms.iter().map(|r| r.socket_ms).collect::<Vec<f64>>());
+    let baseline = Summary::of(baselines);
+    let overhead =
+        Summary::of(&vms.iter().map(VmRun::overhead).collect::<Vec<f64>>()).map(|s| s.scaled(MIB));
+    let overhead_smaps = Summary::of(
+        &vms.iter()
+            .filter_map(VmRun::overhead_smaps)
+            .collect::<Vec<f64>>(),
+    )
+    .map(|s| s.scaled(MIB));
+    let guest = Summary::of(
+        &vms.iter()
+            .map(|r| r.guest_resident as f64)
+            .collect::<Vec<f64>>(),
+    )
+    .map(|s| s.scaled(MIB));
+    let vm_rss = Summary::of(
+        &vms.iter()
+            .map(|r| r.proc.vm_rss as f64)
+            .collect::<Vec<f64>>(),
+    )
+    .map(|s| s.scaled(MIB));
     let split = |f: fn(&ProcMemory) -> Option<u64>| {
-        Summary::of(vms.iter().filter_map(|r| f(&r.proc)).map(|b| b as f64)).map(|s| s.scaled(MIB))
+        Summary::of(
+            &vms.iter()
+                .filter_map(|r| f(&r.proc))
+                .map(|b| b as f64)
+                .collect::<Vec<f64>>(),
+        )
+        .map(|s| s.scaled(MIB))
     };
     let rss_anon = split(|p| p.rss_anon);
     let rss_file = split(|p| p.rss_file);
     let rss_shmem = split(|p| p.rss_shmem);
-    let threads = Summary::of(vms.iter().filter_map(|r| r.proc.threads).map(|t| t as f64));
-    let exits_at_ready = Summary::of(vms.iter().map(|r| r.exits_at_ready as f64));
-    let exits_per_s = Summary::of(vms.iter().map(|r| r.exits_per_s));
+    let threads = Summary::of(
+        &vms.iter()
+            .filter_map(|r| r.proc.threads)
+            .map(|t| t as f64)
+            .collect::<Vec<f64>>(),
+    );
+    let exits_at_ready = Summary::of(
+        &vms.iter()
+            .map(|r| r.exits_at_ready as f64)
+            .collect::<Vec<f64>>(),
+    );
+    let exits_per_s = Summary::of(&vms.iter().map(|r| r.exits_per_s).collect::<Vec<f64>>());
     let ratio = match (ready, baseline) {
         (Some(r), Some(b)) if b.median > 0.0 => Some(r.median / b.median),
         _ => None,

@@ -88,9 +88,6 @@
 //! Output: the table, the targets with a verdict each, where the time goes,
 //! the fleet figures, and one final line `BENCH failover {json}`.
 
-#[path = "support/mod.rs"]
-mod support;
-
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
@@ -100,9 +97,15 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use relive_control::{ClientError, ControlClient, Request, Response};
+use relive_testkit::bins::{beside_exe, newer_source_than};
+use relive_testkit::{
+    env_count, kvm_usable, load_average, ns_to_ms, tail, verdict, Summary, TempDir,
+};
 use relive_vmm::vm::monotonic_ns;
 use serde_json::{json, Value};
-use support::{kvm_usable, newer_source_than, Result, Summary};
+
+/// Errors of a bench are reported as text.
+type Result<T> = std::result::Result<T, String>;
 
 /// Failovers per (kind, target, standby) when `RELIVE_BENCH_RUNS` is not set.
 const DEFAULT_RUNS: usize = 20;
@@ -193,7 +196,8 @@ fn bench() -> Result<()> {
             );
         }
     }
-    let scratch = Scratch::create()?;
+    let scratch = TempDir::create("relive-bench-failover")
+        .map_err(|e| format!("cannot create a scratch directory: {e}"))?;
     let started = Instant::now();
     println!("relive supervisor failover benchmark");
     println!("  binaries {} and relive-vmm", bins.relive.display());
@@ -202,7 +206,7 @@ fn bench() -> Result<()> {
         "  runs     {runs} failovers per (kind, target, standby) (RELIVE_BENCH_RUNS to change)"
     );
     println!("  policy   {}", policy_note(&BATCH_POLICY));
-    println!("  scratch  {}", scratch.dir.display());
+    println!("  scratch  {}", scratch.path().display());
     println!("  host     {}", host_note());
     println!();
 
@@ -215,9 +219,7 @@ fn bench() -> Result<()> {
         (Kind::Panic, false),
     ];
     for (i, &(kind, standby)) in plan.iter().enumerate() {
-        let dir = scratch
-            .dir
-            .join(format!("{}-{}", kind.label(), standby_label(standby)));
+        let dir = scratch.join(format!("{}-{}", kind.label(), standby_label(standby)));
         let t = Instant::now();
         print!(
             "  batch {}/{}: {}, standby {} ... ",
@@ -260,7 +262,7 @@ fn bench() -> Result<()> {
     print!("  fleet: {FLEET_VMS} VMs ... ");
     let _ = std::io::stdout().flush();
     let t = Instant::now();
-    let fleet = fleet_overhead(&bins, &scratch.dir.join("fleet"), fleet_secs)?;
+    let fleet = fleet_overhead(&bins, &scratch.join("fleet"), fleet_secs)?;
     println!("done in {:.0} s", t.elapsed().as_secs_f64());
 
     let baseline = baseline.ok_or("no baseline was measured")?;
@@ -1078,29 +1080,11 @@ struct Bins {
     vmm: PathBuf,
 }
 
-/// `target/release/{relive,relive-vmm}`: this bench runs as `target/release/deps/failover-*`.
+/// `target/release/{relive,relive-vmm}`, beside this bench.
 fn binaries() -> Result<Bins> {
-    let exe =
-        std::env::current_exe().map_err(|e| format!("cannot locate the bench executable: {e}"))?;
-    let release = exe
-        .parent()
-        .and_then(Path::parent)
-        .ok_or_else(|| format!("unexpected bench location {}", exe.display()))?;
-    let find = |name: &str| {
-        let bin = release.join(name);
-        if bin.is_file() {
-            Ok(bin)
-        } else {
-            Err(format!(
-                "{} not found: run `cargo build --release --workspace` first \
-                 (the documented command is `cargo build --release --workspace && cargo bench --bench failover`)",
-                bin.display()
-            ))
-        }
-    };
     Ok(Bins {
-        relive: find("relive")?,
-        vmm: find("relive-vmm")?,
+        relive: beside_exe("relive")?,
+        vmm: beside_exe("relive-vmm")?,
     })
 }
 
@@ -1485,70 +1469,13 @@ impl Drop for Vmm {
 // Environment
 // ---------------------------------------------------------------------------
 
-fn env_count(name: &str, default: usize) -> Result<usize> {
-    match std::env::var(name) {
-        Err(_) => Ok(default),
-        Ok(v) => match v.trim().parse::<usize>() {
-            Ok(n) if n > 0 => Ok(n),
-            _ => Err(format!("{name}={v:?}: expected a whole number, at least 1")),
-        },
-    }
-}
-
 /// The host, with its load at the start (other work skews the figures).
 fn host_note() -> String {
     format!(
         "{}, load average {} at start",
-        support::host_note(),
+        relive_testkit::host_note(),
         load_average()
     )
-}
-
-/// The 1-minute load average: other work on the machine shows in the figures.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|l| l.split_whitespace().next().map(str::to_string))
-        .unwrap_or_else(|| "?".into())
-}
-
-/// A per-bench scratch directory, removed at the end.
-struct Scratch {
-    dir: PathBuf,
-}
-
-impl Scratch {
-    fn create() -> Result<Scratch> {
-        let dir =
-            std::env::temp_dir().join(format!("relive-bench-failover-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        Ok(Scratch { dir })
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// The last lines of a file, for error messages.
-fn tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    if lines.is_empty() {
-        return "    (empty)".into();
-    }
-    lines[lines.len().saturating_sub(10)..]
-        .iter()
-        .map(|l| format!("    {l}"))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-fn ns_to_ms(ns: u64) -> f64 {
-    ns as f64 / 1e6
 }
 
 fn unix_ms() -> u64 {
@@ -1575,14 +1502,6 @@ fn cell(values: &[f64]) -> String {
 
 fn median(values: &[f64]) -> Option<f64> {
     Summary::of(values).map(|s| s.median)
-}
-
-fn verdict(ok: bool) -> &'static str {
-    if ok {
-        "ok"
-    } else {
-        "MISSED"
-    }
 }
 
 /// The target of a row, if the project sets one (killed VMMs only).

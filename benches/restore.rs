@@ -61,9 +61,6 @@
 //! function that returns a `Row` (with [`CheckpointFigures`] and/or
 //! [`RestoreFigures`]); the table and the JSON line take any rows.
 
-#[path = "support/mod.rs"]
-mod support;
-
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -74,8 +71,12 @@ use relive_control::{
     VmStatus, WatchEvent,
 };
 use relive_images::format::{ImageReader, SectionKind};
+use relive_testkit::bins::{beside_exe, newer_source_than};
+use relive_testkit::{env_count, host_note, kvm_usable, ns_to_ms, tail, verdict, Summary, TempDir};
 use relive_vmm::vm::monotonic_ns;
-use support::{host_note, kvm_usable, newer_source_than, runs, vmm_binary, Result, Summary};
+
+/// Errors of a bench are reported as text.
+type Result<T> = std::result::Result<T, String>;
 
 /// Runs when `RELIVE_BENCH_RUNS` is not set.
 const DEFAULT_RUNS: usize = 20;
@@ -125,8 +126,8 @@ fn bench() -> Result<()> {
         println!("restore bench: skipped: {reason}");
         return Ok(());
     }
-    let vmm = vmm_binary("restore")?;
-    let runs = runs(DEFAULT_RUNS)?;
+    let vmm = beside_exe("relive-vmm")?;
+    let runs = env_count("RELIVE_BENCH_RUNS", DEFAULT_RUNS)?;
     if let Some(newer) = newer_source_than(&vmm) {
         eprintln!(
             "restore bench: warning: {} is newer than {}: figures are for an old build; \
@@ -135,21 +136,22 @@ fn bench() -> Result<()> {
             vmm.display()
         );
     }
-    let scratch = Scratch::create()?;
+    let scratch = TempDir::create("relive-bench-restore")
+        .map_err(|e| format!("cannot create a scratch directory: {e}"))?;
     println!("relive-vmm checkpoint/restore benchmark");
     println!("  binary  {}", vmm.display());
     println!("  guest   bundled, cmdline {CMDLINE:?}, 1 vCPU");
     println!("  runs    {runs} per figure (RELIVE_BENCH_RUNS to change); restores after 1 warm-up");
     println!(
         "  images  {} ({})",
-        scratch.dir.display(),
-        fs_note(&scratch.dir)
+        scratch.path().display(),
+        fs_note(scratch.path())
     );
     println!("  host    {}", host_note());
 
     let mut rows = Vec::new();
     for mem_mib in SIZES_MIB {
-        let dir = scratch.dir.join(format!("{mem_mib}mib"));
+        let dir = scratch.join(format!("{mem_mib}mib"));
         let (row, image) = full_checkpoint_and_cold_restore(&vmm, &dir, mem_mib, runs)
             .map_err(|e| format!("{mem_mib} MiB: {e}"))?;
         rows.push(row);
@@ -424,16 +426,9 @@ fn image_heartbeat_seq(image: &Path) -> Result<u64> {
         serde_json::from_slice(app).map_err(|e| format!("{}: app-status: {e}", image.display()))?;
     app["last_heartbeat"]
         .as_str()
-        .and_then(hb_seq)
+        .and_then(relive_control::Heartbeat::parse)
+        .map(|hb| hb.seq)
         .ok_or_else(|| format!("{} recorded no heartbeat: {app}", image.display()))
-}
-
-fn hb_seq(line: &str) -> Option<u64> {
-    line.strip_prefix("hb ")?
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("seq="))?
-        .parse()
-        .ok()
 }
 
 /// When a restored VM's vCPUs started and its first heartbeat arrived.
@@ -560,7 +555,7 @@ impl Running {
             Err(e) => return Err(self.failed(e)),
         };
         let first_ns = monotonic_ns();
-        if hb_seq(&first).is_none_or(|seq| seq <= image_seq) {
+        if relive_control::Heartbeat::parse(&first).is_none_or(|hb| hb.seq <= image_seq) {
             return Err(self.failed(format!(
                 "the restored guest's first line is {first:?}, not a heartbeat after seq={image_seq}"
             )));
@@ -645,55 +640,9 @@ fn fs_note(dir: &Path) -> String {
     best.map_or_else(|| "file system unknown".into(), |(_, note)| note)
 }
 
-/// A per-bench scratch directory, removed at the end.
-struct Scratch {
-    dir: PathBuf,
-}
-
-impl Scratch {
-    fn create() -> Result<Scratch> {
-        let dir = std::env::temp_dir().join(format!("relive-bench-restore-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        Ok(Scratch { dir })
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// The last lines of a file, for error messages.
-fn tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    if lines.is_empty() {
-        return "    (empty)".into();
-    }
-    lines[lines.len().saturating_sub(10)..]
-        .iter()
-        .map(|l| format!("    {l}"))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-fn ns_to_ms(ns: u64) -> f64 {
-    ns as f64 / 1e6
-}
-
 // ---------------------------------------------------------------------------
 // Report
 // ---------------------------------------------------------------------------
-
-fn verdict(ok: bool) -> &'static str {
-    if ok {
-        "ok"
-    } else {
-        "MISSED"
-    }
-}
 
 /// `median / p90` of a column, or `-`.
 fn cell(values: Option<&[f64]>, scale: f64, digits: usize) -> String {

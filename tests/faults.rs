@@ -25,8 +25,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    checkpoint, connect, env_flag, hb_seq, request, require_kvm, run_vmm, status, vmm_command,
-    wait_gone, ChildGuard, Output, TempDir, Vmm, STEP_TIMEOUT,
+    checkpoint, connect, env_flag, hb_seq, request, require_kvm, run_vmm, status, temp_dir,
+    vmm_command, wait_gone, ChildGuard, Output, TempDir, Vmm, STEP_TIMEOUT,
 };
 use relive_control::{CheckpointKind, ErrorKind, Request, Response};
 use relive_control::{RunState, VmStatus};
@@ -91,7 +91,7 @@ struct Restored {
 
 impl Restored {
     fn spawn(image: &Path) -> Restored {
-        let dir = TempDir::new();
+        let dir = temp_dir();
         let socket = dir.join("ctl.sock");
         let stderr = File::create(dir.join("stderr.log")).unwrap();
         let child = ChildGuard::spawn(
@@ -332,7 +332,7 @@ fn kill_during_checkpoint_keeps_the_previous_image() {
 }
 
 fn kill_once(at: KillAt) -> KillOutcome {
-    let images = TempDir::new();
+    let images = temp_dir();
     let images_arg = images.path().to_str().unwrap().to_string();
     let mut vmm = Vmm::start(&[
         "--images",
@@ -458,7 +458,7 @@ fn truncated_and_flipped_images_name_the_section() {
     if !require_kvm() {
         return;
     }
-    let images = TempDir::new();
+    let images = temp_dir();
     let images_arg = images.path().to_str().unwrap().to_string();
     let vmm = Vmm::start(&["--images", &images_arg]);
     wait_ready(&vmm.socket);
@@ -486,7 +486,7 @@ fn truncated_and_flipped_images_name_the_section() {
     let present_byte = memory.file_offset + first_present.first_page * PAGE_SIZE + PAGE_SIZE / 2;
     drop(reader);
 
-    let scratch = TempDir::new();
+    let scratch = temp_dir();
     let copy = scratch.join("copy.rimg");
     let mut seen = Vec::new();
     for (name, start, length) in &parts {
@@ -613,7 +613,7 @@ fn full_disk_checkpoint_fails_cleanly_and_the_vm_keeps_running() {
     if !require_kvm() {
         return;
     }
-    let scratch = TempDir::new();
+    let scratch = temp_dir();
     let images = scratch.join("images");
     std::fs::create_dir(&images).unwrap();
     let _mount = match TmpfsMount::mount(&images, "2m") {
@@ -719,7 +719,7 @@ fn newer_format_version_is_refused() {
         return;
     }
     assert_eq!(crc32c(b"123456789"), 0xe306_9283, "FORMAT.md's check value");
-    let images = TempDir::new();
+    let images = temp_dir();
     let images_arg = images.path().to_str().unwrap().to_string();
     let vmm = Vmm::start(&["--images", &images_arg]);
     wait_ready(&vmm.socket);
@@ -744,7 +744,7 @@ fn newer_format_version_is_refused() {
     );
     header[OFF_VERSION..OFF_VERSION + 4].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
 
-    let scratch = TempDir::new();
+    let scratch = temp_dir();
     // Without a new checksum, the changed version is corruption, not news.
     let bad_sum = scratch.join("bad-sum.rimg");
     sparse_copy(&image, &bad_sum, file_len(&image));

@@ -10,8 +10,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{
-    checkpoint, connect, heartbeat, request, require_kvm, vmm_command, wait_gone, ChildGuard,
-    Heartbeat, TempDir, Vmm, STEP_TIMEOUT,
+    checkpoint, connect, heartbeat, request, require_kvm, temp_dir, vmm_command, wait_gone,
+    ChildGuard, Heartbeat, TempDir, Vmm, STEP_TIMEOUT,
 };
 use relive_control::{CheckpointKind, ErrorKind, Request, Response};
 use relive_images::guest::replay_hash;
@@ -46,7 +46,7 @@ fn checkpoint_kill_restore_continues_exactly_from_the_image() {
     if !require_kvm() {
         return;
     }
-    let images = TempDir::new();
+    let images = temp_dir();
     let images_arg = images.path().to_str().unwrap().to_string();
     let mut vmm = Vmm::start(&[
         "--images",
@@ -79,7 +79,7 @@ fn checkpoint_kill_restore_continues_exactly_from_the_image() {
     vmm.signal(libc::SIGKILL);
     wait_gone(&mut vmm);
 
-    let dir = TempDir::new();
+    let dir = temp_dir();
     let socket = dir.join("ctl.sock");
     let mut restored = ChildGuard::spawn(
         vmm_command()
@@ -118,7 +118,7 @@ fn checkpoint_kill_restore_continues_exactly_from_the_image() {
 }
 
 fn restore_and_check(image: &Path, console: &Path, before: Heartbeat) {
-    let dir = TempDir::new();
+    let dir = temp_dir();
     let socket = dir.join("ctl.sock");
     let mut restored = ChildGuard::spawn(
         vmm_command()
@@ -154,7 +154,7 @@ fn incremental_chain_restores_exactly_through_the_merged_image() {
     if !require_kvm() {
         return;
     }
-    let images = TempDir::new();
+    let images = temp_dir();
     let images_arg = images.path().to_str().unwrap().to_string();
     let mut vmm = Vmm::start(&[
         "--images",
@@ -253,7 +253,7 @@ fn standby_takes_an_image_and_continues_exactly() {
     if !require_kvm() {
         return;
     }
-    let images = TempDir::new();
+    let images = temp_dir();
     let images_arg = images.path().to_str().unwrap().to_string();
     let mut vmm = Vmm::start(&[
         "--images",
@@ -261,7 +261,7 @@ fn standby_takes_an_image_and_continues_exactly() {
         "--cmdline",
         "relive.hb_ms=20 relive.touch_mib=4",
     ]);
-    let standbys = TempDir::new();
+    let standbys = temp_dir();
     let (mut standby, socket) = start_standby(&standbys, "standby", "128");
     let (mut wrong, wrong_socket) = start_standby(&standbys, "wrong", "256");
     first_heartbeat(&vmm.socket);
@@ -344,7 +344,7 @@ fn restore_reapplies_the_cgroup_limits() {
         return;
     }
     let name = format!("test-limits-{}", std::process::id());
-    let images = TempDir::new();
+    let images = temp_dir();
     let images_arg = images.path().to_str().unwrap().to_string();
     let mut vmm = Vmm::start(&[
         "--images",
@@ -369,7 +369,7 @@ fn restore_reapplies_the_cgroup_limits() {
     vmm.signal(libc::SIGKILL);
     wait_gone(&mut vmm);
 
-    let dir = TempDir::new();
+    let dir = temp_dir();
     let socket = dir.join("ctl.sock");
     let mut restored = ChildGuard::spawn(
         vmm_command()
@@ -410,7 +410,7 @@ fn restore_reapplies_the_cgroup_limits() {
 /// Runs a VM with `--boot-image MODE`, waits for its boot image and for
 /// heartbeat `seq_at_least`, kills it, and restores the boot image.
 fn boot_image_restart(mode: &str) -> (Heartbeat, Heartbeat, String) {
-    let images = TempDir::new();
+    let images = temp_dir();
     let images_arg = images.path().to_str().unwrap().to_string();
     let mut vmm = Vmm::start(&[
         "--images",
@@ -443,7 +443,7 @@ fn boot_image_restart(mode: &str) -> (Heartbeat, Heartbeat, String) {
         assert!(Instant::now() < deadline, "the VMM survived SIGKILL");
         std::thread::sleep(Duration::from_millis(5));
     }
-    let dir = TempDir::new();
+    let dir = temp_dir();
     let socket = dir.join("ctl.sock");
     let console = dir.join("console.log");
     let mut restored = ChildGuard::spawn(
@@ -511,7 +511,7 @@ fn restore_refuses_a_corrupt_image_naming_the_section() {
     if !require_kvm() {
         return;
     }
-    let images = TempDir::new();
+    let images = temp_dir();
     let images_arg = images.path().to_str().unwrap().to_string();
     let vmm = Vmm::start(&["--images", &images_arg]);
     first_heartbeat(&vmm.socket);

@@ -48,7 +48,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{
-    require_kvm, run_vmm, run_with_timeout, vmm_bin, ChildGuard, Heartbeat, Output, TempDir,
+    require_kvm, run_vmm, run_with_timeout, temp_dir, vmm_bin, ChildGuard, Heartbeat, Output,
+    TempDir,
 };
 use relive_images::guest::{replay_hash, HASH_INIT};
 use serde_json::Value;
@@ -339,7 +340,7 @@ struct Fleet {
 impl Fleet {
     /// Writes the fleet file `yaml(state_dir)` into a new temporary directory.
     fn new(yaml: impl FnOnce(&Path) -> String) -> Fleet {
-        let dir = TempDir::new();
+        let dir = temp_dir();
         let state = dir.join("state");
         let file = dir.join("fleet.yaml");
         std::fs::write(&file, yaml(&state)).unwrap();
@@ -410,6 +411,32 @@ impl Fleet {
 
     fn stderr_path(&self) -> PathBuf {
         self.dir.join(format!("relive-up-{}.err", self.ups))
+    }
+
+    /// Asserts that the logs written to files (the supervisor's stderr, each
+    /// VMM's log in the state directory) are plain text: no ANSI colour codes.
+    fn assert_plain_logs(&self) {
+        let mut logs = vec![self.stderr_path()];
+        if let Ok(dirs) = std::fs::read_dir(&self.state) {
+            for dir in dirs.filter_map(Result::ok) {
+                for log in ["vmm-a.log", "vmm-b.log"] {
+                    logs.push(dir.path().join(log));
+                }
+            }
+        }
+        let mut read = 0;
+        for log in logs {
+            let Ok(text) = std::fs::read_to_string(&log) else {
+                continue;
+            };
+            read += text.len();
+            assert!(
+                !text.contains('\u{1b}'),
+                "{} has ANSI escape codes:\n{text}",
+                log.display()
+            );
+        }
+        assert!(read > 0, "no log was written: nothing was checked");
     }
 
     /// What the current supervisor printed (for failure messages).
@@ -785,6 +812,7 @@ fn guest_panic_crash_and_hang_are_each_detected_with_their_reason_and_restored()
         metrics.assert_failures(vm, &[(reason, 1.0)]);
         metrics.assert_restores(vm, &[("consistency", "cold", 1.0)]);
     }
+    fleet.assert_plain_logs();
 }
 
 /// A second failure within `failure_window` of a consistency restore goes to

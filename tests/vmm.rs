@@ -17,7 +17,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{
-    host_cores, require_kvm, run_vmm, vmm_command, ChildGuard, TempDir, Vmm, Watch, STEP_TIMEOUT,
+    host_cores, require_kvm, run_vmm, temp_dir, vmm_command, ChildGuard, Vmm, Watch, STEP_TIMEOUT,
 };
 use relive_images::guest::{replay_hash, HASH_INIT};
 
@@ -457,7 +457,7 @@ fn ctl_status_reports_the_vm() {
 /// expects: status 1, one `relive-vmm: error:` line naming the problem (it
 /// contains every one of `keywords`), no panic, no control socket left.
 fn assert_rejected(args: &[&str], keywords: &[&str]) {
-    let dir = TempDir::new();
+    let dir = temp_dir();
     let socket = dir.join("ctl.sock");
     let console = dir.join("console.log");
     let mut argv = vec![
@@ -505,7 +505,7 @@ fn missing_kernel_file_is_rejected() {
     if !require_kvm() {
         return;
     }
-    let dir = TempDir::new();
+    let dir = temp_dir();
     let kernel = dir.join("no-such-vmlinux");
     let kernel = kernel.to_str().expect("UTF-8 temp path");
     assert_rejected(&["--kernel", kernel], &[kernel, "kernel"]);
@@ -516,7 +516,7 @@ fn non_kernel_file_is_rejected() {
     if !require_kvm() {
         return;
     }
-    let dir = TempDir::new();
+    let dir = temp_dir();
     let path = dir.join("random.bin");
     // Deterministic noise (xorshift), not an ELF nor a bzImage header.
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -571,7 +571,7 @@ fn overlong_command_line_is_rejected() {
 
 #[test]
 fn ctl_without_a_vmm_says_so() {
-    let dir = TempDir::new();
+    let dir = temp_dir();
     let socket = dir.join("nonexistent.sock");
     let out = run_vmm(["ctl".as_ref(), socket.as_os_str(), "status".as_ref()]);
     assert!(

@@ -33,7 +33,7 @@
 //! | `vms[].initrd` | none | path of an initrd |
 //! | `vms[].cmdline` | none | kernel command line, at most 2047 bytes, no control characters |
 //! | `vms[].vcpus` | 1 | 1 to the host's cores |
-//! | `vms[].memory_mib` | 128 | guest memory, at least 16 MiB |
+//! | `vms[].memory_mib` | 128 | guest memory, at least 16 MiB, at most the host's RAM |
 //! | `vms[].limits.cpu_percent` | none | CPU quota of the VMM process, in percent of one core: 1 to 100 × host cores |
 //! | `vms[].limits.memory_mib` | none | memory limit of the VMM process: more than the guest's `memory_mib` |
 //! | `vms[].limits.pids` | none | most tasks of the VMM process: at least `vcpus` + 8 |
@@ -337,12 +337,23 @@ pub fn parse(source: &str, path: &Path) -> Result<FleetConfig, ConfigError> {
 #[derive(Debug, Clone, Copy)]
 struct Host {
     cores: usize,
+    /// RAM of this host in MiB (`MemTotal` of /proc/meminfo; unlimited when unknown).
+    memory_mib: u64,
 }
 
 impl Host {
     fn detect() -> Self {
+        let memory_mib = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|text| {
+                let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+                let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+                Some(kib / 1024)
+            })
+            .unwrap_or(u64::MAX);
         Host {
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            memory_mib,
         }
     }
 }
@@ -1090,6 +1101,13 @@ impl Checker<'_> {
             let m = format!("{memory_mib} MiB is too little: give a VM at least {MIN_MEMORY_MIB}");
             return Err(self.fail(BadValue, &at.key("memory_mib"), m));
         }
+        if memory_mib > self.host.memory_mib {
+            let m = format!(
+                "{memory_mib} MiB is more than this host's {} MiB of RAM: give the VM less",
+                self.host.memory_mib
+            );
+            return Err(self.fail(BadValue, &at.key("memory_mib"), m));
+        }
         let limits = match &vm.limits {
             None => Limits::default(),
             Some(l) => self.check_limits(&at.key("limits"), l, vcpus, memory_mib)?,
@@ -1496,7 +1514,10 @@ mod tests {
     use super::*;
     use std::fs;
 
-    const HOST: Host = Host { cores: 2 };
+    const HOST: Host = Host {
+        cores: 2,
+        memory_mib: 4096,
+    };
 
     /// A directory removed on drop.
     struct TempDir(PathBuf);
@@ -1801,6 +1822,14 @@ vms:
             4,
             "vms[0].memory_mib",
         );
+        // More than the host has: refused at load, not failed four times at start.
+        let text = bad(
+            &format!("{ONE}    memory_mib: 8192\n"),
+            ConfigErrorKind::BadValue,
+            4,
+            "vms[0].memory_mib",
+        );
+        assert!(text.contains("more than this host's 4096 MiB"), "{text}");
         // serde_yaml reads an empty value as an empty string.
         bad(
             "vms:\n  - name:\n    kernel: bundled\n",

@@ -47,11 +47,10 @@ use relive_control::{
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, Once};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 /// Bound for one short step: starting a VMM, one `ctl` call, a VM exiting
 /// after it was told to. Generous, because a loaded 2-core CI machine is slow.
@@ -59,59 +58,18 @@ pub const STEP_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Path of the `relive-vmm` binary (see the module docs).
 pub fn vmm_bin() -> PathBuf {
-    if let Some(path) = std::env::var_os("RELIVE_VMM_BIN") {
-        return PathBuf::from(path);
-    }
-    let exe = std::env::current_exe().expect("the path of the test executable");
-    // target/<profile>/deps/<test>-<hash> -> target/<profile>/relive-vmm
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("the test executable lives in target/<profile>/deps");
-    let bin = profile_dir.join("relive-vmm");
-    assert!(
-        bin.is_file(),
-        "{} not found: the end-to-end tests run the relive-vmm binary, which \
-         `cargo test` does not build for the root package. Run \
-         `cargo build --workspace` first (or set RELIVE_VMM_BIN).",
-        bin.display()
-    );
+    let bin = relive_testkit::bins::beside_exe("relive-vmm").unwrap_or_else(|e| panic!("{e}"));
     static STALE_CHECK: Once = Once::new();
-    STALE_CHECK.call_once(|| warn_if_stale(&bin));
-    bin
-}
-
-/// Warns when a source of the VMM or of the bundled guest is newer than `bin`.
-fn warn_if_stale(bin: &Path) {
-    let Ok(built) = bin.metadata().and_then(|m| m.modified()) else {
-        return;
-    };
-    let root = repo_root();
-    let newest = ["vmm/src", "vmm/Cargo.toml", "images/src", "images/guest"]
-        .iter()
-        .filter_map(|p| newest_mtime(&root.join(p)))
-        .max();
-    if let Some((newest, path)) = newest {
-        if newest > built {
+    STALE_CHECK.call_once(|| {
+        if let Some(newer) = relive_testkit::bins::newer_source_than(&bin) {
             eprintln!(
                 "warning: {} is older than {}: run `cargo build --workspace` to test the current code",
                 bin.display(),
-                path.display()
+                newer.display()
             );
         }
-    }
-}
-
-fn newest_mtime(path: &Path) -> Option<(SystemTime, PathBuf)> {
-    let meta = path.metadata().ok()?;
-    if meta.is_file() {
-        return Some((meta.modified().ok()?, path.to_path_buf()));
-    }
-    std::fs::read_dir(path)
-        .ok()?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| newest_mtime(&e.path()))
-        .max()
+    });
+    bin
 }
 
 /// The workspace root (the root package's manifest directory).
@@ -136,19 +94,15 @@ pub fn test_name() -> String {
 /// `skipping <test>: /dev/kvm not available` and returns false, or panics
 /// when `RELIVE_REQUIRE_KVM=1`.
 pub fn require_kvm() -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
+    match relive_testkit::kvm_usable() {
+        Ok(()) => true,
         Err(e) => {
             let test = test_name();
             assert!(
                 !env_flag("RELIVE_REQUIRE_KVM"),
-                "{test}: /dev/kvm not available ({e}), and RELIVE_REQUIRE_KVM=1 forbids skipping"
+                "{test}: {e}, and RELIVE_REQUIRE_KVM=1 forbids skipping"
             );
-            eprintln!("skipping {test}: /dev/kvm not available ({e})");
+            eprintln!("skipping {test}: {e}");
             false
         }
     }
@@ -159,40 +113,11 @@ pub fn host_cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// A fresh directory under the system temp dir, removed (with its contents)
-/// on drop.
-#[derive(Debug)]
-pub struct TempDir {
-    path: PathBuf,
-}
+pub use relive_testkit::TempDir;
 
-impl TempDir {
-    /// Creates `<temp>/relive-test-<pid>-<n>`.
-    pub fn new() -> Self {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("relive-test-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path)
-            .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
-        TempDir { path }
-    }
-
-    /// The directory.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// A path inside the directory.
-    pub fn join(&self, name: impl AsRef<Path>) -> PathBuf {
-        self.path.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
-    }
+/// A fresh scratch directory for a test, removed on drop.
+pub fn temp_dir() -> TempDir {
+    TempDir::create("relive-test").unwrap_or_else(|e| panic!("cannot create a test directory: {e}"))
 }
 
 /// Owns a child process: kills and reaps it on drop unless it already ended.
@@ -373,7 +298,7 @@ impl Vmm {
     /// EXTRA...` and waits until its control socket answers, which also means
     /// the VM is running and its SIGTERM handler is installed.
     pub fn start(extra: &[&str]) -> Vmm {
-        let dir = TempDir::new();
+        let dir = temp_dir();
         let socket = dir.join("ctl.sock");
         let console = dir.join("console.log");
         let mut cmd = vmm_command();
@@ -745,46 +670,9 @@ pub fn wait_gone(vmm: &mut Vmm) {
     }
 }
 
-/// A heartbeat of the bundled guest (`hb seq=S counter=C hash=H ...`): the
-/// work fields are required.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Heartbeat {
-    /// Sequence number.
-    pub seq: u64,
-    /// Work counter.
-    pub counter: u64,
-    /// Running hash.
-    pub hash: u64,
-}
+pub use relive_testkit::Heartbeat;
 
-impl Heartbeat {
-    /// Parses a bundled guest's heartbeat line.
-    pub fn parse(line: &str) -> Option<Heartbeat> {
-        let hb = relive_control::Heartbeat::parse(line)?;
-        Some(Heartbeat {
-            seq: hb.seq,
-            counter: hb.counter?,
-            hash: hb.hash?,
-        })
-    }
-
-    /// Asserts that `later` follows from this heartbeat by the guest's own
-    /// workload: a larger seq and counter, and the hash the workload reaches
-    /// from here at `later`'s counter.
-    pub fn assert_continued_by(&self, later: &Heartbeat, what: &str) {
-        assert!(
-            later.seq > self.seq && later.counter > self.counter,
-            "{what}: {later:?} does not come after {self:?}"
-        );
-        assert_eq!(
-            relive_images::guest::replay_hash(self.counter, self.hash, later.counter),
-            later.hash,
-            "{what}: the hash chain from {self:?} does not lead to {later:?}"
-        );
-    }
-}
-
-/// Parses a heartbeat line.
+/// Parses a heartbeat line of the bundled guest.
 pub fn heartbeat(line: &str) -> Option<Heartbeat> {
     Heartbeat::parse(line)
 }

@@ -863,9 +863,12 @@ impl Vm {
             event_loop.write_boot_image(BootImageMode::Recipe);
         }
         let record = event_loop.run();
+        // The vCPUs stop and the control socket goes before the watchers hear
+        // why: once a supervisor has the record, nothing of this VM runs or
+        // answers any more.
         event_loop.stop();
-        event_loop.end_watches(&record);
         drop(control);
+        event_loop.end_watches(&record);
         Ok(record)
     }
 }
