@@ -439,6 +439,18 @@ impl Fleet {
         assert!(read > 0, "no log was written: nothing was checked");
     }
 
+    /// Asserts that the supervisor logged `vm`'s state changes inside the
+    /// VM's own span (`vm{name=VM}`).
+    fn assert_logged_in_span(&self, vm: &str) {
+        let log = std::fs::read_to_string(self.stderr_path()).unwrap_or_default();
+        let span = format!("vm{{name={vm}}}");
+        assert!(
+            log.lines()
+                .any(|l| l.contains(&span) && l.contains("state change")),
+            "no state change of {vm} logged in its span {span}:\n{log}"
+        );
+    }
+
     /// What the current supervisor printed (for failure messages).
     fn supervisor_log(&self) -> String {
         let read = |p: PathBuf| std::fs::read_to_string(p).unwrap_or_default();
@@ -813,6 +825,9 @@ fn guest_panic_crash_and_hang_are_each_detected_with_their_reason_and_restored()
         metrics.assert_restores(vm, &[("consistency", "cold", 1.0)]);
     }
     fleet.assert_plain_logs();
+    for (vm, _, _) in cases {
+        fleet.assert_logged_in_span(vm);
+    }
 }
 
 /// A second failure within `failure_window` of a consistency restore goes to

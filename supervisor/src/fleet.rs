@@ -432,7 +432,7 @@ impl VmTask {
             .and_then(|bytes| std::fs::write(&tmp, bytes))
             .and_then(|()| std::fs::rename(&tmp, self.persisted_path()));
         if let Err(e) = written {
-            tracing::warn!(vm = %self.spec.name, error = %e, "cannot record the VMM's pid");
+            tracing::warn!(error = %e, "cannot record the VMM's pid");
         }
     }
 
@@ -444,6 +444,8 @@ impl VmTask {
     fn set_state(&mut self, to: VmState, event: impl FnOnce(Event) -> Event, reason: &str) {
         let from = self.state.clone();
         self.state = to;
+        // Inside the task's `vm{name=..}` span: the log line names the VM.
+        tracing::info!(%from, to = %self.state, reason, "state change");
         self.metrics.set_state(&self.spec.name, &self.state);
         self.metrics
             .set_up(&self.spec.name, self.state == VmState::Running);
@@ -647,7 +649,7 @@ impl VmTask {
                     return Err(relive_control::error_chain(&e));
                 }
                 Err(e) => {
-                    tracing::warn!(vm = %self.spec.name, error = %relive_control::error_chain(&e), "the standby did not take the image; restoring cold");
+                    tracing::warn!(error = %relive_control::error_chain(&e), "the standby did not take the image; restoring cold");
                     standby.process.kill();
                 }
             }
@@ -774,10 +776,10 @@ impl VmTask {
                     let delay = Duration::from_secs(1 << self.standby_failures.min(6))
                         .min(Duration::from_secs(60));
                     self.standby_retry_at = Some(Instant::now() + delay);
-                    tracing::warn!(vm = %self.spec.name, error = %e, retry_in = ?delay, "cannot start a standby VMM");
+                    tracing::warn!(error = %e, retry_in = ?delay, "cannot start a standby VMM");
                 }
                 Err(e) => {
-                    tracing::warn!(vm = %self.spec.name, error = %e, "the standby start task failed")
+                    tracing::warn!(error = %e, "the standby start task failed")
                 }
             }
         }
@@ -836,7 +838,7 @@ impl VmTask {
 
     async fn run(mut self) {
         if let Err(e) = std::fs::create_dir_all(&self.dir) {
-            tracing::error!(vm = %self.spec.name, error = %e, "cannot create the VM's state directory");
+            tracing::error!(error = %e, "cannot create the VM's state directory");
         }
         if self.try_adopt().await {
             self.set_state(VmState::Running, |e| e, "adopted");
@@ -844,7 +846,7 @@ impl VmTask {
             match self.boot().await {
                 Ok(image) => self.set_state(VmState::Running, |e| with_image(e, image), "started"),
                 Err(e) => {
-                    tracing::error!(vm = %self.spec.name, error = %e, "cannot start the VM");
+                    tracing::error!(error = %e, "cannot start the VM");
                     self.on_failure(FailureReason::StartFailed, Instant::now(), e)
                         .await;
                 }
@@ -1023,7 +1025,7 @@ impl VmTask {
         ) {
             self.last_checkpoint_at = Some(now);
             if let Err(e) = self.checkpoint(CheckpointKind::Incremental).await {
-                tracing::warn!(vm = %self.spec.name, error = %e, "periodic checkpoint failed");
+                tracing::warn!(error = %e, "periodic checkpoint failed");
             }
         }
         self.sample(now).await;
@@ -1178,7 +1180,7 @@ impl VmTask {
                 let event_detail = format!(
                     "{detail}; too many failures within failure_window: waiting for `relive start`"
                 );
-                tracing::error!(vm = %self.spec.name, detail = %event_detail, "VM failed");
+                tracing::error!(detail = %event_detail, "VM failed");
                 self.set_state(
                     VmState::Failed,
                     |e| e.with_detail(event_detail),
@@ -1244,7 +1246,7 @@ impl VmTask {
                 );
             }
             Err(e) => {
-                tracing::error!(vm = %self.spec.name, error = %e, "restore failed");
+                tracing::error!(error = %e, "restore failed");
                 Box::pin(self.on_failure(FailureReason::StartFailed, Instant::now(), e)).await;
             }
         }

@@ -137,6 +137,14 @@ pub enum VcpuError {
         /// The vCPU.
         vcpu: u8,
     },
+    /// The saved state is of another number of vCPUs.
+    #[error("the image holds {saved} vCPUs, this VM has {vcpus}")]
+    Count {
+        /// vCPUs of this VM.
+        vcpus: usize,
+        /// vCPUs in the saved state.
+        saved: usize,
+    },
     /// The thread answered another kind of request (a bug).
     #[error("vcpu{vcpu} answered {got} to {request}")]
     Unexpected {
@@ -598,11 +606,7 @@ impl VcpuSet {
     /// ([`PauseError::Timeout`]), or the VM must end ([`PauseError::Stuck`]).
     pub fn pause(&self) -> Result<Paused, PauseError> {
         let deadline = Instant::now() + self.timeout;
-        let posted: Vec<Option<u64>> = self
-            .handles
-            .iter()
-            .map(|h| h.post(VcpuEvent::Pause))
-            .collect();
+        let posted = self.post_all(|_| VcpuEvent::Pause);
         let mut failure = None;
         let mut answered = vec![false; self.handles.len()];
         for (i, (handle, seq)) in self.handles.iter().zip(&posted).enumerate() {
@@ -658,11 +662,7 @@ impl VcpuSet {
     /// `must_answer` picks.
     fn resume_where(&self, must_answer: impl Fn(usize) -> bool) -> Result<(), StuckError> {
         let deadline = Instant::now() + self.timeout;
-        let posted: Vec<Option<u64>> = self
-            .handles
-            .iter()
-            .map(|h| h.post(VcpuEvent::Resume))
-            .collect();
+        let posted = self.post_all(|_| VcpuEvent::Resume);
         let mut failure = None;
         for (i, (handle, seq)) in self.handles.iter().zip(posted).enumerate() {
             // A thread that has ended (the guest stopped the VM) needs no resume.
@@ -686,14 +686,20 @@ impl VcpuSet {
         failure.map_or(Ok(()), |e| Err(StuckError(e)))
     }
 
+    /// Posts `event(i)` to vCPU `i`, all first, so that they work on it
+    /// at once; the sequence numbers to wait for (`None`: thread ended).
+    fn post_all(&self, event: impl Fn(usize) -> VcpuEvent) -> Vec<Option<u64>> {
+        self.handles
+            .iter()
+            .enumerate()
+            .map(|(i, h)| h.post(event(i)))
+            .collect()
+    }
+
     /// Every vCPU's state, in index order.
     pub fn save(&self, _paused: &Paused) -> Result<Vec<VcpuState>, VcpuError> {
         let deadline = Instant::now() + self.timeout;
-        let posted: Vec<Option<u64>> = self
-            .handles
-            .iter()
-            .map(|h| h.post(VcpuEvent::Save))
-            .collect();
+        let posted = self.post_all(|_| VcpuEvent::Save);
         let mut states = Vec::with_capacity(self.handles.len());
         for (handle, seq) in self.handles.iter().zip(posted) {
             let seq = seq.ok_or(VcpuError::Gone { vcpu: handle.id })?;
@@ -713,13 +719,14 @@ impl VcpuSet {
 
     /// Loads `states` (in index order) into the vCPUs.
     pub fn load(&self, _paused: &Paused, states: &[VcpuState]) -> Result<(), VcpuError> {
+        if states.len() != self.handles.len() {
+            return Err(VcpuError::Count {
+                vcpus: self.handles.len(),
+                saved: states.len(),
+            });
+        }
         let deadline = Instant::now() + self.timeout;
-        let posted: Vec<Option<u64>> = self
-            .handles
-            .iter()
-            .zip(states)
-            .map(|(h, state)| h.post(VcpuEvent::Restore(Box::new(state.clone()))))
-            .collect();
+        let posted = self.post_all(|i| VcpuEvent::Restore(Box::new(states[i].clone())));
         for (handle, seq) in self.handles.iter().zip(posted) {
             let seq = seq.ok_or(VcpuError::Gone { vcpu: handle.id })?;
             match handle.wait(seq, "restore", deadline)? {
