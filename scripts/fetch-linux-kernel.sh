@@ -4,11 +4,13 @@
 #   $OUT/vmlinuz   the original bzImage (for bzImage-loading tests)
 #   $OUT/vmlinux   the uncompressed x86-64 ELF kernel (for the boot-to-banner test)
 #   $OUT/VERSION   the Debian package version
+#   $OUT/modules/  irqbypass.ko, kvm.ko, kvm-amd.ko of the same kernel (the
+#                  nested real-KVM test tier loads them in its L1 guest)
 #
 # Usage: scripts/fetch-linux-kernel.sh [OUT_DIR]   (default: <repo>/.cache/linux)
 #
-# Idempotent: if $OUT/vmlinux is already a complete x86-64 ELF it prints its
-# path and exits. Every file is written under a temporary name and renamed into
+# Idempotent: if $OUT/vmlinux is already a complete x86-64 ELF and the
+# modules are there, it prints its path and exits. Every file is written under a temporary name and renamed into
 # place; vmlinux is renamed last, so its presence implies the other two.
 # Prints the vmlinux path on success; on failure one "error:" line on stderr
 # and a non-zero exit status.
@@ -82,7 +84,14 @@ is_x86_64_elf() {
 }
 
 # ---------------------------------------------------------------- fast path
-if is_x86_64_elf "$OUT/vmlinux"; then
+KVM_MODULES=(virt/lib/irqbypass.ko arch/x86/kvm/kvm.ko arch/x86/kvm/kvm-amd.ko)
+have_modules() {
+    local m
+    for m in "${KVM_MODULES[@]}"; do
+        [ -s "$OUT/modules/$(basename "$m")" ] || return 1
+    done
+}
+if is_x86_64_elf "$OUT/vmlinux" && have_modules; then
     (cd "$OUT" && printf '%s/vmlinux\n' "$(pwd)")
     exit 0
 fi
@@ -116,7 +125,7 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/$PROG.XXXXXX")
 TMP_FILES=()
 cleanup() {
     rm -rf "$WORK"
-    [ "${#TMP_FILES[@]}" -eq 0 ] || rm -f "${TMP_FILES[@]}"
+    [ "${#TMP_FILES[@]}" -eq 0 ] || rm -rf "${TMP_FILES[@]}"
 }
 trap cleanup EXIT
 
@@ -253,6 +262,18 @@ install_file() { # <src> <dest name>
     cp -f "$1" "$tmp" || die "cannot write $tmp"
     mv -f "$tmp" "$OUT/$2" || die "cannot rename $tmp to $OUT/$2"
 }
+# The KVM modules of this very kernel, for the nested tier's L1.
+mkdir -p "$WORK/modules"
+for m in "${KVM_MODULES[@]}"; do
+    found=$(ls "$WORK"/root/lib/modules/*/kernel/"$m" 2>/dev/null | head -n 1 || true)
+    [ -n "$found" ] || die "package $PKG $VERSION has no module $m"
+    cp -f "$found" "$WORK/modules/" || die "cannot copy $m"
+done
+rm -rf "$OUT/.modules.tmp.$$" && cp -r "$WORK/modules" "$OUT/.modules.tmp.$$" || die "cannot write $OUT/.modules.tmp.$$"
+TMP_FILES+=("$OUT/.modules.tmp.$$")
+rm -f "$OUT/vmlinux" # until it is renamed into place again, the cache is incomplete
+rm -rf "$OUT/modules" && mv -f "$OUT/.modules.tmp.$$" "$OUT/modules" || die "cannot rename the modules into $OUT/modules"
+
 printf '%s\n' "$VERSION" >"$WORK/VERSION"
 install_file "$VMLINUZ" vmlinuz
 install_file "$WORK/VERSION" VERSION

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what relive needs on a fresh Debian machine (idempotent):
-# the assembler and linker for the bundled guest, and Debian's cloud kernel
-# for the Linux boot test. The Rust toolchain is expected to be installed.
+# the assembler and linker for the bundled guest, Debian's cloud kernel (and
+# its KVM modules) for the Linux boot test and the nested real-KVM tier, and
+# for that tier QEMU, a static busybox and cpio. The Rust toolchain is
+# expected to be installed.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -9,10 +11,16 @@ need_apt=()
 command -v as >/dev/null 2>&1 || need_apt+=(binutils)
 command -v ld >/dev/null 2>&1 || need_apt+=(binutils)
 command -v cc >/dev/null 2>&1 || need_apt+=(gcc)
+command -v qemu-system-x86_64 >/dev/null 2>&1 || need_apt+=(qemu-system-x86)
+# The nested tier's L1 runs /bin/busybox without libraries: it must be static.
+if ! { [ -x /bin/busybox ] && [[ "$(ldd /bin/busybox 2>&1)" == *"not a dynamic executable"* ]]; }; then
+    need_apt+=(busybox-static)
+fi
+command -v cpio >/dev/null 2>&1 || need_apt+=(cpio)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "setup: installing ${need_apt[*]}" >&2
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 if ! command -v cargo >/dev/null 2>&1; then
     echo "setup: error: cargo not found: install the Rust toolchain (rustup) first" >&2

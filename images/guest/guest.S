@@ -10,10 +10,18 @@
  * Kernel part (CPL 0). Guest kernel mode is emulated instruction by instruction
  * on nested KVM (see shared/PLATFORM.md), so it is kept to a few dozen
  * instructions per vCPU: GDT with user segments and one TSS per vCPU (RSP0 and
- * an all-zero I/O permission bitmap, so the workload can do port I/O), IDT,
- * own page tables (U bit on every level), the LAPIC, the PIC masked, COM2's
- * IRQ routed through the IOAPIC. Then iretq to the workload in CPL 3, where it
- * runs at native speed.
+ * an all-zero I/O permission bitmap), IDT, own page tables (U bit on every
+ * level), the LAPIC, the PIC masked, COM2's IRQ routed through the IOAPIC.
+ * Then iretq to the workload in CPL 3, where it runs at native speed.
+ *
+ * The workload does port I/O in CPL 3, allowed twice over: IOPL=3 in RFLAGS
+ * (what real CPUs and QEMU's TCG honour) and the TSS I/O bitmap (what the
+ * development machines' PVM honours, ignoring IOPL). Either alone breaks
+ * somewhere: PVM ignores IOPL; and TCG allows bitmap-based I/O only while TR
+ * caches an *available* TSS type, which a restored TR is not (KVM reports
+ * and restores TR as busy, as real CPUs hold it and as VMX requires), so a
+ * restored guest relying on the bitmap alone #GPs on its first `out` on
+ * kvm-amd nested under QEMU (tests/nested.rs).
  *
  * Interrupts and the one "system call":
  *   vector 32   LAPIC timer tick: counts ticks in the vCPU's per-CPU block.
@@ -21,7 +29,8 @@
  *   vector 13   #GP. `hlt` executed in CPL 3 faults here and means "idle until
  *               the next interrupt"; the first idle of a vCPU starts its LAPIC
  *               timer with the period the workload chose. Any other #GP is a
- *               bug: the guest triple-faults on purpose.
+ *               bug: the guest prints `relive-guest: fatal #GP at rip=R
+ *               error=E` (hex) on the console and triple-faults on purpose.
  *   vector 0xff spurious: ignored.
  * Every other vector is not present, so any other exception escalates to a
  * triple fault (that is how the `crash` command works: ud2 in CPL 3).
@@ -179,7 +188,7 @@ _start:
         mov     %r14, %rsi                      /* rsi = per-CPU block */
         pushq   $SEL_UDATA
         pushq   %rcx
-        pushq   $0x202                          /* IF=1, IOPL=0 */
+        pushq   $0x3202                         /* IF=1, IOPL=3: see the header */
         pushq   $SEL_UCODE
         lea     user_main(%rip), %rax
         pushq   %rax
@@ -259,7 +268,23 @@ isr_gp:
         cli
         iretq
 
-die:    lidt    null_idt(%rip)
+/* An unexpected #GP: say where on the console, then triple-fault on purpose. */
+die:    mov     16(%rsp), %r14                  /* faulting rip (after rax, error code) */
+        mov     8(%rsp), %r15                   /* error code */
+        call    line_reset
+        lea     s_fatal(%rip), %rsi
+        mov     $(s_fatal_end - s_fatal), %ecx
+        call    put_str
+        mov     %r14, %rax
+        call    put_hex
+        lea     s_error(%rip), %rsi
+        mov     $(s_error_end - s_error), %ecx
+        call    put_str
+        mov     %r15, %rax
+        call    put_hex
+        mov     $COM1, %dx
+        call    send_line
+        lidt    null_idt(%rip)
         ud2
 
 /* ------------------------------------------------------------------ */
@@ -735,6 +760,10 @@ p_touch:        .ascii "relive.touch_mib="
 p_touch_end:
 p_dirty:        .ascii "relive.dirty_pages="
 p_dirty_end:
+s_fatal:        .ascii "relive-guest: fatal #GP at rip="
+s_fatal_end:
+s_error:        .ascii " error="
+s_error_end:
 s_banner:       .ascii "relive-guest: up, hb_ms="
 s_banner_end:
 s_work:         .ascii " work="

@@ -198,6 +198,96 @@ pub struct VcpuState {
     pub vcpu_events: KvmBlob,
 }
 
+/// What differs between a saved vCPU state and the state read back after
+/// restoring it, one line per difference: the restore self-check (debug log).
+/// Some differences are expected: the TSC and the LAPIC timer's current
+/// count move on; any other is a piece of state KVM did not take as given.
+pub fn differences(saved: &VcpuState, now: &VcpuState) -> Vec<String> {
+    let mut out = Vec::new();
+    let blobs = [
+        (&saved.mp_state, &now.mp_state),
+        (&saved.regs, &now.regs),
+        (&saved.xsave, &now.xsave),
+        (&saved.xcrs, &now.xcrs),
+        (&saved.debugregs, &now.debugregs),
+        (&saved.lapic, &now.lapic),
+        (&saved.vcpu_events, &now.vcpu_events),
+    ];
+    for (a, b) in blobs {
+        let differing: Vec<usize> = a
+            .bytes
+            .iter()
+            .zip(&b.bytes)
+            .enumerate()
+            .filter(|(_, (x, y))| x != y)
+            .map(|(i, _)| i)
+            .collect();
+        if !differing.is_empty() {
+            out.push(format!(
+                "{}: {} bytes differ, first at offsets {:?}",
+                a.name,
+                differing.len(),
+                &differing[..differing.len().min(8)]
+            ));
+        }
+    }
+    if let (Ok(a), Ok(b)) = (saved.sregs.get::<kvm_sregs>(), now.sregs.get::<kvm_sregs>()) {
+        let segs = |s: &kvm_sregs| {
+            [
+                ("cs", s.cs),
+                ("ds", s.ds),
+                ("es", s.es),
+                ("fs", s.fs),
+                ("gs", s.gs),
+                ("ss", s.ss),
+                ("tr", s.tr),
+                ("ldt", s.ldt),
+            ]
+        };
+        for ((name, x), (_, y)) in segs(&a).into_iter().zip(segs(&b)) {
+            if x.as_bytes() != y.as_bytes() {
+                out.push(format!("sregs.{name}: saved {x:?}, now {y:?}"));
+            }
+        }
+        for (name, x, y) in [
+            ("cr0", a.cr0, b.cr0),
+            ("cr2", a.cr2, b.cr2),
+            ("cr3", a.cr3, b.cr3),
+            ("cr4", a.cr4, b.cr4),
+            ("cr8", a.cr8, b.cr8),
+            ("efer", a.efer, b.efer),
+            ("apic_base", a.apic_base, b.apic_base),
+        ] {
+            if x != y {
+                out.push(format!("sregs.{name}: saved {x:#x}, now {y:#x}"));
+            }
+        }
+        if a.gdt.as_bytes() != b.gdt.as_bytes() || a.idt.as_bytes() != b.idt.as_bytes() {
+            out.push(format!(
+                "sregs.gdt/idt: saved {:?}/{:?}, now {:?}/{:?}",
+                a.gdt, a.idt, b.gdt, b.idt
+            ));
+        }
+        if a.interrupt_bitmap != b.interrupt_bitmap {
+            out.push(format!(
+                "sregs.interrupt_bitmap: saved {:x?}, now {:x?}",
+                a.interrupt_bitmap, b.interrupt_bitmap
+            ));
+        }
+    }
+    for m in &saved.msrs {
+        match now.msrs.iter().find(|n| n.index == m.index) {
+            Some(n) if n.data != m.data => out.push(format!(
+                "msr {:#x}: saved {:#x}, now {:#x}",
+                m.index, m.data, n.data
+            )),
+            None => out.push(format!("msr {:#x}: saved, not read back", m.index)),
+            _ => {}
+        }
+    }
+    out
+}
+
 /// IA32_TSC: restored first among the MSRs.
 const MSR_IA32_TSC: u32 = 0x10;
 

@@ -619,6 +619,18 @@ impl Vm {
                     source,
                 })?;
             restore_vcpu(&fd, state).map_err(VmError::State)?;
+            if tracing::enabled!(tracing::Level::DEBUG) {
+                match crate::persist::save_vcpu(state.id, &fd, msr_index) {
+                    Ok(now) => {
+                        for difference in crate::persist::differences(state, &now) {
+                            tracing::debug!(vcpu = state.id, %difference, "restore self-check");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(vcpu = state.id, error = %e, "restore self-check failed")
+                    }
+                }
+            }
             vcpus.push(Vcpu::new(
                 state.id,
                 fd,
