@@ -17,6 +17,7 @@
 //! | `0x9000`  | PML4, then PDPT at `0xa000`, PD at `0xb000` |
 //! | `0x20000` | kernel command line                    |
 //! | `0x9fc00` | MP table (see [`crate::mptable`])      |
+//! | `0xe0000` | ACPI tables (see [`crate::acpi`]); `boot_params.acpi_rsdp_addr` points here |
 //! | `1 MiB`   | kernel (ELF: its own physical addresses) |
 //!
 //! Secondary vCPUs: a Linux guest starts them itself with INIT/SIPI through
@@ -192,6 +193,9 @@ pub enum BootError {
     /// Writing the MP table failed.
     #[error("cannot write the MP table")]
     Mptable(#[source] crate::mptable::MptableError),
+    /// The ACPI tables could not be written.
+    #[error("cannot write the ACPI tables")]
+    Acpi(#[source] crate::acpi::AcpiError),
 }
 
 /// What the VMM needs to start the vCPUs after loading.
@@ -334,6 +338,7 @@ pub fn load(mem: &GuestMemoryMmap, cfg: &BootConfig) -> Result<BootEntry, BootEr
     }
 
     add_e820(&mut params, mem);
+    params.acpi_rsdp_addr = crate::acpi::write(mem, cfg.vcpus).map_err(BootError::Acpi)?;
     LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(
         &BootParams::new::<boot_params>(&params, GuestAddress(ZERO_PAGE_ADDR)),
         mem,

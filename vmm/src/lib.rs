@@ -2,6 +2,8 @@
 //!
 //! Module map (one module per concept, x86_64 only):
 //! - [`memory`]: guest memory layout (e820), allocation and the KVM memory slots.
+//! - [`acpi`]: the ACPI tables (RSDP, XSDT, FADT, MADT, DSDT) a Linux guest
+//!   finds its CPUs, devices and power-off through.
 //! - [`boot`]: kernel loading (ELF vmlinux, bzImage), boot_params, page tables, GDT,
 //!   initial registers; [`mptable`] and [`cpuid`] describe the machine to the guest.
 //! - [`devices`]: the port-I/O bus and the devices on it (UARTs, agent channel,
@@ -13,6 +15,7 @@
 //! - [`persist`]: the save/restore trait and the saved state of vCPUs and the VM.
 //! - [`cgroup`]: host resource limits (cpu, memory, pids) of a VM process, cgroup v2 or v1.
 
+pub mod acpi;
 pub mod boot;
 pub mod cgroup;
 pub mod control;
