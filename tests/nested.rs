@@ -24,6 +24,13 @@
 //! 4. the host asserts that every scenario ran and passed, and prints each
 //!    one's time.
 //!
+//! Two L1 boots share the work: one of one CPU runs relive's `restore` and
+//! `vmm` test binaries; one of two CPUs runs Debian's cloud kernel as the L2
+//! guest ([`LINUX_SCENARIO`]): to userspace on 1 and 2 vCPUs (every CPU
+//! online, no ACPI error, `poweroff` as relive's typed exit), and a
+//! checkpoint, kill and restore of it in userspace that must go on counting
+//! from the image, with no reboot and no clocksource or lockup warning.
+//!
 //! For debugging, `RELIVE_NESTED_SCRIPT=FILE` runs the shell script FILE
 //! (executable; `/bin/relive-vmm` is there, and the files listed in
 //! `RELIVE_NESTED_FILES=A:B:..` too) as the only scenario, and the test
@@ -64,6 +71,14 @@ const L2_INIT: &str = r#"#!/bin/busybox sh
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 echo "L2-USERSPACE cpus=$(cat /sys/devices/system/cpu/online) nproc=$(nproc)"
+if grep -q relive.test=ticks /proc/cmdline; then
+    i=0
+    while true; do
+        i=$((i + 1))
+        echo "tick $i uptime $(cut -d' ' -f1 /proc/uptime)"
+        sleep 1
+    done
+fi
 if grep -q relive.test=reboot /proc/cmdline; then reboot -f; else poweroff -f; fi
 "#;
 
@@ -92,6 +107,53 @@ run() { # vcpus mode expected_status
 }
 run 1 poweroff 0
 run 2 poweroff 0
+
+# Checkpoint a Linux guest in userspace, kill its VMM, restore: it goes on
+# counting where the image was taken, with no reboot and no clock warnings.
+wait_for() { # file pattern seconds
+    n=0
+    while ! grep -q "$2" $1 2>/dev/null; do
+        n=$((n + 1)); [ $n -gt $(($3 * 10)) ] && return 1; sleep 0.1
+    done
+}
+mkdir -p /tmp/limg
+relive-vmm run --kernel /bin/vmlinux --initrd /bin/l2.cpio --vcpus 2 --mem-mib 256 \
+    --images /tmp/limg --control /tmp/l.sock --console /tmp/lt.log \
+    --cmdline "console=ttyS0 panic=-1 quiet initcall_blacklist=cmos_init relive.test=ticks" 2>/tmp/lt.err &
+vmm=$!
+if wait_for /tmp/lt.log "tick 3 " 120; then
+    at_ck=$(grep -o "^tick [0-9]*" /tmp/lt.log | tail -1 | cut -d' ' -f2)
+    relive-vmm ctl /tmp/l.sock checkpoint full > /tmp/ck.txt
+    echo "linux checkpoint: $(head -1 /tmp/ck.txt)"
+    img=$(tail -1 /tmp/ck.txt)
+    kill -9 $vmm; wait $vmm 2>/dev/null
+    last=$(grep -o "^tick [0-9]*" /tmp/lt.log | tail -1 | cut -d' ' -f2)
+    t0=$(cut -d' ' -f1 /proc/uptime)
+    relive-vmm restore --image $img --control /tmp/r.sock --console /tmp/lr.log 2>/tmp/lr.err &
+    restored=$!
+    if wait_for /tmp/lr.log "^tick" 60; then
+        t1=$(cut -d' ' -f1 /proc/uptime)
+        wait_for /tmp/lr.log "tick $((last + 4)) " 60
+        first=$(grep -o "^tick [0-9]*" /tmp/lr.log | head -1 | cut -d' ' -f2)
+        echo "linux restore: tick $at_ck printed when the checkpoint was asked for, $last before the kill, $first first after the restore, $(awk -v a=$t0 -v b=$t1 'BEGIN { printf "%.1f", b - a }') s after the restore started"
+        # The image was taken just after tick $at_ck (a tick may complete
+        # before the pause lands): the restored guest goes on from there,
+        # printing no earlier tick again.
+        if [ "$first" -lt $((at_ck + 1)) ] || [ "$first" -gt $((at_ck + 2)) ] || ! grep -q "tick $((last + 4)) " /tmp/lr.log; then
+            echo "linux restore: the ticks did not continue from the image"; fail=1
+        fi
+        if grep -q "Linux version" /tmp/lr.log; then echo "linux restore: the guest rebooted"; fail=1; fi
+        if grep -i "clocksource.*unstable\|soft lockup\|watchdog" /tmp/lr.log; then
+            echo "linux restore: clock or lockup warnings after the restore"; fail=1
+        fi
+    else
+        echo "linux restore: no tick after the restore"; fail=1; tail -20 /tmp/lr.log; cat /tmp/lr.err
+    fi
+    relive-vmm ctl /tmp/r.sock shutdown >/dev/null 2>&1; wait $restored 2>/dev/null
+else
+    echo "linux restore: the guest never ticked"; fail=1; tail -20 /tmp/lt.log; cat /tmp/lt.err
+    kill -9 $vmm
+fi
 exit $fail
 "#;
 
@@ -343,7 +405,7 @@ fn relive_passes_its_restore_and_vmm_tests_on_kvm_amd_nested_under_qemu() {
 }
 
 #[test]
-fn linux_boots_to_userspace_with_every_cpu_and_powers_off_as_a_typed_exit() {
+fn linux_guests_get_every_cpu_power_off_as_a_typed_exit_and_restore_where_they_were() {
     if !tier_available() || std::env::var_os("RELIVE_NESTED_SCRIPT").is_some() {
         return;
     }
