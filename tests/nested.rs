@@ -109,7 +109,8 @@ run 1 poweroff 0
 run 2 poweroff 0
 
 # Checkpoint a Linux guest in userspace, kill its VMM, restore: it goes on
-# counting where the image was taken, with no reboot and no clock warnings.
+# counting where the image was taken, with no reboot and no clock warnings
+# (loglevel=5: warnings reach the console, which `quiet` would hide).
 wait_for() { # file pattern seconds
     n=0
     while ! grep -q "$2" $1 2>/dev/null; do
@@ -119,7 +120,7 @@ wait_for() { # file pattern seconds
 mkdir -p /tmp/limg
 relive-vmm run --kernel /bin/vmlinux --initrd /bin/l2.cpio --vcpus 2 --mem-mib 256 \
     --images /tmp/limg --control /tmp/l.sock --console /tmp/lt.log \
-    --cmdline "console=ttyS0 panic=-1 quiet initcall_blacklist=cmos_init relive.test=ticks" 2>/tmp/lt.err &
+    --cmdline "console=ttyS0 panic=-1 loglevel=5 initcall_blacklist=cmos_init relive.test=ticks" 2>/tmp/lt.err &
 vmm=$!
 if wait_for /tmp/lt.log "tick 3 " 120; then
     at_ck=$(grep -o "^tick [0-9]*" /tmp/lt.log | tail -1 | cut -d' ' -f2)
