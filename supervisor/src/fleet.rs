@@ -321,8 +321,6 @@ struct VmTask {
     /// Whether a watch was ever open on the active VMM (else its exit
     /// record can only be found in its log).
     watched: bool,
-    /// The active VMM's exit record, once its watch delivered it.
-    exit_record: Option<ExitRecord>,
     /// A restore waiting for the restart backoff.
     pending_restore: Option<PendingRestore>,
     standby: Option<Standby>,
@@ -372,7 +370,6 @@ impl VmTask {
             vmm: None,
             watch: None,
             watched: false,
-            exit_record: None,
             pending_restore: None,
             standby: None,
             standby_starting: None,
@@ -594,7 +591,6 @@ impl VmTask {
     async fn adopt_active(&mut self, vmm: VmmProcess) {
         self.watch = vmm.client().watch().await.ok();
         self.watched = self.watch.is_some();
-        self.exit_record = None;
         self.vmm = Some(vmm);
         self.running_since = Instant::now();
         self.last_heartbeat_at = None;
@@ -609,18 +605,16 @@ impl VmTask {
     /// for a VMM nobody watched, the record in its log.
     async fn take_exit_record(&mut self) -> Option<ExitRecord> {
         if let Some(mut watch) = self.watch.take() {
-            while self.exit_record.is_none() {
+            loop {
                 match tokio::time::timeout(EXIT_GRACE, watch.next_event()).await {
-                    Ok(Some(WatchEvent::Exit(record))) => self.exit_record = Some(record),
+                    Ok(Some(WatchEvent::Exit(record))) => return Some(record),
                     Ok(Some(WatchEvent::Line(line))) => self.on_line(line, Instant::now()),
                     Ok(None) | Err(_) => break,
                 }
             }
         }
-        self.watch = None;
-        let record = self.exit_record.take();
-        if record.is_some() || self.watched {
-            return record;
+        if self.watched {
+            return None;
         }
         self.vmm.as_ref().and_then(VmmProcess::logged_exit_record)
     }
