@@ -749,6 +749,11 @@ impl VcpuSet {
             handle.finish();
         }
     }
+
+    /// Whether [`finish`](Self::finish) has run: no vCPU thread is left.
+    pub fn finished(&self) -> bool {
+        self.handles.is_empty()
+    }
 }
 
 #[cfg(test)]

@@ -1129,7 +1129,8 @@ impl EventLoop {
             let first = !self.agent.ready;
             self.agent.ready = true;
             self.agent.ready_monotonic_ns = Some(monotonic_ns());
-            if first && self.cfg.boot_image == Some(BootImageMode::Warm) {
+            // A warm boot image needs the vCPUs: not once they have stopped.
+            if first && self.cfg.boot_image == Some(BootImageMode::Warm) && !self.vcpus.finished() {
                 self.write_boot_image(BootImageMode::Warm);
             }
         }
@@ -1368,9 +1369,16 @@ impl EventLoop {
     }
 
     /// Stops every vCPU thread and flushes the console.
+    /// Stops the vCPUs, then hands on what the guest wrote before they
+    /// stopped: the console's last bytes, and agent lines still queued because
+    /// the exit that ended the loop was read first (a guest that acknowledges
+    /// `crash` and triple-faults gets both woken in one `epoll_wait`).
     fn stop(&mut self) {
         self.vcpus.finish();
         self.flush_console();
+        while let Ok(line) = self.devices.agent_rx.try_recv() {
+            self.on_agent_line(line);
+        }
     }
 }
 
