@@ -781,7 +781,15 @@ impl Catalog {
         }
     }
 
-    /// Marks `i` and every image it may depend on as kept.
+    /// Marks `i` and the chain it resolves to as kept: for a layer, the
+    /// first parent candidate whose chain reaches a full image (a merged
+    /// image stands in for its layer, so the layers before a merge are not
+    /// needed), or every candidate when none does (a broken chain keeps what
+    /// might still mend it).
+    ///
+    /// Following every candidate instead kept each raw ancestor of the
+    /// newest layer: the whole history since the last restore, one image
+    /// more per checkpoint for as long as the VM ran.
     fn mark_dependencies(&self, i: usize, keep: &mut [bool], depth: usize) {
         if depth > self.files.len() {
             return;
@@ -792,8 +800,17 @@ impl Catalog {
             ..
         }) = &self.files[i].header
         {
-            for c in self.parent_candidates(*parent) {
-                self.mark_dependencies(c, keep, depth + 1);
+            let candidates = self.parent_candidates(*parent);
+            match candidates
+                .iter()
+                .find(|&&c| self.root_by_header(c, depth + 1).is_some())
+            {
+                Some(&c) => self.mark_dependencies(c, keep, depth + 1),
+                None => {
+                    for c in candidates {
+                        self.mark_dependencies(c, keep, depth + 1);
+                    }
+                }
             }
         }
     }
@@ -1214,6 +1231,55 @@ mod tests {
         let deleted = store.retain(&[]).unwrap();
         assert_eq!(names(&deleted), names(&[f4.path, f4l1.path, f4l2.path]));
         assert!(boot_img.path.exists() && f5.path.exists() && f6.path.exists());
+    }
+
+    /// A VM that runs for a long time after a restore: the VMM layers each
+    /// image on the one before, merges every few layers and applies
+    /// retention with the restored image and its newest layer in use, as
+    /// `relive-vmm` does. The directory must stay bounded (it grew by one
+    /// image per checkpoint when an in-use layer kept every raw ancestor).
+    #[test]
+    fn retention_holds_for_a_long_chain_of_merged_layers() {
+        const KEEP: usize = 3;
+        const MERGE_EVERY: usize = 4;
+        let root = TempDir::new("store-retain-long");
+        let store = ImageStore::open(root.path(), KEEP).unwrap();
+        let mem = region(PAGES, |p| p as u8 + 1);
+        boot(&store);
+        let restored = full(&store, "restored", &mem);
+        let mut last = restored.id;
+        let mut most = 0;
+        for n in 1..=60 {
+            let l = layer(
+                &store,
+                last,
+                &format!("l{n}"),
+                &mem,
+                vec![run(n as u64 % PAGES, 1)],
+            );
+            last = l.id;
+            if n % MERGE_EVERY == 0 {
+                store.merge(&ImageReader::open(&l.path).unwrap()).unwrap();
+            }
+            store.retain(&[restored.id, last]).unwrap();
+            most = most.max(store.list().unwrap().len());
+            // The newest state (the layer, or the full image merged from
+            // it) is still the one a failover restores.
+            let chosen = store.latest_good().unwrap();
+            let image = chosen.image.as_ref().map(|r| r.header());
+            assert!(
+                image.is_some_and(|h| h.id == last || h.merged_from == Some(last)),
+                "after layer {n}: {image:?}, skipped {:?}",
+                chosen.skipped
+            );
+        }
+        // The boot image, the restored image, and KEEP chains of a full image
+        // and at most MERGE_EVERY layers.
+        let bound = 2 + KEEP * (1 + MERGE_EVERY);
+        assert!(
+            most <= bound,
+            "the directory held {most} images, more than {bound}"
+        );
     }
 
     #[test]
