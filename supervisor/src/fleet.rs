@@ -16,6 +16,10 @@
 //!   once past `ready_grace`): a hung guest;
 //! - the next periodic checkpoint (incremental; the VMM writes a full image
 //!   when it has no parent, and merges chains itself);
+//! - the answers of the requests it has in flight to its VMM (a checkpoint,
+//!   a status sample): they run beside the loop, so the heartbeat deadline is
+//!   judged on time whatever a request is doing, and a request that outlasts
+//!   `control_timeout` is a failure of its own (`control-timeout`);
 //! - the end of the restart backoff, when a restore waits for it;
 //! - operator commands from the API ([`Action`]).
 //!
@@ -29,9 +33,11 @@
 //! an already built VM) and cold into a new process otherwise; a new standby
 //! is then started in the background. Every transition is an [`Event`].
 //!
-//! What the supervisor knows of a VM's processes is written to
-//! `<state_dir>/<vm>/vmm.json`, so that a new supervisor adopts running VMMs
-//! instead of restarting them.
+//! What the supervisor knows of a VM is written to `<state_dir>/<vm>/vmm.json`
+//! at every transition: its processes, so that a new supervisor adopts running
+//! VMMs instead of restarting them; the policy's failure history, so that its
+//! rules hold across restarts; and whether the VM is held down (stopped,
+//! failed), so that a restart does not bring it back.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -40,8 +46,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use relive_control::{
-    AppStatus, AsyncWatch, CheckpointKind, ErrorKind, ExitReason, ExitRecord, Heartbeat, Request,
-    Response, WatchEvent,
+    AppStatus, AsyncClient, AsyncWatch, CheckpointKind, CheckpointReport, ClientError, ErrorKind,
+    ExitReason, ExitRecord, Heartbeat, Request, VmStatus, WatchEvent,
 };
 use relive_images::store::ImageStore;
 use serde::{Deserialize, Serialize};
@@ -50,7 +56,9 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::{KernelSpec, VmSpec};
 use crate::events::{Event, EventDurations, EventLog};
 use crate::metrics::{Metrics, RestorePath};
-use crate::policy::{Decision, FailoverPolicy, FailureReason, RestoreTarget, VmState};
+use crate::policy::{
+    Decision, FailoverPolicy, FailureReason, PolicyHistory, RestoreTarget, VmState,
+};
 use crate::vmm::{exit_detail, VmmError, VmmProcess};
 
 /// How often a VM task checks heartbeats and checkpoint deadlines.
@@ -276,7 +284,10 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// What the supervisor records about a VM's processes, for adoption.
+/// What the supervisor records about a VM, for the next supervisor: its
+/// processes (to adopt them), the failover policy's history (so the policy's
+/// rules hold across restarts), and whether an operator or the policy holds
+/// the VM down. Written whole, atomically (temporary file and rename).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Persisted {
     pid: Option<u32>,
@@ -288,14 +299,77 @@ struct Persisted {
     log: Option<(PathBuf, u64)>,
     #[serde(default)]
     standby_log: Option<(PathBuf, u64)>,
+    #[serde(default)]
+    policy: PolicyHistory,
+    /// `stopped` or `failed`: the VM stays down until `relive start`.
+    #[serde(default)]
+    held: Option<String>,
 }
 
 struct Standby {
     process: VmmProcess,
 }
 
+/// A control request to the active VMM that runs beside the VM task's loop,
+/// so that no request, however slow, holds up hang detection.
+struct InFlight<T> {
+    /// The VMM it was sent to: an answer from an earlier one is dropped.
+    pid: u32,
+    handle: tokio::task::JoinHandle<Result<T, ClientError>>,
+}
+
+impl<T: Send + 'static> InFlight<T> {
+    fn spawn(
+        pid: u32,
+        request: impl std::future::Future<Output = Result<T, ClientError>> + Send + 'static,
+    ) -> Self {
+        InFlight {
+            pid,
+            handle: tokio::spawn(request),
+        }
+    }
+
+    /// The answer. Await it once: the caller drops this request after.
+    async fn answer(&mut self) -> Answer<T> {
+        let (timed_out, result) = match (&mut self.handle).await {
+            Ok(Ok(value)) => (false, Ok(value)),
+            Ok(Err(e)) => (
+                matches!(e, ClientError::Timeout { .. }),
+                Err(relive_control::error_chain(&e)),
+            ),
+            Err(e) => (false, Err(format!("the request task ended: {e}"))),
+        };
+        Answer {
+            pid: self.pid,
+            timed_out,
+            result,
+        }
+    }
+}
+
+/// An answered [`InFlight`] request: whether it timed out, and its result.
+struct Answer<T> {
+    pid: u32,
+    timed_out: bool,
+    result: Result<T, String>,
+}
+
+/// What a new supervisor found of a VM.
+enum Adoption {
+    /// Its VMM runs and answers: adopted, in this state.
+    Adopted(VmState),
+    /// The last supervisor held it down (stopped or failed): it stays so.
+    Held(VmState),
+    /// Its VMM runs but does not answer: killed; the policy decides.
+    Unresponsive(String),
+    /// Nothing to adopt: start it.
+    Nothing,
+}
+
 /// What ended the wait of a running VM.
 enum Wake {
+    Checkpointed(Answer<CheckpointReport>),
+    Sampled(Answer<VmStatus>),
     Exited,
     Watch(Option<WatchEvent>),
     RestoreDue,
@@ -343,6 +417,13 @@ struct VmTask {
     /// When the active VMM came up (unix ms): its images are the ones
     /// [`VmTask::discard_unconfirmed_images`] may judge by heartbeat seq.
     active_since_unix_ms: u64,
+    /// The checkpoint being taken, and the operators waiting for it.
+    checkpoint: Option<(InFlight<CheckpointReport>, Vec<oneshot::Sender<ActionResult>>)>,
+    /// Operators who asked for a checkpoint while one was being taken: they
+    /// get the next one.
+    checkpoint_waiters: Vec<oneshot::Sender<ActionResult>>,
+    /// The status request of the current sample.
+    sample: Option<InFlight<VmStatus>>,
 }
 
 impl VmTask {
@@ -389,7 +470,17 @@ impl VmTask {
             socket_flip: false,
             stopping: false,
             active_since_unix_ms: 0,
+            checkpoint: None,
+            checkpoint_waiters: Vec::new(),
+            sample: None,
         }
+    }
+
+    /// A client of the active VMM, each request bounded by `control_timeout`.
+    fn client(&self) -> Option<AsyncClient> {
+        self.vmm
+            .as_ref()
+            .map(|v| v.client(self.spec.policy.control_timeout))
     }
 
     fn socket_path(&self, flip: bool) -> PathBuf {
@@ -422,6 +513,9 @@ impl VmTask {
                 let (path, start) = s.process.log();
                 (path.to_path_buf(), start)
             }),
+            policy: self.policy.history(Instant::now(), unix_ms()),
+            held: matches!(self.state, VmState::Stopped | VmState::Failed)
+                .then(|| self.state.as_str().to_string()),
         };
         let tmp = self.dir.join("vmm.json.tmp");
         let written = serde_json::to_vec_pretty(&p)
@@ -452,6 +546,9 @@ impl VmTask {
             &self.state,
             reason,
         )));
+        // The policy's history and a hold (stopped, failed) change with the
+        // state: the next supervisor must see them.
+        self.persist();
         self.refresh_view();
     }
 
@@ -589,7 +686,12 @@ impl VmTask {
     /// Makes `vmm` the active VMM and opens its watch. Which image the next
     /// checkpoint layers on is the VMM's own business (its image store).
     async fn adopt_active(&mut self, vmm: VmmProcess) {
-        self.watch = vmm.client().watch().await.ok();
+        self.cancel_requests("the VM's VMM was replaced");
+        self.watch = vmm
+            .client(self.spec.policy.control_timeout)
+            .watch()
+            .await
+            .ok();
         self.watched = self.watch.is_some();
         self.vmm = Some(vmm);
         self.running_since = Instant::now();
@@ -630,7 +732,8 @@ impl VmTask {
     /// Returns whether the standby was used.
     async fn restore_image(&mut self, path: &Path) -> Result<bool, String> {
         if let Some(standby) = self.standby.take() {
-            match standby.process.client().restore(path).await {
+            let bound = self.spec.policy.standby_timeout;
+            match standby.process.client(bound).restore(path).await {
                 Ok(_) => {
                     self.socket_flip = !self.socket_flip;
                     self.adopt_active(standby.process).await;
@@ -643,8 +746,28 @@ impl VmTask {
                     return Err(relive_control::error_chain(&e));
                 }
                 Err(e) => {
-                    tracing::warn!(error = %relive_control::error_chain(&e), "the standby did not take the image; restoring cold");
-                    standby.process.kill();
+                    // A stalled or broken standby must not hold the failover
+                    // up: it is killed, and the image goes into a new VMM.
+                    let why = match e {
+                        ClientError::Timeout { .. } => format!(
+                            "the standby (pid {}) did not take the image within standby_timeout \
+                             ({}): killed it, restoring cold",
+                            standby.process.pid(),
+                            crate::config::format_duration(bound)
+                        ),
+                        e => format!(
+                            "the standby (pid {}) did not take the image: {}; killed it, \
+                             restoring cold",
+                            standby.process.pid(),
+                            relive_control::error_chain(&e)
+                        ),
+                    };
+                    tracing::warn!(detail = %why, "standby abandoned");
+                    self.note("standby-abandoned", why);
+                    let mut process = standby.process;
+                    process.kill();
+                    process.exited().await;
+                    self.metrics.set_standby(&self.spec.name, false, 0);
                 }
             }
         }
@@ -779,13 +902,30 @@ impl VmTask {
         }
     }
 
-    /// Takes over the VMMs an earlier supervisor left running.
-    async fn try_adopt(&mut self) -> bool {
+    /// Takes over what an earlier supervisor left: the policy's history, a
+    /// VM held down (stopped or failed), and the VMMs left running.
+    async fn try_adopt(&mut self) -> Adoption {
         let Ok(bytes) = std::fs::read(self.persisted_path()) else {
-            return false;
+            return Adoption::Nothing;
         };
-        let Ok(p) = serde_json::from_slice::<Persisted>(&bytes) else {
-            return false;
+        let p = match serde_json::from_slice::<Persisted>(&bytes) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, path = %self.persisted_path().display(), "cannot read what the last supervisor recorded; starting afresh");
+                return Adoption::Nothing;
+            }
+        };
+        self.policy = FailoverPolicy::with_history(
+            self.spec.policy.clone(),
+            &p.policy,
+            Instant::now(),
+            unix_ms(),
+        );
+        let timeout = self.spec.policy.control_timeout;
+        let held = match p.held.as_deref() {
+            Some("stopped") => Some(VmState::Stopped),
+            Some("failed") => Some(VmState::Failed),
+            _ => None,
         };
         if let (Some(pid), Some(socket)) = (p.standby_pid, p.standby_socket.clone()) {
             let (log, start) = p
@@ -793,24 +933,47 @@ impl VmTask {
                 .clone()
                 .unwrap_or_else(|| (socket.with_extension("log"), u64::MAX));
             if let Some(process) = VmmProcess::adopt(pid, &socket, &log, start) {
-                if process.request(&Request::Status).await.is_ok() {
+                if held.is_none() && process.client(timeout).status().await.is_ok() {
                     self.standby = Some(Standby { process });
+                } else {
+                    // Not answering (or not wanted): it would only hold memory.
+                    process.kill();
                 }
             }
         }
-        let (Some(pid), Some(socket)) = (p.pid, p.socket) else {
-            return false;
+        let adopted = match (p.pid, p.socket) {
+            (Some(pid), Some(socket)) => {
+                // Without a recorded start, no earlier record can be mistaken for its own.
+                let (log, start) = p
+                    .log
+                    .clone()
+                    .unwrap_or_else(|| (socket.with_extension("log"), u64::MAX));
+                VmmProcess::adopt(pid, &socket, &log, start).map(|v| (v, socket))
+            }
+            _ => None,
         };
-        // Without a recorded start, no earlier record can be mistaken for its own.
-        let (log, start) = p
-            .log
-            .clone()
-            .unwrap_or_else(|| (socket.with_extension("log"), u64::MAX));
-        let Some(process) = VmmProcess::adopt(pid, &socket, &log, start) else {
-            return false;
+        if let Some(state) = held {
+            if let Some((process, _)) = adopted {
+                process.kill();
+            }
+            return Adoption::Held(state);
+        }
+        let Some((process, socket)) = adopted else {
+            return Adoption::Nothing;
         };
-        let Ok(Response::Status(status)) = process.request(&Request::Status).await else {
-            return false;
+        let status = match process.client(timeout).status().await {
+            Ok(status) => status,
+            Err(e) => {
+                let detail = format!(
+                    "the VMM left running (pid {}) does not answer: {}",
+                    process.pid(),
+                    relive_control::error_chain(&e)
+                );
+                let mut process = process;
+                process.kill();
+                process.exited().await;
+                return Adoption::Unresponsive(detail);
+            }
         };
         self.socket_flip = socket == self.socket_path(true);
         self.adopt_active(process).await;
@@ -827,25 +990,37 @@ impl VmTask {
                 .and_then(|age| now.checked_sub(Duration::from_millis(age)))
                 .unwrap_or(now),
         );
-        true
+        Adoption::Adopted(match status.state {
+            relive_control::RunState::Paused => VmState::Paused,
+            _ => VmState::Running,
+        })
     }
 
     async fn run(mut self) {
         if let Err(e) = std::fs::create_dir_all(&self.dir) {
             tracing::error!(error = %e, "cannot create the VM's state directory");
         }
-        if self.try_adopt().await {
-            self.set_state(VmState::Running, |e| e, "adopted");
-        } else {
-            match self.boot().await {
+        match self.try_adopt().await {
+            Adoption::Adopted(state) => self.set_state(state, |e| e, "adopted"),
+            Adoption::Held(state) => self.set_state(
+                state,
+                |e| e.with_detail("held down by the previous supervisor: waiting for `relive start`"),
+                "adopted",
+            ),
+            Adoption::Unresponsive(detail) => {
+                self.on_failure(FailureReason::ControlTimeout, Instant::now(), detail)
+                    .await;
+            }
+            Adoption::Nothing => match self.boot().await {
                 Ok(image) => self.set_state(VmState::Running, |e| with_image(e, image), "started"),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot start the VM");
                     self.on_failure(FailureReason::StartFailed, Instant::now(), e)
                         .await;
                 }
-            }
+            },
         }
+        self.persist();
         self.ensure_standby();
         loop {
             let wake = self.wait().await;
@@ -853,9 +1028,20 @@ impl VmTask {
             match wake {
                 Wake::Shutdown => break,
                 Wake::Command(None) => break,
+                Wake::Command(Some(cmd)) if cmd.action == Action::Checkpoint => {
+                    self.operator_checkpoint(cmd.reply);
+                }
                 Wake::Command(Some(cmd)) => {
                     let result = self.on_action(cmd.action).await;
                     let _ = cmd.reply.send(result);
+                }
+                Wake::Checkpointed(answer) => {
+                    let replies = self.checkpoint.take().map(|(_, r)| r).unwrap_or_default();
+                    self.on_checkpointed(answer, replies, now).await;
+                }
+                Wake::Sampled(answer) => {
+                    self.sample = None;
+                    self.on_sampled(answer, now).await;
                 }
                 Wake::Exited => {
                     let record = self.take_exit_record().await;
@@ -978,8 +1164,22 @@ impl VmTask {
                 None => std::future::pending().await,
             }
         };
+        let checkpointed = async {
+            match self.checkpoint.as_mut() {
+                Some((request, _)) => request.answer().await,
+                None => std::future::pending().await,
+            }
+        };
+        let sampled = async {
+            match self.sample.as_mut() {
+                Some(request) => request.answer().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             () = self.shutdown.cancelled() => Wake::Shutdown,
+            answer = checkpointed => Wake::Checkpointed(answer),
+            answer = sampled => Wake::Sampled(answer),
             () = exited => Wake::Exited,
             event = watch => Wake::Watch(event),
             () = restore_due => Wake::RestoreDue,
@@ -990,11 +1190,10 @@ impl VmTask {
     }
 
     async fn on_tick(&mut self, now: Instant) {
-        if self.state != VmState::Running {
-            return;
-        }
-        // A hung guest: no heartbeat for heartbeat_timeout, once past ready_grace.
-        if self.policy.is_healthy(now, self.running_since) {
+        // A hung guest: no heartbeat for heartbeat_timeout, once past
+        // ready_grace. Judged on time alone: requests to the VMM run beside
+        // this loop, so a stalled VMM cannot hold its own detection up.
+        if self.state == VmState::Running && self.policy.is_healthy(now, self.running_since) {
             let last = self.last_heartbeat_at.unwrap_or(self.running_since);
             if self.policy.is_hung(now, last) {
                 if let Some(mut vmm) = self.vmm.take() {
@@ -1011,37 +1210,42 @@ impl VmTask {
                 return;
             }
         }
-        if self.policy.should_checkpoint(
-            &self.state,
-            now,
-            self.running_since,
-            self.last_checkpoint_at,
-        ) {
+        if self.checkpoint.is_none()
+            && self.policy.should_checkpoint(
+                &self.state,
+                now,
+                self.running_since,
+                self.last_checkpoint_at,
+            )
+        {
             self.last_checkpoint_at = Some(now);
-            if let Err(e) = self.checkpoint(CheckpointKind::Incremental).await {
-                tracing::warn!(error = %e, "periodic checkpoint failed");
-            }
+            self.start_checkpoint(Vec::new());
         }
-        self.sample(now).await;
+        self.sample(now);
     }
 
-    /// Per-VM accounting from the VMM's status and /proc, every [`SAMPLE_EVERY`].
-    async fn sample(&mut self, now: Instant) {
-        if self
-            .last_sample
-            .is_some_and(|t| now.saturating_duration_since(t) < SAMPLE_EVERY)
+    /// Per-VM accounting from the VMM's status and /proc, every
+    /// [`SAMPLE_EVERY`] while the guest is up. The status request runs beside
+    /// the loop ([`VmTask::on_sampled`] takes its answer); one that takes
+    /// longer than `control_timeout` is a `control-timeout` failure, which
+    /// also catches a stalled VMM of a paused VM (no heartbeats to judge).
+    fn sample(&mut self, now: Instant) {
+        if !self.state.is_up()
+            || self.sample.is_some()
+            || self
+                .last_sample
+                .is_some_and(|t| now.saturating_duration_since(t) < SAMPLE_EVERY)
         {
             return;
         }
         self.last_sample = Some(now);
-        let Some(vmm) = &self.vmm else { return };
+        let (Some(vmm), Some(client)) = (&self.vmm, self.client()) else {
+            return;
+        };
+        self.sample = Some(InFlight::spawn(vmm.pid(), async move {
+            client.status().await
+        }));
         let name = &self.spec.name;
-        if let Ok(status) = vmm.client().status().await {
-            self.metrics
-                .observe_vcpu_exits(name, vmm.pid(), status.vcpu_exits);
-            self.metrics
-                .set_guest_memory_resident(name, status.guest_resident_bytes);
-        }
         if let Some(at) = self.last_heartbeat_at {
             self.metrics.set_heartbeat_age(name, at.elapsed());
         }
@@ -1057,40 +1261,162 @@ impl VmTask {
         );
     }
 
-    async fn checkpoint(&mut self, kind: CheckpointKind) -> Result<String, String> {
-        let Some(vmm) = &self.vmm else {
-            return Err("the VM has no running VMM".into());
+    async fn on_sampled(&mut self, answer: Answer<VmStatus>, now: Instant) {
+        let Some(vmm) = self.vmm.as_ref().filter(|v| v.pid() == answer.pid) else {
+            return;
         };
-        // The VMM decides whether it can layer on its last image (it writes
-        // a full image after a boot-image start or a failed checkpoint).
-        match vmm.client().checkpoint(kind).await {
-            Ok(report) => {
-                let kind = match report.kind {
-                    CheckpointKind::Full => crate::metrics::CheckpointKind::Full,
-                    CheckpointKind::Incremental => crate::metrics::CheckpointKind::Incremental,
-                };
+        match answer.result {
+            Ok(status) => {
                 let name = &self.spec.name;
                 self.metrics
-                    .observe_checkpoint(name, kind, Duration::from_micros(report.total_us));
-                self.metrics.observe_checkpoint_pause(
-                    name,
-                    kind,
-                    Duration::from_micros(report.pause_us),
-                );
-                let (count, bytes) = dir_usage(&self.spec.images_dir);
-                self.metrics.set_images(name, count, bytes);
-                // A fresh image of a healthy guest: consistency images are trusted again.
-                self.policy.on_checkpoint(Instant::now());
-                self.view
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .last_checkpoint = Some(report.image_id.clone());
+                    .observe_vcpu_exits(name, vmm.pid(), status.vcpu_exits);
+                self.metrics
+                    .set_guest_memory_resident(name, status.guest_resident_bytes);
+            }
+            Err(e) if answer.timed_out && self.state.is_up() => {
+                self.control_timeout(now, format!("status: {e}")).await;
+            }
+            // Gone or going: the VMM's exit or its watch says why.
+            Err(e) => tracing::debug!(error = %e, "status sample failed"),
+        }
+    }
+
+    /// The active VMM did not answer within `control_timeout`: it is killed
+    /// and failed over like a crash.
+    async fn control_timeout(&mut self, now: Instant, detail: String) {
+        self.stopping = true;
+        if let Some(mut vmm) = self.vmm.take() {
+            vmm.kill();
+            vmm.exited().await;
+        }
+        self.watch = None;
+        self.stopping = false;
+        self.on_failure(FailureReason::ControlTimeout, now, detail)
+            .await;
+        self.persist();
+    }
+
+    /// Asks the active VMM for a consistency image (incremental: the VMM
+    /// writes a full one when it has no parent). The request runs beside the
+    /// loop; `replies` (operators) get the outcome ([`VmTask::on_checkpointed`]).
+    fn start_checkpoint(&mut self, replies: Vec<oneshot::Sender<ActionResult>>) {
+        let (Some(vmm), Some(client)) = (&self.vmm, self.client()) else {
+            for reply in replies {
+                let _ = reply.send(Err(ActionError::Failed(
+                    "the VM has no running VMM".into(),
+                )));
+            }
+            return;
+        };
+        let request = InFlight::spawn(vmm.pid(), async move {
+            client.checkpoint(CheckpointKind::Incremental).await
+        });
+        self.checkpoint = Some((request, replies));
+    }
+
+    /// An operator's `relive checkpoint`: taken now, or right after the one
+    /// being taken (which captured the guest before the operator asked).
+    fn operator_checkpoint(&mut self, reply: oneshot::Sender<ActionResult>) {
+        if self.state != VmState::Running && self.state != VmState::Paused {
+            let _ = reply.send(Err(ActionError::Conflict(format!(
+                "VM {} is {}: nothing to checkpoint",
+                self.spec.name, self.state
+            ))));
+        } else if self.checkpoint.is_some() {
+            self.checkpoint_waiters.push(reply);
+        } else {
+            self.start_checkpoint(vec![reply]);
+        }
+    }
+
+    async fn on_checkpointed(
+        &mut self,
+        answer: Answer<CheckpointReport>,
+        replies: Vec<oneshot::Sender<ActionResult>>,
+        now: Instant,
+    ) {
+        let current = self.vmm.as_ref().is_some_and(|v| v.pid() == answer.pid);
+        let outcome = match answer.result {
+            _ if !current => Err("the VM's VMM changed before the checkpoint completed".into()),
+            Ok(report) => {
+                self.on_image(&report);
                 Ok(report.image_id)
             }
             Err(e) => {
                 self.metrics.record_checkpoint_failure(&self.spec.name);
-                Err(relive_control::error_chain(&e))
+                tracing::warn!(error = %e, "checkpoint failed");
+                Err(e)
             }
+        };
+        for reply in replies {
+            let _ = reply.send(
+                outcome
+                    .clone()
+                    .map(|id| format!("image {id}"))
+                    .map_err(ActionError::Failed),
+            );
+        }
+        if current && answer.timed_out && self.state.is_up() {
+            let detail = outcome.err().unwrap_or_default();
+            self.control_timeout(now, format!("checkpoint: {detail}"))
+                .await;
+        }
+        if !self.checkpoint_waiters.is_empty() {
+            let waiters = std::mem::take(&mut self.checkpoint_waiters);
+            if self.state.is_up() {
+                self.start_checkpoint(waiters);
+            } else {
+                for reply in waiters {
+                    let _ = reply.send(Err(ActionError::Conflict(format!(
+                        "VM {} is {}: nothing to checkpoint",
+                        self.spec.name, self.state
+                    ))));
+                }
+            }
+        }
+    }
+
+    /// A new consistency image: metrics, view, and the policy's trust.
+    fn on_image(&mut self, report: &CheckpointReport) {
+        let kind = match report.kind {
+            CheckpointKind::Full => crate::metrics::CheckpointKind::Full,
+            CheckpointKind::Incremental => crate::metrics::CheckpointKind::Incremental,
+        };
+        let name = &self.spec.name;
+        self.metrics
+            .observe_checkpoint(name, kind, Duration::from_micros(report.total_us));
+        self.metrics
+            .observe_checkpoint_pause(name, kind, Duration::from_micros(report.pause_us));
+        let (count, bytes) = dir_usage(&self.spec.images_dir);
+        self.metrics.set_images(name, count, bytes);
+        // A fresh image of a healthy guest: consistency images are trusted again.
+        let suspect = self.policy.images_suspect();
+        self.policy.on_checkpoint(Instant::now());
+        if suspect {
+            self.persist();
+        }
+        self.view
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .last_checkpoint = Some(report.image_id.clone());
+    }
+
+    /// Ends the requests to a VMM that is no longer the active one; operators
+    /// waiting for a checkpoint are told.
+    fn cancel_requests(&mut self, why: &str) {
+        if let Some((request, replies)) = self.checkpoint.take() {
+            request.handle.abort();
+            for reply in replies
+                .into_iter()
+                .chain(std::mem::take(&mut self.checkpoint_waiters))
+            {
+                let _ = reply.send(Err(ActionError::Failed(format!(
+                    "no checkpoint: {why}"
+                ))));
+            }
+        }
+        if let Some(sample) = self.sample.take() {
+            sample.handle.abort();
         }
     }
 
@@ -1254,7 +1580,11 @@ impl VmTask {
             }
         }
         if let Some(mut standby) = self.standby.take() {
-            let _ = standby.process.request(&Request::Shutdown).await;
+            let _ = standby
+                .process
+                .client(self.spec.policy.control_timeout)
+                .request(&Request::Shutdown)
+                .await;
             if tokio::time::timeout(EXIT_AFTER_RECORD, standby.process.exited())
                 .await
                 .is_err()
@@ -1269,7 +1599,10 @@ impl VmTask {
     async fn stop_vmm(&mut self) {
         self.watch = None;
         if let Some(mut vmm) = self.vmm.take() {
-            let _ = vmm.request(&Request::Shutdown).await;
+            let _ = vmm
+                .client(self.spec.policy.control_timeout)
+                .request(&Request::Shutdown)
+                .await;
             let ended = tokio::time::timeout(EXIT_AFTER_RECORD, vmm.exited()).await;
             if ended.is_err() {
                 vmm.kill();
@@ -1331,16 +1664,12 @@ impl VmTask {
                 }
             }
             Action::Checkpoint => {
-                if self.state != VmState::Running && self.state != VmState::Paused {
-                    return conflict(format!(
-                        "VM {} is {}: nothing to checkpoint",
-                        self.spec.name, self.state
-                    ));
-                }
-                self.checkpoint(CheckpointKind::Incremental)
-                    .await
-                    .map(|id| format!("image {id}"))
-                    .map_err(ActionError::Failed)
+                // Taken beside the loop: see `operator_checkpoint`.
+                let (reply, answer) = oneshot::channel();
+                self.operator_checkpoint(reply);
+                answer.await.unwrap_or_else(|_| {
+                    Err(ActionError::Failed("the checkpoint was abandoned".into()))
+                })
             }
             Action::Pause | Action::Resume => {
                 let (request, from, to) = match action {
@@ -1356,7 +1685,7 @@ impl VmTask {
                 let Some(vmm) = &self.vmm else {
                     return conflict("no VMM".into());
                 };
-                vmm.client()
+                vmm.client(self.spec.policy.control_timeout)
                     .expect_ok(&request)
                     .await
                     .map_err(|e| ActionError::Failed(relive_control::error_chain(&e)))?;

@@ -85,6 +85,8 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
+
 use crate::config::format_duration;
 
 /// Shortest `checkpoint_interval` other than 0 (disabled): each checkpoint
@@ -117,6 +119,12 @@ pub struct Policy {
     pub standby: bool,
     /// Consistency images kept per VM.
     pub keep_images: usize,
+    /// A VMM that does not answer a control request (status, checkpoint,
+    /// pause) within this long has failed (`control-timeout`).
+    pub control_timeout: Duration,
+    /// A standby that has not taken the image within this long is abandoned
+    /// (killed) and the restore goes cold.
+    pub standby_timeout: Duration,
 }
 
 impl Default for Policy {
@@ -133,6 +141,8 @@ impl Default for Policy {
             warm_boot_image: true,
             standby: false,
             keep_images: 3,
+            control_timeout: Duration::from_secs(5),
+            standby_timeout: Duration::from_secs(1),
         }
     }
 }
@@ -160,9 +170,26 @@ impl Policy {
     ///   `max_failures`, and a crash-looping VM is restarted forever);
     /// - `keep_images` >= 1;
     /// - `checkpoint_interval` is 0 (disabled) or at least
-    ///   [`MIN_CHECKPOINT_INTERVAL`].
+    ///   [`MIN_CHECKPOINT_INTERVAL`];
+    /// - `control_timeout` and `standby_timeout` > 0.
     pub fn check(&self) -> Result<(), PolicyProblem> {
         let d = format_duration;
+        let timeouts: [(&'static [&'static str], Duration, &str); 2] = [
+            (&["control_timeout"], self.control_timeout, "5s"),
+            (&["standby_timeout"], self.standby_timeout, "1s"),
+        ];
+        for (keys, value, example) in timeouts {
+            if value.is_zero() {
+                return Err(PolicyProblem {
+                    keys,
+                    message: format!(
+                        "{} must be more than 0s, or no VMM could ever answer in time: use \
+                         e.g. {example}",
+                        keys[0]
+                    ),
+                });
+            }
+        }
         if self.heartbeat_timeout.is_zero() {
             return Err(PolicyProblem {
                 keys: &["heartbeat_timeout"],
@@ -352,13 +379,15 @@ pub enum FailureReason {
     HeartbeatTimeout,
     /// The VMM's control socket went away while its process still ran.
     ControlLost,
+    /// The VMM did not answer a control request within `control_timeout`.
+    ControlTimeout,
     /// A start or restore did not bring the VM up.
     StartFailed,
 }
 
 impl FailureReason {
     /// Every reason, for metrics that pre-register one series per reason.
-    pub const ALL: [FailureReason; 10] = [
+    pub const ALL: [FailureReason; 11] = [
         FailureReason::VmmKilled,
         FailureReason::VmmError,
         FailureReason::Panic,
@@ -368,6 +397,7 @@ impl FailureReason {
         FailureReason::KvmError,
         FailureReason::HeartbeatTimeout,
         FailureReason::ControlLost,
+        FailureReason::ControlTimeout,
         FailureReason::StartFailed,
     ];
 
@@ -383,8 +413,14 @@ impl FailureReason {
             FailureReason::KvmError => "kvm-error",
             FailureReason::HeartbeatTimeout => "heartbeat-timeout",
             FailureReason::ControlLost => "control-lost",
+            FailureReason::ControlTimeout => "control-timeout",
             FailureReason::StartFailed => "start-failed",
         }
+    }
+
+    /// The reason named `name` ([`FailureReason::as_str`]).
+    pub fn parse(name: &str) -> Option<FailureReason> {
+        FailureReason::ALL.into_iter().find(|r| r.as_str() == name)
     }
 }
 
@@ -434,7 +470,94 @@ pub struct FailoverPolicy {
     failed: bool,
 }
 
+/// What a [`FailoverPolicy`] remembers, in a form that outlives the process:
+/// times are wall-clock milliseconds since the Unix epoch, because an
+/// [`Instant`] means nothing to the next supervisor. The supervisor keeps it
+/// in the VM's `vmm.json`, so the policy's rules hold across `relive up`
+/// restarts (metrics counters may restart from zero; the policy may not).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyHistory {
+    /// Failures still counted, oldest first: (unix ms, reason name).
+    pub failures: Vec<(u64, String)>,
+    /// The last completed restore: (unix ms, target: `consistency`, `boot`
+    /// or `image:<id>`).
+    pub last_restore: Option<(u64, String)>,
+    /// The consistency images predate a fallback to the boot image.
+    pub images_suspect: bool,
+    /// The policy gave up on the VM.
+    pub failed: bool,
+}
+
+fn target_name(target: &RestoreTarget) -> String {
+    match target {
+        RestoreTarget::Image(id) => format!("image:{id}"),
+        other => other.kind().to_string(),
+    }
+}
+
+fn target_from_name(name: &str) -> Option<RestoreTarget> {
+    match name {
+        "consistency" => Some(RestoreTarget::Consistency),
+        "boot" => Some(RestoreTarget::Boot),
+        other => other
+            .strip_prefix("image:")
+            .map(|id| RestoreTarget::Image(id.to_string())),
+    }
+}
+
 impl FailoverPolicy {
+    /// What this policy remembers at `now`, which is `now_unix_ms` on the
+    /// wall clock. Failures already outside `failure_window` are left out.
+    pub fn history(&self, now: Instant, now_unix_ms: u64) -> PolicyHistory {
+        let unix = |at: Instant| {
+            now_unix_ms.saturating_sub(now.saturating_duration_since(at).as_millis() as u64)
+        };
+        PolicyHistory {
+            failures: self
+                .recent_failures(now)
+                .map(|f| (unix(f.at), f.reason.as_str().to_string()))
+                .collect(),
+            last_restore: self
+                .last_restore
+                .as_ref()
+                .map(|(at, target)| (unix(*at), target_name(target))),
+            images_suspect: self.images_suspect,
+            failed: self.failed,
+        }
+    }
+
+    /// A policy that goes on from `history`, read at `now` (`now_unix_ms` on
+    /// the wall clock). A time in the future (the wall clock went back) counts
+    /// as now; entries it cannot place or name are dropped.
+    pub fn with_history(
+        policy: Policy,
+        history: &PolicyHistory,
+        now: Instant,
+        now_unix_ms: u64,
+    ) -> Self {
+        let at = |unix_ms: u64| {
+            now.checked_sub(Duration::from_millis(now_unix_ms.saturating_sub(unix_ms)))
+        };
+        let mut me = FailoverPolicy::new(policy);
+        me.failures = history
+            .failures
+            .iter()
+            .filter_map(|(ms, reason)| {
+                Some(Failure {
+                    at: at(*ms)?,
+                    reason: FailureReason::parse(reason)?,
+                })
+            })
+            .collect();
+        me.last_restore = history
+            .last_restore
+            .as_ref()
+            .and_then(|(ms, target)| Some((at(*ms)?, target_from_name(target)?)));
+        me.images_suspect = history.images_suspect;
+        me.failed = history.failed;
+        me
+    }
+
     /// A policy with no history.
     pub fn new(policy: Policy) -> Self {
         FailoverPolicy {
@@ -636,6 +759,54 @@ mod tests {
             }
         }
         taken
+    }
+
+    /// A supervisor restart must not reset the policy: the history it saved
+    /// (wall-clock times) is read back against another process's clock, and
+    /// a failure 8 s after a consistency restore still goes to the boot image.
+    #[test]
+    fn history_survives_a_supervisor_restart() {
+        let p = documented();
+        let t0 = Instant::now();
+        let u0: u64 = 1_796_000_000_000;
+        let ms = |d: u64| Duration::from_millis(d);
+        let mut before = FailoverPolicy::new(p.clone());
+        assert_eq!(
+            before.on_failure(t0, FailureReason::VmmKilled),
+            restore(RestoreTarget::Consistency, Duration::ZERO)
+        );
+        before.on_restored(t0 + ms(1000), RestoreTarget::Consistency);
+        let saved = before.history(t0 + ms(2000), u0 + 2000);
+        let json = serde_json::to_string(&saved).unwrap();
+        let saved: PolicyHistory = serde_json::from_str(&json).unwrap();
+
+        // The next supervisor's monotonic clock has nothing to do with ours.
+        let t1 = t0 + secs(3600);
+        let now_unix = u0 + 9000;
+        let fresh = FailoverPolicy::new(p.clone()).on_failure(t1, FailureReason::Panic);
+        assert_eq!(fresh, restore(RestoreTarget::Consistency, Duration::ZERO));
+        let mut after = FailoverPolicy::with_history(p.clone(), &saved, t1, now_unix);
+        assert_eq!(after.recent_failures(t1).count(), 1);
+        assert_eq!(
+            after.last_restore(),
+            Some((t1 - ms(8000), &RestoreTarget::Consistency))
+        );
+        assert_eq!(
+            after.on_failure(t1, FailureReason::Panic),
+            restore(RestoreTarget::Boot, Duration::ZERO),
+            "8 s after a consistency restore, within failure_window"
+        );
+
+        // Given up stays given up; a wall clock that went back counts as now.
+        let mut failed = after.clone();
+        for n in 0..3 {
+            failed.on_failure(t1 + ms(n), FailureReason::Panic);
+        }
+        assert!(failed.is_failed());
+        let saved = failed.history(t1 + ms(10), now_unix + 10);
+        let reread = FailoverPolicy::with_history(p, &saved, t1, now_unix - 60_000);
+        assert!(reread.is_failed());
+        assert_eq!(reread.recent_failures(t1).count(), saved.failures.len());
     }
 
     #[test]

@@ -18,11 +18,8 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use relive_control::{AsyncClient, ClientError, ExitRecord, Request, Response};
+use relive_control::{AsyncClient, ClientError, ExitRecord, Request};
 use tokio::io::unix::AsyncFd;
-
-/// How long one control request may take (a checkpoint included).
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Errors of talking to or starting a VMM.
 #[derive(Debug, thiserror::Error)]
@@ -249,14 +246,10 @@ impl VmmProcess {
         }
     }
 
-    /// A client of its control socket, each request bounded by [`REQUEST_TIMEOUT`].
-    pub fn client(&self) -> AsyncClient {
-        AsyncClient::new(&self.socket, REQUEST_TIMEOUT)
-    }
-
-    /// One control request.
-    pub async fn request(&self, req: &Request) -> Result<Response, ClientError> {
-        self.client().request(req).await
+    /// A client of its control socket, each request bounded by `timeout`
+    /// (the VM's `control_timeout`: a VMM that takes longer has failed).
+    pub fn client(&self, timeout: Duration) -> AsyncClient {
+        AsyncClient::new(&self.socket, timeout)
     }
 }
 

@@ -53,6 +53,8 @@
 //! | `warm_boot_image` | `true` | the boot image is a snapshot of the freshly booted guest, not a recipe |
 //! | `standby` | `false` | keep a standby VMM ready for the fastest failover |
 //! | `keep_images` | `3` | consistency images kept per VM |
+//! | `control_timeout` | `5s` | a VMM that does not answer a control request this fast has failed (`control-timeout`) |
+//! | `standby_timeout` | `1s` | a standby that has not taken the image this fast is killed and the restore goes cold |
 //!
 //! Durations are whole numbers with units from largest to smallest, each at
 //! most once: `500ms`, `30s`, `2m`, `1h`, `1m30s`, `0s`; at most `8760h`.
@@ -62,7 +64,8 @@
 //! Each policy, after merging, must pass [`Policy::check`](crate::policy::Policy::check)
 //! (`heartbeat_timeout` > 0, `failure_window` >= `ready_grace` and > 0,
 //! `max_failures` >= 1, `max_failures` × `restart_backoff` < `failure_window`,
-//! `keep_images` >= 1, `checkpoint_interval` 0 or >= 100ms); `defaults` must
+//! `keep_images` >= 1, `checkpoint_interval` 0 or >= 100ms, `control_timeout`
+//! and `standby_timeout` > 0); `defaults` must
 //! pass on its own. A VM on the bundled guest needs `heartbeat_timeout` of at
 //! least twice its heartbeat interval (`relive.hb_ms` on its command line,
 //! 100 ms when absent). The API's and the metrics listener's addresses must

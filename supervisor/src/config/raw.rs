@@ -60,6 +60,8 @@ pub(super) struct RawPolicy {
     pub(super) warm_boot_image: Option<bool>,
     pub(super) standby: Option<bool>,
     pub(super) keep_images: Option<usize>,
+    pub(super) control_timeout: Option<DurationValue>,
+    pub(super) standby_timeout: Option<DurationValue>,
 }
 
 impl RawPolicy {
@@ -76,6 +78,8 @@ impl RawPolicy {
             warm_boot_image: self.warm_boot_image.unwrap_or(base.warm_boot_image),
             standby: self.standby.unwrap_or(base.standby),
             keep_images: self.keep_images.unwrap_or(base.keep_images),
+            control_timeout: d(&self.control_timeout, base.control_timeout),
+            standby_timeout: d(&self.standby_timeout, base.standby_timeout),
         }
     }
 
@@ -91,6 +95,8 @@ impl RawPolicy {
             "warm_boot_image" => self.warm_boot_image.is_some(),
             "standby" => self.standby.is_some(),
             "keep_images" => self.keep_images.is_some(),
+            "control_timeout" => self.control_timeout.is_some(),
+            "standby_timeout" => self.standby_timeout.is_some(),
             _ => false,
         }
     }
