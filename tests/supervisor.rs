@@ -67,6 +67,17 @@ const FAILURE_WINDOW: Duration = Duration::from_secs(5);
 /// The fleet's `heartbeat_timeout`.
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The fleet's `control_timeout`.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The fleet's `standby_timeout`.
+const STANDBY_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What a detection may take beyond its own timeout: the supervisor's
+/// 50 ms tick, a heartbeat interval, a status sample period (1 s), and
+/// scheduling on a loaded machine.
+const DETECTION_SLACK: Duration = Duration::from_millis(2500);
+
 /// How often a wait polls.
 const POLL: Duration = Duration::from_millis(100);
 
@@ -80,7 +91,7 @@ fn fleet_yaml(state_dir: &Path, vms: &[&str], standby: bool, extra: &str) -> Str
     let mut yaml = format!(
         "state_dir: {}\n{extra}defaults:\n  checkpoint_interval: 500ms\n  heartbeat_timeout: 2s\n  \
          ready_grace: 1s\n  failure_window: 5s\n  max_failures: 2\n  warm_boot_image: true\n  \
-         standby: {standby}\nvms:\n",
+         control_timeout: 3s\n  standby_timeout: 1s\n  standby: {standby}\nvms:\n",
         state_dir.display()
     );
     for vm in vms {
@@ -166,10 +177,22 @@ fn vmms_of(state_dir: &Path) -> Vec<u32> {
 
 /// Sends SIGKILL to `pid`.
 fn kill9(pid: u32) {
+    signal(pid, libc::SIGKILL);
+}
+
+/// Sends `sig` to `pid`.
+fn signal(pid: u32, sig: libc::c_int) {
     let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");
     // SAFETY: kill(2) only sends a signal; every caller checked just before
     // that `pid` is a relive-vmm process of this test (`is_vmm_of`).
-    let _ = unsafe { libc::kill(pid, libc::SIGKILL) };
+    let _ = unsafe { libc::kill(pid, sig) };
+}
+
+/// Stops `pid` (SIGSTOP) as a stalled process would be: it runs no code,
+/// answers nothing, and its sockets stay open. Returns when (unix ms).
+fn stall(pid: u32) -> u64 {
+    signal(pid, libc::SIGSTOP);
+    unix_ms()
 }
 
 /// Waits until `probe` returns something, polling every [`POLL`]; panics
@@ -1438,4 +1461,145 @@ fn api_calls_without_the_token_or_for_an_unknown_vm_are_refused_and_change_nothi
     metrics.assert_state("web", "running");
     metrics.assert_failures("web", &[]);
     metrics.assert_restores("web", &[]);
+}
+
+// ---------------------------------------------------------------------------
+// Stalls and restarts
+// ---------------------------------------------------------------------------
+
+/// The `unix_ms` of an event.
+fn event_ms(event: &Value) -> u64 {
+    event["unix_ms"].as_u64().expect("an event has unix_ms")
+}
+
+/// A VMM stopped dead (SIGSTOP: no heartbeats, no answers, sockets open) is
+/// failed over at `heartbeat_timeout` while it is still stopped, not when it
+/// resumes: requests to it (the next checkpoint is due every 500 ms) must not
+/// hold up hang detection. A paused VM has no heartbeats to judge; its
+/// stalled VMM is caught by `control_timeout` on the status sample.
+#[test]
+fn a_stalled_vmm_is_failed_over_on_time_while_it_is_still_stopped() {
+    if !require_kvm() {
+        return;
+    }
+    let fleet = Fleet::up(&["st"], false);
+    fleet.wait_healthy("st", 3, false);
+    fleet.wait_next_checkpoint("st");
+    let since = fleet.events().len();
+    let pid = fleet.show("st")["pid"].as_u64().unwrap() as u32;
+    assert!(is_vmm_of(pid, &fleet.state));
+    let stopped_at = stall(pid);
+    let (failure, done) = fleet.wait_failover("st", since, "heartbeat-timeout");
+    let took = Duration::from_millis(event_ms(&failure).saturating_sub(stopped_at));
+    assert!(
+        took <= HEARTBEAT_TIMEOUT + DETECTION_SLACK,
+        "the stall was detected {took:?} after it began (heartbeat_timeout {HEARTBEAT_TIMEOUT:?}): {failure}"
+    );
+    assert!(!is_alive(pid), "the stalled VMM {pid} was left behind");
+    assert_eq!(done["to"], "running", "{done}");
+
+    // Paused: no heartbeats are expected, but the VMM must still answer.
+    let view = fleet.wait_healthy("st", 3, false);
+    fleet.act(&["pause", "st"]);
+    let since = fleet.events().len();
+    let pid = view["pid"].as_u64().unwrap() as u32;
+    let stopped_at = stall(pid);
+    let (failure, done) = fleet.wait_failover("st", since, "control-timeout");
+    let took = Duration::from_millis(event_ms(&failure).saturating_sub(stopped_at));
+    assert_eq!(failure["from"], "paused", "{failure}");
+    assert!(
+        took <= CONTROL_TIMEOUT + DETECTION_SLACK,
+        "the paused VM's stalled VMM was found {took:?} after the stall (control_timeout {CONTROL_TIMEOUT:?}): {failure}"
+    );
+    assert!(!is_alive(pid), "the stalled VMM {pid} was left behind");
+    assert_eq!(done["to"], "running", "{done}");
+    let metrics = fleet.metrics();
+    metrics.assert_failures(
+        "st",
+        &[("heartbeat-timeout", 1.0), ("control-timeout", 1.0)],
+    );
+}
+
+/// A standby that does not take the image (stopped dead) must not hold the
+/// failover up: after `standby_timeout` it is killed, the image is restored
+/// cold, and an event says so.
+#[test]
+fn a_stalled_standby_is_abandoned_and_the_restore_goes_cold() {
+    if !require_kvm() {
+        return;
+    }
+    let fleet = Fleet::up(&["sb"], true);
+    let view = fleet.wait_healthy("sb", 3, true);
+    let standby = view["standby_pid"].as_u64().unwrap() as u32;
+    assert!(is_vmm_of(standby, &fleet.state));
+    stall(standby);
+    let since = fleet.events().len();
+    fleet.kill_vmm("sb");
+    let (failure, done) = fleet.wait_failover("sb", since, "vmm-killed");
+    assert_eq!(failure["to"], "restoring-consistency", "{failure}");
+    assert_eq!(done["path"], "cold", "{done}");
+    let restore_ms = done["durations"]["restore_ms"].as_f64().unwrap();
+    let bound = (STANDBY_TIMEOUT + DETECTION_SLACK).as_millis() as f64;
+    assert!(
+        restore_ms <= bound,
+        "the restore took {restore_ms} ms with a stalled standby (standby_timeout {STANDBY_TIMEOUT:?}): {done}"
+    );
+    let abandoned: Vec<Value> = fleet
+        .events()
+        .into_iter()
+        .skip(since)
+        .filter(|e| e["vm"] == "sb" && e["reason"] == "standby-abandoned")
+        .collect();
+    assert_eq!(abandoned.len(), 1, "{abandoned:#?}");
+    let detail = abandoned[0]["detail"].as_str().unwrap();
+    assert!(
+        detail.contains(&standby.to_string()) && detail.contains("standby_timeout"),
+        "{detail}"
+    );
+    wait_for("the stalled standby to be killed", STEP, || {
+        (!is_alive(standby)).then_some(())
+    });
+    // A new standby is built for the next failover.
+    let view = fleet.wait_healthy("sb", 1, true);
+    assert_ne!(view["standby_pid"].as_u64(), Some(u64::from(standby)));
+}
+
+/// The policy remembers across a supervisor restart: a failure soon after a
+/// consistency restore goes to the boot image even when a new supervisor
+/// sits in between, and a stopped VM stays stopped.
+#[test]
+fn a_restarted_supervisor_keeps_the_failure_history_and_the_stopped_vms() {
+    if !require_kvm() {
+        return;
+    }
+    let mut fleet = Fleet::up(&["pol", "off"], false);
+    fleet.wait_healthy("pol", 3, false);
+    fleet.wait_healthy("off", 1, false);
+    fleet.act(&["stop", "off"]);
+    let since = fleet.events().len();
+    fleet.kill_vmm("pol");
+    let (failure, done) = fleet.wait_failover("pol", since, "vmm-killed");
+    assert_eq!(failure["to"], "restoring-consistency", "{failure}");
+    let restored_at = event_ms(&done);
+
+    fleet.kill_supervisor();
+    fleet.start_supervisor();
+    let view = fleet.wait_healthy("pol", 0, false);
+    let since = fleet.events().len();
+    fleet.kill_vmm("pol");
+    let (failure, _) = fleet.wait_failover("pol", since, "vmm-killed");
+    let after = Duration::from_millis(event_ms(&failure).saturating_sub(restored_at));
+    assert!(
+        after < FAILURE_WINDOW,
+        "the test was too slow: the second failure came {after:?} after the restore"
+    );
+    assert_eq!(
+        failure["to"], "restoring-boot",
+        "a failure {after:?} after a consistency restore (failure_window {FAILURE_WINDOW:?}), \
+         across a supervisor restart, must go to the boot image: {failure}; before: {view}"
+    );
+    assert_eq!(fleet.show("pol")["recent_failures"], 2);
+    let off = fleet.show("off");
+    assert_eq!(off["state"], "stopped", "{off}");
+    assert!(off["pid"].is_null(), "{off}");
 }

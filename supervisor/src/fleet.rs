@@ -354,6 +354,21 @@ struct Answer<T> {
     result: Result<T, String>,
 }
 
+/// What a status sample keeps of a VMM's status.
+struct Sample {
+    vcpu_exits: u64,
+    guest_resident_bytes: u64,
+}
+
+impl Sample {
+    fn of(status: &VmStatus) -> Self {
+        Sample {
+            vcpu_exits: status.vcpu_exits,
+            guest_resident_bytes: status.guest_resident_bytes,
+        }
+    }
+}
+
 /// What a new supervisor found of a VM.
 enum Adoption {
     /// Its VMM runs and answers: adopted, in this state.
@@ -369,7 +384,7 @@ enum Adoption {
 /// What ended the wait of a running VM.
 enum Wake {
     Checkpointed(Answer<CheckpointReport>),
-    Sampled(Answer<VmStatus>),
+    Sampled(Answer<Sample>),
     Exited,
     Watch(Option<WatchEvent>),
     RestoreDue,
@@ -418,12 +433,15 @@ struct VmTask {
     /// [`VmTask::discard_unconfirmed_images`] may judge by heartbeat seq.
     active_since_unix_ms: u64,
     /// The checkpoint being taken, and the operators waiting for it.
-    checkpoint: Option<(InFlight<CheckpointReport>, Vec<oneshot::Sender<ActionResult>>)>,
+    checkpoint: Option<(
+        InFlight<CheckpointReport>,
+        Vec<oneshot::Sender<ActionResult>>,
+    )>,
     /// Operators who asked for a checkpoint while one was being taken: they
     /// get the next one.
     checkpoint_waiters: Vec<oneshot::Sender<ActionResult>>,
     /// The status request of the current sample.
-    sample: Option<InFlight<VmStatus>>,
+    sample: Option<InFlight<Sample>>,
 }
 
 impl VmTask {
@@ -1004,7 +1022,11 @@ impl VmTask {
             Adoption::Adopted(state) => self.set_state(state, |e| e, "adopted"),
             Adoption::Held(state) => self.set_state(
                 state,
-                |e| e.with_detail("held down by the previous supervisor: waiting for `relive start`"),
+                |e| {
+                    e.with_detail(
+                        "held down by the previous supervisor: waiting for `relive start`",
+                    )
+                },
                 "adopted",
             ),
             Adoption::Unresponsive(detail) => {
@@ -1243,7 +1265,7 @@ impl VmTask {
             return;
         };
         self.sample = Some(InFlight::spawn(vmm.pid(), async move {
-            client.status().await
+            client.status().await.map(|status| Sample::of(&status))
         }));
         let name = &self.spec.name;
         if let Some(at) = self.last_heartbeat_at {
@@ -1261,7 +1283,7 @@ impl VmTask {
         );
     }
 
-    async fn on_sampled(&mut self, answer: Answer<VmStatus>, now: Instant) {
+    async fn on_sampled(&mut self, answer: Answer<Sample>, now: Instant) {
         let Some(vmm) = self.vmm.as_ref().filter(|v| v.pid() == answer.pid) else {
             return;
         };
@@ -1302,9 +1324,7 @@ impl VmTask {
     fn start_checkpoint(&mut self, replies: Vec<oneshot::Sender<ActionResult>>) {
         let (Some(vmm), Some(client)) = (&self.vmm, self.client()) else {
             for reply in replies {
-                let _ = reply.send(Err(ActionError::Failed(
-                    "the VM has no running VMM".into(),
-                )));
+                let _ = reply.send(Err(ActionError::Failed("the VM has no running VMM".into())));
             }
             return;
         };
@@ -1410,9 +1430,7 @@ impl VmTask {
                 .into_iter()
                 .chain(std::mem::take(&mut self.checkpoint_waiters))
             {
-                let _ = reply.send(Err(ActionError::Failed(format!(
-                    "no checkpoint: {why}"
-                ))));
+                let _ = reply.send(Err(ActionError::Failed(format!("no checkpoint: {why}"))));
             }
         }
         if let Some(sample) = self.sample.take() {
