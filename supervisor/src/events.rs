@@ -26,7 +26,9 @@
 //! A failed write (a full disk, an I/O error) is counted
 //! ([`EventLog::write_failures`]) and logged once when writing starts failing
 //! and once when it works again; the event is still in the ring and still
-//! broadcast, and the next event tries the file again. A failed write may
+//! broadcast, and its line waits in memory: the next event writes the lines
+//! owed first, in order (at most 65,536 wait; beyond that the oldest are
+//! dropped and counted). Earlier lines are never rewritten. A failed write may
 //! leave part of a line behind, so the first write after a failure starts
 //! with a newline: the broken fragment stands on a line of its own, and
 //! readers (including [`EventLog::open`]) skip lines that do not parse.
@@ -236,10 +238,17 @@ struct Ring {
     next_seq: u64,
 }
 
+/// Most event lines kept in memory while the file cannot be written (a full
+/// disk); beyond this the oldest are dropped (and counted as write failures).
+const MAX_BACKLOG: usize = 65_536;
+
 struct FileState {
     file: File,
     /// The previous write failed (and may have left part of a line).
     failing: bool,
+    /// Lines not written yet, oldest first: written, in order, before the
+    /// next line once the file takes writes again.
+    backlog: VecDeque<Vec<u8>>,
 }
 
 /// The bounded in-memory event ring, its JSON-lines file and its subscribers.
@@ -305,6 +314,7 @@ impl EventLog {
             file: Mutex::new(FileState {
                 file,
                 failing: false,
+                backlog: VecDeque::new(),
             }),
             write_failures: AtomicU64::new(0),
             tx,
@@ -336,33 +346,54 @@ impl EventLog {
         seq
     }
 
+    /// Appends the event's line, after any lines a failing file still owes.
+    /// A write that fails keeps its line (and those after it) in memory for
+    /// the next attempt; a line left half-written is ended by a newline
+    /// first, so it never swallows the next one (readers skip it).
     fn append(&self, seq: u64, event: &Event) {
         let mut line = Vec::with_capacity(256);
-        let encoded = serde_json::to_writer(&mut line, &LineOut { seq, event });
-        let mut state = lock(&self.file);
-        let written = encoded.map_err(io::Error::from).and_then(|()| {
-            line.push(b'\n');
-            if state.failing {
-                line.insert(0, b'\n');
-            }
-            state.file.write_all(&line)
-        });
-        match written {
-            Ok(()) => {
-                if state.failing {
-                    state.failing = false;
-                    tracing::info!(path = %self.path.display(), "event log is writable again");
+        if let Err(error) = serde_json::to_writer(&mut line, &LineOut { seq, event }) {
+            self.write_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%error, seq, "cannot encode an event");
+            return;
+        }
+        line.push(b'\n');
+        let mut guard = lock(&self.file);
+        let FileState {
+            file,
+            failing,
+            backlog,
+        } = &mut *guard;
+        backlog.push_back(line);
+        if backlog.len() > MAX_BACKLOG {
+            backlog.pop_front();
+            self.write_failures.fetch_add(1, Ordering::Relaxed);
+        }
+        while let Some(next) = backlog.front() {
+            let written = if *failing {
+                file.write_all(b"\n").and_then(|()| file.write_all(next))
+            } else {
+                file.write_all(next)
+            };
+            match written {
+                Ok(()) => {
+                    backlog.pop_front();
+                    if *failing {
+                        *failing = false;
+                        tracing::info!(path = %self.path.display(), "event log is writable again");
+                    }
                 }
-            }
-            Err(error) => {
-                self.write_failures.fetch_add(1, Ordering::Relaxed);
-                if !state.failing {
-                    state.failing = true;
-                    tracing::warn!(
-                        path = %self.path.display(),
-                        %error,
-                        "cannot write the event log; events stay in memory until it works again"
-                    );
+                Err(error) => {
+                    self.write_failures.fetch_add(1, Ordering::Relaxed);
+                    if !*failing {
+                        *failing = true;
+                        tracing::warn!(
+                            path = %self.path.display(),
+                            %error,
+                            "cannot write the event log; events stay in memory and are written once it works again"
+                        );
+                    }
+                    return;
                 }
             }
         }
@@ -635,6 +666,41 @@ mod tests {
         assert_eq!(log.recent(5).len(), 2);
         assert_eq!(log.last_seq(), 3);
         assert_eq!(rx.try_recv().unwrap().0, 1);
+    }
+
+    /// Events recorded while the disk is full are written, in order, once it
+    /// takes writes again: a restarted supervisor reads them all.
+    #[test]
+    fn events_of_a_full_disk_are_written_once_it_has_room_again() {
+        let full = Path::new("/dev/full");
+        if !full.exists() {
+            eprintln!("skipped: no /dev/full on this machine");
+            return;
+        }
+        let dir = TempDir::new();
+        let path = dir.0.join("events.jsonl");
+        std::fs::create_dir_all(&dir.0).unwrap();
+        let log = EventLog::open(full, 10).unwrap();
+        for n in 0..3 {
+            log.record(event("a", n));
+        }
+        assert_eq!(log.write_failures(), 3);
+        // Room again: the same log now writes to a real file.
+        lock(&log.file).file = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&path)
+            .unwrap();
+        log.record(event("a", 3));
+        let text = std::fs::read_to_string(&path).unwrap();
+        let seqs: Vec<u64> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .map(|v| v["seq"].as_u64().unwrap())
+            .collect();
+        assert_eq!(seqs, [1, 2, 3, 4], "{text}");
+        let reopened = EventLog::open(&path, 10).unwrap();
+        assert_eq!(reopened.last_seq(), 4);
     }
 
     #[test]
