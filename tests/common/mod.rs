@@ -38,6 +38,8 @@
 // a helper is a test failure, as in a #[test] function.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod fleet;
+
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read, Write};
 
