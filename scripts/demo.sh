@@ -12,6 +12,11 @@ cargo build --release --workspace --locked
 relive=target/release/relive
 state=target/relive-demo
 export RELIVE_API="$PWD/$state/api.sock"
+# The demo starts from scratch: its previous run stopped its VMs (`relive
+# stop`, which a supervisor remembers across restarts) and left its images.
+if [ -d "$state" ] && ! "$relive" status >/dev/null 2>&1; then
+    rm -rf "$state"
+fi
 "$relive" up configs/demo.yaml --vmm-bin target/release/relive-vmm &
 pid=$!
 cleanup() {

@@ -17,6 +17,7 @@ use crate::config::{self, ConfigError};
 use crate::events::EventLog;
 use crate::fleet::{Fleet, Paths};
 use crate::metrics::Metrics;
+use std::time::Duration;
 
 /// Why the daemon could not start or run.
 #[derive(Debug, thiserror::Error)]
@@ -171,6 +172,21 @@ pub async fn up(
             let _ = axum::serve(listener, app)
                 .with_graceful_shutdown(async move { stop.cancelled().await })
                 .await;
+        }));
+    }
+    // Event lines a full disk refused are written once it has room, even
+    // when no new event comes to carry them.
+    {
+        let events = events.clone();
+        let stop = shutdown.clone();
+        servers.push(tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    _ = every.tick() => events.flush(),
+                }
+            }
         }));
     }
     on_ready(&served);

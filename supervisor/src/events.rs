@@ -359,16 +359,28 @@ impl EventLog {
         }
         line.push(b'\n');
         let mut guard = lock(&self.file);
+        guard.backlog.push_back(line);
+        if guard.backlog.len() > MAX_BACKLOG {
+            guard.backlog.pop_front();
+            self.write_failures.fetch_add(1, Ordering::Relaxed);
+        }
+        self.write_backlog(&mut guard);
+    }
+
+    /// Writes the lines a failing file still owes, if it takes them now.
+    pub fn flush(&self) {
+        let mut guard = lock(&self.file);
+        if !guard.backlog.is_empty() {
+            self.write_backlog(&mut guard);
+        }
+    }
+
+    fn write_backlog(&self, state: &mut FileState) {
         let FileState {
             file,
             failing,
             backlog,
-        } = &mut *guard;
-        backlog.push_back(line);
-        if backlog.len() > MAX_BACKLOG {
-            backlog.pop_front();
-            self.write_failures.fetch_add(1, Ordering::Relaxed);
-        }
+        } = state;
         while let Some(next) = backlog.front() {
             let written = if *failing {
                 file.write_all(b"\n").and_then(|()| file.write_all(next))

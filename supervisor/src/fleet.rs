@@ -304,6 +304,9 @@ struct Persisted {
     /// `stopped` or `failed`: the VM stays down until `relive start`.
     #[serde(default)]
     held: Option<String>,
+    /// The VM's state when this was written.
+    #[serde(default)]
+    state: Option<String>,
 }
 
 struct Standby {
@@ -377,6 +380,8 @@ enum Adoption {
     Held(VmState),
     /// Its VMM runs but does not answer: killed; the policy decides.
     Unresponsive(String),
+    /// Its VMM is gone: a failure; the policy decides.
+    Lost(String),
     /// Nothing to adopt: start it.
     Nothing,
 }
@@ -442,6 +447,8 @@ struct VmTask {
     checkpoint_waiters: Vec<oneshot::Sender<ActionResult>>,
     /// The status request of the current sample.
     sample: Option<InFlight<Sample>>,
+    /// The last [`VmTask::persist`] failed: try again at the next tick.
+    persist_pending: std::sync::atomic::AtomicBool,
 }
 
 impl VmTask {
@@ -491,6 +498,7 @@ impl VmTask {
             checkpoint: None,
             checkpoint_waiters: Vec::new(),
             sample: None,
+            persist_pending: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -534,14 +542,33 @@ impl VmTask {
             policy: self.policy.history(Instant::now(), unix_ms()),
             held: matches!(self.state, VmState::Stopped | VmState::Failed)
                 .then(|| self.state.as_str().to_string()),
+            state: Some(self.state.as_str().to_string()),
         };
         let tmp = self.dir.join("vmm.json.tmp");
         let written = serde_json::to_vec_pretty(&p)
             .map_err(std::io::Error::other)
             .and_then(|bytes| std::fs::write(&tmp, bytes))
             .and_then(|()| std::fs::rename(&tmp, self.persisted_path()));
-        if let Err(e) = written {
-            tracing::warn!(error = %e, "cannot record the VMM's pid");
+        match written {
+            Ok(()) => {
+                if self
+                    .persist_pending
+                    .swap(false, std::sync::atomic::Ordering::Relaxed)
+                {
+                    tracing::info!("recorded the VM's processes and policy again");
+                }
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                // Retried every tick until it works: a stale record would
+                // make the next supervisor lose track of running VMMs.
+                if !self
+                    .persist_pending
+                    .swap(true, std::sync::atomic::Ordering::Relaxed)
+                {
+                    tracing::warn!(error = %e, path = %self.persisted_path().display(), "cannot record the VM's processes and policy; retrying");
+                }
+            }
         }
     }
 
@@ -977,7 +1004,18 @@ impl VmTask {
             return Adoption::Held(state);
         }
         let Some((process, socket)) = adopted else {
-            return Adoption::Nothing;
+            // Its VMM ended while no supervisor watched (or the host
+            // rebooted), or a restore was under way: a failure, which the
+            // policy answers (the latest consistency image, usually).
+            return match (p.pid, p.state.as_deref()) {
+                (Some(pid), _) => Adoption::Lost(format!(
+                    "the VMM (pid {pid}) ended while no supervisor watched it"
+                )),
+                (None, Some(state)) if state.starts_with("restoring") => Adoption::Lost(format!(
+                    "the previous supervisor ended while the VM was {state}"
+                )),
+                _ => Adoption::Nothing,
+            };
         };
         let status = match process.client(timeout).status().await {
             Ok(status) => status,
@@ -1014,11 +1052,46 @@ impl VmTask {
         })
     }
 
+    /// Kills the VMMs serving this VM's sockets that are neither its active
+    /// nor its standby VMM: started by a supervisor that died before it
+    /// recorded them (or could not record them, on a full disk).
+    async fn kill_orphans(&mut self) {
+        let known: Vec<u32> = self
+            .vmm
+            .iter()
+            .map(VmmProcess::pid)
+            .chain(self.standby.iter().map(|s| s.process.pid()))
+            .collect();
+        let sockets = [self.socket_path(false), self.socket_path(true)];
+        let orphans: Vec<u32> = crate::vmm::vmms_serving(&sockets)
+            .into_iter()
+            .filter(|pid| !known.contains(pid))
+            .collect();
+        if orphans.is_empty() {
+            return;
+        }
+        for &pid in &orphans {
+            if let Some(process) = VmmProcess::adopt(pid, Path::new(""), Path::new(""), u64::MAX) {
+                process.kill();
+                let mut process = process;
+                process.exited().await;
+            }
+        }
+        let detail = format!(
+            "killed VMM processes no supervisor recorded (pids {orphans:?}): started by a \
+             supervisor that ended before it could record them"
+        );
+        tracing::warn!(%detail, "orphan VMMs");
+        self.note("orphans-killed", detail);
+    }
+
     async fn run(mut self) {
         if let Err(e) = std::fs::create_dir_all(&self.dir) {
             tracing::error!(error = %e, "cannot create the VM's state directory");
         }
-        match self.try_adopt().await {
+        let adoption = self.try_adopt().await;
+        self.kill_orphans().await;
+        match adoption {
             Adoption::Adopted(state) => self.set_state(state, |e| e, "adopted"),
             Adoption::Held(state) => self.set_state(
                 state,
@@ -1031,6 +1104,10 @@ impl VmTask {
             ),
             Adoption::Unresponsive(detail) => {
                 self.on_failure(FailureReason::ControlTimeout, Instant::now(), detail)
+                    .await;
+            }
+            Adoption::Lost(detail) => {
+                self.on_failure(FailureReason::VmmKilled, Instant::now(), detail)
                     .await;
             }
             Adoption::Nothing => match self.boot().await {
@@ -1212,6 +1289,12 @@ impl VmTask {
     }
 
     async fn on_tick(&mut self, now: Instant) {
+        if self
+            .persist_pending
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            self.persist();
+        }
         // A hung guest: no heartbeat for heartbeat_timeout, once past
         // ready_grace. Judged on time alone: requests to the VMM run beside
         // this loop, so a stalled VMM cannot hold its own detection up.

@@ -132,7 +132,12 @@ impl VmmProcess {
             pidfd: pidfd(pid),
             child: Some(child),
         };
-        vmm.wait_serving(ready_timeout).await?;
+        if let Err(e) = vmm.wait_serving(ready_timeout).await {
+            // One that does not serve in time is not left behind.
+            vmm.kill();
+            vmm.exited().await;
+            return Err(e);
+        }
         Ok(vmm)
     }
 
@@ -171,13 +176,7 @@ impl VmmProcess {
 
     /// Whether the process still exists (not exited, not a zombie).
     pub fn is_alive(&self) -> bool {
-        match std::fs::read_to_string(format!("/proc/{}/stat", self.pid)) {
-            Ok(stat) => !stat
-                .rsplit(')')
-                .next()
-                .is_some_and(|rest| rest.trim_start().starts_with('Z')),
-            Err(_) => false,
-        }
+        is_running(self.pid)
     }
 
     async fn wait_serving(&mut self, timeout: Duration) -> Result<(), VmmError> {
@@ -251,6 +250,45 @@ impl VmmProcess {
     pub fn client(&self, timeout: Duration) -> AsyncClient {
         AsyncClient::new(&self.socket, timeout)
     }
+}
+
+/// The live `relive-vmm` processes started to serve one of `sockets`
+/// (`--control SOCKET` on their command line), by pid.
+pub fn vmms_serving(sockets: &[PathBuf]) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| {
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            let is_vmm = args
+                .first()
+                .is_some_and(|argv0| String::from_utf8_lossy(argv0).ends_with("relive-vmm"));
+            is_vmm
+                && args.windows(2).any(|w| {
+                    w[0] == b"--control"
+                        && sockets
+                            .iter()
+                            .any(|s| s.as_os_str().as_encoded_bytes() == w[1])
+                })
+                && is_running(pid)
+        })
+        .collect()
+}
+
+/// Whether `pid` exists and is not a zombie.
+fn is_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+    })
 }
 
 /// The last `vm-exit` record in a VMM log, after byte `start`.
