@@ -370,6 +370,14 @@ impl Soak {
         self.violations.push(what);
     }
 
+    /// Starts a supervisor; its metrics count what happens from now on
+    /// (adoptions and restores before its API answers included).
+    fn start_supervisor(&mut self) {
+        let since = unix_ms();
+        self.fleet.start_supervisor();
+        self.supervisor_since = Some(since);
+    }
+
     fn supervisor_up(&self) -> bool {
         self.supervisor_since.is_some()
     }
@@ -611,8 +619,7 @@ impl Soak {
         }
         if self.restart_supervisor_at.is_some_and(|t| t <= now) {
             self.restart_supervisor_at = None;
-            self.fleet.start_supervisor();
-            self.supervisor_since = Some(unix_ms());
+            self.start_supervisor();
         }
     }
 
@@ -1027,8 +1034,7 @@ fn chaos_soak() {
         violations: Vec::new(),
         api_calls: 0,
     };
-    soak.fleet.start_supervisor();
-    soak.supervisor_since = Some(unix_ms());
+    soak.start_supervisor();
     wait_for("every VM running", STEP, || {
         let views = soak.fleet.status();
         views
@@ -1065,8 +1071,7 @@ fn chaos_soak() {
     let _ = std::fs::remove_file(soak.state().join("filler"));
     soak.disk_full_until = None;
     if soak.restart_supervisor_at.take().is_some() {
-        soak.fleet.start_supervisor();
-        soak.supervisor_since = Some(unix_ms());
+        soak.start_supervisor();
     }
     let settle_deadline = Instant::now() + Duration::from_secs(60);
     let views = loop {
