@@ -866,8 +866,8 @@ fn raw_restores(bins: &Bins, dir: &Path, image: &Path, runs: usize) -> Result<Ra
     Ok(figures)
 }
 
-/// Writes `DIR/vmm.json.tmp` (a pid record like the supervisor's) and renames
-/// it to `DIR/vmm.json`.
+/// Writes a pid record the way the supervisor does (its A/B record,
+/// `DIR/vmm.record.a|b`).
 fn persist_like_the_supervisor(dir: &Path, i: usize) -> Result<()> {
     let record = json!({
         "pid": 100_000 + i,
@@ -875,12 +875,10 @@ fn persist_like_the_supervisor(dir: &Path, i: usize) -> Result<()> {
         "standby_pid": null,
         "standby_socket": null,
     });
-    let tmp = dir.join("vmm.json.tmp");
     serde_json::to_vec_pretty(&record)
         .map_err(std::io::Error::other)
-        .and_then(|bytes| std::fs::write(&tmp, bytes))
-        .and_then(|()| std::fs::rename(&tmp, dir.join("vmm.json")))
-        .map_err(|e| format!("cannot write {}: {e}", tmp.display()))
+        .and_then(|bytes| relive_supervisor::record::Record::new(dir, "vmm.record").write(&bytes))
+        .map_err(|e| format!("cannot write the record in {}: {e}", dir.display()))
 }
 
 /// The supervisor's cost for the 50-VM fleet.
@@ -1234,7 +1232,11 @@ impl Supervisor {
         }
         let deadline = Instant::now() + EXIT_TIMEOUT;
         loop {
-            let left: Vec<u32> = pids.iter().copied().filter(|&p| alive(p)).collect();
+            let left: Vec<u32> = pids
+                .iter()
+                .copied()
+                .filter(|&p| relive_testkit::pid_alive(p))
+                .collect();
             if left.is_empty() {
                 return Ok(());
             }
@@ -1318,16 +1320,6 @@ fn wait_readable(fd: &OwnedFd, timeout: Duration) -> Option<u64> {
     // SAFETY: one valid, writable pollfd for the duration of the call.
     let ready = unsafe { libc::poll(&mut poll, 1, timeout_ms) };
     (ready == 1).then(monotonic_ns)
-}
-
-/// Whether `pid` exists and is not a zombie.
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        !stat
-            .rsplit(')')
-            .next()
-            .is_some_and(|rest| rest.trim_start().starts_with('Z'))
-    })
 }
 
 /// utime + stime of a process (all its threads), in clock ticks.

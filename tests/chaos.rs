@@ -632,7 +632,17 @@ impl Soak {
         for event in new {
             let vm = event["vm"].as_str().unwrap_or("").to_string();
             if is_failure(&event) {
-                if let Some(expected) = self.expected.remove(&vm) {
+                // Events written late (a full disk) may predate the fault.
+                let after_fault = self
+                    .expected
+                    .get(&vm)
+                    .is_some_and(|e| ms(&event) >= e.at_ms);
+                let expected = if after_fault {
+                    self.expected.remove(&vm)
+                } else {
+                    None
+                };
+                if let Some(expected) = expected {
                     let reason = event["reason"].as_str().unwrap_or("");
                     let want = expected.fault.reason().unwrap_or("");
                     let took = ms(&event).saturating_sub(expected.at_ms);

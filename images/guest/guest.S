@@ -54,6 +54,19 @@
  * relive.work=N iterations per wake-up (default 10000), relive.touch_mib=N
  * (write every page of N MiB from 4 MiB up at start, default 0),
  * relive.dirty_pages=N (rewrite N of those pages at every heartbeat).
+ *
+ * Working-set mode (relive.ws_mib=N): the BSP, instead of idling between
+ * ticks, rewrites the pages of N MiB from 4 MiB up, one after the other, as
+ * fast as it runs: each write stores the next write sequence number (ws_seq)
+ * at offset 16 of the page, and keeps ws_sum = the sum (mod 2^64) over the
+ * set's pages of mix(page address, stamp) up to date. Every state line then
+ * ends with ` ws_sum=H ws_seq=N gap_tsc=G`, G the longest time between two
+ * consecutive writes (TSC cycles) since the previous heartbeat: the guest's
+ * own view of how long it was held up (a VMM pause, a page fault, an exit).
+ * The command `verify` recomputes the sum from the pages themselves and
+ * answers `verify ok sum=H ws_seq=N pages=P` or `verify torn sum=H expected=H`:
+ * memory restored from an image whose pages come from different moments
+ * (a torn image) does not add up to the ws_sum the guest carried.
  */
 
         .set MAX_CPUS,      32
@@ -81,6 +94,9 @@
         .set PC_HASH,       16
         .set PC_STARTED,    24
         .set TOUCH_BASE,    0x400000            /* 4 MiB: above the image */
+        .set WS_STAMP,      16                  /* working-set stamp: offset in a page */
+        .set MIX_K1,        0x9e3779b97f4a7c15
+        .set MIX_K2,        0xbf58476d1ce4e5b9
 
         .section .text.entry, "ax"
         .code64
@@ -326,7 +342,14 @@ user_main:
         xor     %eax, %eax
         call    param
         mov     %rax, dirty_pages(%rip)
+        lea     p_ws(%rip), %rsi
+        mov     $(p_ws_end - p_ws), %ecx
+        xor     %eax, %eax
+        call    param
+        shl     $20, %rax                       /* MiB -> bytes */
+        mov     %rax, ws_bytes(%rip)
         call    touch_memory
+        call    ws_init
         /* tick = the largest divisor of hb_ms up to 10 ms */
         mov     $10, %ecx
 2:      mov     hb_ms(%rip), %rax
@@ -390,8 +413,14 @@ user_main:
         call    send_line
 
 bsp_loop:
-        hlt                                     /* idle: see isr_gp */
-        cmpq    $0, hanging(%rip)
+        cmpq    $0, ws_end(%rip)
+        je      4f
+        cmpq    $0, PC_TICKS(%r13)              /* the timer starts at the first idle */
+        je      4f
+        call    ws_run
+        jmp     5f
+4:      hlt                                     /* idle: see isr_gp */
+5:      cmpq    $0, hanging(%rip)
         jne     hang_forever
         call    do_work
         cmpq    $0, rx_pending(%rip)
@@ -410,6 +439,7 @@ bsp_loop:
         mov     $(s_hb_end - s_hb), %ecx
         call    put_str
         call    put_state
+        movq    $0, ws_gap(%rip)                /* the gap since this heartbeat */
         mov     $COM2, %dx
         call    send_line
         jmp     bsp_loop
@@ -489,6 +519,141 @@ dirty_memory:
         mov     %rdi, dirty_next(%rip)
 3:      ret
 
+/* mix(rdi = page address, rax = stamp) -> rax; clobbers rdx */
+ws_mix:
+        movabs  $MIX_K1, %rdx
+        imul    %rdx, %rax
+        add     %rdi, %rax
+        mov     %rax, %rdx
+        shr     $29, %rdx
+        xor     %rdx, %rax
+        movabs  $MIX_K2, %rdx
+        imul    %rdx, %rax
+        ret
+
+/* relive.ws_mib: stamp 0 on every page of the working set, and its sum */
+ws_init:
+        cmpq    $0, ws_bytes(%rip)
+        je      3f
+        call    ram_end
+        mov     ws_bytes(%rip), %rcx
+        mov     $TOUCH_BASE, %edi
+        add     %rdi, %rcx
+        cmp     %rax, %rcx
+        cmova   %rax, %rcx
+        cmp     %rdi, %rcx
+        jbe     3f
+        mov     %rdi, ws_next(%rip)
+        xor     %r8d, %r8d                      /* sum */
+        xor     %r9d, %r9d                      /* pages */
+1:      movq    $0, WS_STAMP(%rdi)
+        xor     %eax, %eax
+        call    ws_mix
+        add     %rax, %r8
+        inc     %r9
+        add     $4096, %rdi
+        cmp     %rcx, %rdi
+        jb      1b
+        mov     %r8, ws_sum(%rip)
+        mov     %r9, ws_pages(%rip)
+        mov     %rcx, ws_end(%rip)
+3:      ret
+
+/* the working-set writer, until the next timer tick or a command: each
+ * write takes the next sequence number, stamps the next page with it and
+ * moves ws_sum by mix(page, new) - mix(page, old). A stop anywhere in here
+ * is consistent: what is not in memory yet is in registers. */
+ws_run:
+        mov     PC_TICKS(%r13), %r10
+        rdtsc
+        shl     $32, %rdx
+        or      %rax, %rdx
+        mov     %rdx, %r11                      /* tsc of the previous write */
+1:      mov     ws_next(%rip), %rdi
+        mov     WS_STAMP(%rdi), %rax
+        call    ws_mix
+        mov     ws_sum(%rip), %r8
+        sub     %rax, %r8
+        mov     ws_seq(%rip), %rax
+        inc     %rax
+        mov     %rax, ws_seq(%rip)
+        mov     %rax, WS_STAMP(%rdi)
+        call    ws_mix
+        add     %rax, %r8
+        mov     %r8, ws_sum(%rip)
+        add     $4096, %rdi
+        cmp     ws_end(%rip), %rdi
+        jb      2f
+        mov     $TOUCH_BASE, %edi
+2:      mov     %rdi, ws_next(%rip)
+        rdtsc
+        shl     $32, %rdx
+        or      %rax, %rdx
+        mov     %rdx, %rax
+        sub     %r11, %rax
+        mov     %rdx, %r11
+        cmp     ws_gap(%rip), %rax
+        jbe     3f
+        mov     %rax, ws_gap(%rip)
+3:      cmpq    $0, rx_pending(%rip)
+        jne     4f
+        cmp     PC_TICKS(%r13), %r10
+        je      1b
+4:      ret
+
+/* `verify`: the working set's sum recomputed from its pages */
+cmd_verify:
+        call    line_reset
+        lea     s_verify(%rip), %rsi
+        mov     $(s_verify_end - s_verify), %ecx
+        call    put_str
+        cmpq    $0, ws_end(%rip)
+        jne     1f
+        lea     s_none(%rip), %rsi
+        mov     $(s_none_end - s_none), %ecx
+        call    put_str
+        mov     $COM2, %dx
+        jmp     send_line
+1:      mov     $TOUCH_BASE, %edi
+        xor     %r8d, %r8d
+2:      mov     WS_STAMP(%rdi), %rax
+        call    ws_mix
+        add     %rax, %r8
+        add     $4096, %rdi
+        cmp     ws_end(%rip), %rdi
+        jb      2b
+        cmp     ws_sum(%rip), %r8
+        jne     3f
+        lea     s_vok(%rip), %rsi
+        mov     $(s_vok_end - s_vok), %ecx
+        call    put_str
+        mov     %r8, %rax
+        call    put_hex
+        lea     s_wsseq(%rip), %rsi
+        mov     $(s_wsseq_end - s_wsseq), %ecx
+        call    put_str
+        mov     ws_seq(%rip), %rax
+        call    put_dec
+        lea     s_pages(%rip), %rsi
+        mov     $(s_pages_end - s_pages), %ecx
+        call    put_str
+        mov     ws_pages(%rip), %rax
+        call    put_dec
+        mov     $COM2, %dx
+        jmp     send_line
+3:      lea     s_torn(%rip), %rsi
+        mov     $(s_torn_end - s_torn), %ecx
+        call    put_str
+        mov     %r8, %rax
+        call    put_hex
+        lea     s_expected(%rip), %rsi
+        mov     $(s_expected_end - s_expected), %ecx
+        call    put_str
+        mov     ws_sum(%rip), %rax
+        call    put_hex
+        mov     $COM2, %dx
+        jmp     send_line
+
 /* work iterations on this CPU's counter and hash */
 do_work:
         mov     work(%rip), %rcx
@@ -544,7 +709,24 @@ put_state:
         jb      2b
         mov     %r9, %rax
         call    put_dec
-        ret
+        cmpq    $0, ws_end(%rip)
+        je      4f
+        lea     s_wssum(%rip), %rsi
+        mov     $(s_wssum_end - s_wssum), %ecx
+        call    put_str
+        mov     ws_sum(%rip), %rax
+        call    put_hex
+        lea     s_wsseq(%rip), %rsi
+        mov     $(s_wsseq_end - s_wsseq), %ecx
+        call    put_str
+        mov     ws_seq(%rip), %rax
+        call    put_dec
+        lea     s_gap(%rip), %rsi
+        mov     $(s_gap_end - s_gap), %ecx
+        call    put_str
+        mov     ws_gap(%rip), %rax
+        call    put_dec
+4:      ret
 
 /* read the pending command bytes from COM2; act on complete lines */
 handle_rx:
@@ -585,6 +767,7 @@ dispatch:
         IFCMD   c_hang, cmd_hang
         IFCMD   c_reset, cmd_reset
         IFCMD   c_exit, cmd_exit
+        IFCMD   c_verify, cmd_verify
         call    line_reset
         lea     s_unknown(%rip), %rsi
         mov     $(s_unknown_end - s_unknown), %ecx
@@ -760,6 +943,28 @@ p_touch:        .ascii "relive.touch_mib="
 p_touch_end:
 p_dirty:        .ascii "relive.dirty_pages="
 p_dirty_end:
+p_ws:           .ascii "relive.ws_mib="
+p_ws_end:
+s_verify:       .ascii "verify "
+s_verify_end:
+s_none:         .ascii "none"
+s_none_end:
+s_vok:          .ascii "ok sum="
+s_vok_end:
+s_torn:         .ascii "torn sum="
+s_torn_end:
+s_expected:     .ascii " expected="
+s_expected_end:
+s_pages:        .ascii " pages="
+s_pages_end:
+s_wssum:        .ascii " ws_sum="
+s_wssum_end:
+s_wsseq:        .ascii " ws_seq="
+s_wsseq_end:
+s_gap:          .ascii " gap_tsc="
+s_gap_end:
+c_verify:       .ascii "verify"
+c_verify_end:
 s_fatal:        .ascii "relive-guest: fatal #GP at rip="
 s_fatal_end:
 s_error:        .ascii " error="
@@ -866,6 +1071,13 @@ touch_bytes:    .skip   8
 touch_end:      .skip   8
 dirty_pages:    .skip   8
 dirty_next:     .skip   8
+ws_bytes:       .skip   8
+ws_end:         .skip   8                       /* 0: no working set */
+ws_next:        .skip   8
+ws_sum:         .skip   8
+ws_seq:         .skip   8
+ws_pages:       .skip   8
+ws_gap:         .skip   8
 cmd_buf:        .skip   64
 line_end:       .skip   8
 line:           .skip   256

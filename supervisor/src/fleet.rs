@@ -33,8 +33,9 @@
 //! an already built VM) and cold into a new process otherwise; a new standby
 //! is then started in the background. Every transition is an [`Event`].
 //!
-//! What the supervisor knows of a VM is written to `<state_dir>/<vm>/vmm.json`
-//! at every transition: its processes, so that a new supervisor adopts running
+//! What the supervisor knows of a VM is written to
+//! `<state_dir>/<vm>/vmm.record.a|b` ([`crate::record`]: a full disk cannot
+//! keep it stale) at every transition: its processes, so that a new supervisor adopts running
 //! VMMs instead of restarting them; the policy's failure history, so that its
 //! rules hold across restarts; and whether the VM is held down (stopped,
 //! failed), so that a restart does not bring it back.
@@ -278,6 +279,10 @@ impl Fleet {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -449,6 +454,8 @@ struct VmTask {
     sample: Option<InFlight<Sample>>,
     /// The last [`VmTask::persist`] failed: try again at the next tick.
     persist_pending: std::sync::atomic::AtomicBool,
+    /// `<dir>/vmm.record.a|b`: what the next supervisor reads.
+    record: Mutex<crate::record::Record>,
 }
 
 impl VmTask {
@@ -462,6 +469,7 @@ impl VmTask {
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Self {
         let dir = paths.state_dir.join(&spec.name);
+        let record = Mutex::new(crate::record::Record::new(&dir, "vmm.record"));
         VmTask {
             policy: FailoverPolicy::new(spec.policy.clone()),
             spec,
@@ -499,6 +507,7 @@ impl VmTask {
             checkpoint_waiters: Vec::new(),
             sample: None,
             persist_pending: std::sync::atomic::AtomicBool::new(false),
+            record,
         }
     }
 
@@ -518,7 +527,8 @@ impl VmTask {
         self.dir.join("console.log")
     }
 
-    fn persisted_path(&self) -> PathBuf {
+    /// Where the supervisors before the A/B record kept it.
+    fn legacy_record_path(&self) -> PathBuf {
         self.dir.join("vmm.json")
     }
 
@@ -544,13 +554,12 @@ impl VmTask {
                 .then(|| self.state.as_str().to_string()),
             state: Some(self.state.as_str().to_string()),
         };
-        let tmp = self.dir.join("vmm.json.tmp");
         let written = serde_json::to_vec_pretty(&p)
             .map_err(std::io::Error::other)
-            .and_then(|bytes| std::fs::write(&tmp, bytes))
-            .and_then(|()| std::fs::rename(&tmp, self.persisted_path()));
+            .and_then(|bytes| lock(&self.record).write(&bytes));
         match written {
             Ok(()) => {
+                let _ = std::fs::remove_file(self.legacy_record_path());
                 if self
                     .persist_pending
                     .swap(false, std::sync::atomic::Ordering::Relaxed)
@@ -559,14 +568,13 @@ impl VmTask {
                 }
             }
             Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
                 // Retried every tick until it works: a stale record would
                 // make the next supervisor lose track of running VMMs.
                 if !self
                     .persist_pending
                     .swap(true, std::sync::atomic::Ordering::Relaxed)
                 {
-                    tracing::warn!(error = %e, path = %self.persisted_path().display(), "cannot record the VM's processes and policy; retrying");
+                    tracing::warn!(error = %e, dir = %self.dir.display(), "cannot record the VM's processes and policy; retrying");
                 }
             }
         }
@@ -950,13 +958,14 @@ impl VmTask {
     /// Takes over what an earlier supervisor left: the policy's history, a
     /// VM held down (stopped or failed), and the VMMs left running.
     async fn try_adopt(&mut self) -> Adoption {
-        let Ok(bytes) = std::fs::read(self.persisted_path()) else {
+        let recorded = lock(&self.record).read();
+        let Some(bytes) = recorded.or_else(|| std::fs::read(self.legacy_record_path()).ok()) else {
             return Adoption::Nothing;
         };
         let p = match serde_json::from_slice::<Persisted>(&bytes) {
             Ok(p) => p,
             Err(e) => {
-                tracing::warn!(error = %e, path = %self.persisted_path().display(), "cannot read what the last supervisor recorded; starting afresh");
+                tracing::warn!(error = %e, dir = %self.dir.display(), "cannot read what the last supervisor recorded; starting afresh");
                 return Adoption::Nothing;
             }
         };
@@ -1386,9 +1395,9 @@ impl VmTask {
         }
     }
 
-    /// The active VMM did not answer within `control_timeout`: it is killed
-    /// and failed over like a crash.
-    async fn control_timeout(&mut self, now: Instant, detail: String) {
+    /// Kills the active VMM on purpose (its end is no failure of its own)
+    /// and waits until it is gone.
+    async fn kill_active(&mut self) {
         self.stopping = true;
         if let Some(mut vmm) = self.vmm.take() {
             vmm.kill();
@@ -1396,6 +1405,12 @@ impl VmTask {
         }
         self.watch = None;
         self.stopping = false;
+    }
+
+    /// The active VMM did not answer within `control_timeout`: it is killed
+    /// and failed over like a crash.
+    async fn control_timeout(&mut self, now: Instant, detail: String) {
+        self.kill_active().await;
         self.on_failure(FailureReason::ControlTimeout, now, detail)
             .await;
         self.persist();
@@ -1742,13 +1757,7 @@ impl VmTask {
                 }
                 let detected = Instant::now();
                 self.pending_restore = None;
-                self.stopping = true;
-                if let Some(mut vmm) = self.vmm.take() {
-                    vmm.kill();
-                    vmm.exited().await;
-                }
-                self.watch = None;
-                self.stopping = false;
+                self.kill_active().await;
                 self.set_state(
                     VmState::Restoring(target.clone()),
                     |e| e,

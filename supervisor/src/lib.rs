@@ -5,6 +5,8 @@
 //!   only module that knows YAML).
 //! - [`policy`]: the failover policy (consistency image, then boot image, then
 //!   `failed`), health and checkpoint timing; pure, time passed in.
+//! - [`record`]: the per-VM record for the next supervisor, which a full
+//!   disk cannot keep stale (two preallocated slots written in turn).
 #![forbid(unsafe_code)]
 pub mod api;
 pub mod client;
@@ -14,4 +16,5 @@ pub mod events;
 pub mod fleet;
 pub mod metrics;
 pub mod policy;
+pub mod record;
 pub mod vmm;

@@ -473,7 +473,7 @@ pub struct FailoverPolicy {
 /// What a [`FailoverPolicy`] remembers, in a form that outlives the process:
 /// times are wall-clock milliseconds since the Unix epoch, because an
 /// [`Instant`] means nothing to the next supervisor. The supervisor keeps it
-/// in the VM's `vmm.json`, so the policy's rules hold across `relive up`
+/// in the VM's record ([`crate::record`]), so the policy's rules hold across `relive up`
 /// restarts (metrics counters may restart from zero; the policy may not).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyHistory {

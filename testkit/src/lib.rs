@@ -70,6 +70,16 @@ impl Drop for TempDir {
     }
 }
 
+/// Whether process `pid` exists and is not a zombie.
+pub fn pid_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+    })
+}
+
 /// Median, p90 (nearest rank), min and max of some figures.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Summary {

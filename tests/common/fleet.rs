@@ -9,7 +9,7 @@
 //! VMMs outlive the supervisor by design, so [`Fleet`]'s drop kills the
 //! supervisor and then every VMM of the test by pid: the pids it saw in
 //! `relive status`/`show` (`pid`, `standby_pid`), those in the state
-//! directory's `vmm.json` files, and any `relive-vmm` process whose command
+//! directory's records (`vmm.record.a|b`), and any `relive-vmm` process whose command
 //! line names the test's own state directory (no kill by name). Every wait
 //! polls with a deadline. When a test fails, the drop prints the supervisor's
 //! log and the events.
@@ -71,12 +71,7 @@ pub fn unix_ms() -> u64 {
 
 /// Whether `pid` exists and is not a zombie.
 pub fn is_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        !stat
-            .rsplit(')')
-            .next()
-            .is_some_and(|rest| rest.trim_start().starts_with('Z'))
-    })
+    relive_testkit::pid_alive(pid)
 }
 
 /// The command line of `pid`, arguments joined by spaces (empty when gone).
@@ -608,10 +603,12 @@ impl Drop for Fleet {
         let mut pids: BTreeSet<u32> = self.seen_pids.lock().map(|s| s.clone()).unwrap_or_default();
         if let Ok(dirs) = std::fs::read_dir(&self.state) {
             for dir in dirs.filter_map(Result::ok) {
-                let Ok(text) = std::fs::read_to_string(dir.path().join("vmm.json")) else {
+                let Some(bytes) =
+                    relive_supervisor::record::Record::new(&dir.path(), "vmm.record").read()
+                else {
                     continue;
                 };
-                if let Ok(recorded) = serde_json::from_str::<Value>(&text) {
+                if let Ok(recorded) = serde_json::from_slice::<Value>(&bytes) {
                     for key in ["pid", "standby_pid"] {
                         if let Some(pid) = recorded[key].as_u64() {
                             pids.insert(pid as u32);
