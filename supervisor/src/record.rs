@@ -34,6 +34,8 @@ const MAGIC: &str = "relive-record";
 pub struct Record {
     slots: [PathBuf; 2],
     generation: u64,
+    /// The slot holding `generation`: the next write goes to the other.
+    newest: Option<usize>,
 }
 
 /// A slot's header line and payload, or why it is not one.
@@ -62,6 +64,7 @@ impl Record {
         Record {
             slots: [dir.join(format!("{name}.a")), dir.join(format!("{name}.b"))],
             generation: 0,
+            newest: None,
         }
     }
 
@@ -73,25 +76,29 @@ impl Record {
     /// The newest valid payload, if any slot holds one; later writes go on
     /// from its generation.
     pub fn read(&mut self) -> Option<Vec<u8>> {
-        let mut best: Option<(u64, Vec<u8>)> = None;
-        for path in &self.slots {
+        let mut best: Option<(u64, Vec<u8>, usize)> = None;
+        for (slot, path) in self.slots.iter().enumerate() {
             let mut bytes = Vec::new();
             let read = File::open(path).and_then(|mut f| f.read_to_end(&mut bytes));
             if read.is_err() {
                 continue;
             }
             if let Some((generation, payload)) = parse_slot(&bytes) {
-                if best.as_ref().is_none_or(|(g, _)| generation > *g) {
-                    best = Some((generation, payload.to_vec()));
+                if best.as_ref().is_none_or(|(g, _, _)| generation > *g) {
+                    best = Some((generation, payload.to_vec(), slot));
                 }
             }
         }
-        let (generation, payload) = best?;
-        self.generation = self.generation.max(generation);
+        let (generation, payload, slot) = best?;
+        if generation >= self.generation {
+            self.generation = generation;
+            self.newest = Some(slot);
+        }
         Some(payload)
     }
 
-    /// Writes `payload` as the next generation, over the older slot.
+    /// Writes `payload` as the next generation, over the slot that does not
+    /// hold the newest one (so a torn write always leaves that one).
     pub fn write(&mut self, payload: &[u8]) -> io::Result<()> {
         let generation = self.generation + 1;
         let header = format!(
@@ -106,7 +113,10 @@ impl Record {
                 format!("a record of {size} bytes does not fit a slot of {SLOT_SIZE}"),
             ));
         }
-        let path = &self.slots[(generation % 2) as usize];
+        let slot = self
+            .newest
+            .map_or((generation % 2) as usize, |newest| 1 - newest);
+        let path = &self.slots[slot];
         let file = open_slot(path)?;
         let mut bytes = Vec::with_capacity(size + 1);
         bytes.extend_from_slice(header.as_bytes());
@@ -117,6 +127,7 @@ impl Record {
         bytes.push(0);
         file.write_all_at(&bytes, 0)?;
         self.generation = generation;
+        self.newest = Some(slot);
         Ok(())
     }
 }
@@ -170,9 +181,15 @@ mod tests {
         std::fs::write(next, &torn).unwrap();
         let mut again = Record::new(&d, "vmm");
         assert_eq!(again.read().unwrap(), b"{\"n\":3}");
-        // And writing goes on past the highest generation seen.
+        // Writing goes on past the highest generation seen, into the torn
+        // slot: the good one stays until the new one is whole.
         again.write(b"{\"n\":4}").unwrap();
         assert_eq!(Record::new(&d, "vmm").read().unwrap(), b"{\"n\":4}");
+        let other = std::fs::read(&r.slots()[1]).unwrap();
+        assert!(
+            other.starts_with(b"relive-record gen=3 "),
+            "slot b still holds generation 3"
+        );
         std::fs::remove_dir_all(&d).unwrap();
     }
 
