@@ -92,10 +92,24 @@ impl MemoryPlan {
     }
 }
 
+/// Memory written by page, in any order and any number of times.
+#[derive(Debug)]
+struct PagePlan {
+    offset: u64,
+    len: u64,
+    /// (guest address, length, offset in the section) per region.
+    regions: Vec<(u64, u64, u64)>,
+    /// Per region, the CRC-32C of each page as last written.
+    crcs: Vec<Vec<u32>>,
+    /// Per region, one bit per page: written at least once.
+    written: Vec<Vec<u64>>,
+}
+
 #[derive(Debug)]
 enum MemoryState {
     None,
     Writing(MemoryPlan),
+    Pages(PagePlan),
     Done,
 }
 
@@ -402,6 +416,140 @@ impl ImageWriter {
         })
     }
 
+    /// Starts guest memory that is written page by page, in any order and
+    /// any number of times: the way a live checkpoint copies it, while the
+    /// guest runs and then again for the pages it wrote meanwhile. Each page
+    /// has its fixed place in the file (holes read as zero), so the last
+    /// write of a page is what the image holds. `regions` are (guest
+    /// address, length); [`finish_pages`](Self::finish_pages) makes every
+    /// page written present and settles the checksum.
+    pub fn begin_pages(&mut self, regions: &[(u64, u64)]) -> Result<(), WriteError> {
+        let plans = regions
+            .iter()
+            .map(|&(guest_addr, len)| RegionPlan {
+                guest_addr,
+                len,
+                present: Vec::new(),
+            })
+            .collect();
+        self.begin_memory(plans)?;
+        let MemoryState::Writing(plan) = std::mem::replace(&mut self.memory, MemoryState::None)
+        else {
+            return Err(self.invalid("memory plan missing".into()));
+        };
+        let pages = |len: u64| (len / PAGE_SIZE) as usize;
+        self.memory = MemoryState::Pages(PagePlan {
+            offset: plan.offset,
+            len: plan.len,
+            crcs: plan
+                .regions
+                .iter()
+                .map(|(r, _)| vec![0; pages(r.len)])
+                .collect(),
+            written: plan
+                .regions
+                .iter()
+                .map(|(r, _)| vec![0; pages(r.len).div_ceil(64)])
+                .collect(),
+            regions: plan
+                .regions
+                .into_iter()
+                .map(|(r, rel)| (r.guest_addr, r.len, rel))
+                .collect(),
+        });
+        Ok(())
+    }
+
+    /// Writes whole pages of `region` from `first_page` on (see
+    /// [`begin_pages`](Self::begin_pages)); a page written before is replaced.
+    pub fn write_pages(
+        &mut self,
+        region: usize,
+        first_page: u64,
+        bytes: &[u8],
+    ) -> Result<(), WriteError> {
+        self.usable()?;
+        let MemoryState::Pages(plan) = &mut self.memory else {
+            return Err(self.invalid("pages written outside begin_pages".into()));
+        };
+        let Some(&(guest_addr, len, rel)) = plan.regions.get(region) else {
+            return Err(self.invalid(format!("no memory region {region}")));
+        };
+        let count = bytes.len() as u64 / PAGE_SIZE;
+        if bytes.len() as u64 % PAGE_SIZE != 0
+            || first_page
+                .checked_add(count)
+                .is_none_or(|end| end * PAGE_SIZE > len)
+        {
+            return Err(self.invalid(format!(
+                "pages {first_page}+{count} of region {region}: not whole pages inside it"
+            )));
+        }
+        for (i, page) in bytes.chunks_exact(PAGE_SIZE as usize).enumerate() {
+            let p = first_page as usize + i;
+            plan.crcs[region][p] = crc32c::crc32c(page);
+            plan.written[region][p / 64] |= 1 << (p % 64);
+        }
+        let pos = plan.offset + rel + first_page * PAGE_SIZE;
+        let guest = guest_addr + first_page * PAGE_SIZE;
+        self.write_at(bytes, pos, || {
+            format!("guest memory at {guest:#x} ({count} pages)")
+        })
+    }
+
+    /// Ends page-by-page memory: every page written is present, and the
+    /// section's checksum is that of the present pages in order (combined
+    /// from the pages' own, no page is read again).
+    pub fn finish_pages(&mut self) -> Result<(), WriteError> {
+        self.usable()?;
+        let MemoryState::Pages(plan) = std::mem::replace(&mut self.memory, MemoryState::None)
+        else {
+            return Err(self.invalid("finish_pages without begin_pages".into()));
+        };
+        let mut crc = 0u32;
+        let mut regions = Vec::with_capacity(plan.regions.len());
+        for (ri, &(guest_addr, len, rel)) in plan.regions.iter().enumerate() {
+            let mut present: Vec<PageRun> = Vec::new();
+            for p in 0..(len / PAGE_SIZE) as usize {
+                if plan.written[ri][p / 64] & (1 << (p % 64)) == 0 {
+                    continue;
+                }
+                crc = crc32c::crc32c_combine(crc, plan.crcs[ri][p], PAGE_SIZE as usize);
+                match present.last_mut() {
+                    Some(run) if run.end() == p as u64 => run.count += 1,
+                    _ => present.push(PageRun {
+                        first_page: p as u64,
+                        count: 1,
+                    }),
+                }
+            }
+            regions.push((
+                RegionPlan {
+                    guest_addr,
+                    len,
+                    present,
+                },
+                rel,
+            ));
+        }
+        let map = encode_memory_map(&regions);
+        self.header.sections.push(SectionEntry {
+            code: SectionKind::Memory.code(),
+            version: MEMORY_SECTION_VERSION,
+            offset: plan.offset,
+            length: plan.len,
+            checksum: crc,
+            flags: 0,
+        });
+        self.memory = MemoryState::Done;
+        self.push_section(
+            SectionKind::MemoryMap.code(),
+            MEMORY_SECTION_VERSION,
+            0,
+            &map,
+        )
+    }
+
     /// Checks that every present page was written, then records the Memory
     /// section and writes the MemoryMap.
     pub(crate) fn end_memory(&mut self) -> Result<(), WriteError> {
@@ -437,7 +585,7 @@ impl ImageWriter {
         self.usable()?;
         match self.memory {
             MemoryState::Done => {}
-            MemoryState::Writing(_) => {
+            MemoryState::Writing(_) | MemoryState::Pages(_) => {
                 return Err(self.invalid("memory was not finished".into()));
             }
             MemoryState::None if self.header.kind.is_consistency() => {
