@@ -34,7 +34,9 @@ pub use async_client::{AsyncClient, AsyncWatch};
 pub use client::{ControlClient, Watch};
 pub use exit::{ExitReason, ExitRecord};
 pub use heartbeat::Heartbeat;
-pub use protocol::{CheckpointKind, CheckpointReport, ErrorKind, Request, Response, RestoreReport};
+pub use protocol::{
+    CheckpointKind, CheckpointReport, CopyStats, ErrorKind, Request, Response, RestoreReport,
+};
 pub use status::{AgentStatus, AppStatus, ChainStatus, ResourceLimits, RunState, VmStatus};
 
 /// What a `watch` connection delivers.

@@ -125,6 +125,26 @@ pub struct CheckpointReport {
     pub pause_us: u64,
     /// The whole checkpoint, in microseconds.
     pub total_us: u64,
+    /// How the memory was copied.
+    #[serde(default)]
+    pub copy: CopyStats,
+}
+
+/// How a checkpoint copied guest memory. A live checkpoint copies pages
+/// while the guest runs, in rounds (round 0: every page it must hold; each
+/// next round: the pages the guest wrote during the previous one), then
+/// stops the guest for the last pages it wrote. A stop-and-copy checkpoint
+/// (the warm boot image) has no rounds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopyStats {
+    /// Rounds while the guest ran (round 0 included).
+    pub rounds: u32,
+    /// Pages copied while the guest ran, all rounds.
+    pub copied_pages: u64,
+    /// Of those, copies of a page copied before in the same checkpoint.
+    pub recopied_pages: u64,
+    /// Pages copied while the guest was stopped.
+    pub final_pages: u64,
 }
 
 /// The answer to `restore` on a standby VMM.

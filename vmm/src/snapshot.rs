@@ -250,6 +250,56 @@ fn full_runs(bytes: &[u8], known: &[PageRun]) -> Vec<PageRun> {
     runs
 }
 
+/// The pages a full image of `mem` must hold, per region: those resident
+/// in this process (mincore), those `known` (the pages of the image the VM
+/// was restored from, which may not be resident), and those `dirty`. Zero
+/// pages are not left out: a live checkpoint copies while the guest runs.
+pub fn candidate_runs(
+    mem: &GuestMemoryMmap,
+    known: &[Vec<PageRun>],
+    dirty: &[Vec<PageRun>],
+) -> Vec<Vec<PageRun>> {
+    // SAFETY: only the mapping's address and length are used (mincore);
+    // no guest byte is read.
+    let regions = unsafe { region_slices(mem) };
+    regions
+        .iter()
+        .enumerate()
+        .map(|(i, (_, bytes))| {
+            let resident = resident_runs(bytes);
+            let with_known = union_runs(&resident, known.get(i).map_or(&[][..], Vec::as_slice));
+            union_runs(&with_known, dirty.get(i).map_or(&[][..], Vec::as_slice))
+        })
+        .collect()
+}
+
+/// The pages of `bytes` resident in this process (all of them when
+/// mincore(2) fails).
+fn resident_runs(bytes: &[u8]) -> Vec<PageRun> {
+    let pages = bytes.len() / PAGE;
+    let mut flags = vec![0u8; pages];
+    // SAFETY: `bytes` is a live, page-aligned mapping of `pages` pages (a guest
+    // memory region); `flags` has one byte per page as mincore(2) requires.
+    let rc = unsafe { libc::mincore(bytes.as_ptr() as *mut _, pages * PAGE, flags.as_mut_ptr()) };
+    if rc != 0 {
+        flags.fill(1);
+    }
+    let mut runs: Vec<PageRun> = Vec::new();
+    for (page, flag) in flags.iter().enumerate() {
+        if flag & 1 == 0 {
+            continue;
+        }
+        match runs.last_mut() {
+            Some(run) if run.first_page + run.count == page as u64 => run.count += 1,
+            _ => runs.push(PageRun {
+                first_page: page as u64,
+                count: 1,
+            }),
+        }
+    }
+    runs
+}
+
 /// The bytes of each guest memory region.
 ///
 /// # Safety
@@ -363,7 +413,7 @@ pub fn write_image_packed(
     Ok(writer)
 }
 
-fn add_sections(writer: &mut ImageWriter, parts: &ImageParts<'_>) -> Result<(), SnapshotError> {
+pub fn add_sections(writer: &mut ImageWriter, parts: &ImageParts<'_>) -> Result<(), SnapshotError> {
     let sections = [
         (
             SectionKind::Config,

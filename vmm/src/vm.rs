@@ -55,6 +55,7 @@ use relive_images::format::{ImageId, ImageKind, ImageReader, ImageWriter, PageRu
 use relive_images::store::ImageStore;
 
 mod checkpoint;
+mod live;
 
 use checkpoint::ImageHistory;
 pub use checkpoint::{CheckpointError, StandbyRestoreError};
@@ -225,6 +226,8 @@ pub enum VmEvent {
     },
     /// A control client asks something.
     Control(ControlRequest),
+    /// The writer thread of a live checkpoint.
+    Live(live::LiveEvent),
 }
 
 /// A cloneable way for other threads to reach the event thread.
@@ -848,7 +851,7 @@ impl Vm {
             })?;
         }
         let mut event_loop = EventLoop {
-            vm,
+            vm: Arc::new(vm),
             mem,
             cfg,
             devices,
@@ -870,6 +873,7 @@ impl Vm {
             boot_image_path: None,
             copy_buffer: Vec::new(),
             watchers: Vec::new(),
+            live: None,
         };
         if event_loop.cfg.boot_image == Some(BootImageMode::Recipe) {
             event_loop.write_boot_image(BootImageMode::Recipe);
@@ -934,7 +938,7 @@ struct Watcher {
 }
 
 struct EventLoop {
-    vm: VmFd,
+    vm: Arc<VmFd>,
     mem: GuestMemoryMmap,
     cfg: VmConfig,
     devices: Devices,
@@ -959,6 +963,8 @@ struct EventLoop {
     /// (kept between checkpoints so its pages are not faulted in again).
     copy_buffer: Vec<u8>,
     watchers: Vec<Watcher>,
+    /// The live checkpoint being taken.
+    live: Option<live::LiveCheckpoint>,
 }
 
 const TOKEN_EVENTS: u64 = 1;
@@ -1116,6 +1122,10 @@ impl EventLoop {
                 format!("vcpu{vcpu}: {detail}"),
             )),
             VmEvent::Control(request) => self.on_control(request),
+            VmEvent::Live(event) => {
+                self.on_live(event);
+                None
+            }
         }
     }
 
@@ -1204,9 +1214,13 @@ impl EventLoop {
                     Err(e) => Response::error(e.kind(), &e),
                 }
             }
-            Request::Checkpoint { kind } => match self.checkpoint(kind) {
-                Ok(report) => Response::Checkpoint(report),
-                Err(e) => Response::error(e.kind(), &e),
+            Request::Checkpoint { kind } => match self.start_live_checkpoint(kind, reply) {
+                // Answered once the image is committed (`on_live`).
+                Ok(()) => return None,
+                Err((reply, e)) => {
+                    let _ = reply.send(Response::error(e.kind(), &e));
+                    return None;
+                }
             },
         };
         let _ = reply.send(answer);
@@ -1374,6 +1388,9 @@ impl EventLoop {
     /// the exit that ended the loop was read first (a guest that acknowledges
     /// `crash` and triple-faults gets both woken in one `epoll_wait`).
     fn stop(&mut self) {
+        if let Some(mut live) = self.live.take() {
+            live.cancel();
+        }
         self.vcpus.finish();
         self.flush_console();
         while let Ok(line) = self.devices.agent_rx.try_recv() {

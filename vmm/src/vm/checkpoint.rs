@@ -10,6 +10,8 @@
 
 use super::*;
 
+use super::live::Captured;
+
 use crate::devices::SerialError;
 use crate::persist::StateError;
 use crate::vcpu::VcpuError;
@@ -67,6 +69,23 @@ pub enum CheckpointError {
     /// The image could not be committed (fsync, rename).
     #[error("cannot commit the image")]
     Commit(#[source] WriteError),
+    /// A checkpoint is being taken already.
+    #[error("a checkpoint is being taken already: ask again once it is done")]
+    Busy,
+    /// A live checkpoint was given up (the VM ended, or could not pause).
+    #[error("the checkpoint was abandoned before its pause")]
+    Abandoned,
+    /// The checkpoint's writer thread could not start.
+    #[error("cannot start the checkpoint's writer thread")]
+    Thread(#[source] std::io::Error),
+    /// Guest memory could not be read.
+    #[error("cannot read guest memory at {addr:#x}: {reason}")]
+    ReadMemory {
+        /// The guest address.
+        addr: u64,
+        /// Why.
+        reason: String,
+    },
 }
 
 impl CheckpointError {
@@ -79,7 +98,12 @@ impl CheckpointError {
             CheckpointError::Vcpu(e) if e.is_kvm() => ErrorKind::Kvm,
             CheckpointError::Vcpu(_) => ErrorKind::PauseTimeout,
             CheckpointError::Write(_) | CheckpointError::Commit(_) => ErrorKind::ImageWrite,
-            CheckpointError::Device { .. } | CheckpointError::Encode { .. } => ErrorKind::Other,
+            CheckpointError::Busy => ErrorKind::WrongState,
+            CheckpointError::Device { .. }
+            | CheckpointError::Encode { .. }
+            | CheckpointError::Abandoned
+            | CheckpointError::Thread(_)
+            | CheckpointError::ReadMemory { .. } => ErrorKind::Other,
         }
     }
 }
@@ -156,17 +180,17 @@ impl StandbyRestoreError {
 
 /// What the VM knows of its image directory.
 pub(super) struct ImageHistory {
-    store: Arc<ImageStore>,
+    pub(super) store: Arc<ImageStore>,
     /// The newest image this process wrote or was restored from.
-    last: Option<ImageId>,
+    pub(super) last: Option<ImageId>,
     /// The next checkpoint must be full (a failed one lost the dirty log).
-    need_full: bool,
+    pub(super) need_full: bool,
     /// Layers written since the last full or merged image.
-    layers: usize,
+    pub(super) layers: usize,
     /// Present pages per region of the image this VM was restored from.
-    base_present: Vec<Vec<PageRun>>,
+    pub(super) base_present: Vec<Vec<PageRun>>,
     /// The image a running restore uses: never deleted.
-    in_use: Option<ImageId>,
+    pub(super) in_use: Option<ImageId>,
     /// Background merge and retention.
     housekeeper: Option<std::thread::JoinHandle<()>>,
 }
@@ -213,6 +237,40 @@ impl ImageHistory {
             .map(|m| m.present.clone())
             .collect();
         self.in_use = Some(image.reader.id());
+    }
+
+    /// Records `image`, a committed consistency image of `kind`, as the
+    /// newest of the chain (the next layer's parent) and starts the store's
+    /// housekeeping (merging a long chain, retention) in the background. The
+    /// report's timing and copy figures are the caller's to fill in.
+    pub(super) fn committed(
+        &mut self,
+        image: &CommittedImage,
+        kind: ImageKind,
+    ) -> CheckpointReport {
+        self.last = Some(image.id);
+        self.need_full = false;
+        self.layers = match kind {
+            ImageKind::Incremental { .. } => self.layers + 1,
+            _ => 0,
+        };
+        let merge = (self.layers >= MERGE_AFTER_LAYERS).then(|| image.path.clone());
+        if merge.is_some() {
+            self.layers = 0;
+        }
+        self.housekeeping(merge);
+        CheckpointReport {
+            image_id: image.id.to_string(),
+            kind: match kind {
+                ImageKind::Incremental { .. } => CheckpointKind::Incremental,
+                _ => CheckpointKind::Full,
+            },
+            path: image.path.display().to_string(),
+            bytes: image.bytes_written,
+            pause_us: 0,
+            total_us: 0,
+            copy: relive_control::CopyStats::default(),
+        }
     }
 
     /// Merges `merge` (a layer) into a new full image if given, then applies
@@ -343,78 +401,6 @@ impl EventLoop {
         Ok((image.reader.id().to_string(), path.display().to_string()))
     }
 
-    /// Writes a consistency image: pause, capture, write, resume; then the
-    /// store's housekeeping (merge a long chain, retention) off the pause path.
-    ///
-    /// An incremental image holds the pages KVM's dirty log reports since the
-    /// previous image of this process (or since the restore from `in_use`);
-    /// the VMM itself writes no guest memory (its devices do no DMA), so the
-    /// dirty log is the complete set. Without a parent, or after a failed
-    /// checkpoint (whose dirty log is gone), the checkpoint is full.
-    pub(super) fn checkpoint(
-        &mut self,
-        requested: CheckpointKind,
-    ) -> Result<CheckpointReport, CheckpointError> {
-        if matches!(self.activity, Activity::Standby(_)) {
-            return Err(CheckpointError::NoGuest);
-        }
-        let Some(history) = self.history.as_ref() else {
-            return Err(CheckpointError::NoImageDir);
-        };
-        let parent = history.last.filter(|_| !history.need_full);
-        let kind = match (requested, parent) {
-            (CheckpointKind::Incremental, Some(parent)) => ImageKind::Incremental { parent },
-            _ => ImageKind::Full,
-        };
-        let started = Instant::now();
-        let (written, pause_us) = self
-            .with_paused(|vm, paused| {
-                let paused_at = Instant::now();
-                let written = vm.write_checkpoint(paused, kind);
-                (written, paused_at.elapsed().as_micros() as u64)
-            })
-            .map_err(CheckpointError::Pause)?;
-        let result = written.and_then(|pending| {
-            let (result, buffer) = pending.finish();
-            if buffer.capacity() > 0 {
-                self.copy_buffer = buffer;
-            }
-            result
-        });
-        let Some(history) = self.history.as_mut() else {
-            return Err(CheckpointError::NoImageDir);
-        };
-        let image = match result {
-            Ok(image) => image,
-            Err(e) => {
-                history.need_full = true;
-                return Err(e);
-            }
-        };
-        history.last = Some(image.id);
-        history.need_full = false;
-        history.layers = match kind {
-            ImageKind::Incremental { .. } => history.layers + 1,
-            _ => 0,
-        };
-        let merge = (history.layers >= MERGE_AFTER_LAYERS).then(|| image.path.clone());
-        if merge.is_some() {
-            history.layers = 0;
-        }
-        history.housekeeping(merge);
-        Ok(CheckpointReport {
-            image_id: image.id.to_string(),
-            kind: match kind {
-                ImageKind::Incremental { .. } => CheckpointKind::Incremental,
-                _ => CheckpointKind::Full,
-            },
-            path: image.path.display().to_string(),
-            bytes: image.bytes_written,
-            pause_us,
-            total_us: started.elapsed().as_micros() as u64,
-        })
-    }
-
     /// Writes this VM's boot image; a failure is logged, the VM runs on.
     pub(super) fn write_boot_image(&mut self, mode: BootImageMode) {
         let result = match mode {
@@ -453,6 +439,10 @@ impl EventLoop {
 
     /// A full snapshot of the freshly booted guest, kept as a boot image.
     fn warm_snapshot(&mut self) -> Result<CommittedImage, CheckpointError> {
+        if self.live.is_some() {
+            // It would take the dirty log the live checkpoint relies on.
+            return Err(CheckpointError::Busy);
+        }
         let written = self
             .with_paused(|vm, paused| vm.write_checkpoint(paused, ImageKind::Boot))
             .map_err(CheckpointError::Pause)?;
@@ -460,7 +450,7 @@ impl EventLoop {
             // The snapshot consumed the dirty log: the next consistency image is full.
             history.need_full = true;
         }
-        written.and_then(|pending| pending.finish().0)
+        written.and_then(|writer| writer.commit().map_err(CheckpointError::Commit))
     }
 
     fn image_config(&self) -> ImageConfig {
@@ -478,47 +468,44 @@ impl EventLoop {
     /// Pages KVM saw written since the last call, per memory region; on
     /// failure, the slot whose log could not be read.
     pub(super) fn take_dirty_log(&self) -> Result<Vec<Vec<PageRun>>, (u32, kvm_ioctls::Error)> {
-        use vm_memory::GuestMemoryRegion;
-        let mut out = Vec::new();
-        for (slot, region) in vm_memory::GuestMemoryBackend::iter(&self.mem).enumerate() {
-            let len = region.len() as usize;
-            let bitmap = self
-                .vm
-                .get_dirty_log(slot as u32, len)
-                .map_err(|e| (slot as u32, e))?;
-            out.push(PageRun::from_bitmap(&bitmap, (len / 4096) as u64));
-        }
-        Ok(out)
+        super::live::dirty_log(&self.vm, &self.mem)
     }
 
-    /// Captures the state and the pages of an image while `paused`: an
-    /// incremental layer's pages are copied into memory, a full image is
-    /// written to its temporary file; [`PendingImage::finish`] does the rest
-    /// once the vCPUs run again.
+    /// A stop-and-copy full snapshot while `paused`: the warm boot image,
+    /// taken once at the guest's first `ready`, when it has touched little
+    /// memory. Consistency images are live ([`super::live`]).
     fn write_checkpoint(
         &mut self,
         paused: &Paused,
         kind: ImageKind,
-    ) -> Result<PendingImage, CheckpointError> {
-        let t0 = Instant::now();
+    ) -> Result<ImageWriter, CheckpointError> {
         let history = self.history.as_ref().ok_or(CheckpointError::NoImageDir)?;
         let dir = history.store.dir().to_path_buf();
         let dirty = self
             .take_dirty_log()
             .map_err(|(slot, source)| CheckpointError::DirtyLog { slot, source })?;
-        let dirty_us = t0.elapsed().as_micros() as u64;
-        let pages = match kind {
-            ImageKind::Incremental { .. } => PageSelection::Dirty(dirty),
-            _ => PageSelection::Full {
-                known: history
-                    .base_present
-                    .iter()
-                    .zip(dirty.iter().chain(std::iter::repeat(&Vec::new())))
-                    .map(|(base, dirty)| snapshot::union_runs(base, dirty))
-                    .chain(dirty.iter().skip(history.base_present.len()).cloned())
-                    .collect(),
-            },
-        };
+        let known = history
+            .base_present
+            .iter()
+            .zip(dirty.iter().chain(std::iter::repeat(&Vec::new())))
+            .map(|(base, dirty)| snapshot::union_runs(base, dirty))
+            .chain(dirty.iter().skip(history.base_present.len()).cloned())
+            .collect();
+        let captured = self.capture(paused)?;
+        snapshot::write_image(
+            paused,
+            &dir,
+            kind,
+            &captured.parts(),
+            &self.mem,
+            &PageSelection::Full { known },
+        )
+        .map_err(CheckpointError::Write)
+    }
+
+    /// The VM's state while `paused`: vCPUs, VM-wide KVM state, devices, the
+    /// agent's status, and the config and limits it runs with.
+    pub(super) fn capture(&mut self, paused: &Paused) -> Result<Captured, CheckpointError> {
         let vcpus = self.vcpus.save(paused).map_err(CheckpointError::Vcpu)?;
         let machine = MachineState {
             vm: save_vm(&self.vm).map_err(CheckpointError::VmState)?,
@@ -545,89 +532,16 @@ impl EventLoop {
                 pvpanic,
             }
         };
-        let config = self.image_config();
-        let app = AppStatus {
-            ready: self.agent.ready,
-            last_heartbeat: self.agent.last_heartbeat.clone(),
-            last_line: self.agent.last_line.clone(),
-        };
-        let parts = ImageParts {
-            config: &config,
-            limits: &self.cfg.limits,
-            machine: &machine,
-            devices: &devices,
-            app: &app,
-        };
-        let state_us = t0.elapsed().as_micros() as u64 - dirty_us;
-        let pending = match pages {
-            PageSelection::Dirty(runs) => {
-                let buffer = std::mem::take(&mut self.copy_buffer);
-                let pages = snapshot::copy_pages(paused, &self.mem, runs, buffer);
-                Ok(PendingImage::Copied(Box::new(CopiedImage {
-                    dir,
-                    kind,
-                    config,
-                    limits: self.cfg.limits.clone(),
-                    machine,
-                    devices,
-                    app,
-                    pages,
-                })))
-            }
-            full => snapshot::write_image(paused, &dir, kind, &parts, &self.mem, &full)
-                .map(|w| PendingImage::Written(Box::new(w)))
-                .map_err(CheckpointError::Write),
-        };
-        tracing::debug!(
-            dirty_us,
-            state_us,
-            copy_or_write_us = t0.elapsed().as_micros() as u64 - dirty_us - state_us,
-            "checkpoint captured"
-        );
-        pending
-    }
-}
-
-/// A checkpoint captured while the vCPUs were paused, to be finished after.
-enum PendingImage {
-    /// Written to its temporary file already: commit it.
-    Written(Box<ImageWriter>),
-    /// Copied into memory (an incremental layer): write, then commit.
-    Copied(Box<CopiedImage>),
-}
-
-struct CopiedImage {
-    dir: PathBuf,
-    kind: ImageKind,
-    config: ImageConfig,
-    limits: ResourceLimits,
-    machine: MachineState,
-    devices: DeviceState,
-    app: AppStatus,
-    pages: snapshot::PackedPages,
-}
-
-impl PendingImage {
-    /// Writes what is left and commits (fsync, rename, fsync of the
-    /// directory); gives back the copy buffer for the next checkpoint.
-    fn finish(self) -> (Result<CommittedImage, CheckpointError>, Vec<u8>) {
-        match self {
-            PendingImage::Written(writer) => {
-                (writer.commit().map_err(CheckpointError::Commit), Vec::new())
-            }
-            PendingImage::Copied(c) => {
-                let parts = ImageParts {
-                    config: &c.config,
-                    limits: &c.limits,
-                    machine: &c.machine,
-                    devices: &c.devices,
-                    app: &c.app,
-                };
-                let result = snapshot::write_image_packed(&c.dir, c.kind, &parts, &c.pages)
-                    .map_err(CheckpointError::Write)
-                    .and_then(|w| w.commit().map_err(CheckpointError::Commit));
-                (result, c.pages.data)
-            }
-        }
+        Ok(Captured {
+            config: self.image_config(),
+            limits: self.cfg.limits.clone(),
+            machine,
+            devices,
+            app: AppStatus {
+                ready: self.agent.ready,
+                last_heartbeat: self.agent.last_heartbeat.clone(),
+                last_line: self.agent.last_line.clone(),
+            },
+        })
     }
 }
