@@ -4,7 +4,10 @@
 //! # Layout of the directory
 //!
 //! One file per committed image, `<created_ms>-<id>.rimg` (see [`crate::format`]),
-//! plus `.tmp-<id>-<pid>` files of writers in progress. A temporary file whose
+//! its verdict `<created_ms>-<id>.verdict` once background verification has
+//! run ([`Verdict`]: what [`ImageStore::latest_verified`] trusts instead of
+//! reading memory; retention removes it with its image), plus
+//! `.tmp-<id>-<pid>` files of writers in progress. A temporary file whose
 //! writer is gone (no such process, or older than a day) is a crash leftover;
 //! [`ImageStore::open`] removes it. Writers and the store must run in the same
 //! pid namespace for that test to hold.
@@ -78,6 +81,15 @@ pub enum StoreError {
     #[error("cannot remove {}", path.display())]
     Remove {
         /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// A verdict could not be recorded.
+    #[error("cannot record the verdict {}", path.display())]
+    Verdict {
+        /// The verdict file.
         path: PathBuf,
         /// The OS error.
         #[source]
@@ -244,6 +256,54 @@ pub struct Selection {
     pub skipped: Vec<Skipped>,
 }
 
+/// What background verification found of one image: its header, its
+/// sections and every present page of its memory (a layer alone: its chain
+/// is judged by the verdicts of its members). Kept beside the image as
+/// `<created_ms>-<id>.verdict`, written once the image is committed and
+/// again by a scrub, so that a failover can trust an image without reading
+/// its memory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Verdict {
+    /// The image's id.
+    pub id: String,
+    /// Whether everything verified.
+    pub good: bool,
+    /// Why not, naming the section.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// When it was checked (unix ms).
+    pub checked_unix_ms: u64,
+}
+
+/// The extension of verdict files.
+pub const VERDICT_EXTENSION: &str = "verdict";
+
+/// The verdict file of `image`.
+pub fn verdict_path(image: &Path) -> PathBuf {
+    image.with_extension(VERDICT_EXTENSION)
+}
+
+/// The newest image whose verdict, and its chain's, is good: what
+/// [`ImageStore::latest_verified`] found.
+#[derive(Debug)]
+pub struct VerifiedSelection {
+    /// The chosen image (header and sections checked, memory trusted by its
+    /// verdicts, not read).
+    pub image: Option<ImageReader>,
+    /// Newer images whose verdict (or a chain member's) is bad, newest first.
+    pub skipped: Vec<Skipped>,
+    /// Newer images not verified yet, newest first.
+    pub unverified: Vec<PathBuf>,
+}
+
+/// A chain's standing by verdicts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Standing {
+    Good,
+    Unverified,
+    Bad(String),
+}
+
 /// A VM's image directory.
 #[derive(Debug, Clone)]
 pub struct ImageStore {
@@ -331,6 +391,193 @@ impl ImageStore {
                 cat.files[i].entry(status)
             })
             .collect())
+    }
+
+    /// The recorded verdict of `image`, if one is recorded for this very
+    /// image (same id).
+    pub fn verdict(&self, image: &Path) -> Option<Verdict> {
+        let bytes = fs::read(verdict_path(image)).ok()?;
+        let verdict: Verdict = serde_json::from_slice(&bytes).ok()?;
+        let id = ImageReader::read_header(image).ok()?.id;
+        (verdict.id == id.to_string()).then_some(verdict)
+    }
+
+    /// Verifies `image` (header, sections, every present page) and records
+    /// the verdict beside it (written, fsynced, renamed into place). A
+    /// failure to record is an error; the verdict itself is the answer.
+    pub fn verify(&self, image: &Path) -> Result<Verdict, StoreError> {
+        let checked = ImageReader::open(image).and_then(|r| {
+            r.verify_memory()?;
+            Ok(r.id())
+        });
+        let id = match &checked {
+            Ok(id) => id.to_string(),
+            Err(_) => ImageReader::read_header(image)
+                .map(|h| h.id.to_string())
+                .unwrap_or_default(),
+        };
+        let verdict = Verdict {
+            id,
+            good: checked.is_ok(),
+            reason: checked.err().map(|e| describe(&e)),
+            checked_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+        };
+        let path = verdict_path(image);
+        let tmp = path.with_extension("verdict-new");
+        let bytes = serde_json::to_vec(&verdict).unwrap_or_default();
+        let written = fs::File::create(&tmp)
+            .and_then(|mut f| {
+                io::Write::write_all(&mut f, &bytes)?;
+                f.sync_all()
+            })
+            .and_then(|()| fs::rename(&tmp, &path));
+        if let Err(source) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(StoreError::Verdict { path, source });
+        }
+        Ok(verdict)
+    }
+
+    /// The newest consistency image that background verification found
+    /// good, with every image of its chain: a failover takes it without
+    /// reading guest memory. Newer images with a bad verdict are `skipped`,
+    /// newer ones not verified yet are `unverified` (a caller with nothing
+    /// verified may fall back to [`latest_good`](Self::latest_good), which
+    /// reads them).
+    pub fn latest_verified(&self) -> Result<VerifiedSelection, StoreError> {
+        let cat = Catalog::scan(&self.dir)?;
+        let mut memo: HashMap<usize, Standing> = HashMap::new();
+        let mut skipped = Vec::new();
+        let mut unverified = Vec::new();
+        for (i, f) in cat.files.iter().enumerate().rev() {
+            match &f.header {
+                Ok(h) if h.kind.is_consistency() => {}
+                _ => continue,
+            }
+            match self.standing(&cat, i, &mut memo, 0) {
+                Standing::Good => match ImageReader::open(&f.path) {
+                    Ok(reader) => {
+                        return Ok(VerifiedSelection {
+                            image: Some(reader),
+                            skipped,
+                            unverified,
+                        })
+                    }
+                    Err(e) => skipped.push(Skipped {
+                        path: f.path.clone(),
+                        id: f.id(),
+                        reason: describe(&e),
+                    }),
+                },
+                Standing::Bad(reason) => skipped.push(Skipped {
+                    path: f.path.clone(),
+                    id: f.id(),
+                    reason,
+                }),
+                Standing::Unverified => unverified.push(f.path.clone()),
+            }
+        }
+        Ok(VerifiedSelection {
+            image: None,
+            skipped,
+            unverified,
+        })
+    }
+
+    /// Image `i`'s standing by its verdict and, for a layer, its parent's:
+    /// the first parent candidate that stands good makes it good.
+    fn standing(
+        &self,
+        cat: &Catalog,
+        i: usize,
+        memo: &mut HashMap<usize, Standing>,
+        depth: usize,
+    ) -> Standing {
+        if let Some(s) = memo.get(&i) {
+            return s.clone();
+        }
+        if depth > cat.files.len() {
+            return Standing::Bad("its chain of parents loops".into());
+        }
+        let f = &cat.files[i];
+        let own = match self.verdict(&f.path) {
+            None => Standing::Unverified,
+            Some(v) if !v.good => Standing::Bad(format!(
+                "background verification failed: {}",
+                v.reason.unwrap_or_default()
+            )),
+            Some(_) => Standing::Good,
+        };
+        let standing = match (&own, f.header.as_ref().map(|h| h.kind)) {
+            (Standing::Good, Ok(ImageKind::Incremental { parent })) => {
+                let mut result = Standing::Bad(format!("its parent {parent} is missing"));
+                for c in cat.parent_candidates(parent) {
+                    match self.standing(cat, c, memo, depth + 1) {
+                        Standing::Good => {
+                            result = Standing::Good;
+                            break;
+                        }
+                        Standing::Unverified => result = Standing::Unverified,
+                        Standing::Bad(reason) if !matches!(result, Standing::Unverified) => {
+                            result = Standing::Bad(format!("its parent {parent} is bad: {reason}"));
+                        }
+                        Standing::Bad(_) => {}
+                    }
+                }
+                result
+            }
+            _ => own,
+        };
+        memo.insert(i, standing.clone());
+        standing
+    }
+
+    /// The chain `image` resolves to, by headers alone (no page is read):
+    /// its full image first, then each layer up to `image` itself. A layer's
+    /// parent resolves to a full image merged from it when there is one
+    /// (which ends the chain there), else to the parent itself.
+    pub fn chain(&self, image: &Path) -> Result<Vec<PathBuf>, StoreError> {
+        let cat = Catalog::scan(&self.dir)?;
+        let name = image.file_name();
+        let Some(start) = cat.files.iter().position(|f| f.path.file_name() == name) else {
+            return Err(StoreError::BrokenChain {
+                id: ImageReader::read_header(image)
+                    .map(|h| h.id)
+                    .unwrap_or_else(|_| ImageId::generate()),
+                reason: format!("{} is not in {}", image.display(), self.dir.display()),
+            });
+        };
+        let mut out = vec![start];
+        let mut cur = start;
+        while let Ok(Header {
+            kind: ImageKind::Incremental { parent },
+            id,
+            ..
+        }) = &cat.files[cur].header
+        {
+            let next = cat
+                .parent_candidates(*parent)
+                .into_iter()
+                .find(|&c| cat.root_by_header(c, 0).is_some())
+                .ok_or_else(|| StoreError::BrokenChain {
+                    id: *id,
+                    reason: format!(
+                        "its parent {parent} is missing or does not reach a full image"
+                    ),
+                })?;
+            if out.contains(&next) || out.len() > cat.files.len() {
+                return Err(StoreError::BrokenChain {
+                    id: *id,
+                    reason: "its chain of parents loops".into(),
+                });
+            }
+            out.push(next);
+            cur = next;
+        }
+        out.reverse();
+        Ok(out.into_iter().map(|i| cat.files[i].path.clone()).collect())
     }
 
     /// The path of the image with this id, if the store has it.
@@ -433,6 +680,7 @@ impl ImageStore {
             if *kept {
                 continue;
             }
+            let _ = fs::remove_file(verdict_path(&f.path));
             match fs::remove_file(&f.path) {
                 Ok(()) => deleted.push(f.path.clone()),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -442,6 +690,15 @@ impl ImageStore {
                         source,
                     })
                 }
+            }
+        }
+        // Verdicts of images removed by others (a discard after a failure).
+        for entry in self.read_dir()? {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == VERDICT_EXTENSION)
+                && !path.with_extension(IMAGE_EXTENSION).exists()
+            {
+                let _ = fs::remove_file(&path);
             }
         }
         if !deleted.is_empty() {
@@ -1280,6 +1537,75 @@ mod tests {
             most <= bound,
             "the directory held {most} images, more than {bound}"
         );
+    }
+
+    /// Failover trusts verdicts: the newest image whose own verdict and
+    /// chain are good, newer unverified or bad ones passed over and named.
+    #[test]
+    fn latest_verified_takes_the_newest_image_good_by_verdict_with_its_chain() {
+        let root = TempDir::new("store-verdicts");
+        let store = ImageStore::open(root.path(), 3).unwrap();
+        let mem = region(PAGES, |p| p as u8 + 1);
+        let f = full(&store, "f", &mem);
+        let l1 = layer(&store, f.id, "l1", &mem, vec![run(0, 1)]);
+        let l2 = layer(&store, l1.id, "l2", &mem, vec![run(1, 1)]);
+        let id = |s: &VerifiedSelection| s.image.as_ref().map(ImageReader::id);
+
+        // Nothing verified yet: nothing to take, all three unverified.
+        let none = store.latest_verified().unwrap();
+        assert_eq!(id(&none), None);
+        assert_eq!(
+            none.unverified,
+            [l2.path.clone(), l1.path.clone(), f.path.clone()]
+        );
+
+        assert!(store.verify(&f.path).unwrap().good);
+        assert!(store.verify(&l1.path).unwrap().good);
+        let chosen = store.latest_verified().unwrap();
+        assert_eq!(id(&chosen), Some(l1.id));
+        assert_eq!(chosen.unverified, std::slice::from_ref(&l2.path));
+
+        // A layer whose own memory is bad is skipped, with the reason.
+        corrupt_memory(&l2.path);
+        let v = store.verify(&l2.path).unwrap();
+        assert!(
+            !v.good && v.reason.as_deref().is_some_and(|r| r.contains("memory")),
+            "{v:?}"
+        );
+        let chosen = store.latest_verified().unwrap();
+        assert_eq!(id(&chosen), Some(l1.id));
+        assert_eq!(chosen.skipped.len(), 1);
+        assert!(
+            chosen.skipped[0]
+                .reason
+                .contains("background verification failed"),
+            "{:?}",
+            chosen.skipped
+        );
+
+        // A verdict of another image under this name does not count.
+        fs::copy(verdict_path(&l1.path), verdict_path(&f.path)).unwrap();
+        assert_eq!(store.verdict(&f.path), None);
+        let chosen = store.latest_verified().unwrap();
+        assert_eq!(id(&chosen), None, "l1's chain is no longer verified");
+
+        // Retention removes verdicts with their images.
+        store.verify(&f.path).unwrap();
+        let f2 = full(&store, "f2", &mem);
+        let f3 = full(&store, "f3", &mem);
+        let f4 = full(&store, "f4", &mem);
+        for img in [&f2, &f3, &f4] {
+            store.verify(&img.path).unwrap();
+        }
+        store.retain(&[]).unwrap();
+        for gone in [&f, &l1, &l2] {
+            assert!(
+                !gone.path.exists() && !verdict_path(&gone.path).exists(),
+                "{}",
+                gone.path.display()
+            );
+        }
+        assert!(verdict_path(&f4.path).exists());
     }
 
     #[test]

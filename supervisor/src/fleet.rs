@@ -842,22 +842,17 @@ impl VmTask {
         let store = self.store()?;
         let chosen = match target {
             RestoreTarget::Consistency => {
-                let selection = store.latest_good().map_err(|e| e.to_string())?;
-                for skipped in &selection.skipped {
+                // Verdicts, not memory: nothing on this path reads guest pages.
+                let verified = store.latest_verified().map_err(|e| e.to_string())?;
+                for skipped in &verified.skipped {
                     self.note(
                         "image-skipped",
                         format!("{}: {}", skipped.path.display(), skipped.reason),
                     );
                 }
-                match selection.image {
+                match verified.image {
                     Some(image) => Some((RestoreTarget::Consistency, image.path().to_path_buf())),
-                    None => {
-                        self.note(
-                            "no-consistency-image",
-                            "no good consistency image: falling back to the boot image".into(),
-                        );
-                        None
-                    }
+                    None => self.latest_good_unverified(&store, &verified.unverified)?,
                 }
             }
             RestoreTarget::Image(id) => {
@@ -895,6 +890,47 @@ impl VmTask {
                         Ok((RestoreTarget::Boot, None, RestorePath::Cold))
                     }
                 }
+            }
+        }
+    }
+
+    /// No consistency image has a good verdict yet: the newest one that
+    /// verifies when read whole (header, sections, memory, chain), which the
+    /// event says; `None` falls back to the boot image.
+    fn latest_good_unverified(
+        &self,
+        store: &ImageStore,
+        unverified: &[PathBuf],
+    ) -> Result<Option<(RestoreTarget, PathBuf)>, String> {
+        let selection = store.latest_good().map_err(|e| e.to_string())?;
+        for skipped in &selection.skipped {
+            self.note(
+                "image-skipped",
+                format!("{}: {}", skipped.path.display(), skipped.reason),
+            );
+        }
+        match selection.image {
+            Some(image) => {
+                self.note(
+                    "image-unverified",
+                    format!(
+                        "no consistency image has been verified yet ({} waiting): restoring {}, \
+                         checked now by reading it",
+                        unverified.len(),
+                        image.path().display()
+                    ),
+                );
+                Ok(Some((
+                    RestoreTarget::Consistency,
+                    image.path().to_path_buf(),
+                )))
+            }
+            None => {
+                self.note(
+                    "no-consistency-image",
+                    "no good consistency image: falling back to the boot image".into(),
+                );
+                Ok(None)
             }
         }
     }

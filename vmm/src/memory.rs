@@ -204,6 +204,68 @@ pub fn map_file_over(
     Ok(())
 }
 
+/// Maps, for each region, the page runs `present` of `file` (at the
+/// region's `file_offset`) over guest memory: one private, copy-on-write
+/// MAP_FIXED mapping per run, so a layer's pages replace its base's where it
+/// has them. `layouts` are (guest address, length, file offset, runs) and
+/// must match the regions one for one.
+///
+/// The caller must keep every vCPU out of `KVM_RUN` while the mappings change.
+pub fn map_runs_over(
+    mem: &GuestMemoryMmap,
+    file: &std::fs::File,
+    layouts: &[(u64, u64, u64, &[relive_images::format::PageRun])],
+) -> Result<(), MemoryError> {
+    use std::os::fd::AsRawFd;
+    let regions: Vec<_> = mem.iter().collect();
+    let ours: Vec<(u64, u64)> = regions
+        .iter()
+        .map(|r| (r.start_addr().raw_value(), r.len()))
+        .collect();
+    let theirs: Vec<(u64, u64)> = layouts.iter().map(|l| (l.0, l.1)).collect();
+    if ours != theirs {
+        return Err(MemoryError::LayoutMismatch {
+            ours: format!("{ours:x?}"),
+            theirs: format!("{theirs:x?}"),
+        });
+    }
+    const PAGE: u64 = 4096;
+    for (region, &(_, len, offset, runs)) in regions.iter().zip(layouts) {
+        for run in runs {
+            if (run.first_page + run.count) * PAGE > len {
+                return Err(MemoryError::LayoutMismatch {
+                    ours: format!("a region of {len:#x} bytes"),
+                    theirs: format!("pages {}+{}", run.first_page, run.count),
+                });
+            }
+            let at = run.first_page * PAGE;
+            let target = region.as_ptr() as usize + at as usize;
+            // SAFETY: the target range lies inside one of our own guest
+            // memory mappings (checked above), so MAP_FIXED replaces nothing
+            // else; no Rust reference into guest memory is alive across this
+            // call (vCPUs are parked; devices use vm-memory's volatile
+            // accessors, which re-read the pointer's pages).
+            let ptr = unsafe {
+                libc::mmap(
+                    target as *mut libc::c_void,
+                    (run.count * PAGE) as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                    file.as_raw_fd(),
+                    (offset + at) as libc::off_t,
+                )
+            };
+            if ptr == libc::MAP_FAILED || ptr as usize != target {
+                return Err(MemoryError::MapOver {
+                    addr: region.start_addr().raw_value() + at,
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Bytes of guest memory this process has in RAM: the `Rss` of each guest
 /// memory mapping in `/proc/self/smaps`. The kernel counts only pages mapped
 /// into this process (it walks the present page-table entries, so the cost

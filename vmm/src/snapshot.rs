@@ -157,6 +157,48 @@ pub struct LoadedImage {
     pub devices: DeviceState,
     /// Last application status.
     pub app: AppStatus,
+    /// For a layer: its chain below it, the full image first, then the
+    /// layers before it, oldest first. Empty for a full image.
+    pub chain: Vec<ImageReader>,
+}
+
+/// At most this many page runs are mapped over a layer's base; a chain with
+/// more (scattered pages in several layers) is merged first instead, so a
+/// restore never nears the kernel's limit on mappings (`vm.max_map_count`).
+pub const MAX_OVERLAY_RUNS: usize = 16_384;
+
+impl LoadedImage {
+    /// The image whose memory is mapped first: the chain's full image.
+    pub fn base(&self) -> &ImageReader {
+        self.chain.first().unwrap_or(&self.reader)
+    }
+
+    /// The layers mapped over the base, oldest first (`reader` last when it
+    /// is a layer).
+    pub fn overlays(&self) -> impl Iterator<Item = &ImageReader> {
+        self.chain
+            .iter()
+            .skip(1)
+            .chain((!self.chain.is_empty()).then_some(&self.reader))
+    }
+
+    /// Per region, every page present in the base or a layer.
+    pub fn present(&self) -> Vec<Vec<PageRun>> {
+        let mut out: Vec<Vec<PageRun>> = self
+            .base()
+            .memory_map()
+            .iter()
+            .map(|m| m.present.clone())
+            .collect();
+        for layer in self.overlays() {
+            for (i, m) in layer.memory_map().iter().enumerate() {
+                if let Some(runs) = out.get_mut(i) {
+                    *runs = union_runs(runs, &m.present);
+                }
+            }
+        }
+        out
+    }
 }
 
 /// What a VM hands to [`write_image`].
@@ -542,12 +584,58 @@ pub fn load_recipe(path: &Path) -> Result<Option<BootRecipe>, SnapshotError> {
     }))
 }
 
-/// Opens an image and decodes everything but guest memory.
+/// Opens an image and decodes everything but guest memory; for a layer,
+/// opens its chain (headers only: no page is read, nothing is merged). A
+/// chain whose layers hold more than [`MAX_OVERLAY_RUNS`] page runs is
+/// merged into a full image first ([`resolve_full`]).
 pub fn load(path: &Path) -> Result<LoadedImage, SnapshotError> {
+    let read_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| SnapshotError::Read { path, source }
+    };
+    let header = ImageReader::read_header(path).map_err(read_err(path))?;
+    if let ImageKind::Incremental { .. } = header.kind {
+        let merge_err = |e: &dyn std::fmt::Display| SnapshotError::Merge {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        };
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let store =
+            relive_images::store::ImageStore::open(dir, usize::MAX).map_err(|e| merge_err(&e))?;
+        let paths = store.chain(path).map_err(|e| merge_err(&e))?;
+        let mut chain = Vec::with_capacity(paths.len());
+        for p in &paths[..paths.len() - 1] {
+            chain.push(ImageReader::open(p).map_err(read_err(p))?);
+        }
+        let reader = ImageReader::open(path).map_err(read_err(path))?;
+        let runs: usize = chain
+            .iter()
+            .skip(1)
+            .chain(std::iter::once(&reader))
+            .flat_map(|r| r.memory_map().iter().map(|m| m.present.len()))
+            .sum();
+        if runs > MAX_OVERLAY_RUNS {
+            tracing::info!(layer = %path.display(), runs, "too many page runs to map: merging the chain first");
+            return load_one(&resolve_full(path)?);
+        }
+        return decode(reader, path, chain);
+    }
+    load_one(path)
+}
+
+fn load_one(path: &Path) -> Result<LoadedImage, SnapshotError> {
     let reader = ImageReader::open(path).map_err(|source| SnapshotError::Read {
         path: path.to_path_buf(),
         source,
     })?;
+    decode(reader, path, Vec::new())
+}
+
+fn decode(
+    reader: ImageReader,
+    path: &Path,
+    chain: Vec<ImageReader>,
+) -> Result<LoadedImage, SnapshotError> {
     Ok(LoadedImage {
         config: section(&reader, path, SectionKind::Config)?,
         limits: section(&reader, path, SectionKind::Limits)?,
@@ -555,21 +643,48 @@ pub fn load(path: &Path) -> Result<LoadedImage, SnapshotError> {
         devices: section(&reader, path, SectionKind::DeviceState)?,
         app: section(&reader, path, SectionKind::AppStatus)?,
         reader,
+        chain,
     })
 }
 
 /// Maps guest memory from the image: one private, copy-on-write file mapping
-/// per region. Nothing is read until the guest touches it.
+/// per region of its base, then, for a layer, each present run of each layer
+/// over it ([`overlay`]). Nothing is read until the guest touches it.
 pub fn map_memory(image: &LoadedImage) -> Result<GuestMemoryMmap, SnapshotError> {
-    let path = image.reader.path().to_path_buf();
+    let mem = map_base(image)?;
+    overlay(&mem, image)?;
+    Ok(mem)
+}
+
+/// Maps each layer's present pages over `mem` (already holding the base),
+/// oldest layer first: private, copy-on-write, nothing read.
+pub fn overlay(mem: &GuestMemoryMmap, image: &LoadedImage) -> Result<(), SnapshotError> {
+    for layer in image.overlays() {
+        let layouts: Vec<(u64, u64, u64, &[PageRun])> = layer
+            .memory_map()
+            .iter()
+            .map(|m| (m.guest_addr, m.len, m.file_offset, m.present.as_slice()))
+            .collect();
+        crate::memory::map_runs_over(mem, layer.file(), &layouts).map_err(|e| {
+            SnapshotError::Map {
+                path: layer.path().to_path_buf(),
+                reason: e.to_string(),
+            }
+        })?;
+    }
+    Ok(())
+}
+
+fn map_base(image: &LoadedImage) -> Result<GuestMemoryMmap, SnapshotError> {
+    let base = image.base();
+    let path = base.path().to_path_buf();
     let map_err = |reason: String| SnapshotError::Map {
         path: path.clone(),
         reason,
     };
     let mut regions = Vec::new();
-    for layout in image.reader.memory_map() {
-        let file: File = image
-            .reader
+    for layout in base.memory_map() {
+        let file: File = base
             .file()
             .try_clone()
             .map_err(|e| map_err(format!("cannot duplicate the image fd: {e}")))?;

@@ -51,10 +51,11 @@ use relive_control::{
     AgentStatus, AppStatus, CheckpointKind, CheckpointReport, ErrorKind, ExitReason, ExitRecord,
     Request, ResourceLimits, Response, RestoreReport, RunState, VmStatus,
 };
-use relive_images::format::{ImageId, ImageKind, ImageReader, ImageWriter, PageRun};
+use relive_images::format::{ImageId, ImageKind, ImageWriter, PageRun};
 use relive_images::store::ImageStore;
 
 mod checkpoint;
+mod housekeeping;
 mod live;
 
 use checkpoint::ImageHistory;
@@ -403,8 +404,8 @@ impl Vm {
     /// Builds a VM from a failover image: memory mapped from the image,
     /// KVM and device state loaded; the guest resumes where the image was taken.
     ///
-    /// An incremental layer is first merged with its chain into a new full
-    /// image in the layer's directory, and the VM is restored from that.
+    /// An incremental layer is restored through its chain without merging:
+    /// the full image's memory is mapped, then each layer's pages over it.
     pub fn restore(
         image: &std::path::Path,
         console: ConsoleOutput,
@@ -413,8 +414,7 @@ impl Vm {
         keep_images: usize,
         name: Option<String>,
     ) -> Result<Vm, VmError> {
-        let image = snapshot::resolve_full(image)?;
-        if let Some(recipe) = snapshot::load_recipe(&image)? {
+        if let Some(recipe) = snapshot::load_recipe(image)? {
             tracing::info!(image = %image.display(), "booting afresh from a boot recipe");
             let cfg = VmConfig {
                 boot: BootConfig {
@@ -434,7 +434,7 @@ impl Vm {
             };
             return Self::assemble(cfg, Origin::Boot);
         }
-        let loaded = snapshot::load(&image)?;
+        let loaded = snapshot::load(image)?;
         let cfg = VmConfig {
             boot: BootConfig {
                 kernel: boot::KernelSource::parse(&loaded.config.kernel),

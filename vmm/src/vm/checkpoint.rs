@@ -192,7 +192,7 @@ pub(super) struct ImageHistory {
     /// The image a running restore uses: never deleted.
     pub(super) in_use: Option<ImageId>,
     /// Background merge and retention.
-    housekeeper: Option<std::thread::JoinHandle<()>>,
+    housekeeper: Option<super::housekeeping::Housekeeper>,
 }
 
 impl ImageHistory {
@@ -230,12 +230,7 @@ impl ImageHistory {
         // the first image after a boot-image start is full.
         self.need_full = !same_dir || image.reader.kind() == ImageKind::Boot;
         self.layers = 0;
-        self.base_present = image
-            .reader
-            .memory_map()
-            .iter()
-            .map(|m| m.present.clone())
-            .collect();
+        self.base_present = image.present();
         self.in_use = Some(image.reader.id());
     }
 
@@ -258,7 +253,7 @@ impl ImageHistory {
         if merge.is_some() {
             self.layers = 0;
         }
-        self.housekeeping(merge);
+        self.housekeeping(&image.path, merge);
         CheckpointReport {
             image_id: image.id.to_string(),
             kind: match kind {
@@ -273,39 +268,27 @@ impl ImageHistory {
         }
     }
 
-    /// Merges `merge` (a layer) into a new full image if given, then applies
-    /// retention, on a background thread; one at a time.
-    fn housekeeping(&mut self, merge: Option<PathBuf>) {
-        if let Some(previous) = self.housekeeper.take() {
-            if !previous.is_finished() {
-                // Still busy: retention will run again after the next checkpoint.
-                self.housekeeper = Some(previous);
-                return;
+    /// Queues the store's background work after `image` was committed:
+    /// its verification, the merge of `merge` (a layer) if given, retention.
+    fn housekeeping(&mut self, image: &std::path::Path, merge: Option<PathBuf>) {
+        use super::housekeeping::{Housekeeper, Job};
+        if self.housekeeper.is_none() {
+            match Housekeeper::start(self.store.clone()) {
+                Ok(h) => self.housekeeper = Some(h),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start image housekeeping");
+                    return;
+                }
             }
-            let _ = previous.join();
         }
-        let store = self.store.clone();
-        let in_use: Vec<ImageId> = self.in_use.into_iter().chain(self.last).collect();
-        let spawned = std::thread::Builder::new()
-            .name("image-store".into())
-            .spawn(move || {
-                if let Some(layer) = merge {
-                    match ImageReader::open(&layer)
-                        .map_err(|e| e.to_string())
-                        .and_then(|r| store.merge(&r).map_err(|e| e.to_string()))
-                    {
-                        Ok(merged) => tracing::info!(image = %merged.id, "merged an image chain"),
-                        Err(e) => tracing::warn!(error = %e, "cannot merge the image chain"),
-                    }
-                }
-                if let Err(e) = store.retain(&in_use) {
-                    tracing::warn!(error = %e, "image retention failed");
-                }
-            });
-        match spawned {
-            Ok(handle) => self.housekeeper = Some(handle),
-            Err(e) => tracing::warn!(error = %e, "cannot start image housekeeping"),
+        let Some(h) = &self.housekeeper else { return };
+        h.push(Job::Verify(image.to_path_buf()));
+        if let Some(layer) = merge {
+            h.push(Job::Merge(layer));
         }
+        h.push(Job::Retain(
+            self.in_use.into_iter().chain(self.last).collect(),
+        ));
     }
 }
 
@@ -353,11 +336,10 @@ impl EventLoop {
         path: &std::path::Path,
         paused: &Paused,
     ) -> Result<(String, String), StandbyRestoreError> {
-        let path = snapshot::resolve_full(path)?;
-        let image = snapshot::load(&path)?;
+        let image = snapshot::load(path)?;
         if image.config.mem_mib != self.cfg.mem_mib || image.config.vcpus != self.cfg.boot.vcpus {
             return Err(StandbyRestoreError::Shape {
-                path,
+                path: path.to_path_buf(),
                 image_mib: image.config.mem_mib,
                 image_vcpus: image.config.vcpus,
                 mib: self.cfg.mem_mib,
@@ -365,13 +347,14 @@ impl EventLoop {
             });
         }
         let layouts: Vec<(u64, u64, u64)> = image
-            .reader
+            .base()
             .memory_map()
             .iter()
             .map(|m| (m.guest_addr, m.len, m.file_offset))
             .collect();
-        memory::map_file_over(&self.mem, image.reader.file(), &layouts)
+        memory::map_file_over(&self.mem, image.base().file(), &layouts)
             .map_err(StandbyRestoreError::Map)?;
+        snapshot::overlay(&self.mem, &image)?;
         restore_vm(&self.vm, &image.machine.vm).map_err(StandbyRestoreError::VmState)?;
         self.vcpus
             .load(paused, &image.machine.vcpus)
