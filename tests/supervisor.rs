@@ -995,3 +995,72 @@ fn a_restarted_supervisor_keeps_the_failure_history_and_the_stopped_vms() {
     assert_eq!(off["state"], "stopped", "{off}");
     assert!(off["pid"].is_null(), "{off}");
 }
+
+/// A failover trusts background verification, and reads no guest memory: the
+/// newest image, whose verdict says its memory is damaged, is passed over
+/// (the event names it and why) and the one before it is restored.
+#[test]
+fn failover_skips_an_image_that_failed_verification_and_restores_the_verified_one_before() {
+    if !require_kvm() {
+        return;
+    }
+    let fleet = up(&["ver"], false);
+    let view = fleet.wait_healthy("ver", 3, false);
+    let dir = std::path::PathBuf::from(view["images_dir"].as_str().unwrap());
+    let consistency = || -> Vec<Value> {
+        let out = run_vmm(["images", "list", dir.to_str().unwrap(), "--json"]);
+        let all: Vec<Value> = serde_json::from_str(&out.stdout).unwrap();
+        all.into_iter().filter(is_consistency).collect()
+    };
+    wait_for("two consistency images", STEP, || {
+        (consistency().len() >= 2).then_some(())
+    });
+    // Paused: no checkpoint comes after the ones looked at here.
+    fleet.act(&["pause", "ver"]);
+    // Every image the VMM committed gets its verdict in the background.
+    let images = wait_for("a verdict for every consistency image", STEP, || {
+        let images = consistency();
+        let missing: Vec<&str> = images
+            .iter()
+            .map(|i| i["path"].as_str().unwrap())
+            .filter(|p| !std::path::Path::new(p).with_extension("verdict").exists())
+            .collect();
+        (images.len() >= 2 && missing.is_empty()).then_some(images)
+    });
+    let newest = &images[images.len() - 1];
+    let before = &images[images.len() - 2];
+    let newest_path = std::path::Path::new(newest["path"].as_str().unwrap());
+    // Damage a page of the newest image and record its verdict again.
+    let reader = relive_images::format::ImageReader::open(newest_path).unwrap();
+    let layout = reader.memory_map()[0].clone();
+    let at = layout.file_offset + layout.present[0].first_page * 4096 + 5;
+    drop(reader);
+    let mut bytes = std::fs::read(newest_path).unwrap();
+    bytes[at as usize] ^= 0xff;
+    std::fs::write(newest_path, &bytes).unwrap();
+    let out = run_vmm(["images", "verify", dir.to_str().unwrap(), "--record"]);
+    assert_eq!(out.code, Some(1), "the damaged image is bad: {out:?}");
+
+    let since = fleet.events().len();
+    fleet.kill_vmm("ver");
+    let (failure, done) = fleet.wait_failover("ver", since, "vmm-killed");
+    assert_eq!(failure["to"], "restoring-consistency", "{failure}");
+    assert_eq!(
+        done["image_id"], before["id"],
+        "{done}\nimages: {images:#?}"
+    );
+    let skipped: Vec<Value> = fleet
+        .events()
+        .into_iter()
+        .skip(since)
+        .filter(|e| e["reason"] == "image-skipped")
+        .collect();
+    assert!(
+        skipped.iter().any(|e| {
+            let d = e["detail"].as_str().unwrap_or("");
+            d.contains(newest_path.to_str().unwrap())
+                && d.contains("background verification failed")
+        }),
+        "no event names the damaged image: {skipped:#?}"
+    );
+}

@@ -178,6 +178,10 @@ enum ImagesAction {
     Verify {
         /// The image directory.
         dir: PathBuf,
+        /// Also record each image's own verdict beside it (what a failover
+        /// trusts; VMMs record one for every image they commit).
+        #[arg(long)]
+        record: bool,
     },
     /// One image in detail: header, sections, memory, config and the guest's
     /// last status. A directory means its latest good image.
@@ -364,8 +368,14 @@ fn images(json: bool, action: ImagesAction) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        ImagesAction::Verify { dir } => {
-            let entries = open(&dir)?.verify_all()?;
+        ImagesAction::Verify { dir, record } => {
+            let store = open(&dir)?;
+            if record {
+                for entry in store.list()? {
+                    store.verify(&entry.path)?;
+                }
+            }
+            let entries = store.verify_all()?;
             let bad = entries
                 .iter()
                 .filter(|e| matches!(e.status, ImageStatus::Bad(_)))
