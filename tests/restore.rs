@@ -165,7 +165,7 @@ fn incremental_chain_restores_exactly_through_its_chain_without_merging() {
         "--images",
         &images_arg,
         "--cmdline",
-        "relive.hb_ms=20 relive.touch_mib=8 relive.dirty_pages=30",
+        "relive.hb_ms=20 relive.touch_mib=8 relive.dirty_pages=2",
     ]);
     first_heartbeat(&vmm.socket);
     let full = checkpoint(&vmm.socket, CheckpointKind::Full);

@@ -1064,3 +1064,73 @@ fn failover_skips_an_image_that_failed_verification_and_restores_the_verified_on
         "no event names the damaged image: {skipped:#?}"
     );
 }
+
+/// Consistency at the sizes users run: a 2 GiB VM whose guest touched 1 GiB
+/// and keeps rewriting 16 MiB, with `heartbeat_timeout: 1s` and a
+/// checkpoint every 2 s, runs a minute with no failure (live checkpoints
+/// keep it running while memory is copied; their pauses are announced and
+/// not counted against the heartbeat deadline), then survives a kill -9 with
+/// its counter continuing from the latest image.
+#[test]
+fn a_vm_of_2_gib_that_touched_1_gib_runs_a_minute_of_checkpoints_then_survives_a_kill() {
+    if !require_kvm() {
+        return;
+    }
+    const RUN: Duration = Duration::from_secs(60);
+    let mut fleet = Fleet::new(|state| {
+        format!(
+            "state_dir: {}\ndefaults:\n  checkpoint_interval: 2s\n  heartbeat_timeout: 1s\n  \
+             ready_grace: 5s\n  failure_window: 60s\n  max_failures: 3\n  keep_images: 2\n  \
+             warm_boot_image: true\nvms:\n  - name: big\n    kernel: bundled\n    \
+             cmdline: \"relive.hb_ms=100 relive.touch_mib=1024 relive.ws_mib=16\"\n    \
+             memory_mib: 2048\n",
+            state.display()
+        )
+    });
+    fleet.start_supervisor();
+    fleet.wait_healthy("big", 1, false);
+    let started = Instant::now();
+    let mut checkpoints = std::collections::BTreeSet::new();
+    while started.elapsed() < RUN {
+        let view = fleet.show("big");
+        assert_eq!(
+            view["state"],
+            "running",
+            "the VM left running {:?} into the run: {view}",
+            started.elapsed()
+        );
+        if let Some(id) = view["last_checkpoint"].as_str() {
+            checkpoints.insert(id.to_string());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let metrics = fleet.metrics();
+    metrics.assert_failures("big", &[]);
+    assert!(
+        checkpoints.len() >= 10,
+        "only {} checkpoints in {RUN:?}: {checkpoints:?}",
+        checkpoints.len()
+    );
+    assert!(
+        metrics.sum(
+            "relive_vm_paused_seconds_total",
+            &[("vm", "big"), ("reason", "checkpoint")]
+        ) > 0.0,
+        "checkpoint pauses are accounted:\n{}",
+        metrics.text
+    );
+
+    // A kill: the latest verified image, the counter going on from it.
+    let since = fleet.events().len();
+    let killed = fleet.kill_vmm("big");
+    let (failure, done) = fleet.wait_failover("big", since, "vmm-killed");
+    assert_eq!(failure["to"], "restoring-consistency", "{failure}");
+    assert_eq!(done["to"], "running", "{done}");
+    let images = fleet.images("big");
+    let image_hb = heartbeat_in_image(image_by_id(&images, done["image_id"].as_str().unwrap()));
+    let pid = wait_for("the restored VMM", STEP, || {
+        fleet.show("big")["pid"].as_u64().filter(|&p| p != killed)
+    });
+    let after = fleet.wait_heartbeat_from("big", pid);
+    image_hb.assert_continued_by(&after, "the restored 2 GiB guest");
+}

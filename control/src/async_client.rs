@@ -203,6 +203,10 @@ impl AsyncWatch {
             };
             match decode(&self.path, &raw) {
                 Ok(Response::Agent { line }) => return Some(WatchEvent::Line(line)),
+                Ok(Response::Paused { reason }) => return Some(WatchEvent::Paused { reason }),
+                Ok(Response::Resumed { reason, paused_us }) => {
+                    return Some(WatchEvent::Resumed { reason, paused_us })
+                }
                 Ok(Response::Exit(record)) => {
                     self.ended = true;
                     return Some(WatchEvent::Exit(record));

@@ -237,6 +237,12 @@ impl Watch {
                     return Ok(None);
                 }
                 Some(Response::Agent { line }) => return Ok(Some(WatchEvent::Line(line))),
+                Some(Response::Paused { reason }) => {
+                    return Ok(Some(WatchEvent::Paused { reason }))
+                }
+                Some(Response::Resumed { reason, paused_us }) => {
+                    return Ok(Some(WatchEvent::Resumed { reason, paused_us }))
+                }
                 Some(Response::Exit(record)) => {
                     self.ended = true;
                     return Ok(Some(WatchEvent::Exit(record)));

@@ -47,6 +47,18 @@ pub enum WatchEvent {
     /// The VM ended: always the last event of a watch, when the VMM could
     /// send it (a killed VMM sends none).
     Exit(ExitRecord),
+    /// The VMM stops the vCPUs for `reason` (a checkpoint) now.
+    Paused {
+        /// Why.
+        reason: String,
+    },
+    /// The vCPUs run again after standing still `paused_us`.
+    Resumed {
+        /// Why they had stopped.
+        reason: String,
+        /// How long, in microseconds.
+        paused_us: u64,
+    },
 }
 
 /// Errors of a control-socket client.

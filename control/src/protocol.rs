@@ -237,6 +237,20 @@ pub enum Response {
     Checkpoint(CheckpointReport),
     /// The answer to `restore`.
     Restored(RestoreReport),
+    /// During `watch`: the VMM stops the vCPUs for a checkpoint now. No
+    /// heartbeat comes until the matching [`Response::Resumed`]: the guest
+    /// is not hung, it was asked to stand still.
+    Paused {
+        /// Why (`checkpoint`).
+        reason: String,
+    },
+    /// During `watch`: the vCPUs run again after a [`Response::Paused`].
+    Resumed {
+        /// Why they had stopped.
+        reason: String,
+        /// How long they stood still, in microseconds.
+        paused_us: u64,
+    },
 }
 
 impl Response {

@@ -35,6 +35,7 @@
 //! | `relive_vcpu_exits_total` | counter, mirrored from the VMM | vm |
 //! | `relive_guest_memory_resident_bytes` | gauge | vm |
 //! | `relive_vmm_cpu_seconds_total` | counter, utime + stime of the VMM process | vm |
+//! | `relive_vm_paused_seconds_total` | counter, time the guest stood still when asked (not counted against `heartbeat_timeout`) | vm, reason |
 //! | `relive_standby_ready` | gauge | vm |
 //! | `relive_standby_memory_bytes` | gauge | vm |
 //!
@@ -193,6 +194,7 @@ pub struct Metrics {
     vcpu_exits: IntCounterVec,
     guest_memory_resident: IntGaugeVec,
     vmm_cpu_seconds: CounterVec,
+    paused_seconds: CounterVec,
     standby_ready: IntGaugeVec,
     standby_memory: IntGaugeVec,
 }
@@ -358,6 +360,17 @@ impl Metrics {
                     &["vm"],
                 )?,
             )?,
+            paused_seconds: register(
+                &r,
+                CounterVec::new(
+                    Opts::new(
+                        "relive_vm_paused_seconds_total",
+                        "Seconds the guest stood still because it was asked to (reason: \
+                         checkpoint); not counted against heartbeat_timeout.",
+                    ),
+                    &["vm", "reason"],
+                )?,
+            )?,
             standby_ready: int_gauge(
                 &r,
                 "relive_standby_ready",
@@ -428,6 +441,7 @@ impl Metrics {
         self.checkpoints_failed.with_label_values(&[vm]);
         self.vcpu_exits.with_label_values(&[vm]);
         self.vmm_cpu_seconds.with_label_values(&[vm]);
+        self.paused_seconds.with_label_values(&[vm, "checkpoint"]);
         self.standby_ready.with_label_values(&[vm]).set(0);
     }
 
@@ -517,6 +531,13 @@ impl Metrics {
     /// Counts one failed checkpoint.
     pub fn record_checkpoint_failure(&self, vm: &str) {
         self.checkpoints_failed.with_label_values(&[vm]).inc();
+    }
+
+    /// Adds a pause the guest was asked for (`reason`: checkpoint).
+    pub fn observe_pause(&self, vm: &str, reason: &str, paused: Duration) {
+        self.paused_seconds
+            .with_label_values(&[vm, reason])
+            .inc_by(paused.as_secs_f64());
     }
 
     /// Sets the image directory's image count and bytes on disk.
@@ -639,6 +660,7 @@ impl Metrics {
         let _ = self.checkpoints_failed.remove_label_values(&[vm]);
         let _ = self.vcpu_exits.remove_label_values(&[vm]);
         let _ = self.vmm_cpu_seconds.remove_label_values(&[vm]);
+        let _ = self.paused_seconds.remove_label_values(&[vm, "checkpoint"]);
         lock(&self.cursors).remove(vm);
     }
 }

@@ -516,6 +516,16 @@ fn ctl(socket: PathBuf, json: bool, action: CtlAction) -> anyhow::Result<ExitCod
                 WatchEvent::Exit(record) => {
                     serde_json::to_string(&Response::Exit(record)).context("cannot encode reply")?
                 }
+                // Pause notices are for programs: JSON only.
+                WatchEvent::Paused { .. } | WatchEvent::Resumed { .. } if !json => continue,
+                WatchEvent::Paused { reason } => {
+                    serde_json::to_string(&Response::Paused { reason })
+                        .context("cannot encode reply")?
+                }
+                WatchEvent::Resumed { reason, paused_us } => {
+                    serde_json::to_string(&Response::Resumed { reason, paused_us })
+                        .context("cannot encode reply")?
+                }
             };
             // A reader that went away (`watch | head`) ends the watch quietly.
             if writeln!(out, "{text}").and_then(|()| out.flush()).is_err() {

@@ -13,9 +13,11 @@
 //! | `AppStatus`   | [`AppStatus`]: what the guest last said on the agent channel   |
 //! | `MemoryMap` + `Memory` | guest RAM, sparse: only pages the guest touched (binary) |
 //!
-//! Which pages are written: a full image writes the pages that are resident in
-//! the VMM (mincore) and not all zero, so untouched memory costs neither disk
-//! nor time. Restore maps each memory region of the image file privately
+//! Which pages are written ([`candidate_runs`]): a full image holds the pages
+//! resident in the VMM (mincore), those of the image the VM was restored
+//! from, and those the dirty log reports, so untouched memory costs neither
+//! disk nor time; a layer holds the dirty pages. Images are written live
+//! (`vm/live.rs`). Restore maps each memory region of the image file privately
 //! (copy-on-write), so it does not read guest memory at all up front: its
 //! latency does not grow with the VM's memory size.
 
@@ -23,9 +25,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 pub use relive_control::{AppStatus, ResourceLimits};
-use relive_images::format::{
-    ImageKind, ImageReader, ImageWriter, MemoryRegionSource, PackedRegion, PageRun, SectionKind,
-};
+use relive_images::format::{ImageKind, ImageReader, ImageWriter, PageRun, SectionKind};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -201,7 +201,7 @@ impl LoadedImage {
     }
 }
 
-/// What a VM hands to [`write_image`].
+/// The state sections of an image ([`add_sections`]).
 pub struct ImageParts<'a> {
     /// Config.
     pub config: &'a ImageConfig,
@@ -219,21 +219,6 @@ fn json<T: Serialize>(section: SectionKind, value: &T) -> Result<Vec<u8>, Snapsh
     serde_json::to_vec(value).map_err(|source| SnapshotError::Encode { section, source })
 }
 
-/// Which guest pages an image holds.
-#[derive(Debug, Clone)]
-pub enum PageSelection {
-    /// A full image: every page that may differ from zero (resident in this
-    /// process, or listed in `known` per region, e.g. the pages of the image
-    /// this VM was restored from), minus the pages that are all zero.
-    Full {
-        /// Extra candidate pages per memory region.
-        known: Vec<Vec<PageRun>>,
-    },
-    /// An incremental layer: exactly these pages per region (zero pages
-    /// included: a page the guest cleared must override its base).
-    Dirty(Vec<Vec<PageRun>>),
-}
-
 /// Sorted, coalesced union of page runs.
 pub fn union_runs(a: &[PageRun], b: &[PageRun]) -> Vec<PageRun> {
     let mut all: Vec<PageRun> = a.iter().chain(b.iter()).copied().collect();
@@ -249,47 +234,6 @@ pub fn union_runs(a: &[PageRun], b: &[PageRun]) -> Vec<PageRun> {
         }
     }
     out
-}
-
-/// Candidate pages of a full image in `bytes` (see [`PageSelection::Full`]).
-fn full_runs(bytes: &[u8], known: &[PageRun]) -> Vec<PageRun> {
-    let pages = bytes.len() / PAGE;
-    let mut candidate = vec![0u8; pages];
-    // SAFETY: `bytes` is a live, page-aligned mapping of `pages` pages (a guest
-    // memory region); `candidate` has one byte per page as mincore(2) requires.
-    let rc = unsafe {
-        libc::mincore(
-            bytes.as_ptr() as *mut _,
-            pages * PAGE,
-            candidate.as_mut_ptr(),
-        )
-    };
-    if rc != 0 {
-        candidate.fill(1);
-    }
-    for run in known {
-        for page in run.first_page..(run.first_page + run.count).min(pages as u64) {
-            candidate[page as usize] = 1;
-        }
-    }
-    let mut runs: Vec<PageRun> = Vec::new();
-    for (page, flag) in candidate.iter().enumerate() {
-        if flag & 1 == 0 {
-            continue;
-        }
-        let chunk = &bytes[page * PAGE..(page + 1) * PAGE];
-        if chunk.iter().all(|b| *b == 0) {
-            continue;
-        }
-        match runs.last_mut() {
-            Some(run) if run.first_page + run.count == page as u64 => run.count += 1,
-            _ => runs.push(PageRun {
-                first_page: page as u64,
-                count: 1,
-            }),
-        }
-    }
-    runs
 }
 
 /// The pages a full image of `mem` must hold, per region: those resident
@@ -358,26 +302,6 @@ unsafe fn region_slices(mem: &GuestMemoryMmap) -> Vec<(u64, &[u8])> {
         .collect()
 }
 
-/// Writes an image of a paused VM into a temporary file in `dir` and returns
-/// the writer; [`ImageWriter::commit`] (fsync, rename, fsync of the
-/// directory) can then run after the vCPUs resume, off the pause.
-///
-/// `paused` proves that no vCPU writes guest memory meanwhile.
-pub fn write_image(
-    paused: &Paused,
-    dir: &Path,
-    kind: ImageKind,
-    parts: &ImageParts<'_>,
-    mem: &GuestMemoryMmap,
-    pages: &PageSelection,
-) -> Result<ImageWriter, SnapshotError> {
-    let _ = paused;
-    // SAFETY: every vCPU is parked while `paused` lives (it outlives this
-    // call) and the VMM's devices do no DMA: nothing writes guest memory.
-    let regions = unsafe { region_slices(mem) };
-    write_image_from(dir, kind, parts, &regions, pages)
-}
-
 /// Guest pages copied out of a paused VM: per region its address, length and
 /// runs, and all their bytes packed in `data` (region by region, run order).
 #[derive(Debug, Default)]
@@ -424,37 +348,6 @@ pub fn copy_pages(
     }
 }
 
-/// Writes an image whose memory is `pages` (see [`copy_pages`]).
-pub fn write_image_packed(
-    dir: &Path,
-    kind: ImageKind,
-    parts: &ImageParts<'_>,
-    pages: &PackedPages,
-) -> Result<ImageWriter, SnapshotError> {
-    let mut writer = ImageWriter::create(dir, kind).map_err(SnapshotError::Write)?;
-    add_sections(&mut writer, parts)?;
-    let mut at = 0usize;
-    let regions: Vec<PackedRegion<'_>> = pages
-        .regions
-        .iter()
-        .map(|(addr, len, runs)| {
-            let bytes: usize = runs.iter().map(|r| r.count as usize * PAGE).sum();
-            let data = &pages.data[at.min(pages.data.len())..(at + bytes).min(pages.data.len())];
-            at += bytes;
-            PackedRegion {
-                guest_addr: *addr,
-                len: *len,
-                present: runs.clone(),
-                data,
-            }
-        })
-        .collect();
-    writer
-        .add_memory_packed(&regions)
-        .map_err(SnapshotError::Write)?;
-    Ok(writer)
-}
-
 pub fn add_sections(writer: &mut ImageWriter, parts: &ImageParts<'_>) -> Result<(), SnapshotError> {
     let sections = [
         (
@@ -484,34 +377,6 @@ pub fn add_sections(writer: &mut ImageWriter, parts: &ImageParts<'_>) -> Result<
             .map_err(SnapshotError::Write)?;
     }
     Ok(())
-}
-
-/// Writes an image whose memory regions are `regions` (guest address, bytes).
-pub fn write_image_from(
-    dir: &Path,
-    kind: ImageKind,
-    parts: &ImageParts<'_>,
-    regions: &[(u64, &[u8])],
-    pages: &PageSelection,
-) -> Result<ImageWriter, SnapshotError> {
-    let mut writer = ImageWriter::create(dir, kind).map_err(SnapshotError::Write)?;
-    add_sections(&mut writer, parts)?;
-    let sources: Vec<MemoryRegionSource<'_>> = regions
-        .iter()
-        .enumerate()
-        .map(|(i, (addr, bytes))| MemoryRegionSource {
-            guest_addr: *addr,
-            bytes,
-            present: match pages {
-                PageSelection::Full { known } => {
-                    full_runs(bytes, known.get(i).map_or(&[][..], Vec::as_slice))
-                }
-                PageSelection::Dirty(dirty) => dirty.get(i).cloned().unwrap_or_default(),
-            },
-        })
-        .collect();
-    writer.add_memory(&sources).map_err(SnapshotError::Write)?;
-    Ok(writer)
 }
 
 fn section<T: for<'de> Deserialize<'de>>(
@@ -710,29 +575,5 @@ mod tests {
         let r = |first_page, count| PageRun { first_page, count };
         let got = union_runs(&[r(0, 2), r(10, 1)], &[r(1, 3), r(11, 2), r(20, 1)]);
         assert_eq!(got, vec![r(0, 4), r(10, 3), r(20, 1)]);
-    }
-
-    #[test]
-    fn full_runs_skip_zero_and_untouched_pages_but_take_known_ones() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 * PAGE)]).unwrap();
-        use vm_memory::Bytes;
-        for page in [1u64, 2, 3, 10, 63] {
-            mem.write_obj(0xabu8, GuestAddress(page * PAGE as u64 + 17))
-                .unwrap();
-        }
-        // A page written with zeros is resident but carries nothing.
-        mem.write_obj(0u8, GuestAddress(20 * PAGE as u64)).unwrap();
-        // SAFETY: no vCPU exists in this test.
-        let regions = unsafe { region_slices(&mem) };
-        let runs = full_runs(regions[0].1, &[]);
-        let got: Vec<(u64, u64)> = runs.iter().map(|r| (r.first_page, r.count)).collect();
-        assert_eq!(got, vec![(1, 3), (10, 1), (63, 1)]);
-        // A known page that holds data but is not resident still counts; a
-        // known page of zeros does not.
-        let known = [PageRun {
-            first_page: 20,
-            count: 1,
-        }];
-        assert_eq!(full_runs(regions[0].1, &known).len(), 3);
     }
 }

@@ -319,6 +319,18 @@ impl Vcpu {
         let vcpu = self.id;
         let state_err = |what| move |source| VcpuError::State { vcpu, what, source };
         let (next, answer) = match (event.body, state) {
+            (VcpuEvent::Pause, VcpuRunState::Running) => {
+                // As Firecracker does: tell the guest's kvmclock it was
+                // stopped, so a Linux guest does not report a soft lockup for
+                // the time it stood still. A guest without kvmclock (the
+                // bundled one) makes this EINVAL, which is no error.
+                if let Err(e) = self.fd.kvmclock_ctrl() {
+                    if e.errno() != libc::EINVAL {
+                        tracing::debug!(vcpu, error = %e, "KVM_KVMCLOCK_CTRL failed");
+                    }
+                }
+                (VcpuRunState::Paused, Some(VcpuResponse::Paused))
+            }
             (VcpuEvent::Pause, _) => (VcpuRunState::Paused, Some(VcpuResponse::Paused)),
             (VcpuEvent::Resume, _) => (VcpuRunState::Running, Some(VcpuResponse::Resumed)),
             (VcpuEvent::Save, VcpuRunState::Paused) => (

@@ -42,9 +42,7 @@ use crate::devices::{
 };
 use crate::memory::{self, GuestMemoryMmap};
 use crate::persist::{restore_vcpu, restore_vm, save_vm, Persist};
-use crate::snapshot::{
-    self, DeviceState, ImageConfig, ImageParts, LoadedImage, MachineState, PageSelection,
-};
+use crate::snapshot::{self, DeviceState, ImageConfig, ImageParts, LoadedImage, MachineState};
 use crate::vcpu::{self, PauseError, Paused, Vcpu, VcpuRunState, VcpuSet};
 use relive_control::heartbeat;
 use relive_control::{
@@ -1145,13 +1143,18 @@ impl EventLoop {
             }
         }
         self.agent.last_line_at = Some(now);
-        self.watchers.retain(
-            |w| match w.lines.try_send(Response::Agent { line: line.clone() }) {
+        self.tell_watchers(&Response::Agent { line: line.clone() });
+        self.agent.last_line = Some(line);
+    }
+
+    /// Queues `response` on every `watch` connection (a full queue drops it
+    /// for that one; a closed one is forgotten).
+    fn tell_watchers(&mut self, response: &Response) {
+        self.watchers
+            .retain(|w| match w.lines.try_send(response.clone()) {
                 Ok(()) | Err(TrySendError::Full(_)) => true,
                 Err(TrySendError::Disconnected(_)) => false,
-            },
-        );
-        self.agent.last_line = Some(line);
+            });
     }
 
     fn push_pending_input(&mut self) {
@@ -1214,14 +1217,11 @@ impl EventLoop {
                     Err(e) => Response::error(e.kind(), &e),
                 }
             }
-            Request::Checkpoint { kind } => match self.start_live_checkpoint(kind, reply) {
+            Request::Checkpoint { kind } => {
                 // Answered once the image is committed (`on_live`).
-                Ok(()) => return None,
-                Err((reply, e)) => {
-                    let _ = reply.send(Response::error(e.kind(), &e));
-                    return None;
-                }
-            },
+                self.checkpoint_request(kind, reply);
+                return None;
+            }
         };
         let _ = reply.send(answer);
         None

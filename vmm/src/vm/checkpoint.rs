@@ -385,11 +385,25 @@ impl EventLoop {
     }
 
     /// Writes this VM's boot image; a failure is logged, the VM runs on.
+    /// A warm one is a live snapshot ([`super::live`]): the guest runs on
+    /// while its memory is copied, and [`Self::boot_image_written`] follows.
     pub(super) fn write_boot_image(&mut self, mode: BootImageMode) {
         let result = match mode {
             BootImageMode::Recipe => self.write_recipe(),
-            BootImageMode::Warm => self.warm_snapshot(),
+            BootImageMode::Warm => {
+                self.start_live(ImageKind::Boot, super::live::Purpose::BootImage);
+                return;
+            }
         };
+        self.boot_image_written(result, mode);
+    }
+
+    /// Records the outcome of writing the boot image.
+    pub(super) fn boot_image_written(
+        &mut self,
+        result: Result<CommittedImage, CheckpointError>,
+        mode: BootImageMode,
+    ) {
         match result {
             Ok(image) => {
                 tracing::info!(path = %image.path.display(), ?mode, "boot image written");
@@ -421,21 +435,6 @@ impl EventLoop {
     }
 
     /// A full snapshot of the freshly booted guest, kept as a boot image.
-    fn warm_snapshot(&mut self) -> Result<CommittedImage, CheckpointError> {
-        if self.live.is_some() {
-            // It would take the dirty log the live checkpoint relies on.
-            return Err(CheckpointError::Busy);
-        }
-        let written = self
-            .with_paused(|vm, paused| vm.write_checkpoint(paused, ImageKind::Boot))
-            .map_err(CheckpointError::Pause)?;
-        if let Some(history) = self.history.as_mut() {
-            // The snapshot consumed the dirty log: the next consistency image is full.
-            history.need_full = true;
-        }
-        written.and_then(|writer| writer.commit().map_err(CheckpointError::Commit))
-    }
-
     fn image_config(&self) -> ImageConfig {
         ImageConfig {
             vcpus: self.cfg.boot.vcpus,
@@ -452,38 +451,6 @@ impl EventLoop {
     /// failure, the slot whose log could not be read.
     pub(super) fn take_dirty_log(&self) -> Result<Vec<Vec<PageRun>>, (u32, kvm_ioctls::Error)> {
         super::live::dirty_log(&self.vm, &self.mem)
-    }
-
-    /// A stop-and-copy full snapshot while `paused`: the warm boot image,
-    /// taken once at the guest's first `ready`, when it has touched little
-    /// memory. Consistency images are live ([`super::live`]).
-    fn write_checkpoint(
-        &mut self,
-        paused: &Paused,
-        kind: ImageKind,
-    ) -> Result<ImageWriter, CheckpointError> {
-        let history = self.history.as_ref().ok_or(CheckpointError::NoImageDir)?;
-        let dir = history.store.dir().to_path_buf();
-        let dirty = self
-            .take_dirty_log()
-            .map_err(|(slot, source)| CheckpointError::DirtyLog { slot, source })?;
-        let known = history
-            .base_present
-            .iter()
-            .zip(dirty.iter().chain(std::iter::repeat(&Vec::new())))
-            .map(|(base, dirty)| snapshot::union_runs(base, dirty))
-            .chain(dirty.iter().skip(history.base_present.len()).cloned())
-            .collect();
-        let captured = self.capture(paused)?;
-        snapshot::write_image(
-            paused,
-            &dir,
-            kind,
-            &captured.parts(),
-            &self.mem,
-            &PageSelection::Full { known },
-        )
-        .map_err(CheckpointError::Write)
     }
 
     /// The VM's state while `paused`: vCPUs, VM-wide KVM state, devices, the

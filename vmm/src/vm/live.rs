@@ -75,9 +75,32 @@ impl std::fmt::Debug for LiveEvent {
     }
 }
 
+/// What a live snapshot is for.
+pub(super) enum Purpose {
+    /// A consistency image a `checkpoint` request asked for: answered here.
+    Checkpoint(SyncSender<Response>),
+    /// The warm boot image, at the guest's first `ready`.
+    BootImage,
+}
+
+impl Purpose {
+    /// Tells whoever waits that the snapshot failed.
+    fn failed(self, e: CheckpointError) {
+        match self {
+            Purpose::Checkpoint(reply) => {
+                let _ = reply.send(Response::error(e.kind(), &e));
+            }
+            Purpose::BootImage => {
+                let error = relive_control::error_chain(&e);
+                tracing::error!(%error, "cannot write the warm boot image");
+            }
+        }
+    }
+}
+
 /// A live checkpoint in progress, as the event thread holds it.
 pub(super) struct LiveCheckpoint {
-    reply: SyncSender<Response>,
+    purpose: Purpose,
     kind: ImageKind,
     started: Instant,
     /// The pause's state and last pages go to the writer thread here.
@@ -276,27 +299,44 @@ impl Writer {
 }
 
 impl EventLoop {
-    /// Starts a live checkpoint (see the module docs); the answer to the
-    /// request goes to `reply` once the image is committed. An error that
-    /// stops it from starting is returned at once.
-    pub(super) fn start_live_checkpoint(
+    /// A `checkpoint` request: starts a live checkpoint (see the module
+    /// docs); `reply` gets the answer once the image is committed, or the
+    /// error that kept it from starting.
+    pub(super) fn checkpoint_request(
         &mut self,
         requested: CheckpointKind,
         reply: SyncSender<Response>,
-    ) -> Result<(), (SyncSender<Response>, CheckpointError)> {
+    ) {
+        let kind = self.history.as_ref().map(|history| {
+            match (requested, history.last.filter(|_| !history.need_full)) {
+                (CheckpointKind::Incremental, Some(parent)) => ImageKind::Incremental { parent },
+                _ => ImageKind::Full,
+            }
+        });
+        self.start_live(kind.unwrap_or(ImageKind::Full), Purpose::Checkpoint(reply));
+    }
+
+    /// Starts a live snapshot of `kind` for `purpose` (see the module docs);
+    /// an error that keeps it from starting goes to `purpose` at once.
+    pub(super) fn start_live(&mut self, kind: ImageKind, purpose: Purpose) {
+        if let Err(e) = self.try_start_live(kind) {
+            purpose.failed(e);
+            return;
+        }
+        if let Some(live) = self.live.as_mut() {
+            live.purpose = purpose;
+        }
+    }
+
+    fn try_start_live(&mut self, kind: ImageKind) -> Result<(), CheckpointError> {
         if self.live.is_some() {
-            return Err((reply, CheckpointError::Busy));
+            return Err(CheckpointError::Busy);
         }
         if matches!(self.activity, Activity::Standby(_)) {
-            return Err((reply, CheckpointError::NoGuest));
+            return Err(CheckpointError::NoGuest);
         }
         let Some(history) = self.history.as_ref() else {
-            return Err((reply, CheckpointError::NoImageDir));
-        };
-        let parent = history.last.filter(|_| !history.need_full);
-        let kind = match (requested, parent) {
-            (CheckpointKind::Incremental, Some(parent)) => ImageKind::Incremental { parent },
-            _ => ImageKind::Full,
+            return Err(CheckpointError::NoImageDir);
         };
         let dir = history.store.dir().to_path_buf();
         let known = history.base_present.clone();
@@ -304,9 +344,13 @@ impl EventLoop {
             Ok(dirty) => dirty,
             Err((slot, source)) => {
                 self.mark_need_full();
-                return Err((reply, CheckpointError::DirtyLog { slot, source }));
+                return Err(CheckpointError::DirtyLog { slot, source });
             }
         };
+        if kind == ImageKind::Boot {
+            // The boot image takes the dirty log: the next consistency image is full.
+            self.mark_need_full();
+        }
         let round0 = match kind {
             ImageKind::Incremental { .. } => dirty,
             _ => snapshot::candidate_runs(&self.mem, &known, &dirty),
@@ -324,7 +368,7 @@ impl EventLoop {
             Ok(started) => started,
             Err(e) => {
                 self.mark_need_full();
-                return Err((reply, CheckpointError::Commit(e)));
+                return Err(CheckpointError::Commit(e));
             }
         };
         let (final_tx, final_rx) = std::sync::mpsc::channel();
@@ -349,10 +393,10 @@ impl EventLoop {
             .spawn(move || writer.run());
         if let Err(source) = spawned {
             self.mark_need_full();
-            return Err((reply, CheckpointError::Thread(source)));
+            return Err(CheckpointError::Thread(source));
         }
         self.live = Some(LiveCheckpoint {
-            reply,
+            purpose: Purpose::BootImage,
             kind,
             started: Instant::now(),
             final_tx: Some(final_tx),
@@ -377,11 +421,18 @@ impl EventLoop {
                 let Some(live) = self.live.take() else {
                     return;
                 };
-                let answer = match self.on_live_written(&live, result, stats) {
-                    Ok(report) => Response::Checkpoint(report),
-                    Err(e) => Response::error(e.kind(), &e),
-                };
-                let _ = live.reply.send(answer);
+                match &live.purpose {
+                    Purpose::BootImage => {
+                        self.boot_image_written(result, BootImageMode::Warm);
+                    }
+                    Purpose::Checkpoint(reply) => {
+                        let answer = match self.on_live_written(&live, result, stats) {
+                            Ok(report) => Response::Checkpoint(report),
+                            Err(e) => Response::error(e.kind(), &e),
+                        };
+                        let _ = reply.send(answer);
+                    }
+                }
             }
         }
     }
@@ -392,6 +443,11 @@ impl EventLoop {
             return;
         }
         let buffer = std::mem::take(&mut self.copy_buffer);
+        // Watchers (the supervisor) learn that the silence to come is asked
+        // for, before it starts.
+        self.tell_watchers(&Response::Paused {
+            reason: "checkpoint".into(),
+        });
         let outcome = self.with_paused(|vm, paused| {
             let at = Instant::now();
             let staged = vm
@@ -403,6 +459,14 @@ impl EventLoop {
                     Ok(FinalStage { captured, pages })
                 });
             (staged, at.elapsed().as_micros() as u64)
+        });
+        let paused_us = match &outcome {
+            Ok((_, us)) => *us,
+            Err(_) => 0,
+        };
+        self.tell_watchers(&Response::Resumed {
+            reason: "checkpoint".into(),
+            paused_us,
         });
         let Some(live) = self.live.as_mut() else {
             return;
