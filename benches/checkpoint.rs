@@ -93,7 +93,13 @@ fn start(vmm: &Path, dir: &Path, touched: u64) -> Result<Guest> {
     let socket = dir.join("ctl.sock");
     let images = dir.join("images");
     let child = Command::new(vmm)
-        .args(["run", "--kernel", "bundled", "--mem-mib", &MEM_MIB.to_string()])
+        .args([
+            "run",
+            "--kernel",
+            "bundled",
+            "--mem-mib",
+            &MEM_MIB.to_string(),
+        ])
         .args([
             "--cmdline",
             &format!("relive.hb_ms={HB_MS} relive.touch_mib={touched} relive.ws_mib={WS_MIB}"),
@@ -135,7 +141,9 @@ fn start(vmm: &Path, dir: &Path, touched: u64) -> Result<Guest> {
                     .find_map(|w| w.strip_prefix("gap_tsc="))
                     .and_then(|g| g.parse().ok())
                 {
-                    sink.lock().unwrap_or_else(|e| e.into_inner()).push((Instant::now(), gap));
+                    sink.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((Instant::now(), gap));
                 }
             }
         }
@@ -163,7 +171,10 @@ fn run_kind(g: &Guest, kind: CheckpointKind, runs: usize, tsc_ms: f64) -> Result
     for _ in 0..runs {
         let started = Instant::now();
         let report = ControlClient::connect(&g.socket)
-            .and_then(|c| c.with_timeout(Some(Duration::from_secs(600))).checkpoint(kind))
+            .and_then(|c| {
+                c.with_timeout(Some(Duration::from_secs(600)))
+                    .checkpoint(kind)
+            })
             .map_err(|e| format!("checkpoint: {e}"))?;
         let ended = Instant::now();
         std::thread::sleep(Duration::from_millis(100 + 2 * HB_MS));
@@ -180,7 +191,8 @@ fn run_kind(g: &Guest, kind: CheckpointKind, runs: usize, tsc_ms: f64) -> Result
         f.total_ms.push(report.total_us as f64 / 1e3);
         f.gap_ms.push(gap as f64 / tsc_ms);
         f.rounds.push(f64::from(report.copy.rounds));
-        f.recopied_mib.push(report.copy.recopied_pages as f64 * 4096.0 / (1 << 20) as f64);
+        f.recopied_mib
+            .push(report.copy.recopied_pages as f64 * 4096.0 / (1 << 20) as f64);
         if kind == CheckpointKind::Full {
             let on_disk = std::fs::metadata(&report.path)
                 .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
@@ -234,7 +246,14 @@ fn bench() -> Result<()> {
     );
     println!(
         "{:>8} {:>12} {:>17} {:>19} {:>7} {:>13} {:>17} {:>14}",
-        "touched", "kind", "pause ms med/p90", "total ms med/p90", "rounds", "recopied MiB", "guest gap med/p90", "MB/s (disk)"
+        "touched",
+        "kind",
+        "pause ms med/p90",
+        "total ms med/p90",
+        "rounds",
+        "recopied MiB",
+        "guest gap med/p90",
+        "MB/s (disk)"
     );
     let mut rows = Vec::new();
     let mut full_pause = Vec::new();
@@ -299,7 +318,10 @@ fn bench() -> Result<()> {
         "target: pause <= 5 ms median at every size: {} (worst median {max_pause:.2} ms)",
         verdict(max_pause <= 5.0)
     );
-    println!("target: pause(largest) / pause(smallest) <= 2: {}", verdict(ratio <= 2.0));
+    println!(
+        "target: pause(largest) / pause(smallest) <= 2: {}",
+        verdict(ratio <= 2.0)
+    );
     println!(
         "target: guest-visible gap <= 10 ms median at every size: {} (worst median {max_gap:.2} ms)",
         verdict(max_gap <= 10.0)

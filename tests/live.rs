@@ -11,11 +11,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 
 use common::{
-    connect, heartbeat, request, require_kvm, run_vmm, temp_dir, vmm_command, wait_gone,
-    ChildGuard, Heartbeat, TempDir, Vmm, STEP_TIMEOUT,
+    connect, heartbeat, request, require_kvm, run_vmm, spawn_restore, temp_dir, wait_gone,
+    Heartbeat, TempDir, Vmm, STEP_TIMEOUT,
 };
 use relive_control::{CheckpointKind, CheckpointReport, Request, Response};
 use relive_images::format::{ImageKind, ImageReader, ImageWriter, SectionKind, PAGE_SIZE};
@@ -56,25 +55,6 @@ fn image_heartbeat(image: &Path) -> Heartbeat {
     assert_eq!(out.code, Some(0), "{out:?}");
     let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
     heartbeat(v["app_status"]["last_heartbeat"].as_str().unwrap()).unwrap()
-}
-
-/// A VMM restored from `image`, its socket, and the directory that holds it.
-fn restore(image: &Path) -> (ChildGuard, PathBuf, TempDir) {
-    let dir = temp_dir();
-    let socket = dir.join("ctl.sock");
-    let child = ChildGuard::spawn(
-        vmm_command()
-            .arg("restore")
-            .arg("--image")
-            .arg(image)
-            .arg("--control")
-            .arg(&socket)
-            .arg("--console")
-            .arg(dir.join("console.log"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-    );
-    (child, socket, dir)
 }
 
 /// The restored guest's first heartbeat and its answer to `verify`.
@@ -123,7 +103,7 @@ fn heartbeat_and_verify(socket: &Path) -> (Heartbeat, String) {
 /// heartbeat and that its working set adds up.
 fn restore_and_verify(image: &Path, what: &str) {
     let before = image_heartbeat(image);
-    let (mut child, socket, _dir) = restore(image);
+    let (mut child, socket, _dir) = spawn_restore(image, None);
     let (after, verify) = heartbeat_and_verify(&socket);
     assert!(
         after.seq > before.seq && after.seq <= before.seq + 20,
@@ -276,7 +256,7 @@ fn a_torn_image_is_caught_by_the_guests_own_sum() {
         "the torn image must pass every CRC: {out:?}"
     );
 
-    let (mut child, socket, _d) = restore(&torn);
+    let (mut child, socket, _d) = spawn_restore(&torn, None);
     let (_, verify) = heartbeat_and_verify(&socket);
     assert!(
         verify.starts_with("verify torn "),

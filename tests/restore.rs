@@ -123,20 +123,7 @@ fn checkpoint_kill_restore_continues_exactly_from_the_image() {
 }
 
 fn restore_and_check(image: &Path, console: &Path, before: Heartbeat) {
-    let dir = temp_dir();
-    let socket = dir.join("ctl.sock");
-    let mut restored = ChildGuard::spawn(
-        vmm_command()
-            .arg("restore")
-            .arg("--image")
-            .arg(image)
-            .arg("--control")
-            .arg(&socket)
-            .arg("--console")
-            .arg(console)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-    );
+    let (mut restored, socket, _dir) = common::spawn_restore(image, Some(console));
     let after = first_heartbeat(&socket);
     assert!(
         after.seq > before.seq && after.seq <= before.seq + 10,

@@ -663,6 +663,28 @@ pub fn hb_seq(line: &str) -> Option<u64> {
     relive_control::Heartbeat::parse(line).map(|hb| hb.seq)
 }
 
+/// `relive-vmm restore --image IMAGE` with its control socket and console
+/// (unless `console` names one) in a new temporary directory, output
+/// discarded: the process, its socket, and the directory that holds them.
+pub fn spawn_restore(image: &Path, console: Option<&Path>) -> (ChildGuard, PathBuf, TempDir) {
+    let dir = temp_dir();
+    let socket = dir.join("ctl.sock");
+    let console = console.map_or_else(|| dir.join("console.log"), Path::to_path_buf);
+    let child = ChildGuard::spawn(
+        vmm_command()
+            .arg("restore")
+            .arg("--image")
+            .arg(image)
+            .arg("--control")
+            .arg(&socket)
+            .arg("--console")
+            .arg(console)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    (child, socket, dir)
+}
+
 /// Waits for a child to end (after SIGKILL, say).
 pub fn wait_gone(vmm: &mut Vmm) {
     let deadline = Instant::now() + STEP_TIMEOUT;

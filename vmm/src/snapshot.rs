@@ -408,17 +408,24 @@ pub fn resolve_full(path: &Path) -> Result<PathBuf, SnapshotError> {
     if !matches!(header.kind, ImageKind::Incremental { .. }) {
         return Ok(path.to_path_buf());
     }
-    let merge_err = |e: &dyn std::fmt::Display| SnapshotError::Merge {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let store =
-        relive_images::store::ImageStore::open(dir, usize::MAX).map_err(|e| merge_err(&e))?;
+    let store = store_of(path)?;
     let layer = ImageReader::open(path).map_err(read_err)?;
-    let merged = store.merge(&layer).map_err(|e| merge_err(&e))?;
+    let merged = store.merge(&layer).map_err(|e| merge_error(path, &e))?;
     tracing::info!(layer = %path.display(), merged = %merged.path.display(), "restoring a layer through its merged image");
     Ok(merged.path)
+}
+
+/// The image store of the directory `image` lies in.
+fn store_of(image: &Path) -> Result<relive_images::store::ImageStore, SnapshotError> {
+    let dir = image.parent().unwrap_or(Path::new("."));
+    relive_images::store::ImageStore::open(dir, usize::MAX).map_err(|e| merge_error(image, &e))
+}
+
+fn merge_error(image: &Path, e: &dyn std::fmt::Display) -> SnapshotError {
+    SnapshotError::Merge {
+        path: image.to_path_buf(),
+        reason: e.to_string(),
+    }
 }
 
 /// A boot recipe: what a boot image without a snapshot holds.
@@ -460,14 +467,9 @@ pub fn load(path: &Path) -> Result<LoadedImage, SnapshotError> {
     };
     let header = ImageReader::read_header(path).map_err(read_err(path))?;
     if let ImageKind::Incremental { .. } = header.kind {
-        let merge_err = |e: &dyn std::fmt::Display| SnapshotError::Merge {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        };
-        let dir = path.parent().unwrap_or(Path::new("."));
-        let store =
-            relive_images::store::ImageStore::open(dir, usize::MAX).map_err(|e| merge_err(&e))?;
-        let paths = store.chain(path).map_err(|e| merge_err(&e))?;
+        let paths = store_of(path)?
+            .chain(path)
+            .map_err(|e| merge_error(path, &e))?;
         let mut chain = Vec::with_capacity(paths.len());
         for p in &paths[..paths.len() - 1] {
             chain.push(ImageReader::open(p).map_err(read_err(p))?);
