@@ -17,7 +17,9 @@
 //! - the guest-visible disruption: the largest `gap_tsc` among the heartbeats
 //!   that arrive from the checkpoint's start to 100 ms after its end, in ms
 //!   (the TSC rate is measured here against the monotonic clock; the guest's
-//!   TSC runs at the host's);
+//!   TSC runs at the host's); the baseline, measured in the same run before
+//!   any checkpoint, is the guest's longest stall per heartbeat period over
+//!   2 s without one;
 //! - for full images, the write throughput (image bytes on disk / total
 //!   time), against the disk's own, measured in the same run by writing and
 //!   fsyncing a file of the same size in the same directory.
@@ -260,6 +262,24 @@ fn bench() -> Result<()> {
     for t in &touched {
         let dir = TempDir::create("relive-bench-ckpt").map_err(|e| e.to_string())?;
         let g = start(&vmm, dir.path(), *t)?;
+        // The baseline: the guest's own stalls with no checkpoint, per
+        // heartbeat period (timer interrupts and exits alone; guest kernel
+        // code is emulated on nested hosts like these).
+        let quiet = Instant::now();
+        std::thread::sleep(Duration::from_secs(2));
+        let idle: Vec<f64> = g
+            .beats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(at, _)| *at > quiet)
+            .map(|(_, gap)| *gap as f64 / tsc_ms)
+            .collect();
+        let idle = s(&idle);
+        println!(
+            "{t:>6}Mi idle: the guest's longest stall per {HB_MS} ms heartbeat, no checkpoint: median {:.2} ms, max {:.2} ms",
+            idle.median, idle.max
+        );
         run_kind(&g, CheckpointKind::Full, 1, tsc_ms)?;
         let full = run_kind(&g, CheckpointKind::Full, runs, tsc_ms)?;
         let incr = run_kind(&g, CheckpointKind::Incremental, runs, tsc_ms)?;
@@ -294,6 +314,7 @@ fn bench() -> Result<()> {
                 "touched_mib": t, "kind": name,
                 "pause_ms": p.json(3), "total_ms": tt.json(1), "guest_gap_ms": gp.json(3),
                 "rounds": s(&f.rounds).median, "recopied_mib": s(&f.recopied_mib).median,
+                "idle_gap_ms": idle.json(3),
                 "mb_per_s": s(&f.mb_per_s).median, "disk_mb_per_s": disk,
             }));
         }
