@@ -224,14 +224,13 @@ impl Writer {
             .final_rx
             .recv()
             .map_err(|_| CheckpointError::Abandoned)?;
-        self.stats.final_pages = pages_in(
-            &last_stage
-                .pages
-                .regions
-                .iter()
-                .map(|(_, _, runs)| runs.clone())
-                .collect::<Vec<_>>(),
-        );
+        self.stats.final_pages = last_stage
+            .pages
+            .regions
+            .iter()
+            .flat_map(|(_, _, runs)| runs)
+            .map(|r| r.count)
+            .sum();
         let write = |e| CheckpointError::Write(snapshot::SnapshotError::Write(e));
         let mut at = 0usize;
         for (ri, (_, _, runs)) in last_stage.pages.regions.iter().enumerate() {
