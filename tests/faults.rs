@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     checkpoint, connect, env_flag, hb_seq, request, require_kvm, run_vmm, status, temp_dir,
-    vmm_command, wait_gone, ChildGuard, Output, TempDir, Vmm, STEP_TIMEOUT,
+    wait_gone, ChildGuard, Output, TempDir, Vmm, STEP_TIMEOUT,
 };
 use relive_control::{CheckpointKind, ErrorKind, Request, Response};
 use relive_control::{RunState, VmStatus};
@@ -91,21 +91,7 @@ struct Restored {
 
 impl Restored {
     fn spawn(image: &Path) -> Restored {
-        let dir = temp_dir();
-        let socket = dir.join("ctl.sock");
-        let stderr = File::create(dir.join("stderr.log")).unwrap();
-        let child = ChildGuard::spawn(
-            vmm_command()
-                .arg("restore")
-                .arg("--image")
-                .arg(image)
-                .arg("--control")
-                .arg(&socket)
-                .arg("--console")
-                .arg(dir.join("console.log"))
-                .stdout(Stdio::null())
-                .stderr(stderr),
-        );
+        let (child, socket, dir) = common::spawn_restore(image, None);
         Restored { child, socket, dir }
     }
 

@@ -663,13 +663,14 @@ pub fn hb_seq(line: &str) -> Option<u64> {
     relive_control::Heartbeat::parse(line).map(|hb| hb.seq)
 }
 
-/// `relive-vmm restore --image IMAGE` with its control socket and console
-/// (unless `console` names one) in a new temporary directory, output
-/// discarded: the process, its socket, and the directory that holds them.
+/// `relive-vmm restore --image IMAGE` with its control socket, its stderr
+/// (`stderr.log`) and its console (unless `console` names one) in a new
+/// temporary directory: the process, its socket, and the directory.
 pub fn spawn_restore(image: &Path, console: Option<&Path>) -> (ChildGuard, PathBuf, TempDir) {
     let dir = temp_dir();
     let socket = dir.join("ctl.sock");
     let console = console.map_or_else(|| dir.join("console.log"), Path::to_path_buf);
+    let stderr = std::fs::File::create(dir.join("stderr.log")).expect("a stderr log");
     let child = ChildGuard::spawn(
         vmm_command()
             .arg("restore")
@@ -680,7 +681,7 @@ pub fn spawn_restore(image: &Path, console: Option<&Path>) -> (ChildGuard, PathB
             .arg("--console")
             .arg(console)
             .stdout(Stdio::null())
-            .stderr(Stdio::null()),
+            .stderr(stderr),
     );
     (child, socket, dir)
 }
