@@ -86,7 +86,33 @@
 //! supervisor's `VmRSS` every second.
 //!
 //! Output: the table, the targets with a verdict each, where the time goes,
-//! the fleet figures, and one final line `BENCH failover {json}`.
+//! the fleet figures, and one line `BENCH failover {json}`.
+//!
+//! # 4. Failover at size
+//!
+//! One VM of 2 GiB whose guest touched T MiB at start
+//! (`relive.touch_mib`; T = 16, the baseline in the same run, then 512 and
+//! 1536), with and without a standby, policy `checkpoint_interval: 2s`,
+//! `heartbeat_timeout: 1s`, `failure_window: 1s` (every failure is a first
+//! failure: the bench waits for a checkpoint taken since the last restore,
+//! which comes after the window). `RELIVE_BENCH_SIZE_RUNS` (default 10)
+//! kills of the VMM per (T, standby), each measured as in section 1. Prints
+//! medians and p90s, failover(1536) / failover(16) per standby against the
+//! target 1.5, and `BENCH failover-at-size {json}`.
+//!
+//! # 5. The checkpointing fleet
+//!
+//! 10 VMs of 1 GiB, checkpointed every 5 s, whose guests touched T MiB
+//! (16, the baseline, then 512) and rewrite 64 pages of a 32 MiB hot set at
+//! every heartbeat (`relive.dirty_pages`, `relive.dirty_mib`): CPU of the
+//! supervisor and of the VMMs (split into the vCPU threads, the image-store
+//! thread, and everything outside the vCPUs: checkpoint writers, event
+//! loops) over `RELIVE_BENCH_CKPT_SECS` (default 60) once the fleet is past
+//! its first checkpoints, with the checkpoints' mean time and pause from
+//! `/metrics`, and `BENCH checkpointing-fleet {json}`.
+//!
+//! `RELIVE_BENCH_SECTIONS=kinds,size,checkpointing` chooses sections (1-3
+//! are `kinds`); all run by default.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -111,10 +137,32 @@ type Result<T> = std::result::Result<T, String>;
 const DEFAULT_RUNS: usize = 20;
 /// Seconds of fleet sampling when `RELIVE_BENCH_FLEET_SECS` is not set.
 const DEFAULT_FLEET_SECS: u64 = 30;
-/// Guest memory of every VM.
+/// Guest memory of the failover batches' and the 50-VM fleet's VMs.
 const MEM_MIB: u64 = 64;
-/// The bundled guest's command line: a heartbeat every 100 ms.
+/// Their bundled guest's command line: a heartbeat every 100 ms.
 const CMDLINE: &str = "relive.hb_ms=100";
+/// Guest memory of the at-size failovers (section 4).
+const SIZE_MEM_MIB: u64 = 2048;
+/// Touched memory of the at-size failovers, MiB: the baseline first.
+const SIZE_TOUCHED: [u64; 3] = [16, 512, 1536];
+/// Failovers per (size, standby) when `RELIVE_BENCH_SIZE_RUNS` is not set.
+const DEFAULT_SIZE_RUNS: usize = 10;
+/// Target: failover(largest) / failover(smallest), medians.
+const SIZE_RATIO_TARGET: f64 = 1.5;
+/// The checkpointing fleet (section 5): VMs, guest memory, touched memory
+/// (the baseline first), pages the guest rewrites per heartbeat.
+const CKPT_VMS: usize = 10;
+const CKPT_MEM_MIB: u64 = 1024;
+const CKPT_TOUCHED: [u64; 2] = [16, 512];
+const CKPT_DIRTY_PAGES: u64 = 64;
+/// The hot set those pages are rewritten in (round robin), MiB.
+const CKPT_HOT_MIB: u64 = 32;
+/// Wait once every VM has its first checkpoint, before sampling: the first
+/// full images (boot and consistency) are verified in the background then,
+/// a cost paid once per VM, not per checkpoint.
+const CKPT_WARMUP: Duration = Duration::from_secs(30);
+/// Seconds of sampling per touched size when `RELIVE_BENCH_CKPT_SECS` is not set.
+const DEFAULT_CKPT_SECS: u64 = 60;
 /// The VM of the failover batches.
 const VM: &str = "failover-bench";
 /// VMs of the fleet measurement.
@@ -142,6 +190,17 @@ const FLEET_POLICY: [(&str, &str); 7] = [
     ("ready_grace", "10s"),
     ("failure_window", "60s"),
     ("max_failures", "3"),
+    ("restart_backoff", "0s"),
+    ("warm_boot_image", "true"),
+];
+/// The policy of the at-size failovers: every failure a first failure
+/// (the next checkpoint, which the bench waits for, comes after the window).
+const SIZE_POLICY: [(&str, &str); 7] = [
+    ("checkpoint_interval", "2s"),
+    ("heartbeat_timeout", "1s"),
+    ("ready_grace", "5s"),
+    ("failure_window", "1s"),
+    ("max_failures", "1000"),
     ("restart_backoff", "0s"),
     ("warm_boot_image", "true"),
 ];
@@ -196,18 +255,91 @@ fn bench() -> Result<()> {
             );
         }
     }
+    let sections = Sections::from_env()?;
     let scratch = TempDir::create("relive-bench-failover")
         .map_err(|e| format!("cannot create a scratch directory: {e}"))?;
-    let started = Instant::now();
     println!("relive supervisor failover benchmark");
     println!("  binaries {} and relive-vmm", bins.relive.display());
+    println!(
+        "  sections {} (RELIVE_BENCH_SECTIONS to choose)",
+        sections.names()
+    );
+    println!("  scratch  {}", scratch.path().display());
+    println!("  host     {}", host_note());
+    if sections.kinds {
+        failover_by_kind(&bins, &scratch, runs, fleet_secs)?;
+    }
+    if sections.size {
+        let runs = env_count("RELIVE_BENCH_SIZE_RUNS", DEFAULT_SIZE_RUNS)?;
+        failover_at_size(&bins, &scratch, runs)?;
+    }
+    if sections.checkpointing {
+        let secs = env_count("RELIVE_BENCH_CKPT_SECS", DEFAULT_CKPT_SECS as usize)? as u64;
+        checkpointing_fleet(&bins, &scratch, secs)?;
+    }
+    Ok(())
+}
+
+/// Which parts of the bench run: `RELIVE_BENCH_SECTIONS`, a comma-separated
+/// list of `kinds` (sections 1 to 3), `size` (4) and `checkpointing` (5);
+/// all by default.
+struct Sections {
+    kinds: bool,
+    size: bool,
+    checkpointing: bool,
+}
+
+impl Sections {
+    const ALL: [&'static str; 3] = ["kinds", "size", "checkpointing"];
+
+    fn from_env() -> Result<Sections> {
+        let Ok(list) = std::env::var("RELIVE_BENCH_SECTIONS") else {
+            return Ok(Sections {
+                kinds: true,
+                size: true,
+                checkpointing: true,
+            });
+        };
+        let names: Vec<&str> = list
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .collect();
+        if let Some(bad) = names.iter().find(|n| !Self::ALL.contains(n)) {
+            return Err(format!(
+                "RELIVE_BENCH_SECTIONS names {bad:?}: the sections are {}",
+                Self::ALL.join(", ")
+            ));
+        }
+        Ok(Sections {
+            kinds: names.contains(&"kinds"),
+            size: names.contains(&"size"),
+            checkpointing: names.contains(&"checkpointing"),
+        })
+    }
+
+    fn names(&self) -> String {
+        Self::ALL
+            .iter()
+            .zip([self.kinds, self.size, self.checkpointing])
+            .filter(|(_, on)| *on)
+            .map(|(n, _)| *n)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// Sections 1 to 3: failover by kind of failure, target and standby, the raw
+/// restores of the same images, the 50-VM fleet.
+fn failover_by_kind(bins: &Bins, scratch: &TempDir, runs: usize, fleet_secs: u64) -> Result<()> {
+    let started = Instant::now();
+    println!();
+    println!("1-3. failover by kind, target and standby; the 50-VM fleet");
     println!("  guest    bundled, {MEM_MIB} MiB, 1 vCPU, cmdline {CMDLINE:?}");
     println!(
         "  runs     {runs} failovers per (kind, target, standby) (RELIVE_BENCH_RUNS to change)"
     );
     println!("  policy   {}", policy_note(&BATCH_POLICY));
-    println!("  scratch  {}", scratch.path().display());
-    println!("  host     {}", host_note());
     println!();
 
     let mut batches = Vec::new();
@@ -229,8 +361,12 @@ fn bench() -> Result<()> {
             standby_label(standby)
         );
         let _ = std::io::stdout().flush();
-        let mut sup = Supervisor::start(&bins, &dir, &batch_yaml(standby))?;
-        let batch = run_batch(&sup, &bins, kind, standby, runs)
+        let mut sup = Supervisor::start(
+            bins,
+            &dir,
+            &Shape::batch(standby).yaml("one VM; each failure lands on a known target"),
+        )?;
+        let batch = run_batch(&sup, bins, kind, standby, runs, &Target::ALL)
             .map_err(|e| format!("{} (standby {standby}): {e}", kind.label()))?;
         let images = if i + 1 == plan.len() {
             Some(baseline_images(&sup)?)
@@ -252,7 +388,7 @@ fn bench() -> Result<()> {
             print!("  baseline: raw restores of the same images ... ");
             let _ = std::io::stdout().flush();
             let t = Instant::now();
-            baseline = Some(raw_baseline(&bins, &dir.join("baseline"), &images, runs)?);
+            baseline = Some(raw_baseline(bins, &dir.join("baseline"), &images, runs)?);
             println!("done in {:.0} s", t.elapsed().as_secs_f64());
         }
         sup.remove_state();
@@ -262,11 +398,315 @@ fn bench() -> Result<()> {
     print!("  fleet: {FLEET_VMS} VMs ... ");
     let _ = std::io::stdout().flush();
     let t = Instant::now();
-    let fleet = fleet_overhead(&bins, &scratch.join("fleet"), fleet_secs)?;
+    let fleet = fleet_overhead(
+        bins,
+        &scratch.join("fleet"),
+        &Shape::fleet(),
+        Duration::ZERO,
+        fleet_secs,
+    )?;
     println!("done in {:.0} s", t.elapsed().as_secs_f64());
 
     let baseline = baseline.ok_or("no baseline was measured")?;
     report(runs, &batches, &baseline, &fleet, started.elapsed());
+    Ok(())
+}
+
+/// Section 4: a killed VMM of a 2 GiB VM whose guest touched 16, 512 and
+/// 1536 MiB, with and without a standby, through the supervisor.
+fn failover_at_size(bins: &Bins, scratch: &TempDir, runs: usize) -> Result<()> {
+    let started = Instant::now();
+    println!();
+    println!(
+        "4. failover at size: one VM of {SIZE_MEM_MIB} MiB, its guest touched T MiB, VMM killed"
+    );
+    println!("  runs     {runs} failovers per (T, standby) (RELIVE_BENCH_SIZE_RUNS to change)");
+    println!("  policy   {}", policy_note(&SIZE_POLICY));
+    println!();
+    let mut rows: Vec<(u64, Batch)> = Vec::new();
+    for touched in SIZE_TOUCHED {
+        for standby in [true, false] {
+            let dir = scratch.join(format!("size-{touched}-{}", standby_label(standby)));
+            let t = Instant::now();
+            print!(
+                "  T {touched:>4} MiB, standby {:<3} ... ",
+                standby_label(standby)
+            );
+            let _ = std::io::stdout().flush();
+            let mut sup = Supervisor::start(
+                bins,
+                &dir,
+                &Shape::at_size(touched, standby).yaml("failover at size"),
+            )?;
+            let batch = run_batch(
+                &sup,
+                bins,
+                Kind::Killed,
+                standby,
+                runs,
+                &[Target::Consistency],
+            )
+            .map_err(|e| format!("touched {touched} MiB (standby {standby}): {e}"))?;
+            let unverified = sup
+                .events()?
+                .iter()
+                .filter(|e| e["reason"] == "image-unverified")
+                .count();
+            sup.stop()?;
+            sup.remove_state();
+            println!(
+                "{} failovers in {:.0} s{}{}",
+                batch.attempts,
+                t.elapsed().as_secs_f64(),
+                if batch.discarded.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        ", {} discarded: {:?}",
+                        batch.discarded.len(),
+                        batch.discarded
+                    )
+                },
+                if unverified > 0 {
+                    format!(", {unverified} restores of an image not yet verified")
+                } else {
+                    String::new()
+                }
+            );
+            rows.push((touched, batch));
+        }
+    }
+
+    fn samples(b: &Batch) -> &[Sample] {
+        b.samples
+            .get(&Target::Consistency)
+            .map_or(&[][..], Vec::as_slice)
+    }
+    let total = |b: &Batch| samples(b).iter().map(|s| s.total_ms).collect::<Vec<_>>();
+    let trig = |b: &Batch| {
+        samples(b)
+            .iter()
+            .filter_map(|s| s.trigger_ms)
+            .collect::<Vec<_>>()
+    };
+    println!();
+    println!(
+        "  {:>10} {:>7} {:>3}  {:>17} {:>17} {:>17}  {:>9}  paths",
+        "touched", "standby", "n", "detected->running", "restore", "trigger->vCPUs", "target"
+    );
+    println!(
+        "  {:>10} {:>7} {:>3}  {:>17} {:>17} {:>17}  {:>9}",
+        "MiB", "", "", "ms median / p90", "ms median / p90", "ms median / p90", "(median)"
+    );
+    let mut json_rows = Vec::new();
+    let mut met = serde_json::Map::new();
+    for (touched, b) in &rows {
+        let target = row_target(Kind::Killed, b.standby);
+        println!(
+            "  {touched:>10} {:>7} {:>3}  {:>17} {:>17} {:>17}  {:>9}  {}",
+            standby_label(b.standby),
+            samples(b).len(),
+            cell(&total(b)),
+            cell(&samples(b).iter().map(|s| s.restore_ms).collect::<Vec<_>>()),
+            cell(&trig(b)),
+            target.map_or("-".into(), |t| format!("< {t} ms")),
+            counts_text(&counts(samples(b).iter().map(|s| s.path.as_str()))),
+        );
+        if let (Some(t), Some(m)) = (target, median(&total(b))) {
+            met.insert(
+                format!("touched_{touched}_standby_{}", b.standby),
+                (m < t).into(),
+            );
+        }
+        json_rows.push(json!({
+            "touched_mib": touched,
+            "standby": b.standby,
+            "detected_to_running_ms": summary_json(&total(b)),
+            "trigger_to_vcpus_ms": summary_json(&trig(b)),
+            "paths": counts(samples(b).iter().map(|s| s.path.as_str())),
+            "images": counts(samples(b).iter().map(|s| s.image.as_str())),
+            "discarded": b.discarded.len(),
+        }));
+    }
+    println!();
+    println!("  targets");
+    for standby in [true, false] {
+        let of = |t: u64| {
+            rows.iter()
+                .find(|(touched, b)| *touched == t && b.standby == standby)
+                .and_then(|(_, b)| median(&total(b)))
+        };
+        let (small, large) = (SIZE_TOUCHED[0], SIZE_TOUCHED[SIZE_TOUCHED.len() - 1]);
+        if let (Some(a), Some(z)) = (of(small), of(large)) {
+            let ratio = z / a;
+            let ok = ratio <= SIZE_RATIO_TARGET;
+            println!(
+                "    standby {:<3} failover({large}) / failover({small}) {ratio:>5.2}  <= {SIZE_RATIO_TARGET}: {}",
+                standby_label(standby),
+                verdict(ok)
+            );
+            met.insert(format!("ratio_standby_{standby}"), ok.into());
+        }
+    }
+    for (key, ok) in &met {
+        if key.starts_with("touched_") {
+            println!(
+                "    {key:<32} median under its target: {}",
+                verdict(ok.as_bool() == Some(true))
+            );
+        }
+    }
+    println!(
+        "  section 4 took {:.0} s; load average {}",
+        started.elapsed().as_secs_f64(),
+        load_average()
+    );
+    let line = json!({
+        "runs": runs,
+        "mem_mib": SIZE_MEM_MIB,
+        "policy": SIZE_POLICY.iter().map(|(k, v)| (k.to_string(), Value::from(*v))).collect::<serde_json::Map<_, _>>(),
+        "rows": json_rows,
+        "targets": {
+            "killed_standby_median_ms": STANDBY_TARGET_MS,
+            "killed_cold_median_ms": COLD_TARGET_MS,
+            "ratio_largest_over_smallest": SIZE_RATIO_TARGET,
+        },
+        "targets_met": met,
+    });
+    println!();
+    println!("BENCH failover-at-size {line}");
+    Ok(())
+}
+
+/// Section 5: what checkpointing costs a fleet of 10 VMs of 1 GiB, each
+/// checkpointed every 5 s, as their guests' touched memory grows from 16 MiB
+/// (the baseline, in the same run) to 512 MiB.
+fn checkpointing_fleet(bins: &Bins, scratch: &TempDir, secs: u64) -> Result<()> {
+    let started = Instant::now();
+    println!();
+    println!(
+        "5. checkpointing fleet: {CKPT_VMS} VMs of {CKPT_MEM_MIB} MiB, guest touched T MiB and \
+         rewrites {CKPT_DIRTY_PAGES} pages of its first {CKPT_HOT_MIB} MiB per heartbeat"
+    );
+    println!(
+        "  policy   {}, standby false, keep_images 3",
+        policy_note(&FLEET_POLICY)
+    );
+    println!(
+        "  window   {secs} s per T, from {} s after every VM has a checkpoint (RELIVE_BENCH_CKPT_SECS to change)",
+        CKPT_WARMUP.as_secs()
+    );
+    println!();
+    let mut figures = Vec::new();
+    for touched in CKPT_TOUCHED {
+        print!("  T {touched:>4} MiB ... ");
+        let _ = std::io::stdout().flush();
+        let t = Instant::now();
+        let f = fleet_overhead(
+            bins,
+            &scratch.join(format!("checkpointing-{touched}")),
+            &Shape::checkpointing(touched),
+            CKPT_WARMUP,
+            secs,
+        )?;
+        println!("done in {:.0} s", t.elapsed().as_secs_f64());
+        figures.push((touched, f));
+    }
+    println!();
+    println!(
+        "  {:>7}  {:>10} {:>10} {:>10} {:>10} {:>10}  {:>6} {:>6} {:>10} {:>9}  {:>8}",
+        "touched",
+        "supervisor",
+        "VMMs",
+        "of which",
+        "of which",
+        "VMMs'",
+        "ckpts",
+        "failed",
+        "ckpt mean",
+        "paused",
+        "failures"
+    );
+    println!(
+        "  {:>7}  {:>10} {:>10} {:>10} {:>10} {:>10}  {:>6} {:>6} {:>10} {:>9}  {:>8}",
+        "MiB", "CPU %", "CPU %", "vCPUs %", "store %", "own %", "", "", "ms", "mean ms", ""
+    );
+    let own = |f: &FleetFigures| f.vmm_cpu_percent - f.vcpu_cpu_percent;
+    let mean_ms = |total_s: f64, n: f64| if n > 0.0 { total_s / n * 1e3 } else { f64::NAN };
+    for (touched, f) in &figures {
+        println!(
+            "  {touched:>7}  {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10.2}  {:>6.0} {:>6.0} {:>10.1} {:>9.2}  {:>8}",
+            f.supervisor_cpu_percent,
+            f.vmm_cpu_percent,
+            f.vcpu_cpu_percent,
+            f.image_store_cpu_percent,
+            own(f),
+            f.checkpoints,
+            f.checkpoints_failed,
+            mean_ms(f.checkpoint_seconds, f.checkpoints),
+            mean_ms(f.checkpoint_paused_seconds, f.checkpoints),
+            f.failures,
+        );
+    }
+    println!(
+        "  CPU in percent of one core over the window, all {CKPT_VMS} VMMs together; `own` is the VMMs'\n  \
+         CPU outside the vCPU threads (checkpoint writers, image store, event loops, control)."
+    );
+    if let [(t0, base), .., (t1, big)] = &figures[..] {
+        let ratio = |a: f64, b: f64| {
+            if b > 0.0 {
+                format!("{:.2}", a / b)
+            } else {
+                "-".into()
+            }
+        };
+        println!(
+            "  ratios T={t1} / T={t0}: supervisor CPU {}, VMMs' own CPU {}, image store CPU {}, checkpoint mean {}",
+            ratio(big.supervisor_cpu_percent, base.supervisor_cpu_percent),
+            ratio(own(big), own(base)),
+            ratio(big.image_store_cpu_percent, base.image_store_cpu_percent),
+            ratio(
+                mean_ms(big.checkpoint_seconds, big.checkpoints),
+                mean_ms(base.checkpoint_seconds, base.checkpoints)
+            ),
+        );
+    }
+    println!(
+        "  section 5 took {:.0} s; load average {}",
+        started.elapsed().as_secs_f64(),
+        load_average()
+    );
+    let r2 = |x: f64| (x * 100.0).round() / 100.0;
+    let rows: Vec<Value> = figures
+        .iter()
+        .map(|(touched, f)| {
+            json!({
+                "touched_mib": touched,
+                "window_s": r2(f.window_s),
+                "supervisor_cpu_percent": r2(f.supervisor_cpu_percent),
+                "vmm_cpu_percent_sum": r2(f.vmm_cpu_percent),
+                "vcpu_cpu_percent_sum": r2(f.vcpu_cpu_percent),
+                "image_store_cpu_percent_sum": r2(f.image_store_cpu_percent),
+                "vmm_own_cpu_percent_sum": r2(own(f)),
+                "vmm_rss_mib_sum": r2(f.vmm_rss_mib),
+                "checkpoints": f.checkpoints,
+                "checkpoints_failed": f.checkpoints_failed,
+                "checkpoint_mean_ms": r2(mean_ms(f.checkpoint_seconds, f.checkpoints)),
+                "paused_mean_ms": r2(mean_ms(f.checkpoint_paused_seconds, f.checkpoints)),
+                "failures": f.failures,
+                "running_after": f.running_after,
+            })
+        })
+        .collect();
+    let line = json!({
+        "vms": CKPT_VMS,
+        "mem_mib": CKPT_MEM_MIB,
+        "dirty_pages_per_heartbeat": CKPT_DIRTY_PAGES,
+        "hot_set_mib": CKPT_HOT_MIB,
+        "rows": rows,
+    });
+    println!();
+    println!("BENCH checkpointing-fleet {line}");
     Ok(())
 }
 
@@ -369,6 +809,7 @@ fn run_batch(
     kind: Kind,
     standby: bool,
     runs: usize,
+    targets: &[Target],
 ) -> Result<Batch> {
     let mut batch = Batch {
         kind,
@@ -382,12 +823,15 @@ fn run_batch(
     let have = |b: &Batch, t: Target| b.samples.get(&t).map_or(0, Vec::len);
     // The last checkpoint as of the last restore: the next failure waits for a newer one.
     let mut reference: Option<String> = None;
-    while Target::ALL.iter().any(|&t| have(&batch, t) < runs) {
+    while targets.iter().any(|&t| have(&batch, t) < runs) {
         if batch.attempts >= max_attempts {
             return Err(format!(
                 "{} failures did not give {runs} failovers to each target: {:?} (discarded: {:?})",
                 batch.attempts,
-                Target::ALL.map(|t| (t.label(), have(&batch, t))),
+                targets
+                    .iter()
+                    .map(|&t| (t.label(), have(&batch, t)))
+                    .collect::<Vec<_>>(),
                 batch.discarded
             ));
         }
@@ -881,7 +1325,7 @@ fn persist_like_the_supervisor(dir: &Path, i: usize) -> Result<()> {
         .map_err(|e| format!("cannot write the record in {}: {e}", dir.display()))
 }
 
-/// The supervisor's cost for the 50-VM fleet.
+/// What supervising a fleet costs, sampled over a window in its steady state.
 struct FleetFigures {
     vms: usize,
     window_s: f64,
@@ -889,21 +1333,73 @@ struct FleetFigures {
     supervisor_cpu_percent: f64,
     supervisor_rss_mib: f64,
     supervisor_rss_max_mib: f64,
+    /// All the VMMs' CPU together, percent of one core.
     vmm_cpu_percent: f64,
+    /// Of that, their vCPU threads' (the guests and their exits).
+    vcpu_cpu_percent: f64,
+    /// Of that, their image-store threads' (verification, merges, retention).
+    image_store_cpu_percent: f64,
     vmm_rss_mib: f64,
     vmm_pids_gone: usize,
     checkpoints: f64,
     checkpoints_failed: f64,
+    /// Checkpoint time (request to image committed) summed over the window, s.
+    checkpoint_seconds: f64,
+    /// Time the guests were paused for checkpoints, summed over the window, s.
+    checkpoint_paused_seconds: f64,
     failures: usize,
     running_after: usize,
 }
 
-fn fleet_overhead(bins: &Bins, dir: &Path, secs: u64) -> Result<FleetFigures> {
+/// CPU ticks of one VMM: the whole process, its vCPU threads, its
+/// image-store thread (threads found by name; one that ended is in the
+/// process's figure only).
+#[derive(Debug, Clone, Copy, Default)]
+struct VmmTicks {
+    total: u64,
+    vcpus: u64,
+    image_store: u64,
+}
+
+fn vmm_ticks(pid: u32) -> Result<VmmTicks> {
+    let mut t = VmmTicks {
+        total: cpu_ticks(&format!("/proc/{pid}/stat"))?,
+        ..VmmTicks::default()
+    };
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map_err(|e| format!("/proc/{pid}/task: {e}"))?;
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        let ticks = || cpu_ticks(&dir.join("stat").to_string_lossy()).unwrap_or(0);
+        match name.trim() {
+            n if n.starts_with("vcpu") => t.vcpus += ticks(),
+            "image-store" => t.image_store += ticks(),
+            _ => {}
+        }
+    }
+    Ok(t)
+}
+
+/// Runs `shape` until every VM is running with a checkpoint, waits
+/// `warmup` more (the first full images' background verification), then
+/// samples for `secs`.
+fn fleet_overhead(
+    bins: &Bins,
+    dir: &Path,
+    shape: &Shape,
+    warmup: Duration,
+    secs: u64,
+) -> Result<FleetFigures> {
     let t0 = Instant::now();
-    let mut sup = Supervisor::start(bins, dir, &fleet_yaml())?;
+    let mut sup = Supervisor::start(
+        bins,
+        dir,
+        &shape.yaml(&format!("the supervisor's cost for {} VMs", shape.vms)),
+    )?;
     let sup_pid = sup.pid().ok_or("the supervisor has no pid")?;
     let all = |vms: &[Value], check: &dyn Fn(&Value) -> bool| {
-        vms.len() == FLEET_VMS && vms.iter().all(check)
+        vms.len() == shape.vms && vms.iter().all(check)
     };
     let running = |v: &Value| v["state"] == "running" && v["pid"].is_u64();
     wait_fleet(&sup, "running", |vms| all(vms, &running))?;
@@ -912,6 +1408,7 @@ fn fleet_overhead(bins: &Bins, dir: &Path, secs: u64) -> Result<FleetFigures> {
     wait_fleet(&sup, "running with a checkpoint each", |vms| {
         all(vms, &|v| running(v) && v["last_checkpoint"].is_string())
     })?;
+    std::thread::sleep(warmup);
 
     let vms = sup.status()?;
     let pids: Vec<u32> = vms
@@ -919,11 +1416,11 @@ fn fleet_overhead(bins: &Bins, dir: &Path, secs: u64) -> Result<FleetFigures> {
         .filter_map(|v| v["pid"].as_u64().and_then(|p| u32::try_from(p).ok()))
         .collect();
     let failures_before = sup.events()?.iter().filter(|e| is_failure(e)).count();
-    let (checkpoints_before, failed_before) = checkpoint_counts(&sup)?;
-    let sup_cpu0 = cpu_ticks(sup_pid)?;
-    let vmm_cpu0: BTreeMap<u32, u64> = pids
+    let before = checkpoint_counts(&sup)?;
+    let sup_cpu0 = cpu_ticks(&format!("/proc/{sup_pid}/stat"))?;
+    let vmm_cpu0: BTreeMap<u32, VmmTicks> = pids
         .iter()
-        .filter_map(|&p| Some((p, cpu_ticks(p).ok()?)))
+        .filter_map(|&p| Some((p, vmm_ticks(p).ok()?)))
         .collect();
     let start = Instant::now();
     let window = Duration::from_secs(secs);
@@ -932,23 +1429,25 @@ fn fleet_overhead(bins: &Bins, dir: &Path, secs: u64) -> Result<FleetFigures> {
         std::thread::sleep(Duration::from_secs(1).min(window.saturating_sub(start.elapsed())));
         rss_max = rss_max.max(vm_rss_kib(sup_pid)?);
     }
-    let sup_cpu1 = cpu_ticks(sup_pid)?;
+    let sup_cpu1 = cpu_ticks(&format!("/proc/{sup_pid}/stat"))?;
     let elapsed = start.elapsed().as_secs_f64();
     let rss = vm_rss_kib(sup_pid)?;
-    let mut vmm_ticks = 0;
+    let mut vmm = VmmTicks::default();
     let mut vmm_rss = 0;
     let mut gone = 0;
-    for (&pid, &t0) in &vmm_cpu0 {
-        match (cpu_ticks(pid), vm_rss_kib(pid)) {
+    for (&pid, t0) in &vmm_cpu0 {
+        match (vmm_ticks(pid), vm_rss_kib(pid)) {
             (Ok(t1), Ok(r)) => {
-                vmm_ticks += t1.saturating_sub(t0);
+                vmm.total += t1.total.saturating_sub(t0.total);
+                vmm.vcpus += t1.vcpus.saturating_sub(t0.vcpus);
+                vmm.image_store += t1.image_store.saturating_sub(t0.image_store);
                 vmm_rss += r;
             }
             _ => gone += 1,
         }
     }
     gone += pids.len() - vmm_cpu0.len();
-    let (checkpoints_after, failed_after) = checkpoint_counts(&sup)?;
+    let after = checkpoint_counts(&sup)?;
     let failures = sup
         .events()?
         .iter()
@@ -962,17 +1461,21 @@ fn fleet_overhead(bins: &Bins, dir: &Path, secs: u64) -> Result<FleetFigures> {
     let hz = clock_ticks_per_second();
     let percent = |ticks: u64| ticks as f64 / hz / elapsed * 100.0;
     Ok(FleetFigures {
-        vms: FLEET_VMS,
+        vms: shape.vms,
         window_s: elapsed,
         startup_s,
         supervisor_cpu_percent: percent(sup_cpu1.saturating_sub(sup_cpu0)),
         supervisor_rss_mib: rss as f64 / 1024.0,
         supervisor_rss_max_mib: rss_max as f64 / 1024.0,
-        vmm_cpu_percent: percent(vmm_ticks),
+        vmm_cpu_percent: percent(vmm.total),
+        vcpu_cpu_percent: percent(vmm.vcpus),
+        image_store_cpu_percent: percent(vmm.image_store),
         vmm_rss_mib: vmm_rss as f64 / 1024.0,
         vmm_pids_gone: gone,
-        checkpoints: checkpoints_after - checkpoints_before,
-        checkpoints_failed: failed_after - failed_before,
+        checkpoints: after.taken - before.taken,
+        checkpoints_failed: after.failed - before.failed,
+        checkpoint_seconds: after.seconds - before.seconds,
+        checkpoint_paused_seconds: after.paused_seconds - before.paused_seconds,
         failures,
         running_after,
     })
@@ -1000,35 +1503,121 @@ fn wait_fleet(sup: &Supervisor, what: &str, done: impl Fn(&[Value]) -> bool) -> 
     }
 }
 
-/// Checkpoints taken and failed so far, summed over the fleet, from `/metrics`.
-fn checkpoint_counts(sup: &Supervisor) -> Result<(f64, f64)> {
+/// Checkpoint figures summed over the fleet, from `/metrics`.
+struct CheckpointCounts {
+    taken: f64,
+    failed: f64,
+    seconds: f64,
+    paused_seconds: f64,
+}
+
+fn checkpoint_counts(sup: &Supervisor) -> Result<CheckpointCounts> {
     let text = sup.cli(&["metrics"])?;
-    let sum = |name: &str| {
+    let sum = |name: &str, label: Option<&str>| {
         text.lines()
             .filter(|l| {
                 l.strip_prefix(name)
                     .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
             })
+            .filter(|l| label.is_none_or(|label| l.contains(label)))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum::<f64>()
     };
-    Ok((
-        sum("relive_checkpoint_duration_seconds_count"),
-        sum("relive_checkpoints_failed_total"),
-    ))
+    Ok(CheckpointCounts {
+        taken: sum("relive_checkpoint_duration_seconds_count", None),
+        failed: sum("relive_checkpoints_failed_total", None),
+        seconds: sum("relive_checkpoint_duration_seconds_sum", None),
+        paused_seconds: sum(
+            "relive_vm_paused_seconds_total",
+            Some("reason=\"checkpoint\""),
+        ),
+    })
 }
 
 // ---------------------------------------------------------------------------
 // Fleet files
 // ---------------------------------------------------------------------------
 
-fn policy_lines(policy: &[(&str, &str)], standby: bool) -> String {
-    let mut text = String::new();
-    for (key, value) in policy {
-        text.push_str(&format!("  {key}: {value}\n"));
+/// The VMs of one fleet file: how many, how big, what the guest does, and
+/// the policy they all run under.
+struct Shape {
+    vms: usize,
+    mem_mib: u64,
+    cmdline: String,
+    policy: &'static [(&'static str, &'static str)],
+    standby: bool,
+}
+
+impl Shape {
+    /// The failover batches' one VM.
+    fn batch(standby: bool) -> Shape {
+        Shape {
+            vms: 1,
+            mem_mib: MEM_MIB,
+            cmdline: CMDLINE.into(),
+            policy: &BATCH_POLICY,
+            standby,
+        }
     }
-    text.push_str(&format!("  standby: {standby}\n  keep_images: 3\n"));
-    text
+
+    /// The 50-VM fleet.
+    fn fleet() -> Shape {
+        Shape {
+            vms: FLEET_VMS,
+            policy: &FLEET_POLICY,
+            ..Shape::batch(false)
+        }
+    }
+
+    /// One VM of 2 GiB whose guest touched `touched` MiB.
+    fn at_size(touched: u64, standby: bool) -> Shape {
+        Shape {
+            vms: 1,
+            mem_mib: SIZE_MEM_MIB,
+            cmdline: format!("{CMDLINE} relive.touch_mib={touched}"),
+            policy: &SIZE_POLICY,
+            standby,
+        }
+    }
+
+    /// The checkpointing fleet: its guests touched `touched` MiB and keep
+    /// rewriting some of it.
+    fn checkpointing(touched: u64) -> Shape {
+        Shape {
+            vms: CKPT_VMS,
+            mem_mib: CKPT_MEM_MIB,
+            cmdline: format!(
+                "{CMDLINE} relive.touch_mib={touched} relive.dirty_pages={CKPT_DIRTY_PAGES} relive.dirty_mib={CKPT_HOT_MIB}"
+            ),
+            policy: &FLEET_POLICY,
+            standby: false,
+        }
+    }
+
+    /// The fleet file: one VM named [`VM`], or `fleet-NN` for several.
+    fn yaml(&self, comment: &str) -> String {
+        let mut text =
+            format!("# relive failover bench: {comment}\nstate_dir: ./state\ndefaults:\n");
+        for (key, value) in self.policy {
+            text.push_str(&format!("  {key}: {value}\n"));
+        }
+        text.push_str(&format!(
+            "  standby: {}\n  keep_images: 3\nvms:\n",
+            self.standby
+        ));
+        for i in 1..=self.vms {
+            let name = if self.vms == 1 {
+                VM.to_string()
+            } else {
+                format!("fleet-{i:02}")
+            };
+            text.push_str(&format!(
+                "  - name: {name}\n    kernel: bundled\n    cmdline: \"{}\"\n    memory_mib: {}\n",
+                self.cmdline, self.mem_mib
+            ));
+        }
+        text
+    }
 }
 
 fn policy_note(policy: &[(&str, &str)]) -> String {
@@ -1037,36 +1626,6 @@ fn policy_note(policy: &[(&str, &str)]) -> String {
         .map(|(k, v)| format!("{k} {v}"))
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-fn vm_lines(name: &str) -> String {
-    format!(
-        "  - name: {name}\n    kernel: bundled\n    cmdline: \"{CMDLINE}\"\n    memory_mib: {MEM_MIB}\n"
-    )
-}
-
-fn batch_yaml(standby: bool) -> String {
-    format!(
-        "# relive failover bench: one VM; each failure lands on a known target\n\
-         state_dir: ./state\n\
-         defaults:\n{}\
-         vms:\n{}",
-        policy_lines(&BATCH_POLICY, standby),
-        vm_lines(VM)
-    )
-}
-
-fn fleet_yaml() -> String {
-    let vms: String = (1..=FLEET_VMS)
-        .map(|i| vm_lines(&format!("fleet-{i:02}")))
-        .collect();
-    format!(
-        "# relive failover bench: the supervisor's cost for {FLEET_VMS} VMs\n\
-         state_dir: ./state\n\
-         defaults:\n{}\
-         vms:\n{vms}",
-        policy_lines(&FLEET_POLICY, false)
-    )
 }
 
 // ---------------------------------------------------------------------------
@@ -1323,9 +1882,10 @@ fn wait_readable(fd: &OwnedFd, timeout: Duration) -> Option<u64> {
 }
 
 /// utime + stime of a process (all its threads), in clock ticks.
-fn cpu_ticks(pid: u32) -> Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
+/// `utime + stime` from a `/proc/.../stat` file.
+fn cpu_ticks(stat: &str) -> Result<u64> {
+    let path = stat;
+    let stat = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
     // Fields after the command name: state is field 3, utime 14, stime 15.
     let rest = stat.rsplit(')').next().unwrap_or("");
     let fields: Vec<&str> = rest.split_whitespace().collect();
@@ -1333,7 +1893,7 @@ fn cpu_ticks(pid: u32) -> Result<u64> {
         fields
             .get(i)
             .and_then(|f| f.parse::<u64>().ok())
-            .ok_or_else(|| format!("/proc/{pid}/stat: no field {}", i + 3))
+            .ok_or_else(|| format!("{path}: no field {}", i + 3))
     };
     Ok(field(11)? + field(12)?)
 }

@@ -857,9 +857,10 @@ impl Soak {
 }
 
 /// The boot image, the in-use (restored-from) image, `keep_images` chains
-/// and the chain being written, each a full image and its layers.
+/// and the chain being written, each a full image or a compacted layer with
+/// the raw layers on it, and the full image under compacted layers.
 fn image_bound() -> usize {
-    2 + (KEEP_IMAGES + 1) * (1 + MERGE_AFTER_LAYERS)
+    3 + (KEEP_IMAGES + 1) * (1 + MERGE_AFTER_LAYERS)
 }
 
 fn image_files(dir: &Path) -> usize {

@@ -14,6 +14,7 @@ use common::{
     ChildGuard, Heartbeat, TempDir, Vmm, STEP_TIMEOUT,
 };
 use relive_control::{CheckpointKind, ErrorKind, Request, Response};
+use relive_images::format::ImageReader;
 use relive_images::guest::replay_hash;
 
 /// The first heartbeat a fresh watch connection sees.
@@ -171,19 +172,21 @@ fn incremental_chain_restores_exactly_through_its_chain_without_merging() {
         );
         layers.push(layer);
     }
-    // After four layers the VMM merges the chain into a new full image in
-    // the background: wait for it to appear.
+    // After four layers the VMM merges the chain in the background: the
+    // layers are small beside the full image, so into one compacted layer
+    // on it. Wait for it to appear.
     let store = relive_images::store::ImageStore::open(images.path(), 10).unwrap();
-    let fulls = || {
-        store
-            .list()
-            .unwrap()
-            .iter()
-            .filter(|e| e.kind == Some(relive_images::format::ImageKind::Full))
-            .count()
+    let compacted = || {
+        store.list().unwrap().iter().any(|e| {
+            e.merged_from.is_some()
+                && matches!(
+                    e.kind,
+                    Some(relive_images::format::ImageKind::Incremental { .. })
+                )
+        })
     };
     let deadline = Instant::now() + STEP_TIMEOUT;
-    while fulls() < 2 {
+    while !compacted() {
         assert!(
             Instant::now() < deadline,
             "no merged image in {}",
@@ -196,8 +199,16 @@ fn incremental_chain_restores_exactly_through_its_chain_without_merging() {
     let last = checkpoint(&vmm.socket, CheckpointKind::Incremental);
     vmm.signal(libc::SIGKILL);
     wait_gone(&mut vmm);
-    // The layer is restored by mapping its chain's full image and each
-    // layer's pages over it: nothing is merged (or written) on the way.
+    // The layer is restored by mapping its chain's full image, the
+    // compacted layer's pages and each newer layer's over it: nothing is
+    // merged (or written) on the way.
+    let chain = store.chain(Path::new(&last.path)).unwrap();
+    assert!(
+        chain
+            .iter()
+            .any(|p| ImageReader::read_header(p).unwrap().merged_from.is_some()),
+        "the chain does not go through the compacted layer: {chain:?}"
+    );
     let images_before = store.list().unwrap().len();
     restore_and_check(Path::new(&last.path), &vmm.console, before);
     assert_eq!(

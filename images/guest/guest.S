@@ -53,7 +53,9 @@
  * Parameters (kernel command line): relive.hb_ms=N (default 100),
  * relive.work=N iterations per wake-up (default 10000), relive.touch_mib=N
  * (write every page of N MiB from 4 MiB up at start, default 0),
- * relive.dirty_pages=N (rewrite N of those pages at every heartbeat).
+ * relive.dirty_pages=N (rewrite N of those pages at every heartbeat, round
+ * robin over the first relive.dirty_mib=M MiB of them: a hot set; default
+ * all).
  *
  * Working-set mode (relive.ws_mib=N): the BSP, instead of idling between
  * ticks, rewrites the pages of N MiB from 4 MiB up, one after the other, as
@@ -342,6 +344,12 @@ user_main:
         xor     %eax, %eax
         call    param
         mov     %rax, dirty_pages(%rip)
+        lea     p_dirty_mib(%rip), %rsi
+        mov     $(p_dirty_mib_end - p_dirty_mib), %ecx
+        xor     %eax, %eax
+        call    param
+        shl     $20, %rax                       /* MiB -> bytes */
+        mov     %rax, dirty_bytes(%rip)
         lea     p_ws(%rip), %rsi
         mov     $(p_ws_end - p_ws), %ecx
         xor     %eax, %eax
@@ -492,6 +500,14 @@ touch_memory:
         jbe     2f
         mov     %rcx, touch_end(%rip)
         mov     %rdi, dirty_next(%rip)
+        mov     %rcx, dirty_end(%rip)           /* the hot set: all of it, */
+        mov     dirty_bytes(%rip), %rdx         /* or its first dirty_mib */
+        test    %rdx, %rdx
+        jz      1f
+        add     %rdi, %rdx
+        cmp     %rcx, %rdx
+        jae     1f
+        mov     %rdx, dirty_end(%rip)
 1:      mov     %rdi, (%rdi)                    /* the page's own address */
         add     $4096, %rdi
         cmp     %rcx, %rdi
@@ -499,12 +515,12 @@ touch_memory:
 2:      ret
 
 /* relive.dirty_pages: at each heartbeat, rewrite that many pages of the
- * touched area (round robin) with the heartbeat's sequence number. */
+ * hot set (round robin) with the heartbeat's sequence number. */
 dirty_memory:
         mov     dirty_pages(%rip), %rcx
         test    %rcx, %rcx
         jz      3f
-        mov     touch_end(%rip), %rdx
+        mov     dirty_end(%rip), %rdx
         test    %rdx, %rdx
         jz      3f
         mov     dirty_next(%rip), %rdi
@@ -943,6 +959,8 @@ p_touch:        .ascii "relive.touch_mib="
 p_touch_end:
 p_dirty:        .ascii "relive.dirty_pages="
 p_dirty_end:
+p_dirty_mib:    .ascii "relive.dirty_mib="
+p_dirty_mib_end:
 p_ws:           .ascii "relive.ws_mib="
 p_ws_end:
 s_verify:       .ascii "verify "
@@ -1071,6 +1089,8 @@ touch_bytes:    .skip   8
 touch_end:      .skip   8
 dirty_pages:    .skip   8
 dirty_next:     .skip   8
+dirty_bytes:    .skip   8
+dirty_end:      .skip   8
 ws_bytes:       .skip   8
 ws_end:         .skip   8                       /* 0: no working set */
 ws_next:        .skip   8

@@ -30,6 +30,16 @@
 //! walks a long chain. A *chain* is a full image plus the layers that resolve
 //! to it.
 //!
+//! Merging a chain into a full image costs what the guest touched. While
+//! the chain's layers together are small beside its full image,
+//! [`ImageStore::compact`] writes them into one *compacted layer* instead:
+//! an incremental image on the full image that also records `merged_from`
+//! and stands in for its layer the same way (a full image merged from the
+//! same layer is preferred). So the background work of a VM that keeps
+//! rewriting a working set follows the working set, not its memory.
+//! Retention counts a compacted layer, with the raw layers on it, as a chain
+//! of its own, and keeps the full image under it.
+//!
 //! # Concurrency
 //!
 //! The store holds no lock and caches nothing: each call reads the directory
@@ -212,6 +222,7 @@ impl fmt::Display for ImageEntry {
         let id = self.id.map_or_else(|| "-".to_owned(), |i| i.to_string());
         let kind = match (self.kind, self.merged_from) {
             (Some(ImageKind::Full), Some(_)) => "full(merged)",
+            (Some(ImageKind::Incremental { .. }), Some(_)) => "compacted",
             (Some(k), _) => k.name(),
             (None, _) => "?",
         };
@@ -634,40 +645,43 @@ impl ImageStore {
     }
 
     /// Deletes old images: keeps the newest `keep` consistency chains (a full
-    /// image and the layers that resolve to it count as one), every image in
-    /// `in_use` and everything it depends on, and every boot image. Files
-    /// whose header is unreadable and layers whose chain is broken are
-    /// deleted only once they are older than every kept chain. Returns the
-    /// deleted paths.
+    /// image or a compacted layer, and the raw layers that resolve to it,
+    /// count as one), everything a kept image depends on (a compacted
+    /// layer's full image), every image in `in_use` and everything it
+    /// depends on, and every boot image. Files whose header is unreadable
+    /// and layers whose chain is broken are deleted only once they are older
+    /// than every kept chain. Returns the deleted paths.
     pub fn retain(&self, in_use: &[ImageId]) -> Result<Vec<PathBuf>, StoreError> {
         let cat = Catalog::scan(&self.dir)?;
         let n = cat.files.len();
-        let mut roots: Vec<Option<usize>> = vec![None; n];
-        for (i, root) in roots.iter_mut().enumerate() {
-            *root = cat.root_by_header(i, 0);
-        }
-        let mut chains: BTreeMap<usize, usize> = BTreeMap::new(); // root -> newest member
-        for (i, root) in roots.iter().enumerate() {
-            if let Some(r) = root {
-                let newest = chains.entry(*r).or_insert(i);
+        let anchors: Vec<Option<usize>> = (0..n).map(|i| cat.anchor(i, 0)).collect();
+        let mut chains: BTreeMap<usize, usize> = BTreeMap::new(); // anchor -> newest member
+        for (i, anchor) in anchors.iter().enumerate() {
+            if let Some(a) = anchor {
+                let newest = chains.entry(*a).or_insert(i);
                 *newest = (*newest).max(i);
             }
         }
-        let mut by_recency: Vec<(usize, usize)> = chains.into_iter().map(|(r, m)| (m, r)).collect();
+        let mut by_recency: Vec<(usize, usize)> = chains.into_iter().map(|(a, m)| (m, a)).collect();
         by_recency.sort_unstable_by(|a, b| b.cmp(a));
-        let kept_roots: BTreeSet<usize> =
-            by_recency.iter().take(self.keep).map(|&(_, r)| r).collect();
-        let oldest_kept = kept_roots.iter().copied().min();
+        let kept_anchors: BTreeSet<usize> =
+            by_recency.iter().take(self.keep).map(|&(_, a)| a).collect();
+        let oldest_kept = kept_anchors.iter().copied().min();
 
         let mut keep = vec![false; n];
         for i in 0..n {
             let f = &cat.files[i];
-            keep[i] = match (&f.header, roots[i]) {
+            keep[i] = match (&f.header, anchors[i]) {
                 (Ok(h), _) if !h.kind.is_consistency() => true,
-                (Ok(_), Some(r)) => kept_roots.contains(&r),
+                (Ok(_), Some(a)) => kept_anchors.contains(&a),
                 // Unreadable or orphaned: kept while not older than every kept chain.
                 _ => oldest_kept.is_none_or(|oldest| i > oldest),
             };
+        }
+        for i in 0..n {
+            if keep[i] && anchors[i].is_some() {
+                cat.mark_dependencies(i, &mut keep, 0);
+            }
         }
         for id in in_use {
             for i in (0..n).filter(|&i| cat.files[i].id() == Some(*id)) {
@@ -715,6 +729,47 @@ impl ImageStore {
     /// and records it in `merged_from`, so it supersedes `layer` and layers
     /// on `layer` resolve to it. Each present page is read and written once.
     pub fn merge(&self, layer: &ImageReader) -> Result<CommittedImage, StoreError> {
+        let chain = self.verified_chain(layer)?;
+        let chain: Vec<&ImageReader> = chain.iter().chain(std::iter::once(layer)).collect();
+        write_merged(&self.dir, &chain, 0)
+    }
+
+    /// Shortens `layer`'s chain in the background at a cost that follows
+    /// what the guest dirtied, not what it touched: while the layers of the
+    /// chain together hold fewer than half as many pages as its full image
+    /// ([`COMPACT_BELOW`]), they are compacted into one layer on that full
+    /// image (an incremental image with `merged_from` = `layer`, which
+    /// supersedes `layer` as a merged full image would); otherwise, or when
+    /// there is only one layer, the chain is [`merge`](Self::merge)d into a
+    /// new full image. Either way each byte written is one the chain's
+    /// layers hold, plus, for a full merge, the base they have grown to
+    /// rival, so the base is rewritten only after at least half its size
+    /// was dirtied.
+    pub fn compact(&self, layer: &ImageReader) -> Result<Compaction, StoreError> {
+        let owned = self.verified_chain(layer)?;
+        let chain: Vec<&ImageReader> = owned.iter().chain(std::iter::once(layer)).collect();
+        let pages =
+            |r: &&ImageReader| -> u64 { r.memory_map().iter().map(|m| m.present_pages()).sum() };
+        let base_pages = pages(&chain[0]);
+        let delta_pages: u64 = merge_plan(&chain, 1)
+            .iter()
+            .map(|(plan, _)| plan.present.iter().map(|r| r.count).sum::<u64>())
+            .sum();
+        let full = chain.len() <= 2
+            || delta_pages.saturating_mul(COMPACT_BELOW.1)
+                >= base_pages.saturating_mul(COMPACT_BELOW.0);
+        Ok(Compaction {
+            image: write_merged(&self.dir, &chain, if full { 0 } else { 1 })?,
+            full,
+            base_pages,
+            delta_pages,
+        })
+    }
+
+    /// The verified chain of `layer` without `layer` itself, full image
+    /// first, every member's memory checked and its regions shaped like the
+    /// base's.
+    fn verified_chain(&self, layer: &ImageReader) -> Result<Vec<ImageReader>, StoreError> {
         let id = layer.id();
         let ImageKind::Incremental { parent } = layer.kind() else {
             return Err(StoreError::NotALayer {
@@ -738,16 +793,14 @@ impl ImageStore {
                 None => return Err(broken(format!("{} vanished", cat.files[i].path.display()))),
             }
         }
-        let chain: Vec<&ImageReader> = owned.iter().chain(std::iter::once(layer)).collect();
-
-        let base = &chain[0];
-        let shape = |r: &&ImageReader| -> Vec<(u64, u64)> {
+        let shape = |r: &ImageReader| -> Vec<(u64, u64)> {
             r.memory_map()
                 .iter()
                 .map(|m| (m.guest_addr, m.len))
                 .collect()
         };
-        for r in &chain[1..] {
+        let base = &owned[0];
+        for r in owned[1..].iter().chain(std::iter::once(layer)) {
             if shape(r) != shape(base) {
                 return Err(StoreError::RegionMismatch {
                     id,
@@ -756,47 +809,7 @@ impl ImageStore {
                 });
             }
         }
-
-        let (plans, segments): (Vec<RegionPlan>, Vec<Vec<Seg>>) =
-            merge_plan(&chain).into_iter().unzip();
-
-        let werr = |source| StoreError::MergeWrite { id, source };
-        let rerr = |source| StoreError::MergeRead { id, source };
-        let created = layer.header().created_unix_ms;
-        let mut w = ImageWriter::create_with(&self.dir, ImageKind::Full, created, Some(id))
-            .map_err(werr)?;
-        for e in &layer.header().sections {
-            let Some(kind) = e
-                .kind()
-                .filter(|k| !matches!(k, SectionKind::Memory | SectionKind::MemoryMap))
-            else {
-                continue;
-            };
-            let payload = layer.section(kind).unwrap_or_default();
-            w.push_section(e.code, e.version, e.flags, payload)
-                .map_err(werr)?;
-        }
-        w.begin_memory(plans).map_err(werr)?;
-        let mut buf = Vec::new();
-        for (ri, segs) in segments.iter().enumerate() {
-            for s in segs {
-                let src = &chain[s.src];
-                let layout = &src.memory_map()[ri];
-                let mut at = s.start * PAGE_SIZE;
-                let end = s.end * PAGE_SIZE;
-                while at < end {
-                    let n = (end - at).min(COPY_CHUNK as u64) as usize;
-                    if buf.len() < n {
-                        buf.resize(n, 0);
-                    }
-                    src.read_memory(layout, at, &mut buf[..n]).map_err(rerr)?;
-                    w.write_memory(ri, at, &buf[..n]).map_err(werr)?;
-                    at += n as u64;
-                }
-            }
-        }
-        w.end_memory().map_err(werr)?;
-        w.commit().map_err(werr)
+        Ok(owned)
     }
 
     fn read_dir(&self) -> Result<Vec<fs::DirEntry>, StoreError> {
@@ -818,26 +831,103 @@ impl ImageStore {
     }
 }
 
-/// For each region of a chain (full image first): the merged region (its
-/// present pages the union of the chain's) and which image supplies each run.
-fn merge_plan(chain: &[&ImageReader]) -> Vec<(RegionPlan, Vec<Seg>)> {
-    let Some(base) = chain.first() else {
+/// Layers are compacted into one while, together, they hold fewer pages
+/// than `COMPACT_BELOW.0 / COMPACT_BELOW.1` of their full image's.
+pub const COMPACT_BELOW: (u64, u64) = (1, 2);
+
+/// What [`ImageStore::compact`] wrote.
+#[derive(Debug)]
+pub struct Compaction {
+    /// The new image: a full image, or one layer on the chain's full image.
+    pub image: CommittedImage,
+    /// Whether it is a full image.
+    pub full: bool,
+    /// Present pages of the chain's full image.
+    pub base_pages: u64,
+    /// Present pages of the chain's layers together.
+    pub delta_pages: u64,
+}
+
+/// Writes the state of `chain`'s last image (a layer, its chain before it,
+/// full image first) from `chain[from..]`: with `from` 0 a full image, with
+/// `from` 1 a layer on `chain[0]` holding every page the layers hold. Either
+/// takes the layer's creation time, non-memory sections and id as
+/// `merged_from`.
+fn write_merged(
+    dir: &Path,
+    chain: &[&ImageReader],
+    from: usize,
+) -> Result<CommittedImage, StoreError> {
+    let layer = chain[chain.len() - 1];
+    let id = layer.id();
+    let kind = if from == 0 {
+        ImageKind::Full
+    } else {
+        ImageKind::Incremental {
+            parent: chain[0].id(),
+        }
+    };
+    let (plans, segments): (Vec<RegionPlan>, Vec<Vec<Seg>>) =
+        merge_plan(chain, from).into_iter().unzip();
+    let werr = |source| StoreError::MergeWrite { id, source };
+    let rerr = |source| StoreError::MergeRead { id, source };
+    let created = layer.header().created_unix_ms;
+    let mut w = ImageWriter::create_with(dir, kind, created, Some(id)).map_err(werr)?;
+    for e in &layer.header().sections {
+        let Some(kind) = e
+            .kind()
+            .filter(|k| !matches!(k, SectionKind::Memory | SectionKind::MemoryMap))
+        else {
+            continue;
+        };
+        let payload = layer.section(kind).unwrap_or_default();
+        w.push_section(e.code, e.version, e.flags, payload)
+            .map_err(werr)?;
+    }
+    w.begin_memory(plans).map_err(werr)?;
+    let mut buf = Vec::new();
+    for (ri, segs) in segments.iter().enumerate() {
+        for s in segs {
+            let src = &chain[s.src];
+            let layout = &src.memory_map()[ri];
+            let mut at = s.start * PAGE_SIZE;
+            let end = s.end * PAGE_SIZE;
+            while at < end {
+                let n = (end - at).min(COPY_CHUNK as u64) as usize;
+                if buf.len() < n {
+                    buf.resize(n, 0);
+                }
+                src.read_memory(layout, at, &mut buf[..n]).map_err(rerr)?;
+                w.write_memory(ri, at, &buf[..n]).map_err(werr)?;
+                at += n as u64;
+            }
+        }
+    }
+    w.end_memory().map_err(werr)?;
+    w.commit().map_err(werr)
+}
+
+/// For each region of `chain[from..]` (a chain, full image first): the
+/// merged region (its present pages the union of theirs, regions shaped as
+/// `chain[0]`'s) and which image supplies each run.
+fn merge_plan(chain: &[&ImageReader], from: usize) -> Vec<(RegionPlan, Vec<Seg>)> {
+    let (Some(base), Some(first)) = (chain.first(), chain.get(from)) else {
         return Vec::new();
     };
     base.memory_map()
         .iter()
         .enumerate()
         .map(|(ri, region)| {
-            let mut segs: Vec<Seg> = region
+            let mut segs: Vec<Seg> = first.memory_map()[ri]
                 .present
                 .iter()
                 .map(|r| Seg {
                     start: r.first_page,
                     end: r.end(),
-                    src: 0,
+                    src: from,
                 })
                 .collect();
-            for (src, img) in chain.iter().enumerate().skip(1) {
+            for (src, img) in chain.iter().enumerate().skip(from + 1) {
                 segs = overlay(&segs, &img.memory_map()[ri].present, src);
             }
             let mut present: Vec<PageRun> = Vec::new();
@@ -933,9 +1023,10 @@ impl FileInfo {
     fn order_key(&self) -> (u64, u8, &str) {
         let h = self.header.as_ref().ok();
         let created = h.map(|h| h.created_unix_ms).or(self.name_ms).unwrap_or(0);
-        let rank = match h.map(|h| h.kind) {
-            Some(ImageKind::Incremental { .. }) => 0,
-            _ => 1,
+        let rank = match h.map(|h| (h.kind, h.merged_from.is_some())) {
+            Some((ImageKind::Incremental { .. }, false)) => 0,
+            Some((ImageKind::Incremental { .. }, true)) => 1,
+            _ => 2,
         };
         (created, rank, &self.name)
     }
@@ -945,7 +1036,8 @@ impl FileInfo {
 struct Catalog {
     files: Vec<FileInfo>,
     by_id: HashMap<ImageId, usize>,
-    /// Layer id -> full images merged from it, newest first.
+    /// Layer id -> the images merged from it (full images first, then
+    /// compacted layers; newest first).
     merged: HashMap<ImageId, Vec<usize>>,
 }
 
@@ -996,7 +1088,7 @@ impl Catalog {
         for (i, f) in files.iter().enumerate() {
             if let Ok(h) = &f.header {
                 by_id.insert(h.id, i);
-                if let (ImageKind::Full, Some(from)) = (h.kind, h.merged_from) {
+                if let (true, Some(from)) = (h.kind.is_consistency(), h.merged_from) {
                     merged.entry(from).or_default().insert(0, i);
                 }
             }
@@ -1009,9 +1101,18 @@ impl Catalog {
     }
 
     /// Candidates for a layer's parent, in order of preference: full images
-    /// merged from it (newest first), then the parent itself.
+    /// merged from it (newest first), layers compacted from it, then the
+    /// parent itself.
     fn parent_candidates(&self, parent: ImageId) -> Vec<usize> {
         let mut c = self.merged.get(&parent).cloned().unwrap_or_default();
+        // Files are ordered by time, then a compacted layer before a full
+        // image of the same time: a stable sort puts full images first.
+        c.sort_by_key(|&i| {
+            !matches!(
+                self.files[i].header.as_ref().map(|h| h.kind),
+                Ok(ImageKind::Full)
+            )
+        });
         c.extend(self.by_id.get(&parent));
         // A layer applies to a consistency image; a boot image is no parent.
         c.retain(|&i| {
@@ -1035,6 +1136,30 @@ impl Catalog {
                 .parent_candidates(parent)
                 .into_iter()
                 .find_map(|c| self.root_by_header(c, depth + 1)),
+        }
+    }
+
+    /// The image that heads the chain of consistency image `i` for
+    /// retention: a full image or a compacted layer (an image merged from a
+    /// layer) stands for itself, a raw layer for what its parent resolves to
+    /// (the first candidate that reaches a full image). `None` for a boot
+    /// image, an unreadable one and a broken chain.
+    fn anchor(&self, i: usize, depth: usize) -> Option<usize> {
+        if depth > self.files.len() {
+            return None;
+        }
+        let h = self.files[i].header.as_ref().ok()?;
+        match h.kind {
+            ImageKind::Boot => None,
+            ImageKind::Full => Some(i),
+            ImageKind::Incremental { .. } if h.merged_from.is_some() => {
+                self.root_by_header(i, depth).map(|_| i)
+            }
+            ImageKind::Incremental { parent } => self
+                .parent_candidates(parent)
+                .into_iter()
+                .find(|&c| self.root_by_header(c, depth + 1).is_some())
+                .and_then(|c| self.anchor(c, depth + 1)),
         }
     }
 
@@ -1533,6 +1658,113 @@ mod tests {
         // The boot image, the restored image, and KEEP chains of a full image
         // and at most MERGE_EVERY layers.
         let bound = 2 + KEEP * (1 + MERGE_EVERY);
+        assert!(
+            most <= bound,
+            "the directory held {most} images, more than {bound}"
+        );
+    }
+
+    /// The guest memory `image` restores: its chain's full image with each
+    /// layer's present pages laid over it, as a restore maps them.
+    fn state_of(store: &ImageStore, image: &Path) -> Vec<u8> {
+        let mut mem = Vec::new();
+        for path in store.chain(image).unwrap() {
+            let r = ImageReader::open(&path).unwrap();
+            let m = &r.memory_map()[0];
+            mem.resize(m.len as usize, 0);
+            for run in &m.present {
+                let (a, b) = (
+                    (run.first_page * PAGE_SIZE) as usize,
+                    (run.end() * PAGE_SIZE) as usize,
+                );
+                r.read_memory(m, a as u64, &mut mem[a..b]).unwrap();
+            }
+        }
+        mem
+    }
+
+    /// Compaction writes the chain's layers (later pages winning) into one
+    /// layer on its full image while they are small beside it, and a full
+    /// merge once they reach half of it; every image restores the state it
+    /// was taken with; the directory stays bounded and the full image under
+    /// the compacted layers is kept.
+    #[test]
+    fn compaction_follows_the_dirtied_pages_and_merges_fully_once_they_rival_the_base() {
+        const KEEP: usize = 3;
+        const MERGE_EVERY: usize = 4;
+        let root = TempDir::new("store-compact");
+        let store = ImageStore::open(root.path(), KEEP).unwrap();
+        let mut mem = region(PAGES, |p| p as u8 + 1);
+        let base = full(&store, "base", &mem);
+        let mut last = base.id;
+        let (mut compacted, mut merged, mut most) = (0, 0, 0);
+        let mut states: Vec<(ImageId, Vec<u8>)> = Vec::new();
+        for n in 1..=64u64 {
+            // Each layer rewrites one page, walking through memory: the
+            // layers' union grows by a page per layer.
+            let page = (n % PAGES) as usize;
+            mem[page * PAGE_SIZE as usize..][..PAGE_SIZE as usize].fill(100 + n as u8);
+            let l = layer(
+                &store,
+                last,
+                &format!("l{n}"),
+                &mem,
+                vec![run(page as u64, 1)],
+            );
+            last = l.id;
+            states.push((l.id, mem.clone()));
+            if n as usize % MERGE_EVERY == 0 {
+                let c = store.compact(&ImageReader::open(&l.path).unwrap()).unwrap();
+                let r = ImageReader::open(&c.image.path).unwrap();
+                assert_eq!(r.header().merged_from, Some(l.id));
+                assert_eq!(state_of(&store, &c.image.path), mem, "after layer {n}");
+                if c.full {
+                    merged += 1;
+                    assert_eq!(r.kind(), ImageKind::Full);
+                    assert!(
+                        c.delta_pages * 2 >= c.base_pages,
+                        "a full merge with only {} of {} pages dirtied",
+                        c.delta_pages,
+                        c.base_pages
+                    );
+                } else {
+                    compacted += 1;
+                    // Only the layers' pages: the base is not rewritten.
+                    assert_eq!(r.memory_map()[0].present_pages(), c.delta_pages);
+                    assert!(matches!(r.kind(), ImageKind::Incremental { .. }));
+                    assert!(c.delta_pages * 2 < c.base_pages);
+                }
+            }
+            store.retain(&[last]).unwrap();
+            most = most.max(store.list().unwrap().len());
+            // The newest state is what a failover restores, through the
+            // compacted layer once there is one.
+            let chosen = store.latest_good().unwrap().image.unwrap();
+            let h = chosen.header();
+            assert!(
+                h.id == last || h.merged_from == Some(last),
+                "after layer {n}: {h:?}"
+            );
+            assert_eq!(state_of(&store, chosen.path()), mem, "after layer {n}");
+            // Every image still in the directory restores its own state.
+            for (id, state) in &states {
+                if let Some(path) = store.find(*id).unwrap() {
+                    assert_eq!(
+                        &state_of(&store, &path),
+                        state,
+                        "layer {id} after layer {n}"
+                    );
+                }
+            }
+        }
+        assert!(
+            compacted >= 8,
+            "{compacted} compactions, {merged} full merges"
+        );
+        assert!(merged >= 2, "{compacted} compactions, {merged} full merges");
+        // KEEP chains of a head (full or compacted) and at most MERGE_EVERY
+        // raw layers, plus the full image under compacted heads.
+        let bound = 1 + KEEP * (1 + MERGE_EVERY);
         assert!(
             most <= bound,
             "the directory held {most} images, more than {bound}"

@@ -25,7 +25,8 @@ pub const SCRUB_AFTER: Duration = Duration::from_secs(600);
 pub enum Job {
     /// Verify a committed image and record its verdict.
     Verify(PathBuf),
-    /// Merge a layer's chain into a full image (then verify that).
+    /// Merge a layer's chain into a full image, or compact its layers into
+    /// one ([`ImageStore::compact`]), then verify the result.
     Merge(PathBuf),
     /// Apply retention, keeping these images and their chains.
     Retain(Vec<ImageId>),
@@ -128,11 +129,20 @@ fn run(store: &ImageStore, queue: &(Mutex<Queue>, Condvar)) {
             Job::Merge(layer) => {
                 match ImageReader::open(&layer)
                     .map_err(|e| e.to_string())
-                    .and_then(|r| store.merge(&r).map_err(|e| relive_control::error_chain(&e)))
-                {
-                    Ok(merged) => {
-                        tracing::info!(image = %merged.id, "merged an image chain");
-                        verify(store, &merged.path);
+                    .and_then(|r| {
+                        store
+                            .compact(&r)
+                            .map_err(|e| relive_control::error_chain(&e))
+                    }) {
+                    Ok(c) => {
+                        tracing::info!(
+                            image = %c.image.id,
+                            full = c.full,
+                            base_pages = c.base_pages,
+                            delta_pages = c.delta_pages,
+                            "merged an image chain"
+                        );
+                        verify(store, &c.image.path);
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot merge the image chain"),
                 }
