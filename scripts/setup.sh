@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what relive needs on a fresh Debian machine (idempotent):
 # the assembler and linker for the bundled guest, Debian's cloud kernel (and
-# its KVM modules) for the Linux boot test and the nested real-KVM tier, and
-# for that tier QEMU, a static busybox and cpio. The Rust toolchain is
+# its KVM modules) for the Linux boot test and the nested real-KVM tier, for
+# that tier QEMU, a static busybox and cpio, and for the on-call tests
+# Prometheus (with promtool) and systemd-analyze. The Rust toolchain is
 # expected to be installed.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -17,6 +18,10 @@ if ! { [ -x /bin/busybox ] && [[ "$(ldd /bin/busybox 2>&1)" == *"not a dynamic e
     need_apt+=(busybox-static)
 fi
 command -v cpio >/dev/null 2>&1 || need_apt+=(cpio)
+# On-call tests: promtool and a real Prometheus (one package), and
+# systemd-analyze for the unit.
+command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "setup: installing ${need_apt[*]}" >&2
     apt-get update -qq

@@ -89,7 +89,7 @@ pub async fn up(
     let events = Arc::new(EventLog::open(&events_path, 1000).map_err(DaemonError::Events)?);
     let metrics = Arc::new(Metrics::new().map_err(DaemonError::Metrics)?);
     for vm in &fleet_cfg.vms {
-        metrics.add_vm(&vm.name);
+        metrics.add_vm(&vm.name, &vm.policy);
     }
 
     let unix = tokio::net::UnixListener::bind(&socket).map_err(io("listen on", &socket))?;

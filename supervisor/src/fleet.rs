@@ -1574,6 +1574,8 @@ impl VmTask {
             .observe_checkpoint(name, kind, Duration::from_micros(report.total_us));
         self.metrics
             .observe_checkpoint_pause(name, kind, Duration::from_micros(report.pause_us));
+        self.metrics
+            .set_last_checkpoint(name, std::time::SystemTime::now());
         let (count, bytes) = dir_usage(&self.spec.images_dir);
         self.metrics.set_images(name, count, bytes);
         // A fresh image of a healthy guest: consistency images are trusted again.

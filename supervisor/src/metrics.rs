@@ -38,6 +38,10 @@
 //! | `relive_vm_paused_seconds_total` | counter, time the guest stood still when asked (not counted against `heartbeat_timeout`) | vm, reason |
 //! | `relive_standby_ready` | gauge | vm |
 //! | `relive_standby_memory_bytes` | gauge | vm |
+//! | `relive_last_checkpoint_timestamp_seconds` | gauge, unix time of the newest consistency image (the supervisor's start until the first) | vm |
+//! | `relive_policy_checkpoint_interval_seconds`, `relive_policy_heartbeat_timeout_seconds`, `relive_policy_standby` | gauges, the VM's policy, for alerts to compare with | vm |
+//! | `relive_build_info` | gauge, 1 | version, commit |
+//! | `process_*` | the supervisor's own CPU, memory, file descriptors, start time (the `prometheus` crate's process collector) | - |
 //!
 //! # Counters mirrored from another process
 //!
@@ -80,7 +84,7 @@ use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use crate::policy::{FailureReason, RestoreTarget, VmState};
+use crate::policy::{FailureReason, Policy, RestoreTarget, VmState};
 use prometheus::{
     CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramTimer, HistogramVec, IntCounterVec,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -197,6 +201,10 @@ pub struct Metrics {
     paused_seconds: CounterVec,
     standby_ready: IntGaugeVec,
     standby_memory: IntGaugeVec,
+    last_checkpoint: GaugeVec,
+    policy_checkpoint_interval: GaugeVec,
+    policy_heartbeat_timeout: GaugeVec,
+    policy_standby: IntGaugeVec,
 }
 
 impl fmt::Debug for Metrics {
@@ -229,6 +237,34 @@ fn int_counter(
     labels: &[&str],
 ) -> Result<IntCounterVec, prometheus::Error> {
     register(r, IntCounterVec::new(Opts::new(name, help), labels)?)
+}
+
+fn gauge(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<GaugeVec, prometheus::Error> {
+    register(r, GaugeVec::new(Opts::new(name, help), labels)?)
+}
+
+/// The relive version and the commit it was built from (`unknown` outside a
+/// git checkout; `RELIVE_COMMIT` at build time overrides it).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// See [`VERSION`].
+pub const COMMIT: &str = env!("RELIVE_COMMIT");
+
+/// `relive_build_info{version, commit} 1`: which relive is running.
+fn build_info(r: &Registry) -> Result<(), prometheus::Error> {
+    let info = IntGaugeVec::new(
+        Opts::new(
+            "relive_build_info",
+            "1, labelled with the relive version and the commit it was built from.",
+        ),
+        &["version", "commit"],
+    )?;
+    info.with_label_values(&[VERSION, COMMIT]).set(1);
+    register(r, info).map(drop)
 }
 
 fn histogram(
@@ -383,7 +419,39 @@ impl Metrics {
                 "Resident bytes of the VM's standby VMM.",
                 &["vm"],
             )?,
-            registry: r,
+            last_checkpoint: gauge(
+                &r,
+                "relive_last_checkpoint_timestamp_seconds",
+                "Unix time of the VM's newest consistency image taken under this supervisor \
+                 (the supervisor's start until the first).",
+                &["vm"],
+            )?,
+            policy_checkpoint_interval: gauge(
+                &r,
+                "relive_policy_checkpoint_interval_seconds",
+                "The VM's checkpoint_interval (0: no periodic checkpoints).",
+                &["vm"],
+            )?,
+            policy_heartbeat_timeout: gauge(
+                &r,
+                "relive_policy_heartbeat_timeout_seconds",
+                "The VM's heartbeat_timeout.",
+                &["vm"],
+            )?,
+            policy_standby: int_gauge(
+                &r,
+                "relive_policy_standby",
+                "1 when the VM's policy keeps a standby VMM.",
+                &["vm"],
+            )?,
+            registry: {
+                build_info(&r)?;
+                #[cfg(target_os = "linux")]
+                r.register(Box::new(
+                    prometheus::process_collector::ProcessCollector::for_self(),
+                ))?;
+                r
+            },
             state_lock: Mutex::new(()),
             cursors: Mutex::new(HashMap::new()),
         })
@@ -419,10 +487,23 @@ impl Metrics {
         out
     }
 
-    /// Creates a VM's series at their zero values, so that dashboards and
-    /// `rate()` see every failure reason and restore kind from the start.
-    /// Histograms appear on their first observation.
-    pub fn add_vm(&self, vm: &str) {
+    /// Creates a VM's series at their zero values, histograms included, so
+    /// that dashboards and `rate()` see every failure reason and restore
+    /// kind from the start (a series born with its first observation hides
+    /// that observation from `rate()` and `increase()`: the first failover
+    /// of a VM would never show), and exports the parts of its policy
+    /// alerts compare with.
+    pub fn add_vm(&self, vm: &str, policy: &Policy) {
+        self.policy_checkpoint_interval
+            .with_label_values(&[vm])
+            .set(policy.checkpoint_interval.as_secs_f64());
+        self.policy_heartbeat_timeout
+            .with_label_values(&[vm])
+            .set(policy.heartbeat_timeout.as_secs_f64());
+        self.policy_standby
+            .with_label_values(&[vm])
+            .set(i64::from(policy.standby));
+        self.set_last_checkpoint(vm, std::time::SystemTime::now());
         {
             let _state = lock(&self.state_lock);
             for state in VmState::LABELS {
@@ -436,7 +517,19 @@ impl Metrics {
         for image in IMAGE_KINDS {
             for path in RestorePath::ALL {
                 self.restores.with_label_values(&[vm, image, path.as_str()]);
+                self.failover_duration
+                    .with_label_values(&[vm, image, path.as_str()]);
             }
+        }
+        for path in RestorePath::ALL {
+            self.restore_duration
+                .with_label_values(&[vm, path.as_str()]);
+        }
+        for kind in CheckpointKind::ALL {
+            self.checkpoint_duration
+                .with_label_values(&[vm, kind.as_str()]);
+            self.checkpoint_pause
+                .with_label_values(&[vm, kind.as_str()]);
         }
         self.checkpoints_failed.with_label_values(&[vm]);
         self.vcpu_exits.with_label_values(&[vm]);
@@ -538,6 +631,14 @@ impl Metrics {
         self.paused_seconds
             .with_label_values(&[vm, reason])
             .inc_by(paused.as_secs_f64());
+    }
+
+    /// Records when the VM's newest consistency image was taken.
+    pub fn set_last_checkpoint(&self, vm: &str, at: std::time::SystemTime) {
+        let secs = at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.last_checkpoint.with_label_values(&[vm]).set(secs);
     }
 
     /// Sets the image directory's image count and bytes on disk.
@@ -653,10 +754,18 @@ impl Metrics {
             &self.guest_memory_resident,
             &self.standby_ready,
             &self.standby_memory,
+            &self.policy_standby,
         ] {
             let _ = gauge.remove_label_values(&[vm]);
         }
-        let _ = self.heartbeat_age.remove_label_values(&[vm]);
+        for gauge in [
+            &self.heartbeat_age,
+            &self.last_checkpoint,
+            &self.policy_checkpoint_interval,
+            &self.policy_heartbeat_timeout,
+        ] {
+            let _ = gauge.remove_label_values(&[vm]);
+        }
         let _ = self.checkpoints_failed.remove_label_values(&[vm]);
         let _ = self.vcpu_exits.remove_label_values(&[vm]);
         let _ = self.vmm_cpu_seconds.remove_label_values(&[vm]);
@@ -755,7 +864,7 @@ mod tests {
     #[test]
     fn a_sequence_of_calls_renders_as_parsed_values() {
         let m = Metrics::new().unwrap();
-        m.add_vm("web");
+        m.add_vm("web", &Policy::default());
         m.set_state("web", &VmState::Running);
         m.set_up("web", true);
         m.record_failure("web", FailureReason::VmmKilled);
@@ -863,7 +972,8 @@ mod tests {
             1.0
         );
         // 2.5 ms lands in the 3 ms bucket, not the 2 ms one.
-        let failover = find(&s, "relive_failover_duration_seconds", &web);
+        let restored = [("vm", "web"), ("image", "consistency"), ("path", "standby")];
+        let failover = find(&s, "relive_failover_duration_seconds", &restored);
         let Value::Histogram(buckets) = &failover[0].value else {
             panic!("not a histogram")
         };
@@ -871,7 +981,7 @@ mod tests {
         assert_eq!(at(0.002), 0.0);
         assert_eq!(at(0.003), 1.0);
         assert_eq!(
-            value(&s, "relive_failover_duration_seconds_sum", &web),
+            value(&s, "relive_failover_duration_seconds_sum", &restored),
             0.0025
         );
         assert_eq!(
@@ -932,8 +1042,8 @@ mod tests {
     #[test]
     fn state_gauge_is_exclusive() {
         let m = Metrics::new().unwrap();
-        m.add_vm("a");
-        m.add_vm("b");
+        m.add_vm("a", &Policy::default());
+        m.add_vm("b", &Policy::default());
         let states = every_state();
         for state in &states {
             m.set_state("a", state);
@@ -985,7 +1095,7 @@ mod tests {
     fn remove_vm_drops_every_series_of_that_vm_only() {
         let m = Metrics::new().unwrap();
         for vm in ["gone", "kept"] {
-            m.add_vm(vm);
+            m.add_vm(vm, &Policy::default());
             m.set_state(vm, &VmState::Running);
             m.set_up(vm, true);
             m.record_failure(vm, FailureReason::Panic);
@@ -1046,6 +1156,69 @@ mod tests {
         assert_eq!(
             value(&scrape(&m), "relive_vcpu_exits_total", &[("vm", "gone")]),
             5.0
+        );
+    }
+
+    /// What a dashboard and the alerts need besides the VM's events: the
+    /// build, the VM's policy, its newest image's time, the supervisor
+    /// process, and histograms present (at zero) before their first
+    /// observation.
+    #[test]
+    fn build_policy_image_age_and_process_series_are_exported() {
+        let m = Metrics::new().unwrap();
+        let policy = Policy {
+            checkpoint_interval: Duration::from_secs(7),
+            heartbeat_timeout: Duration::from_millis(1500),
+            standby: true,
+            ..Policy::default()
+        };
+        let before = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        m.add_vm("web", &policy);
+        let s = scrape(&m);
+        let build = find(&s, "relive_build_info", &[("version", VERSION)]);
+        assert_eq!(build.len(), 1, "{build:?}");
+        assert!(!build[0].labels.get("commit").unwrap_or("").is_empty());
+        let web = [("vm", "web")];
+        assert_eq!(
+            value(&s, "relive_policy_checkpoint_interval_seconds", &web),
+            7.0
+        );
+        assert_eq!(
+            value(&s, "relive_policy_heartbeat_timeout_seconds", &web),
+            1.5
+        );
+        assert_eq!(value(&s, "relive_policy_standby", &web), 1.0);
+        let at = value(&s, "relive_last_checkpoint_timestamp_seconds", &web);
+        assert!(
+            at >= before.floor() && at < before + 60.0,
+            "{at} vs {before}"
+        );
+        m.set_last_checkpoint("web", std::time::UNIX_EPOCH + Duration::from_secs(1_000));
+        assert_eq!(
+            value(
+                &scrape(&m),
+                "relive_last_checkpoint_timestamp_seconds",
+                &web
+            ),
+            1_000.0
+        );
+        assert!(!find(&s, "process_resident_memory_bytes", &[]).is_empty());
+        assert_eq!(
+            histogram_count(
+                &s,
+                "relive_failover_duration_seconds",
+                &[("vm", "web"), ("image", "boot"), ("path", "cold")]
+            ),
+            0.0
+        );
+        m.remove_vm("web");
+        let s = scrape(&m);
+        assert!(
+            s.samples.iter().all(|x| x.labels.get("vm").is_none()),
+            "series of a removed VM remain"
         );
     }
 
