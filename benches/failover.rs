@@ -93,9 +93,10 @@
 //! One VM of 2 GiB whose guest touched T MiB at start
 //! (`relive.touch_mib`; T = 16, the baseline in the same run, then 512 and
 //! 1536), with and without a standby, policy `checkpoint_interval: 2s`,
-//! `heartbeat_timeout: 1s`, `failure_window: 1s` (every failure is a first
-//! failure: the bench waits for a checkpoint taken since the last restore,
-//! which comes after the window). `RELIVE_BENCH_SIZE_RUNS` (default 10)
+//! `heartbeat_timeout: 1s`, `ready_grace: 5s` (the guest's boot touches
+//! the memory), `failure_window: 5s` (every failure is a first failure: the
+//! bench waits 5.5 s after each restore, then for a checkpoint taken since
+//! and its verdict). `RELIVE_BENCH_SIZE_RUNS` (default 10)
 //! kills of the VMM per (T, standby), each measured as in section 1. Prints
 //! medians and p90s, failover(1536) / failover(16) per standby against the
 //! target 1.5, and `BENCH failover-at-size {json}`.
@@ -147,6 +148,8 @@ const SIZE_MEM_MIB: u64 = 2048;
 const SIZE_TOUCHED: [u64; 3] = [16, 512, 1536];
 /// Failovers per (size, standby) when `RELIVE_BENCH_SIZE_RUNS` is not set.
 const DEFAULT_SIZE_RUNS: usize = 10;
+/// Wait after each at-size failover: past `failure_window`.
+const SIZE_GAP: Duration = Duration::from_millis(5500);
 /// Target: failover(largest) / failover(smallest), medians.
 const SIZE_RATIO_TARGET: f64 = 1.5;
 /// The checkpointing fleet (section 5): VMs, guest memory, touched memory
@@ -193,13 +196,14 @@ const FLEET_POLICY: [(&str, &str); 7] = [
     ("restart_backoff", "0s"),
     ("warm_boot_image", "true"),
 ];
-/// The policy of the at-size failovers: every failure a first failure
-/// (the next checkpoint, which the bench waits for, comes after the window).
+/// The policy of the at-size failovers: `ready_grace` covers the guest's
+/// boot (touching 1.5 GiB takes seconds); every failure is a first failure
+/// (the bench waits [`SIZE_GAP`] after each restore, past the window).
 const SIZE_POLICY: [(&str, &str); 7] = [
     ("checkpoint_interval", "2s"),
     ("heartbeat_timeout", "1s"),
     ("ready_grace", "5s"),
-    ("failure_window", "1s"),
+    ("failure_window", "5s"),
     ("max_failures", "1000"),
     ("restart_backoff", "0s"),
     ("warm_boot_image", "true"),
@@ -366,8 +370,16 @@ fn failover_by_kind(bins: &Bins, scratch: &TempDir, runs: usize, fleet_secs: u64
             &dir,
             &Shape::batch(standby).yaml("one VM; each failure lands on a known target"),
         )?;
-        let batch = run_batch(&sup, bins, kind, standby, runs, &Target::ALL)
-            .map_err(|e| format!("{} (standby {standby}): {e}", kind.label()))?;
+        let batch = run_batch(
+            &sup,
+            bins,
+            kind,
+            standby,
+            runs,
+            &Target::ALL,
+            Duration::ZERO,
+        )
+        .map_err(|e| format!("{} (standby {standby}): {e}", kind.label()))?;
         let images = if i + 1 == plan.len() {
             Some(baseline_images(&sup)?)
         } else {
@@ -445,6 +457,7 @@ fn failover_at_size(bins: &Bins, scratch: &TempDir, runs: usize) -> Result<()> {
                 standby,
                 runs,
                 &[Target::Consistency],
+                SIZE_GAP,
             )
             .map_err(|e| format!("touched {touched} MiB (standby {standby}): {e}"))?;
             let unverified = sup
@@ -810,6 +823,7 @@ fn run_batch(
     standby: bool,
     runs: usize,
     targets: &[Target],
+    gap: Duration,
 ) -> Result<Batch> {
     let mut batch = Batch {
         kind,
@@ -852,6 +866,7 @@ fn run_batch(
         let gone_ns = pidfd.and_then(|fd| wait_readable(&fd, FAILOVER_TIMEOUT));
         std::thread::sleep(SETTLE);
         let outcome = wait_failover(sup, before, trigger_unix_ms)?;
+        std::thread::sleep(gap);
         let after = sup.show(VM)?;
         reference = after["last_checkpoint"].as_str().map(str::to_string);
         let (failure, restored) = match outcome {
@@ -899,7 +914,10 @@ fn run_batch(
 }
 
 /// Waits until the VM runs, its standby is ready (when it has one) and a
-/// checkpoint newer than `reference` exists; returns `relive show VM`.
+/// checkpoint newer than `reference` exists, which has its background
+/// verdict (so a failover trusts it: the steady state of a VM whose
+/// checkpoints are further apart than their verification takes); returns
+/// `relive show VM`.
 fn wait_steady(sup: &Supervisor, standby: bool, reference: Option<&str>) -> Result<Value> {
     let deadline = Instant::now() + STEADY_TIMEOUT;
     loop {
@@ -910,7 +928,8 @@ fn wait_steady(sup: &Supervisor, standby: bool, reference: Option<&str>) -> Resu
             && view["socket"].is_string()
             && (!standby || view["standby"] == "ready")
             && checkpoint.is_some()
-            && checkpoint != reference;
+            && checkpoint != reference
+            && checkpoint.is_some_and(|id| sup.has_verdict(id));
         if steady {
             return Ok(view);
         }
@@ -1656,6 +1675,18 @@ struct Supervisor {
 }
 
 impl Supervisor {
+    /// Whether the bench VM's image `id` has its verdict file.
+    fn has_verdict(&self, id: &str) -> bool {
+        let images = self.dir.join("state").join(VM).join("images");
+        std::fs::read_dir(&images).is_ok_and(|entries| {
+            entries.flatten().any(|e| {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                name.ends_with(&format!("-{id}.verdict"))
+            })
+        })
+    }
+
     /// Writes `DIR/fleet.yaml` and runs `relive up` on it (output to
     /// `DIR/up.log`) until its API answers.
     fn start(bins: &Bins, dir: &Path, yaml: &str) -> Result<Supervisor> {

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     checkpoint, connect, env_flag, hb_seq, request, require_kvm, run_vmm, status, temp_dir,
-    wait_gone, ChildGuard, Output, TempDir, Vmm, STEP_TIMEOUT,
+    vmm_command, wait_gone, ChildGuard, Output, TempDir, Vmm, STEP_TIMEOUT,
 };
 use relive_control::{CheckpointKind, ErrorKind, Request, Response};
 use relive_control::{RunState, VmStatus};
@@ -759,4 +759,108 @@ fn newer_format_version_is_refused() {
         "the error says which version it found: {line}"
     );
     eprintln!("newer image: {line}");
+}
+
+// ---------------------------------------------------------------------------
+// Confidential state
+// ---------------------------------------------------------------------------
+
+/// Runs `cmd` with the file mode creation mask `mask`.
+fn with_umask(cmd: &mut Command, mask: libc::mode_t) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and calls
+    // only umask(2), which is async-signal-safe and touches no memory.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::umask(mask);
+            Ok(())
+        })
+    }
+}
+
+fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().mode() & 0o7777
+}
+
+/// Under umask 000 and 022 alike, the image directory (and the parents the
+/// VMM creates), every image and verdict, and the console are owner-only;
+/// a layer whose base others can write is refused, naming the base and the
+/// fix.
+#[test]
+fn images_and_consoles_are_owner_only_whatever_the_umask_and_writable_ones_are_refused() {
+    if !require_kvm() {
+        return;
+    }
+    for mask in [0o000, 0o022] {
+        let dir = temp_dir();
+        let images = dir.join("deep/images");
+        let socket = dir.join("ctl.sock");
+        let console = dir.join("console.log");
+        let mut cmd = vmm_command();
+        cmd.arg("run")
+            .arg("--images")
+            .arg(&images)
+            .arg("--control")
+            .arg(&socket)
+            .arg("--console")
+            .arg(&console)
+            .args(["--cmdline", "relive.hb_ms=50"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let mut vmm = ChildGuard::spawn(with_umask(&mut cmd, mask));
+        let full = checkpoint(&socket, CheckpointKind::Full);
+        let layer = checkpoint(&socket, CheckpointKind::Incremental);
+        // Both verdicts, written by the background verification.
+        let verdict = |p: &str| Path::new(p).with_extension("verdict");
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        while !(verdict(&full.path).exists() && verdict(&layer.path).exists()) {
+            assert!(
+                Instant::now() < deadline,
+                "no verdicts in {}",
+                images.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(request(&socket, Request::Shutdown), Response::Ok);
+        vmm.wait_timeout(STEP_TIMEOUT).expect("the VMM exits");
+
+        for d in [&images, &dir.join("deep")] {
+            assert_eq!(mode_of(d), 0o700, "umask {mask:03o}: {}", d.display());
+        }
+        let files: Vec<PathBuf> = std::fs::read_dir(&images)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .chain([console.clone()])
+            .collect();
+        assert!(files.len() >= 5, "{files:?}"); // boot image, 2 images, 2 verdicts, console
+        for f in &files {
+            assert_eq!(mode_of(f), 0o600, "umask {mask:03o}: {}", f.display());
+        }
+
+        // The layer's base made group-writable: restoring the layer is refused.
+        std::fs::set_permissions(
+            &full.path,
+            std::os::unix::fs::PermissionsExt::from_mode(0o620),
+        )
+        .unwrap();
+        let out = run_vmm([
+            "restore",
+            "--image",
+            layer.path.as_str(),
+            "--control",
+            dir.join("restored.sock").to_str().unwrap(),
+            "--console",
+            dir.join("restored.log").to_str().unwrap(),
+        ]);
+        assert_eq!(out.code, Some(1), "{}", out.stderr);
+        assert!(
+            out.stderr.contains(&full.path)
+                && out.stderr.contains("writable by group (mode 0620)")
+                && out.stderr.contains(&format!("chmod go-w {}", full.path)),
+            "{}",
+            out.stderr
+        );
+        assert!(!dir.join("restored.sock").exists());
+    }
 }

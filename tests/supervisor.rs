@@ -1134,3 +1134,48 @@ fn a_vm_of_2_gib_that_touched_1_gib_runs_a_minute_of_checkpoints_then_survives_a
     let after = fleet.wait_heartbeat_from("big", pid);
     image_hb.assert_continued_by(&after, "the restored 2 GiB guest");
 }
+
+/// A supervisor under umask 000 keeps its state owner-only (directories
+/// 0700, files 0600: events, records, logs, consoles, images, verdicts,
+/// the API socket), and narrows a state directory an older relive left
+/// open, saying so in its log.
+#[test]
+fn state_is_owner_only_under_umask_000_and_a_wide_state_dir_is_narrowed_with_a_warning() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if !require_kvm() {
+        return;
+    }
+    let mut fleet = Fleet::new(|state| fleet_yaml(state, &["priv"], true, ""));
+    std::fs::create_dir_all(fleet.state.join("priv")).unwrap();
+    for d in [fleet.state.clone(), fleet.state.join("priv")] {
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    fleet.umask = Some(0o000);
+    fleet.start_supervisor();
+    fleet.wait_healthy("priv", 5, true);
+    fleet.wait_next_checkpoint("priv");
+    let log = fleet.supervisor_log();
+    assert!(
+        log.contains("state directory was readable by others: narrowed to 0700"),
+        "{log}"
+    );
+    // Every directory and file under the state directory.
+    let mut stack = vec![fleet.state.clone()];
+    let mut files = 0;
+    while let Some(d) = stack.pop() {
+        let mode = std::fs::metadata(&d).unwrap().mode() & 0o7777;
+        assert_eq!(mode, 0o700, "{}", d.display());
+        for e in std::fs::read_dir(&d).unwrap() {
+            let path = e.unwrap().path();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            if meta.is_dir() {
+                stack.push(path);
+            } else {
+                files += 1;
+                // Sockets are 0600 too; `srw-------` shows as 0600 here.
+                assert_eq!(meta.mode() & 0o7777, 0o600, "{}", path.display());
+            }
+        }
+    }
+    assert!(files >= 8, "only {files} files under {}", fleet.state.display());
+}

@@ -8,10 +8,13 @@
 //! - [`store`]: a VM's image directory: listing, picking the latest good
 //!   image, retention and merging incremental layers.
 //! - [`guest`]: the bundled guest kernel.
+//! - [`private`]: owner-only files and directories, and the restore's
+//!   refusal of images others can write.
 #![forbid(unsafe_code)]
 
 pub mod format;
 pub mod guest;
+pub mod private;
 pub mod store;
 
 pub use format::{

@@ -330,7 +330,7 @@ impl ImageStore {
         if keep == 0 {
             return Err(StoreError::ZeroKeep);
         }
-        fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
+        crate::private::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
             dir: dir.to_owned(),
             source,
         })?;
@@ -438,7 +438,7 @@ impl ImageStore {
         let path = verdict_path(image);
         let tmp = path.with_extension("verdict-new");
         let bytes = serde_json::to_vec(&verdict).unwrap_or_default();
-        let written = fs::File::create(&tmp)
+        let written = crate::private::create_file(&tmp)
             .and_then(|mut f| {
                 io::Write::write_all(&mut f, &bytes)?;
                 f.sync_all()

@@ -73,11 +73,13 @@ pub async fn up(
         let path = path.to_path_buf();
         move |source| DaemonError::Io { what, path, source }
     };
-    std::fs::create_dir_all(&fleet_cfg.state_dir)
+    relive_images::private::create_dir_all(&fleet_cfg.state_dir)
         .map_err(io("create the state directory", &fleet_cfg.state_dir))?;
+    tighten_state(&fleet_cfg);
     let socket = fleet_cfg.api.socket.clone();
     if let Some(parent) = socket.parent() {
-        std::fs::create_dir_all(parent).map_err(io("create the directory of", &socket))?;
+        relive_images::private::create_dir_all(parent)
+            .map_err(io("create the directory of", &socket))?;
     }
     if socket.exists() {
         if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
@@ -130,7 +132,9 @@ pub async fn up(
         events: events_path,
     };
     let api_file = crate::client::current_api_file();
-    let _ = std::fs::write(&api_file, socket.display().to_string());
+    let _ = relive_images::private::create_file(&api_file).and_then(|mut f| {
+        std::io::Write::write_all(&mut f, socket.display().to_string().as_bytes())
+    });
 
     let mut servers = Vec::new();
     let app = crate::api::router(fleet.clone(), None);
@@ -203,4 +207,30 @@ pub async fn up(
         let _ = std::fs::remove_file(&api_file);
     }
     Ok(())
+}
+
+/// Narrows the state directory, each VM's directory and image directory to
+/// owner-only where an older relive (or a hand) left them wider, saying so:
+/// they hold guest memory and consoles.
+fn tighten_state(fleet: &config::FleetConfig) {
+    let dirs = std::iter::once(fleet.state_dir.clone()).chain(fleet.vms.iter().flat_map(|vm| {
+        let vm_dir = vm.images_dir.parent().map(Path::to_path_buf);
+        vm_dir
+            .into_iter()
+            .chain(std::iter::once(vm.images_dir.clone()))
+    }));
+    for dir in dirs {
+        match relive_images::private::tighten_dir(&dir) {
+            Ok(Some(mode)) => tracing::warn!(
+                dir = %dir.display(),
+                was = format!("{mode:04o}"),
+                "state directory was readable by others: narrowed to 0700"
+            ),
+            Ok(None) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot narrow a state directory to 0700")
+            }
+        }
+    }
 }

@@ -43,7 +43,7 @@
 //! task or thread.
 
 use std::collections::VecDeque;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -285,9 +285,11 @@ impl EventLog {
             return Err(EventError::ZeroCapacity);
         }
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| EventError::CreateDir {
-                path: dir.to_owned(),
-                source,
+            relive_images::private::create_dir_all(dir).map_err(|source| {
+                EventError::CreateDir {
+                    path: dir.to_owned(),
+                    source,
+                }
             })?;
         }
         let events = read_tail(path, capacity).map_err(|source| EventError::Read {
@@ -295,7 +297,7 @@ impl EventLog {
             source,
         })?;
         let next_seq = events.back().map_or(1, |(seq, _)| seq + 1);
-        let file = OpenOptions::new()
+        let file = relive_images::private::open_options()
             .append(true)
             .create(true)
             .open(path)
@@ -492,6 +494,7 @@ fn read_tail(path: &Path, capacity: usize) -> io::Result<VecDeque<(u64, Event)>>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::OpenOptions;
     use std::sync::atomic::AtomicUsize;
     use tokio::sync::broadcast::error::TryRecvError;
 

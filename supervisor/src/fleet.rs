@@ -1153,7 +1153,7 @@ impl VmTask {
     }
 
     async fn run(mut self) {
-        if let Err(e) = std::fs::create_dir_all(&self.dir) {
+        if let Err(e) = relive_images::private::create_dir_all(&self.dir) {
             tracing::error!(error = %e, "cannot create the VM's state directory");
         }
         let adoption = self.try_adopt().await;

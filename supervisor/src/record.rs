@@ -139,7 +139,7 @@ fn open_slot(path: &Path) -> io::Result<File> {
         Ok(file) => Ok(file),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let tmp = path.with_extension("new");
-            let mut file = File::create(&tmp)?;
+            let mut file = relive_images::private::create_file(&tmp)?;
             file.write_all(&vec![0u8; SLOT_SIZE])?;
             file.sync_all()?;
             std::fs::rename(&tmp, path)?;

@@ -100,7 +100,7 @@ impl VmmProcess {
         ready_timeout: Duration,
     ) -> Result<VmmProcess, VmmError> {
         let open_log = || {
-            std::fs::OpenOptions::new()
+            relive_images::private::open_options()
                 .create(true)
                 .append(true)
                 .open(log)

@@ -294,6 +294,9 @@ pub struct Fleet {
     pub api: PathBuf,
     /// Every VMM pid `relive status`/`show` reported.
     seen_pids: Mutex<BTreeSet<u32>>,
+    /// The file mode creation mask `relive up` runs with (the test's own
+    /// when `None`).
+    pub umask: Option<libc::mode_t>,
     /// The test's directory. Declared last: removed once the processes are gone.
     pub dir: TempDir,
 }
@@ -312,6 +315,7 @@ impl Fleet {
             file,
             state,
             seen_pids: Mutex::new(BTreeSet::new()),
+            umask: None,
             dir,
         }
     }
@@ -330,6 +334,17 @@ impl Fleet {
             // $XDG_RUNTIME_DIR: keep that inside the test.
             .env("XDG_RUNTIME_DIR", self.dir.path())
             .stdin(Stdio::null());
+        if let Some(mask) = self.umask {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: the closure runs in the forked child before exec and
+            // calls only umask(2), which is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(move || {
+                    libc::umask(mask);
+                    Ok(())
+                });
+            }
+        }
         cmd
     }
 

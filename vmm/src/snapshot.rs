@@ -125,6 +125,9 @@ pub enum SnapshotError {
         #[source]
         source: serde_json::Error,
     },
+    /// The image, or one of its chain, may be written by others.
+    #[error("refusing to restore")]
+    Untrusted(#[source] relive_images::private::RestoreCheckError),
     /// A layer could not be merged into a full image.
     #[error("cannot merge layer {path} with its chain: {reason}")]
     Merge {
@@ -450,6 +453,8 @@ pub fn load_recipe(path: &Path) -> Result<Option<BootRecipe>, SnapshotError> {
         path: path.to_path_buf(),
         source,
     })?;
+    relive_images::private::refuse_writable_by_others(reader.file(), path)
+        .map_err(SnapshotError::Untrusted)?;
     Ok(Some(BootRecipe {
         config: section(&reader, path, SectionKind::Config)?,
         limits: section(&reader, path, SectionKind::Limits)?,
@@ -503,6 +508,12 @@ fn decode(
     path: &Path,
     chain: Vec<ImageReader>,
 ) -> Result<LoadedImage, SnapshotError> {
+    // One fstat per file: what another user can write, another user can
+    // make the guest run.
+    for r in chain.iter().chain(std::iter::once(&reader)) {
+        relive_images::private::refuse_writable_by_others(r.file(), r.path())
+            .map_err(SnapshotError::Untrusted)?;
+    }
     Ok(LoadedImage {
         config: section(&reader, path, SectionKind::Config)?,
         limits: section(&reader, path, SectionKind::Limits)?,

@@ -293,7 +293,7 @@ fn console_writer(console: &ConsoleOutput) -> Result<ConsoleWriter, VmError> {
     let out: Box<dyn Write + Send> = match console {
         ConsoleOutput::Stdout => Box::new(std::io::stdout()),
         ConsoleOutput::File(path) => Box::new(
-            std::fs::OpenOptions::new()
+            relive_images::private::open_options()
                 .create(true)
                 .append(true)
                 .open(path)
@@ -540,10 +540,18 @@ impl Vm {
         let history = match &cfg.images {
             None => None,
             Some(dir) => {
+                if let Ok(Some(mode)) = relive_images::private::tighten_dir(dir) {
+                    tracing::warn!(
+                        dir = %dir.display(),
+                        was = format!("{mode:04o}"),
+                        "image directory was readable by others: narrowed to 0700"
+                    );
+                }
                 let store = ImageStore::open(dir, cfg.keep_images).map_err(VmError::Store)?;
                 let mut history = ImageHistory::new(store);
-                if let Origin::Image(image) = &origin {
-                    history.adopt(image);
+                match &origin {
+                    Origin::Image(image) => history.adopt(image),
+                    _ => history.verify_missing(),
                 }
                 Some(history)
             }

@@ -96,7 +96,7 @@
 use std::collections::hash_map::RandomState;
 use std::collections::BTreeSet;
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::hash::{BuildHasher, Hasher};
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -197,6 +197,7 @@ pub(crate) mod test_support {
     //! Temporary directories and image builders shared by the unit tests.
 
     use super::*;
+    use std::fs::OpenOptions;
 
     /// A fresh directory under the system temp dir, removed on drop.
     pub struct TempDir(pub PathBuf);

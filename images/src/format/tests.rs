@@ -2,6 +2,7 @@
 
 use super::test_support::*;
 use super::*;
+use std::fs::OpenOptions;
 
 const MIB: u64 = 1 << 20;
 

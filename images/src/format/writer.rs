@@ -151,7 +151,11 @@ impl ImageWriter {
         let tmp_name = format!("{TEMP_PREFIX}{id}-{}", std::process::id());
         let tmp = dir.join(&tmp_name);
         live_temps().insert(tmp_name.clone());
-        let file = match OpenOptions::new().write(true).create_new(true).open(&tmp) {
+        let file = match crate::private::open_options()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+        {
             Ok(f) => f,
             Err(source) => {
                 live_temps().remove(&tmp_name);

@@ -232,6 +232,27 @@ impl ImageHistory {
         self.layers = 0;
         self.base_present = image.present();
         self.in_use = Some(image.reader.id());
+        self.verify_missing();
+    }
+
+    /// Queues the verification of every image without a verdict (a VMM
+    /// killed while verifying leaves its image without one, and a failover
+    /// trusts only verdicts).
+    pub(super) fn verify_missing(&mut self) {
+        if let Some(h) = self.housekeeper() {
+            h.push(super::housekeeping::Job::VerifyMissing);
+        }
+    }
+
+    /// The store's background thread, started on first use.
+    fn housekeeper(&mut self) -> Option<&super::housekeeping::Housekeeper> {
+        if self.housekeeper.is_none() {
+            match super::housekeeping::Housekeeper::start(self.store.clone()) {
+                Ok(h) => self.housekeeper = Some(h),
+                Err(e) => tracing::warn!(error = %e, "cannot start image housekeeping"),
+            }
+        }
+        self.housekeeper.as_ref()
     }
 
     /// Records `image`, a committed consistency image of `kind`, as the
@@ -271,24 +292,14 @@ impl ImageHistory {
     /// Queues the store's background work after `image` was committed:
     /// its verification, the merge of `merge` (a layer) if given, retention.
     fn housekeeping(&mut self, image: &std::path::Path, merge: Option<PathBuf>) {
-        use super::housekeeping::{Housekeeper, Job};
-        if self.housekeeper.is_none() {
-            match Housekeeper::start(self.store.clone()) {
-                Ok(h) => self.housekeeper = Some(h),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot start image housekeeping");
-                    return;
-                }
-            }
-        }
-        let Some(h) = &self.housekeeper else { return };
+        use super::housekeeping::Job;
+        let in_use: Vec<ImageId> = self.in_use.into_iter().chain(self.last).collect();
+        let Some(h) = self.housekeeper() else { return };
         h.push(Job::Verify(image.to_path_buf()));
         if let Some(layer) = merge {
             h.push(Job::Merge(layer));
         }
-        h.push(Job::Retain(
-            self.in_use.into_iter().chain(self.last).collect(),
-        ));
+        h.push(Job::Retain(in_use));
     }
 }
 

@@ -6,7 +6,7 @@
 //!
 //! The queue coalesces what only matters once: a newer merge replaces one
 //! still waiting (it covers the older layer's state), a newer retention
-//! replaces one still waiting. Every verification runs (each image needs its
+//! replaces one still waiting, one search for unverified images is enough. Every verification runs (each image needs its
 //! verdict); one of an image removed meanwhile is skipped.
 
 use std::collections::VecDeque;
@@ -30,6 +30,10 @@ pub enum Job {
     Merge(PathBuf),
     /// Apply retention, keeping these images and their chains.
     Retain(Vec<ImageId>),
+    /// Verify every image that has no verdict, newest first: those whose
+    /// verification a killed VMM never finished. Until they have one, a
+    /// failover cannot trust them (nor layers on them) without reading them.
+    VerifyMissing,
 }
 
 #[derive(Default)]
@@ -77,6 +81,7 @@ impl Housekeeper {
         match &job {
             Job::Merge(_) => q.jobs.retain(|j| !matches!(j, Job::Merge(_))),
             Job::Retain(_) => q.jobs.retain(|j| !matches!(j, Job::Retain(_))),
+            Job::VerifyMissing => q.jobs.retain(|j| *j != Job::VerifyMissing),
             Job::Verify(_) => {}
         }
         q.jobs.push_back(job);
@@ -147,6 +152,7 @@ fn run(store: &ImageStore, queue: &(Mutex<Queue>, Condvar)) {
                     Err(e) => tracing::warn!(error = %e, "cannot merge the image chain"),
                 }
             }
+            Job::VerifyMissing => verify_missing(store),
             Job::Retain(in_use) => {
                 if let Err(e) = store.retain(&in_use) {
                     tracing::warn!(error = %relive_control::error_chain(&e), "image retention failed");
@@ -170,6 +176,18 @@ fn verify(store: &ImageStore, path: &std::path::Path) {
         ),
         Err(e) => {
             tracing::warn!(error = %relive_control::error_chain(&e), "cannot record a verdict")
+        }
+    }
+}
+
+/// Verifies each image of the store that has no verdict, newest first.
+fn verify_missing(store: &ImageStore) {
+    let Ok(entries) = store.list() else {
+        return;
+    };
+    for e in entries.iter().rev() {
+        if store.verdict(&e.path).is_none() {
+            verify(store, &e.path);
         }
     }
 }
@@ -247,6 +265,37 @@ mod tests {
         assert!(verdict_path(&merged.path).exists());
         let chosen = store.latest_verified().unwrap();
         assert_eq!(chosen.image.map(|r| r.id()), Some(merged.id.unwrap()));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Images a killed VMM never verified get their verdict from the next
+    /// one, so that failover can trust them (and the layers on them)
+    /// without reading them.
+    #[test]
+    fn images_left_without_a_verdict_are_verified() {
+        let dir = std::env::temp_dir().join(format!(
+            "relive-housekeeping-missing-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Arc::new(ImageStore::open(&dir, 3).unwrap());
+        let full = image(&store, ImageKind::Full, 1);
+        let layer = image(&store, ImageKind::Incremental { parent: full.id }, 2);
+        // Nothing verified: a failover would have to read them.
+        assert!(store.latest_verified().unwrap().image.is_none());
+        let h = Housekeeper::start(store.clone()).unwrap();
+        h.push(Job::VerifyMissing);
+        h.push(Job::VerifyMissing); // coalesced or not, each verdict is written once more at most
+        h.drain();
+        for img in [&full, &layer] {
+            assert!(
+                store.verdict(&img.path).is_some_and(|v| v.good),
+                "{}",
+                img.path.display()
+            );
+        }
+        let chosen = store.latest_verified().unwrap();
+        assert_eq!(chosen.image.map(|r| r.id()), Some(layer.id));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
