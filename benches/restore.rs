@@ -156,13 +156,36 @@ fn bench() -> Result<()> {
             .map_err(|e| format!("{mem_mib} MiB: {e}"))?;
         rows.push(row);
         rows.push(
-            standby_restores(&vmm, &dir.join("standby"), mem_mib, &image, runs)
+            standby_restores(&vmm, &dir.join("standby"), mem_mib, &image, runs, true)
                 .map_err(|e| format!("{mem_mib} MiB standby: {e}"))?,
         );
         rows.push(
             incremental_checkpoints(&vmm, &dir.join("incremental"), mem_mib, runs)
                 .map_err(|e| format!("{mem_mib} MiB incremental: {e}"))?,
         );
+        if mem_mib == SIZES_MIB[0] {
+            // The cost of the seccomp filters: the same restores without them.
+            rows.push(Row {
+                mem_mib,
+                mode: "full/cold, no seccomp",
+                checkpoint: None,
+                restore: Some(
+                    measure_cold_restores(&vmm, &dir.join("no-seccomp"), &image, runs, false)
+                        .map_err(|e| format!("{mem_mib} MiB without seccomp: {e}"))?,
+                ),
+            });
+            rows.push(
+                standby_restores(
+                    &vmm,
+                    &dir.join("standby-no-seccomp"),
+                    mem_mib,
+                    &image,
+                    runs,
+                    false,
+                )
+                .map_err(|e| format!("{mem_mib} MiB standby without seccomp: {e}"))?,
+            );
+        }
     }
     report(runs, &rows);
     Ok(())
@@ -227,7 +250,7 @@ fn full_checkpoint_and_cold_restore(
     source.wait_ready()?;
     let (checkpoint, image) = measure_checkpoints(&mut source, CheckpointKind::Full, runs)?;
     source.shutdown()?;
-    let restore = measure_cold_restores(vmm, &dir.join("restore"), &image, runs)?;
+    let restore = measure_cold_restores(vmm, &dir.join("restore"), &image, runs, true)?;
     Ok((
         Row {
             mem_mib,
@@ -249,19 +272,18 @@ fn standby_restores(
     mem_mib: u64,
     image: &Path,
     runs: usize,
+    seccomp: bool,
 ) -> Result<Row> {
     let mut vcpus_ms = Vec::with_capacity(runs);
+    let mem = mem_mib.to_string();
+    let mut args: Vec<&std::ffi::OsStr> =
+        vec!["standby".as_ref(), "--mem-mib".as_ref(), mem.as_ref()];
+    if !seccomp {
+        args.push("--no-seccomp".as_ref());
+    }
     for i in 0..=runs {
-        let mut standby = Running::start(
-            vmm,
-            &dir.join(format!("run-{i}")),
-            &[
-                "standby".as_ref(),
-                "--mem-mib".as_ref(),
-                mem_mib.to_string().as_ref(),
-            ],
-            monotonic_ns(),
-        )?;
+        let mut standby =
+            Running::start(vmm, &dir.join(format!("run-{i}")), &args, monotonic_ns())?;
         let report = match standby.client.request(&Request::Restore {
             image: image.display().to_string(),
         }) {
@@ -276,7 +298,11 @@ fn standby_restores(
     }
     Ok(Row {
         mem_mib,
-        mode: "standby",
+        mode: if seccomp {
+            "standby"
+        } else {
+            "standby, no seccomp"
+        },
         checkpoint: None,
         restore: Some(RestoreFigures {
             vcpus_ms,
@@ -385,6 +411,7 @@ fn measure_cold_restores(
     dir: &Path,
     image: &Path,
     runs: usize,
+    seccomp: bool,
 ) -> Result<RestoreFigures> {
     let image_seq = image_heartbeat_seq(image)?;
     let mut figures = RestoreFigures {
@@ -397,7 +424,7 @@ fn measure_cold_restores(
         let mut vm = Running::start(
             vmm,
             &dir.join(format!("run-{i}")),
-            &["restore".as_ref(), "--image".as_ref(), image.as_os_str()],
+            &restore_args(image, seccomp),
             spawn_ns,
         )?;
         let first = vm.first_heartbeat(image_seq)?;
@@ -414,6 +441,16 @@ fn measure_cold_restores(
         figures.first_hb_exact += usize::from(first.exact);
     }
     Ok(figures)
+}
+
+/// `restore --image IMAGE`, with `--no-seccomp` when `seccomp` is false.
+fn restore_args(image: &Path, seccomp: bool) -> Vec<&std::ffi::OsStr> {
+    let mut args: Vec<&std::ffi::OsStr> =
+        vec!["restore".as_ref(), "--image".as_ref(), image.as_os_str()];
+    if !seccomp {
+        args.push("--no-seccomp".as_ref());
+    }
+    args
 }
 
 /// The `seq` of the last heartbeat recorded in an image's app-status section.

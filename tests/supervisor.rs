@@ -1177,5 +1177,39 @@ fn state_is_owner_only_under_umask_000_and_a_wide_state_dir_is_narrowed_with_a_w
             }
         }
     }
-    assert!(files >= 8, "only {files} files under {}", fleet.state.display());
+    assert!(
+        files >= 8,
+        "only {files} files under {}",
+        fleet.state.display()
+    );
+}
+
+/// A VMM that breaks its seccomp filter ends with the typed `seccomp` exit;
+/// the supervisor reports that reason (event and metric) and fails the VM
+/// over like any crash, into its standby.
+#[test]
+fn a_seccomp_violation_is_reported_as_such_and_failed_over() {
+    if !require_kvm() {
+        return;
+    }
+    let fleet = up(&["sec"], true);
+    let before = fleet.wait_healthy("sec", 10, true);
+    let since = fleet.events().len();
+    let socket = before["socket"].as_str().unwrap();
+    relive_control::ControlClient::connect(Path::new(socket))
+        .unwrap()
+        .send(&relive_control::Request::InjectFault {
+            fault: relive_control::Fault::ForbiddenSyscall,
+        })
+        .unwrap();
+    let (failure, restored) = fleet.wait_failover("sec", since, "seccomp");
+    assert_eq!(failure["to"], "restoring-consistency", "{failure}");
+    let detail = failure["detail"].as_str().unwrap_or("");
+    assert!(
+        detail.contains("event-loop thread made system call"),
+        "{failure}"
+    );
+    assert_eq!(restored["to"], "running", "{restored}");
+    assert_eq!(restored["path"], "standby", "{restored}");
+    fleet.metrics().assert_failures("sec", &[("seccomp", 1.0)]);
 }

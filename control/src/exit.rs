@@ -18,6 +18,7 @@
 //! | 12     | `triple-fault` | the guest triple-faulted (KVM_EXIT_SHUTDOWN)          |
 //! | 13     | `kvm-error`    | KVM could not run the guest (internal error, failed entry, unexpected exit) |
 //! | 14     | `vcpu-stuck`   | a vCPU stopped answering the VMM: it ended the VM rather than leave it half paused |
+//! | 15     | `seccomp`      | a VMM thread made a system call its seccomp filter forbids (written by the SIGSYS handler; no watch hears it) |
 //!
 //! The same record is the last message on every `watch` connection of the
 //! control socket ([`crate::Response::Exit`]), so a supervisor learns why its
@@ -44,6 +45,8 @@ pub enum ExitReason {
     /// A vCPU thread stopped answering the VMM (a pause or resume was not
     /// acknowledged in time): the VM cannot be kept consistent.
     VcpuStuck,
+    /// A VMM thread made a system call outside its seccomp allow-list.
+    Seccomp,
 }
 
 /// Status of a VMM that failed before or outside the guest.
@@ -51,7 +54,7 @@ pub const STATUS_VMM_ERROR: i32 = 1;
 
 impl ExitReason {
     /// Every reason, for documentation and tests.
-    pub const ALL: [ExitReason; 7] = [
+    pub const ALL: [ExitReason; 8] = [
         ExitReason::Exit,
         ExitReason::Shutdown,
         ExitReason::Reset,
@@ -59,6 +62,7 @@ impl ExitReason {
         ExitReason::TripleFault,
         ExitReason::KvmError,
         ExitReason::VcpuStuck,
+        ExitReason::Seccomp,
     ];
 
     /// The process exit status for this reason.
@@ -71,6 +75,7 @@ impl ExitReason {
             ExitReason::TripleFault => 12,
             ExitReason::KvmError => 13,
             ExitReason::VcpuStuck => 14,
+            ExitReason::Seccomp => 15,
         }
     }
 
@@ -89,6 +94,7 @@ impl ExitReason {
             ExitReason::TripleFault => "triple-fault",
             ExitReason::KvmError => "kvm-error",
             ExitReason::VcpuStuck => "vcpu-stuck",
+            ExitReason::Seccomp => "seccomp",
         }
     }
 }

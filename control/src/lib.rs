@@ -35,7 +35,7 @@ pub use client::{ControlClient, Watch};
 pub use exit::{ExitReason, ExitRecord};
 pub use heartbeat::Heartbeat;
 pub use protocol::{
-    CheckpointKind, CheckpointReport, CopyStats, ErrorKind, Request, Response, RestoreReport,
+    CheckpointKind, CheckpointReport, CopyStats, ErrorKind, Fault, Request, Response, RestoreReport,
 };
 pub use status::{AgentStatus, AppStatus, ChainStatus, ResourceLimits, RunState, VmStatus};
 

@@ -69,6 +69,22 @@ pub enum Request {
         #[serde(default)]
         kind: CheckpointKind,
     },
+    /// Make the VMM do something it must not be able to do, to prove (in
+    /// tests and drills) that its confinement holds.
+    InjectFault {
+        /// What.
+        fault: Fault,
+    },
+}
+
+/// A fault [`Request::InjectFault`] provokes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Fault {
+    /// The event loop thread opens an IPv4 socket, which no VMM thread may:
+    /// under seccomp the VMM ends with the `seccomp` exit (15); without, the
+    /// socket is closed again and the reply says the call was allowed.
+    ForbiddenSyscall,
 }
 
 impl Request {
@@ -83,6 +99,7 @@ impl Request {
             Request::Resume => "resume",
             Request::Restore { .. } => "restore",
             Request::Checkpoint { .. } => "checkpoint",
+            Request::InjectFault { .. } => "inject-fault",
         }
     }
 }

@@ -780,6 +780,24 @@ impl VmTask {
                 }
             }
         }
+        self.ended_without_watch_record()
+    }
+
+    /// Why the VMM ended when its watch said nothing: a child that ended
+    /// with a typed status (a seccomp violation's handler cannot reach the
+    /// watch) left its record in its log; an unwatched VMM's log holds it;
+    /// else nothing (a killed VMM).
+    fn ended_without_watch_record(&mut self) -> Option<ExitRecord> {
+        if let Some(reason) = self.vmm.as_mut().and_then(VmmProcess::status_reason) {
+            let logged = self.vmm.as_ref().and_then(VmmProcess::logged_exit_record);
+            return Some(logged.filter(|r| r.reason == reason).unwrap_or_else(|| {
+                ExitRecord::new(
+                    reason,
+                    0,
+                    "from the exit status; no exit record was written",
+                )
+            }));
+        }
         if self.watched {
             return None;
         }
@@ -1260,9 +1278,7 @@ impl VmTask {
                             None => None,
                         };
                         if ended.is_some() {
-                            let record = self.vmm.as_ref().and_then(|v| {
-                                (!self.watched).then(|| v.logged_exit_record()).flatten()
-                            });
+                            let record = self.ended_without_watch_record();
                             self.vmm = None;
                             let detail = exit_detail(record.as_ref());
                             self.on_failure(failure_reason(record.as_ref()), now, detail)
@@ -1940,6 +1956,7 @@ fn failure_reason(record: Option<&ExitRecord>) -> FailureReason {
         Some(ExitReason::Panic) => FailureReason::Panic,
         Some(ExitReason::TripleFault) => FailureReason::TripleFault,
         Some(ExitReason::KvmError | ExitReason::VcpuStuck) => FailureReason::KvmError,
+        Some(ExitReason::Seccomp) => FailureReason::Seccomp,
         // Shut down by someone else than this supervisor.
         Some(ExitReason::Shutdown) | None => FailureReason::VmmKilled,
     }

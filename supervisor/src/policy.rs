@@ -383,11 +383,14 @@ pub enum FailureReason {
     ControlTimeout,
     /// A start or restore did not bring the VM up.
     StartFailed,
+    /// A VMM thread broke its seccomp filter (exit status 15): a guest
+    /// escape attempt, or an allow-list that misses a call.
+    Seccomp,
 }
 
 impl FailureReason {
     /// Every reason, for metrics that pre-register one series per reason.
-    pub const ALL: [FailureReason; 11] = [
+    pub const ALL: [FailureReason; 12] = [
         FailureReason::VmmKilled,
         FailureReason::VmmError,
         FailureReason::Panic,
@@ -399,6 +402,7 @@ impl FailureReason {
         FailureReason::ControlLost,
         FailureReason::ControlTimeout,
         FailureReason::StartFailed,
+        FailureReason::Seccomp,
     ];
 
     /// The reason's stable name, for events and metric labels.
@@ -415,6 +419,7 @@ impl FailureReason {
             FailureReason::ControlLost => "control-lost",
             FailureReason::ControlTimeout => "control-timeout",
             FailureReason::StartFailed => "start-failed",
+            FailureReason::Seccomp => "seccomp",
         }
     }
 

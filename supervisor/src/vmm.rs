@@ -223,6 +223,16 @@ impl VmmProcess {
         }
     }
 
+    /// The typed reason of the process's exit status, for a child of this
+    /// supervisor that has ended (none for a signal, an adopted VMM, one
+    /// still running).
+    pub fn status_reason(&mut self) -> Option<relive_control::ExitReason> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        status
+            .code()
+            .and_then(relive_control::ExitReason::from_status)
+    }
+
     fn reap(&mut self) {
         if let Some(child) = self.child.as_mut() {
             let _ = child.try_wait();

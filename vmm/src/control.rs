@@ -120,6 +120,8 @@ impl ControlServer {
         std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {
+                // Connection threads inherit this filter.
+                crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Control);
                 for stream in listener.incoming() {
                     let Ok(stream) = stream else { continue };
                     let sink = sink.clone();

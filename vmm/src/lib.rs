@@ -24,6 +24,7 @@ pub mod devices;
 pub mod memory;
 pub mod mptable;
 pub mod persist;
+pub mod seccomp;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vm;

@@ -154,9 +154,27 @@ struct HostArgs {
     /// Consistency images to keep in --images (a full image and its layers count once).
     #[arg(long, default_value_t = relive_vmm::vm::DEFAULT_KEEP_IMAGES, value_parser = clap::value_parser!(usize))]
     keep_images: usize,
+    /// Run without the seccomp filters (every thread may make any system
+    /// call): for debugging only.
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 impl HostArgs {
+    /// Compiles the threads' seccomp filters (each thread installs its own
+    /// as it starts), or says loudly that there are none.
+    fn confine(&self) -> anyhow::Result<()> {
+        if self.no_seccomp {
+            eprintln!(
+                "relive-vmm: WARNING: --no-seccomp: this VMM runs WITHOUT seccomp filters; a guest \
+                 that escapes into it may make any system call. Use it for debugging only."
+            );
+            return Ok(());
+        }
+        relive_vmm::seccomp::prepare()?;
+        Ok(())
+    }
+
     fn console(&self) -> ConsoleOutput {
         match &self.console {
             Some(path) => ConsoleOutput::File(path.clone()),
@@ -254,6 +272,7 @@ fn main() -> ExitCode {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    args.host.confine()?;
     let kernel = KernelSource::parse(&args.kernel);
     let cmdline = args.cmdline.unwrap_or_else(|| match kernel {
         KernelSource::Bundled => format!("relive.hb_ms={}", relive_images::guest::DEFAULT_HB_MS),
@@ -307,6 +326,7 @@ fn vcpu_count(vcpus: u32) -> anyhow::Result<u8> {
 }
 
 fn standby(args: StandbyArgs) -> anyhow::Result<ExitCode> {
+    args.host.confine()?;
     if args.host.control.is_none() {
         anyhow::bail!("a standby VMM needs --control SOCKET: that is where its image comes from");
     }
@@ -333,6 +353,7 @@ fn standby(args: StandbyArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
+    args.host.confine()?;
     let vm = Vm::restore(
         &args.image,
         args.host.console(),

@@ -273,7 +273,10 @@ impl Vcpu {
         let stats = self.stats.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || self.run(initial, events_rx, responses_tx))?;
+            .spawn(move || {
+                crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Vcpu);
+                self.run(initial, events_rx, responses_tx)
+            })?;
         Ok(VcpuHandle {
             id,
             events: events_tx,

@@ -47,7 +47,7 @@ use crate::vcpu::{self, PauseError, Paused, Vcpu, VcpuRunState, VcpuSet};
 use relive_control::heartbeat;
 use relive_control::{
     AgentStatus, AppStatus, CheckpointKind, CheckpointReport, ErrorKind, ExitReason, ExitRecord,
-    Request, ResourceLimits, Response, RestoreReport, RunState, VmStatus,
+    Fault, Request, ResourceLimits, Response, RestoreReport, RunState, VmStatus,
 };
 use relive_images::format::{ImageId, ImageKind, ImageWriter, PageRun};
 use relive_images::store::ImageStore;
@@ -124,6 +124,9 @@ pub enum Origin {
 /// Errors while building or running a VM.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
+    /// The event loop's seccomp filter could not be installed.
+    #[error("cannot confine the VMM")]
+    Seccomp(#[source] crate::seccomp::SeccompError),
     /// `/dev/kvm` cannot be used.
     #[error("cannot open /dev/kvm: is KVM available and are you allowed to use it?")]
     Kvm(#[source] kvm_ioctls::Error),
@@ -856,6 +859,8 @@ impl Vm {
                 source,
             })?;
         }
+        // Setup is over: from here on this thread only runs the VM.
+        crate::seccomp::install(crate::seccomp::ThreadKind::EventLoop).map_err(VmError::Seccomp)?;
         let mut event_loop = EventLoop {
             vm: Arc::new(vm),
             mem,
@@ -1230,6 +1235,9 @@ impl EventLoop {
                 self.checkpoint_request(kind, reply);
                 return None;
             }
+            Request::InjectFault {
+                fault: Fault::ForbiddenSyscall,
+            } => forbidden_syscall(),
         };
         let _ = reply.send(answer);
         None
@@ -1499,3 +1507,22 @@ fn no_guest() -> Response {
 
 /// Time the event thread waits for vCPUs to acknowledge a pause.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// [`Fault::ForbiddenSyscall`]: opens an IPv4 socket, which no VMM thread
+/// may. Under seccomp this does not return (the SIGSYS handler ends the
+/// process with the `seccomp` exit).
+fn forbidden_syscall() -> Response {
+    // SAFETY: socket(2) takes no pointers; the descriptor, if any, is
+    // closed right away.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+    if fd >= 0 {
+        // SAFETY: `fd` was just returned by socket(2) and is owned here.
+        unsafe { libc::close(fd) };
+    }
+    Response::Error {
+        kind: ErrorKind::Other,
+        error: "the forbidden system call (socket(AF_INET)) was allowed: seccomp is off \
+                (--no-seccomp)"
+            .into(),
+    }
+}

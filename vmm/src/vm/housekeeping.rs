@@ -67,7 +67,10 @@ impl Housekeeper {
         let worker = queue.clone();
         let thread = std::thread::Builder::new()
             .name("image-store".into())
-            .spawn(move || run(&store, &worker))?;
+            .spawn(move || {
+                crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::ImageStore);
+                run(&store, &worker)
+            })?;
         Ok(Housekeeper {
             queue,
             thread: Some(thread),

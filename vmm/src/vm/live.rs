@@ -389,7 +389,10 @@ impl EventLoop {
         };
         let spawned = std::thread::Builder::new()
             .name("checkpoint".into())
-            .spawn(move || writer.run());
+            .spawn(move || {
+                crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Checkpoint);
+                writer.run()
+            });
         if let Err(source) = spawned {
             self.mark_need_full();
             return Err(CheckpointError::Thread(source));
