@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 V=$PWD/target/debug/relive-vmm
 t=$(mktemp -d /tmp/relive-seccomp-trace.XXXXXX)
-trap 'rm -rf "$t"' EXIT
+trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$t"' EXIT
 ctl() { "$V" ctl "$@" >/dev/null; }
 # A checkpoint is refused while another (the warm boot image) is under way.
 ckpt() { for _ in $(seq 100); do "$V" ctl "$1" checkpoint "$2" >/dev/null 2>&1 && return; sleep 0.1; done; echo "checkpoint $2 refused" >&2; exit 1; }
