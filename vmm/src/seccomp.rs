@@ -533,7 +533,7 @@ extern "C" fn on_sigsys(_signal: libc::c_int, info: *mut libc::siginfo_t, _ctx: 
         b"{\"event\":\"vm-exit\",\"reason\":\"seccomp\",\"status\":",
     );
     at = push_decimal(&mut buf, at, STATUS as u64);
-    at = push_str(&mut buf, at, b",\"uptime_ms\":0,\"detail\":\"a ");
+    at = push_str(&mut buf, at, b",\"uptime_ms\":0,\"detail\":\"the ");
     at = push_str(&mut buf, at, kind.as_bytes());
     at = push_str(&mut buf, at, b" thread made system call ");
     at = push_decimal(&mut buf, at, u64::from(nr.unsigned_abs()));
