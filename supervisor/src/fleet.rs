@@ -1246,19 +1246,15 @@ impl VmTask {
                     self.on_resumed(&reason, Duration::from_micros(paused_us), now);
                 }
                 Wake::Watch(Some(WatchEvent::Exit(record))) => {
-                    // The VMM is ending and said why: let its process end
-                    // (it exits right after), then fail over.
+                    // The VMM is ending and said why; its vCPUs and its
+                    // control socket stopped before it said so. Fail over
+                    // now: its process is left to end (and the kernel to
+                    // tear its guest memory down, tens of ms for a large
+                    // guest) in the background.
                     self.watch = None;
-                    if let Some(vmm) = self.vmm.as_mut() {
-                        if tokio::time::timeout(EXIT_AFTER_RECORD, vmm.exited())
-                            .await
-                            .is_err()
-                        {
-                            vmm.kill();
-                            vmm.exited().await;
-                        }
+                    if let Some(vmm) = self.vmm.take() {
+                        tokio::spawn(reap_after_record(vmm));
                     }
-                    self.vmm = None;
                     if self.state.is_up() && !self.stopping {
                         let detail = exit_detail(Some(&record));
                         self.on_failure(failure_reason(Some(&record)), now, detail)
@@ -1959,6 +1955,18 @@ fn failure_reason(record: Option<&ExitRecord>) -> FailureReason {
         Some(ExitReason::Seccomp) => FailureReason::Seccomp,
         // Shut down by someone else than this supervisor.
         Some(ExitReason::Shutdown) | None => FailureReason::VmmKilled,
+    }
+}
+
+/// Lets a VMM that sent its exit record end by itself, killing it if it
+/// has not within [`EXIT_AFTER_RECORD`], and reaps it.
+async fn reap_after_record(mut vmm: VmmProcess) {
+    if tokio::time::timeout(EXIT_AFTER_RECORD, vmm.exited())
+        .await
+        .is_err()
+    {
+        vmm.kill();
+        vmm.exited().await;
     }
 }
 
