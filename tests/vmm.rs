@@ -660,3 +660,48 @@ fn watch_into_a_closed_pipe_ends_quietly() {
     assert_eq!((code, out.trim()), (0, "ok"));
     assert_exit(&mut vmm, 3, "shutdown");
 }
+
+/// A VMM started with `NOTIFY_SOCKET` sends sd_notify's `READY=1` there
+/// once its control socket serves (what the supervisor waits for instead of
+/// polling), and only once.
+#[test]
+fn ready_is_notified_once_the_control_socket_serves() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = common::temp_dir();
+    let notify_path = dir.join("notify.rdy");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(STEP_TIMEOUT)).unwrap();
+    let socket = dir.join("ctl.sock");
+    let mut vmm = common::ChildGuard::spawn(
+        common::vmm_command()
+            .arg("run")
+            .arg("--control")
+            .arg(&socket)
+            .arg("--console")
+            .arg(dir.join("console.log"))
+            .env("NOTIFY_SOCKET", &notify_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    let mut buf = [0u8; 64];
+    let n = notify
+        .recv(&mut buf)
+        .expect("READY=1 within the step timeout");
+    assert_eq!(&buf[..n], b"READY=1\n");
+    // Serving at that moment: a status is answered without waiting for the
+    // socket to appear.
+    assert!(socket.exists(), "READY=1 before the control socket exists");
+    let status = common::status(&socket);
+    assert_eq!(serde_json::to_value(status.state).unwrap(), "running");
+    notify
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    assert!(notify.recv(&mut buf).is_err(), "a second notification");
+    assert_eq!(
+        common::request(&socket, relive_control::Request::Shutdown),
+        relive_control::Response::Ok
+    );
+    vmm.wait_timeout(STEP_TIMEOUT).expect("the VMM exits");
+}

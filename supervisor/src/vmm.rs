@@ -66,6 +66,51 @@ pub fn exit_detail(record: Option<&ExitRecord>) -> String {
     }
 }
 
+/// How long [`VmmProcess::spawn`] waits for the VMM's `READY=1` before it
+/// checks the control socket itself (and then waits again).
+const NOTIFY_WAIT: Duration = Duration::from_millis(20);
+
+/// A datagram socket a starting VMM sends `READY=1` to (sd_notify's
+/// protocol; the VMM finds its path in `NOTIFY_SOCKET`). It lies beside the
+/// VMM's control socket, in the VM's owner-only directory, so no other user
+/// can send to it; it is removed once the spawn is over.
+struct NotifySocket {
+    socket: tokio::net::UnixDatagram,
+    path: PathBuf,
+}
+
+impl NotifySocket {
+    /// A fresh socket beside `control` (`<control>.rdy`, no longer than the
+    /// control socket's path), or `None` (the spawn then polls the control
+    /// socket).
+    fn bind(control: &Path) -> Option<NotifySocket> {
+        let path = control.with_extension("rdy");
+        let _ = std::fs::remove_file(&path);
+        let socket = tokio::net::UnixDatagram::bind(&path).ok()?;
+        let owner_only = std::os::unix::fs::PermissionsExt::from_mode(0o600);
+        let _ = std::fs::set_permissions(&path, owner_only);
+        Some(NotifySocket { socket, path })
+    }
+
+    /// Whether `READY=1` arrives within `wait`.
+    async fn ready_within(&self, wait: Duration) -> bool {
+        let mut buf = [0u8; 512];
+        let deadline = tokio::time::Instant::now() + wait;
+        while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, self.socket.recv(&mut buf)).await {
+            if buf[..n].split(|b| *b == b'\n').any(|l| l == b"READY=1") {
+                return true;
+            }
+        }
+        false
+    }
+}
+
+impl Drop for NotifySocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 /// One running `relive-vmm` process.
 #[derive(Debug)]
 pub struct VmmProcess {
@@ -111,7 +156,14 @@ impl VmmProcess {
         };
         let _ = std::fs::remove_file(socket);
         let log_start = std::fs::metadata(log).map_or(0, |m| m.len());
-        let child = tokio::process::Command::new(bin)
+        let notify = NotifySocket::bind(socket);
+        let mut command = tokio::process::Command::new(bin);
+        match &notify {
+            Some(n) => command.env("NOTIFY_SOCKET", &n.path),
+            // Never the supervisor's own (systemd's): that one is not for VMMs.
+            None => command.env_remove("NOTIFY_SOCKET"),
+        };
+        let child = command
             .args(&args)
             .stdin(std::process::Stdio::null())
             .stdout(open_log()?)
@@ -132,7 +184,7 @@ impl VmmProcess {
             pidfd: pidfd(pid),
             child: Some(child),
         };
-        if let Err(e) = vmm.wait_serving(ready_timeout).await {
+        if let Err(e) = vmm.wait_serving(ready_timeout, notify.as_ref()).await {
             // One that does not serve in time is not left behind.
             vmm.kill();
             vmm.exited().await;
@@ -179,9 +231,21 @@ impl VmmProcess {
         is_running(self.pid)
     }
 
-    async fn wait_serving(&mut self, timeout: Duration) -> Result<(), VmmError> {
+    /// Waits until the VMM serves its control socket: its `READY=1` on
+    /// `notify` (no polling delay on the failover path), or, checked every
+    /// few milliseconds, a `status` that answers.
+    async fn wait_serving(
+        &mut self,
+        timeout: Duration,
+        notify: Option<&NotifySocket>,
+    ) -> Result<(), VmmError> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
+            if let Some(n) = notify {
+                if n.ready_within(NOTIFY_WAIT).await {
+                    return Ok(());
+                }
+            }
             let probe = AsyncClient::new(&self.socket, Duration::from_millis(500));
             if probe.request(&Request::Status).await.is_ok() {
                 return Ok(());
@@ -200,7 +264,9 @@ impl VmmProcess {
                     after: timeout,
                 });
             }
-            tokio::time::sleep(Duration::from_millis(2)).await;
+            if notify.is_none() {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
         }
     }
 
@@ -333,6 +399,34 @@ fn read_tail(path: &Path, start: u64, max: u64) -> Option<String> {
 mod tests {
     use super::*;
     use relive_control::ExitReason;
+
+    /// The readiness socket: `READY=1` (among other sd_notify lines) is
+    /// heard, anything else is not, the socket is owner-only beside the
+    /// control socket and gone afterwards.
+    #[tokio::test]
+    async fn a_vmm_readiness_is_heard_on_the_notify_socket() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = std::env::temp_dir().join(format!("relive-notify-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let control = dir.join("vmm-a.sock");
+        let notify = NotifySocket::bind(&control).unwrap();
+        assert_eq!(notify.path, dir.join("vmm-a.rdy"));
+        assert_eq!(
+            std::fs::metadata(&notify.path).unwrap().mode() & 0o777,
+            0o600
+        );
+        let sender = std::os::unix::net::UnixDatagram::unbound().unwrap();
+        sender.send_to(b"STATUS=booting\n", &notify.path).unwrap();
+        assert!(!notify.ready_within(Duration::from_millis(30)).await);
+        sender
+            .send_to(b"MAINPID=1\nREADY=1\n", &notify.path)
+            .unwrap();
+        assert!(notify.ready_within(Duration::from_millis(500)).await);
+        let path = notify.path.clone();
+        drop(notify);
+        assert!(!path.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn the_last_exit_record_of_a_log_is_found() {

@@ -859,6 +859,9 @@ impl Vm {
                 source,
             })?;
         }
+        // The control socket serves: say so to whoever started this VMM
+        // (before the filter, which forbids creating sockets).
+        notify_ready();
         // Setup is over: from here on this thread only runs the VM.
         crate::seccomp::install(crate::seccomp::ThreadKind::EventLoop).map_err(VmError::Seccomp)?;
         let mut event_loop = EventLoop {
@@ -1524,5 +1527,27 @@ fn forbidden_syscall() -> Response {
         error: "the forbidden system call (socket(AF_INET)) was allowed: seccomp is off \
                 (--no-seccomp)"
             .into(),
+    }
+}
+
+/// Tells whoever started this VMM that its control socket serves, the
+/// sd_notify way: `READY=1` to the datagram socket `NOTIFY_SOCKET` names (a
+/// path, or `@name` in the abstract namespace). The supervisor waits for it
+/// instead of polling the socket; without `NOTIFY_SOCKET` nothing is sent.
+fn notify_ready() {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sent =
+        UnixDatagram::unbound().and_then(|sock| match target.as_bytes().strip_prefix(b"@") {
+            Some(name) => SocketAddr::from_abstract_name(name)
+                .and_then(|addr| sock.send_to_addr(b"READY=1\n", &addr)),
+            None => sock.send_to(b"READY=1\n", std::path::Path::new(&target)),
+        });
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, target = ?target, "cannot notify readiness");
     }
 }
