@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     checkpoint, connect, env_flag, hb_seq, request, require_kvm, run_vmm, status, temp_dir,
-    vmm_command, wait_gone, ChildGuard, Output, TempDir, Vmm, STEP_TIMEOUT,
+    vmm_command, wait_gone, with_umask, ChildGuard, Output, TempDir, Vmm, STEP_TIMEOUT,
 };
 use relive_control::{CheckpointKind, ErrorKind, Request, Response};
 use relive_control::{RunState, VmStatus};
@@ -764,19 +764,6 @@ fn newer_format_version_is_refused() {
 // ---------------------------------------------------------------------------
 // Confidential state
 // ---------------------------------------------------------------------------
-
-/// Runs `cmd` with the file mode creation mask `mask`.
-fn with_umask(cmd: &mut Command, mask: libc::mode_t) -> &mut Command {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: the closure runs in the forked child before exec and calls
-    // only umask(2), which is async-signal-safe and touches no memory.
-    unsafe {
-        cmd.pre_exec(move || {
-            libc::umask(mask);
-            Ok(())
-        })
-    }
-}
 
 fn mode_of(path: &Path) -> u32 {
     use std::os::unix::fs::MetadataExt;

@@ -335,15 +335,7 @@ impl Fleet {
             .env("XDG_RUNTIME_DIR", self.dir.path())
             .stdin(Stdio::null());
         if let Some(mask) = self.umask {
-            use std::os::unix::process::CommandExt;
-            // SAFETY: the closure runs in the forked child before exec and
-            // calls only umask(2), which is async-signal-safe.
-            unsafe {
-                cmd.pre_exec(move || {
-                    libc::umask(mask);
-                    Ok(())
-                });
-            }
+            super::with_umask(&mut cmd, mask);
         }
         cmd
     }
@@ -540,9 +532,20 @@ impl Fleet {
     /// least `min_seq` times and, with a standby policy, has its standby
     /// ready. Returns its view.
     pub fn wait_healthy(&self, vm: &str, min_seq: u64, standby: bool) -> Value {
+        self.wait_healthy_within(vm, min_seq, standby, STEP)
+    }
+
+    /// [`wait_healthy`](Self::wait_healthy) with its own deadline.
+    pub fn wait_healthy_within(
+        &self,
+        vm: &str,
+        min_seq: u64,
+        standby: bool,
+        timeout: Duration,
+    ) -> Value {
         wait_for(
             format!("{vm} running with a checkpoint and heartbeat seq >= {min_seq}"),
-            STEP,
+            timeout,
             || {
                 let view = self.show(vm);
                 let ok = view["state"] == "running"

@@ -234,6 +234,19 @@ pub struct Output {
     pub stderr: String,
 }
 
+/// Makes `cmd` run with the file mode creation mask `mask`.
+pub fn with_umask(cmd: &mut Command, mask: libc::mode_t) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and calls
+    // only umask(2), which is async-signal-safe and touches no memory.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::umask(mask);
+            Ok(())
+        })
+    }
+}
+
 /// A `relive-vmm` command with a predictable environment: no stdin, default
 /// log level (a developer's `RELIVE_LOG` would add lines to stderr).
 pub fn vmm_command() -> Command {
