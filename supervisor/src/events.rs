@@ -23,7 +23,15 @@
 //!
 //! # The disk may fail; the log does not
 //!
-//! A failed write (a full disk, an I/O error) is counted
+//! The file keeps [`RESERVE_BYTES`] of blocks allocated past its end
+//! (`fallocate` with `FALLOC_FL_KEEP_SIZE`, topped up whenever half of it
+//! has been written): appending into blocks already allocated needs no free
+//! space, so events recorded while the disk is full still reach the file,
+//! and a supervisor killed before the disk has room again loses none of them
+//! (the next supervisor's policy and the events agree).
+//!
+//! A write that fails anyway (the reserve used up, a filesystem without
+//! `fallocate`, an I/O error) is counted
 //! ([`EventLog::write_failures`]) and logged once when writing starts failing
 //! and once when it works again; the event is still in the ring and still
 //! broadcast, and its line waits in memory: the next event writes the lines
@@ -35,10 +43,12 @@
 //!
 //! # Locking
 //!
-//! Two locks, never held together: `ring` (the in-memory events and the next
-//! sequence number; the broadcast send happens under it so subscribers see
-//! events in sequence order) and `file` (the open file, so two lines never
-//! interleave). Serialization and the file write happen outside `ring`.
+//! Two locks, taken in this order: `ring` (the in-memory events and the
+//! next sequence number; the broadcast send happens under it so subscribers
+//! see events in sequence order), then `file` (the open file and the lines it
+//! owes). `record` queues an event's line under both, so lines are queued in
+//! sequence order whichever thread records them, then releases `ring` and
+//! writes under `file` alone; nothing takes `ring` while holding `file`.
 //! `record` does a small blocking write; it is safe to call from any tokio
 //! task or thread.
 
@@ -242,8 +252,17 @@ struct Ring {
 /// disk); beyond this the oldest are dropped (and counted as write failures).
 const MAX_BACKLOG: usize = 65_536;
 
+/// How much the file keeps allocated past its end for a full disk.
+pub const RESERVE_BYTES: u64 = 4 << 20;
+
 struct FileState {
     file: File,
+    /// The file's length, as far as this log has written it.
+    len: u64,
+    /// Blocks are allocated up to here (a `fallocate` that worked).
+    reserved_to: u64,
+    /// The last attempt to top the reserve up failed (logged once).
+    reserve_failing: bool,
     /// The previous write failed (and may have left part of a line).
     failing: bool,
     /// Lines not written yet, oldest first: written, in order, before the
@@ -305,6 +324,22 @@ impl EventLog {
                 path: path.to_owned(),
                 source,
             })?;
+        let len = file
+            .metadata()
+            .map_err(|source| EventError::Open {
+                path: path.to_owned(),
+                source,
+            })?
+            .len();
+        let mut file = FileState {
+            file,
+            len,
+            reserved_to: 0,
+            reserve_failing: false,
+            failing: false,
+            backlog: VecDeque::new(),
+        };
+        file.keep_reserve(path);
         let (tx, _) = broadcast::channel(BROADCAST_CAPACITY);
         Ok(Self {
             path: path.to_owned(),
@@ -313,11 +348,7 @@ impl EventLog {
                 capacity,
                 next_seq,
             }),
-            file: Mutex::new(FileState {
-                file,
-                failing: false,
-                backlog: VecDeque::new(),
-            }),
+            file: Mutex::new(file),
             write_failures: AtomicU64::new(0),
             tx,
         })
@@ -332,41 +363,35 @@ impl EventLog {
     /// Returns its sequence number. Never fails: a file write that fails is
     /// counted in [`EventLog::write_failures`].
     pub fn record(&self, event: Event) -> u64 {
-        let seq = {
-            let mut ring = lock(&self.ring);
-            let seq = ring.next_seq;
-            ring.next_seq += 1;
-            if ring.events.len() == ring.capacity {
-                ring.events.pop_front();
+        let mut ring = lock(&self.ring);
+        let seq = ring.next_seq;
+        ring.next_seq += 1;
+        let line = encode_line(seq, &event);
+        if ring.events.len() == ring.capacity {
+            ring.events.pop_front();
+        }
+        ring.events.push_back((seq, event.clone()));
+        // No subscriber is not an error.
+        let _ = self.tx.send((seq, event));
+        // The line is queued before `ring` is released: lines reach the file
+        // in sequence order whichever thread records them.
+        let mut file = lock(&self.file);
+        drop(ring);
+        match line {
+            Ok(line) => {
+                file.backlog.push_back(line);
+                if file.backlog.len() > MAX_BACKLOG {
+                    file.backlog.pop_front();
+                    self.write_failures.fetch_add(1, Ordering::Relaxed);
+                }
             }
-            ring.events.push_back((seq, event.clone()));
-            // No subscriber is not an error.
-            let _ = self.tx.send((seq, event.clone()));
-            seq
-        };
-        self.append(seq, &event);
+            Err(error) => {
+                self.write_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%error, seq, "cannot encode an event");
+            }
+        }
+        self.write_backlog(&mut file);
         seq
-    }
-
-    /// Appends the event's line, after any lines a failing file still owes.
-    /// A write that fails keeps its line (and those after it) in memory for
-    /// the next attempt; a line left half-written is ended by a newline
-    /// first, so it never swallows the next one (readers skip it).
-    fn append(&self, seq: u64, event: &Event) {
-        let mut line = Vec::with_capacity(256);
-        if let Err(error) = serde_json::to_writer(&mut line, &LineOut { seq, event }) {
-            self.write_failures.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%error, seq, "cannot encode an event");
-            return;
-        }
-        line.push(b'\n');
-        let mut guard = lock(&self.file);
-        guard.backlog.push_back(line);
-        if guard.backlog.len() > MAX_BACKLOG {
-            guard.backlog.pop_front();
-            self.write_failures.fetch_add(1, Ordering::Relaxed);
-        }
-        self.write_backlog(&mut guard);
     }
 
     /// Writes the lines a failing file still owes, if it takes them now.
@@ -377,20 +402,29 @@ impl EventLog {
         }
     }
 
+    /// Writes the queued lines, in order, as far as the file takes them. A
+    /// write that fails keeps its line (and those after it) for the next
+    /// attempt; a line left half-written is ended by a newline first, so it
+    /// never swallows the next one (readers skip it).
     fn write_backlog(&self, state: &mut FileState) {
         let FileState {
             file,
+            len,
             failing,
             backlog,
+            ..
         } = state;
         while let Some(next) = backlog.front() {
             let written = if *failing {
-                file.write_all(b"\n").and_then(|()| file.write_all(next))
+                file.write_all(b"\n")
+                    .and_then(|()| file.write_all(next))
+                    .map(|()| 1 + next.len() as u64)
             } else {
-                file.write_all(next)
+                file.write_all(next).map(|()| next.len() as u64)
             };
             match written {
-                Ok(()) => {
+                Ok(bytes) => {
+                    *len += bytes;
                     backlog.pop_front();
                     if *failing {
                         *failing = false;
@@ -411,6 +445,7 @@ impl EventLog {
                 }
             }
         }
+        state.keep_reserve(&self.path);
     }
 
     /// How many events could not be written to the file.
@@ -451,6 +486,48 @@ impl EventLog {
     /// `RecvError::Lagged` and can catch up the same way.
     pub fn subscribe(&self) -> broadcast::Receiver<(u64, Event)> {
         self.tx.subscribe()
+    }
+}
+
+/// An event's line in the file, newline included.
+fn encode_line(seq: u64, event: &Event) -> serde_json::Result<Vec<u8>> {
+    let mut line = Vec::with_capacity(320);
+    serde_json::to_writer(&mut line, &LineOut { seq, event })?;
+    line.push(b'\n');
+    Ok(line)
+}
+
+impl FileState {
+    /// Tops the blocks allocated past the end up to [`RESERVE_BYTES`] once
+    /// less than half of them is left: one `fallocate` per ~2 MiB of events.
+    /// A disk that is full, or a filesystem without `fallocate`, leaves the
+    /// reserve as it is (said once; tried again on the next write).
+    fn keep_reserve(&mut self, path: &Path) {
+        if self.reserved_to.saturating_sub(self.len) >= RESERVE_BYTES / 2 {
+            return;
+        }
+        match rustix::fs::fallocate(
+            &self.file,
+            rustix::fs::FallocateFlags::KEEP_SIZE,
+            self.len,
+            RESERVE_BYTES,
+        ) {
+            Ok(()) => {
+                self.reserved_to = self.len + RESERVE_BYTES;
+                if std::mem::take(&mut self.reserve_failing) {
+                    tracing::info!(path = %path.display(), "the event log has its reserve for a full disk again");
+                }
+            }
+            Err(error) => {
+                if !std::mem::replace(&mut self.reserve_failing, true) {
+                    tracing::warn!(
+                        path = %path.display(),
+                        %error,
+                        "cannot reserve room for the event log; if the disk fills up, events wait in memory"
+                    );
+                }
+            }
+        }
     }
 }
 
@@ -716,6 +793,116 @@ mod tests {
         assert_eq!(seqs, [1, 2, 3, 4], "{text}");
         let reopened = EventLog::open(&path, 10).unwrap();
         assert_eq!(reopened.last_seq(), 4);
+    }
+
+    fn file_seqs(path: &Path) -> Vec<u64> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .map(|v| v["seq"].as_u64().unwrap())
+            .collect()
+    }
+
+    /// Events recorded from many threads at once reach the file in sequence
+    /// order (a line written before an earlier number's would tell a reader
+    /// the story out of order).
+    #[test]
+    fn lines_reach_the_file_in_sequence_order_from_many_threads() {
+        let dir = TempDir::new();
+        let path = dir.0.join("events.jsonl");
+        let log = std::sync::Arc::new(EventLog::open(&path, 10).unwrap());
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let log = log.clone();
+                std::thread::spawn(move || {
+                    for n in 0..400 {
+                        log.record(event(&format!("vm-{t}"), n));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let want: Vec<u64> = (1..=3200).collect();
+        assert_eq!(file_seqs(&path), want);
+    }
+
+    /// A tmpfs of `size` mounted over `path` for a test, unmounted on drop;
+    /// `None` (with the reason printed) where this machine cannot mount one,
+    /// a panic instead under `RELIVE_REQUIRE_TOOLS=1` (CI runs as root).
+    struct Tmpfs(PathBuf);
+
+    impl Tmpfs {
+        fn mount(path: &Path, size: &str) -> Option<Tmpfs> {
+            std::fs::create_dir_all(path).unwrap();
+            let out = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(path)
+                .output();
+            match out {
+                Ok(out) if out.status.success() => Some(Tmpfs(path.to_owned())),
+                other => {
+                    let why = format!("cannot mount a tmpfs (needs root): {other:?}");
+                    assert!(
+                        std::env::var("RELIVE_REQUIRE_TOOLS").as_deref() != Ok("1"),
+                        "{why}, and RELIVE_REQUIRE_TOOLS=1"
+                    );
+                    eprintln!("skipped: {why}");
+                    None
+                }
+            }
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+
+    /// Fills the filesystem holding `dir` until a write fails.
+    fn fill(dir: &Path) {
+        let mut filler = File::create(dir.join("filler")).unwrap();
+        let chunk = vec![0xa5_u8; 64 << 10];
+        while filler.write_all(&chunk).is_ok() {}
+        while filler.write_all(&chunk[..512]).is_ok() {}
+    }
+
+    /// The chaos soak's finding: events recorded while the disk was full
+    /// waited in memory, and a supervisor killed before the disk had room
+    /// again lost them, so the events no longer told what the policy (whose
+    /// record survives a full disk) had done. The reserve past the end keeps
+    /// them on disk.
+    #[test]
+    fn events_recorded_on_a_full_disk_reach_the_file_and_survive_a_kill() {
+        let dir = TempDir::new();
+        let Some(mount) = Tmpfs::mount(&dir.0, "16m") else {
+            return;
+        };
+        let path = mount.0.join("events.jsonl");
+        let log = EventLog::open(&path, 10).unwrap();
+        log.record(event("a", 0));
+        fill(&mount.0);
+        for n in 1..=200 {
+            log.record(event("a", n));
+        }
+        assert_eq!(log.write_failures(), 0, "every line went into the reserve");
+        // A kill -9: whatever is only in memory is gone.
+        drop(log);
+        let want: Vec<u64> = (1..=201).collect();
+        assert_eq!(file_seqs(&path), want);
+        let reopened = EventLog::open(&path, 1000).unwrap();
+        assert_eq!(reopened.last_seq(), 201);
+        assert_eq!(reopened.since(0).len(), 201);
+        // Still full: the reopened log writes into what is left of the reserve.
+        reopened.record(event("a", 201));
+        assert_eq!(reopened.write_failures(), 0);
+        assert_eq!(file_seqs(&path).last(), Some(&202));
     }
 
     #[test]
