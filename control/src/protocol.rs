@@ -85,6 +85,11 @@ pub enum Fault {
     /// under seccomp the VMM ends with the `seccomp` exit (15); without, the
     /// socket is closed again and the reply says the call was allowed.
     ForbiddenSyscall,
+    /// The event loop thread opens the host's `/etc/hostname` for reading:
+    /// a jailed VMM's root does not hold it, so the reply is
+    /// [`Response::Drill`] with `held: true`; an unjailed VMM reads it
+    /// (`held: false`).
+    ReadHostFile,
 }
 
 impl Request {
@@ -243,6 +248,14 @@ pub enum Response {
     },
     /// The answer to `status`.
     Status(Box<VmStatus>),
+    /// The outcome of an [`Request::InjectFault`] drill that the VMM
+    /// survives.
+    Drill {
+        /// Whether the confinement held (the forbidden thing failed).
+        held: bool,
+        /// What happened, for people.
+        detail: String,
+    },
     /// A line the guest sent (during `watch`).
     Agent {
         /// The line.

@@ -76,6 +76,13 @@ pub async fn up(
     relive_images::private::create_dir_all(&fleet_cfg.state_dir)
         .map_err(io("create the state directory", &fleet_cfg.state_dir))?;
     tighten_state(&fleet_cfg);
+    if fleet_cfg.jail != config::Jail::Off {
+        // Jailed VMMs are left by their starters: they become ours to reap.
+        crate::vmm::become_subreaper().map_err(io(
+            "become the child subreaper (for jailed VMMs) of",
+            &fleet_cfg.state_dir,
+        ))?;
+    }
     let socket = fleet_cfg.api.socket.clone();
     if let Some(parent) = socket.parent() {
         relive_images::private::create_dir_all(parent)

@@ -665,6 +665,29 @@ impl VmTask {
             self.spec.policy.keep_images.to_string().into(),
         ];
         args.extend(["--name".into(), self.spec.name.clone().into()]);
+        if let crate::config::Jail::As { uid, gid } = self.spec.jail {
+            args.extend([
+                "--jail".into(),
+                format!("{uid}:{gid}").into(),
+                "--jail-detach".into(),
+            ]);
+        }
+        args
+    }
+
+    /// `--cpu-percent`, `--memory-limit-mib`, `--pids-max` as configured.
+    fn limit_args(&self) -> Vec<OsString> {
+        let mut args: Vec<OsString> = Vec::new();
+        let limits = &self.spec.limits;
+        if let Some(cpu) = limits.cpu_percent {
+            args.extend(["--cpu-percent".into(), cpu.to_string().into()]);
+        }
+        if let Some(mib) = limits.memory_mib {
+            args.extend(["--memory-limit-mib".into(), mib.to_string().into()]);
+        }
+        if let Some(pids) = limits.pids {
+            args.extend(["--pids-max".into(), pids.to_string().into()]);
+        }
         args
     }
 
@@ -686,16 +709,7 @@ impl VmTask {
             "--vcpus".into(),
             self.spec.vcpus.to_string().into(),
         ]);
-        let limits = &self.spec.limits;
-        if let Some(cpu) = limits.cpu_percent {
-            args.extend(["--cpu-percent".into(), cpu.to_string().into()]);
-        }
-        if let Some(mib) = limits.memory_mib {
-            args.extend(["--memory-limit-mib".into(), mib.to_string().into()]);
-        }
-        if let Some(pids) = limits.pids {
-            args.extend(["--pids-max".into(), pids.to_string().into()]);
-        }
+        args.extend(self.limit_args());
         if with_boot_image {
             let mode = if self.spec.policy.warm_boot_image {
                 "warm"
@@ -991,6 +1005,8 @@ impl VmTask {
             "--vcpus".into(),
             self.spec.vcpus.to_string().into(),
         ];
+        // A jailed standby puts them on its cgroup before its jail.
+        args.extend(self.limit_args());
         args.extend(self.host_args(&socket));
         let bin = self.paths.vmm_bin.clone();
         let log = socket.with_extension("log");

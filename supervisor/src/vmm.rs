@@ -92,17 +92,48 @@ impl NotifySocket {
         Some(NotifySocket { socket, path })
     }
 
-    /// Whether `READY=1` arrives within `wait`.
-    async fn ready_within(&self, wait: Duration) -> bool {
+    /// Whether `READY=1` arrives within `wait`; a `MAINPID=<pid>` (a
+    /// jailed VMM's starter naming the VMM) seen meanwhile goes to `main_pid`.
+    async fn ready_within(&self, wait: Duration, main_pid: &mut Option<u32>) -> bool {
         let mut buf = [0u8; 512];
         let deadline = tokio::time::Instant::now() + wait;
         while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, self.socket.recv(&mut buf)).await {
-            if buf[..n].split(|b| *b == b'\n').any(|l| l == b"READY=1") {
+            if parse_notify(&buf[..n], main_pid) {
                 return true;
             }
         }
         false
     }
+
+    /// The messages already queued: whether one says `READY=1`.
+    fn drain(&self, main_pid: &mut Option<u32>) -> bool {
+        let mut buf = [0u8; 512];
+        let mut ready = false;
+        // Straight to the socket: tokio's `try_recv` trusts its readiness
+        // cache, which may not know yet what just arrived.
+        while let Ok((n, _)) =
+            rustix::net::recv(&self.socket, &mut buf, rustix::net::RecvFlags::DONTWAIT)
+        {
+            ready |= parse_notify(&buf[..n], main_pid);
+        }
+        ready
+    }
+}
+
+/// Reads one sd_notify message: whether it says `READY=1`; a
+/// `MAINPID=<pid>` goes to `main_pid`.
+fn parse_notify(message: &[u8], main_pid: &mut Option<u32>) -> bool {
+    let mut ready = false;
+    for line in message.split(|b| *b == b'\n') {
+        if line == b"READY=1" {
+            ready = true;
+        } else if let Some(pid) = line.strip_prefix(b"MAINPID=") {
+            if let Some(pid) = std::str::from_utf8(pid).ok().and_then(|p| p.parse().ok()) {
+                *main_pid = Some(pid);
+            }
+        }
+    }
+    ready
 }
 
 impl Drop for NotifySocket {
@@ -122,6 +153,19 @@ pub struct VmmProcess {
     log_start: u64,
     pidfd: Option<AsyncFd<std::os::fd::OwnedFd>>,
     child: Option<tokio::process::Child>,
+    /// A jailed VMM this supervisor reaps itself (it became the VMM's
+    /// parent as a child subreaper when the starter exited), and its exit
+    /// status once reaped.
+    subreaped: bool,
+    exit_code: Option<i32>,
+}
+
+/// Makes this process the child subreaper of everything it starts: a jailed
+/// VMM, left by its starter (`relive-vmm --jail-detach`), becomes this
+/// process's child, so its exit status comes here.
+pub fn become_subreaper() -> std::io::Result<()> {
+    rustix::process::set_child_subreaper(Some(rustix::process::getpid()))
+        .map_err(|e| std::io::Error::from_raw_os_error(e.raw_os_error()))
 }
 
 fn pidfd(pid: u32) -> Option<AsyncFd<std::os::fd::OwnedFd>> {
@@ -183,6 +227,8 @@ impl VmmProcess {
             log_start,
             pidfd: pidfd(pid),
             child: Some(child),
+            subreaped: false,
+            exit_code: None,
         };
         if let Err(e) = vmm.wait_serving(ready_timeout, notify.as_ref()).await {
             // One that does not serve in time is not left behind.
@@ -208,6 +254,8 @@ impl VmmProcess {
             log_start,
             pidfd: pidfd(pid),
             child: None,
+            subreaped: false,
+            exit_code: None,
         })
     }
 
@@ -240,15 +288,27 @@ impl VmmProcess {
         notify: Option<&NotifySocket>,
     ) -> Result<(), VmmError> {
         let deadline = tokio::time::Instant::now() + timeout;
+        let mut main_pid = None;
         loop {
             if let Some(n) = notify {
-                if n.ready_within(NOTIFY_WAIT).await {
+                let ready = n.ready_within(NOTIFY_WAIT, &mut main_pid).await;
+                self.follow_main_pid(main_pid.take());
+                if ready {
                     return Ok(());
                 }
             }
             let probe = AsyncClient::new(&self.socket, Duration::from_millis(500));
             if probe.request(&Request::Status).await.is_ok() {
                 return Ok(());
+            }
+            if let Some(n) = notify {
+                // A starter that named its VMM and exited since the wait
+                // above: what it sent is queued.
+                let ready = n.drain(&mut main_pid);
+                self.follow_main_pid(main_pid.take());
+                if ready {
+                    return Ok(());
+                }
             }
             if !self.is_alive() {
                 let record = self.logged_exit_record();
@@ -270,6 +330,40 @@ impl VmmProcess {
         }
     }
 
+    /// A jailed VMM's starter named the VMM (`MAINPID`): from now on this
+    /// handle is the VMM's (its pid, its pidfd, reaped here as its
+    /// subreaper); the starter, which exits at once, is reaped in the
+    /// background.
+    fn follow_main_pid(&mut self, main_pid: Option<u32>) {
+        let Some(pid) = main_pid.filter(|&p| p != self.pid && p != 0) else {
+            return;
+        };
+        if let Some(mut starter) = self.child.take() {
+            tokio::spawn(async move {
+                let _ = starter.wait().await;
+            });
+        }
+        self.pid = pid;
+        self.pidfd = pidfd(pid);
+        self.subreaped = true;
+    }
+
+    /// Reaps a subreaped VMM that has ended and keeps its exit status.
+    fn reap_subreaped(&mut self) {
+        if !self.subreaped || self.exit_code.is_some() {
+            return;
+        }
+        let Some(fd) = &self.pidfd else { return };
+        let waited = rustix::process::waitid(
+            rustix::process::WaitId::PidFd(std::os::fd::AsFd::as_fd(fd.get_ref())),
+            rustix::process::WaitIdOptions::EXITED | rustix::process::WaitIdOptions::NOHANG,
+        );
+        if let Ok(Some(status)) = waited {
+            // A signal's end has no exit code: -1 names no exit reason.
+            self.exit_code = Some(status.exit_status().unwrap_or(-1));
+        }
+    }
+
     /// Waits until the process ends (and reaps it when it is a child).
     pub async fn exited(&mut self) {
         match &self.pidfd {
@@ -287,22 +381,28 @@ impl VmmProcess {
         if let Some(child) = self.child.as_mut() {
             let _ = child.wait().await;
         }
+        self.reap_subreaped();
     }
 
     /// The typed reason of the process's exit status, for a child of this
     /// supervisor that has ended (none for a signal, an adopted VMM, one
     /// still running).
     pub fn status_reason(&mut self) -> Option<relive_control::ExitReason> {
-        let status = self.child.as_mut()?.try_wait().ok()??;
-        status
-            .code()
-            .and_then(relive_control::ExitReason::from_status)
+        let code = match self.child.as_mut() {
+            Some(child) => child.try_wait().ok()??.code()?,
+            None => {
+                self.reap_subreaped();
+                self.exit_code?
+            }
+        };
+        relive_control::ExitReason::from_status(code)
     }
 
     fn reap(&mut self) {
         if let Some(child) = self.child.as_mut() {
             let _ = child.try_wait();
         }
+        self.reap_subreaped();
     }
 
     /// Why the process ended, from the last exit record in its own part of
@@ -417,11 +517,27 @@ mod tests {
         );
         let sender = std::os::unix::net::UnixDatagram::unbound().unwrap();
         sender.send_to(b"STATUS=booting\n", &notify.path).unwrap();
-        assert!(!notify.ready_within(Duration::from_millis(30)).await);
+        let mut main_pid = None;
+        assert!(
+            !notify
+                .ready_within(Duration::from_millis(30), &mut main_pid)
+                .await
+        );
+        assert_eq!(main_pid, None);
+        // A jailed VMM's starter names the VMM, then exits: heard even
+        // when it is only drained after the wait.
+        sender.send_to(b"MAINPID=4242\n", &notify.path).unwrap();
+        assert!(!notify.drain(&mut main_pid));
+        assert_eq!(main_pid, Some(4242));
         sender
-            .send_to(b"MAINPID=1\nREADY=1\n", &notify.path)
+            .send_to(b"MAINPID=77\nREADY=1\n", &notify.path)
             .unwrap();
-        assert!(notify.ready_within(Duration::from_millis(500)).await);
+        assert!(
+            notify
+                .ready_within(Duration::from_millis(500), &mut main_pid)
+                .await
+        );
+        assert_eq!(main_pid, Some(77));
         let path = notify.path.clone();
         drop(notify);
         assert!(!path.exists());

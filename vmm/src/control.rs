@@ -89,23 +89,53 @@ pub struct ControlServer {
     sink: EventSink,
 }
 
-impl ControlServer {
-    /// Creates the socket at `path`, replacing a stale one.
-    pub fn bind(path: &Path, sink: EventSink) -> Result<Self, ControlError> {
-        if path.exists() {
-            if UnixStream::connect(path).is_ok() {
-                return Err(ControlError::InUse {
-                    path: path.to_path_buf(),
-                });
-            }
-            let _ = std::fs::remove_file(path);
+/// A listener bound before the VM was built (by [`prebind`]), waiting for
+/// its [`ControlServer`].
+static PREBOUND: std::sync::Mutex<Option<(PathBuf, UnixListener)>> = std::sync::Mutex::new(None);
+
+/// Binds the control socket at `path` now, for the [`ControlServer`] the VM
+/// builds later: a jailed VMM binds it on the host, before its root no longer
+/// holds the socket's directory ([`crate::jail`]).
+pub fn prebind(path: &Path) -> Result<(), ControlError> {
+    let listener = listen(path)?;
+    *PREBOUND
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((path.to_path_buf(), listener));
+    Ok(())
+}
+
+/// Creates the socket at `path` (owner-only), replacing a stale one.
+fn listen(path: &Path) -> Result<UnixListener, ControlError> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(ControlError::InUse {
+                path: path.to_path_buf(),
+            });
         }
-        let bind_err = |source| ControlError::Bind {
-            path: path.to_path_buf(),
-            source,
+        let _ = std::fs::remove_file(path);
+    }
+    let bind_err = |source| ControlError::Bind {
+        path: path.to_path_buf(),
+        source,
+    };
+    let listener = UnixListener::bind(path).map_err(bind_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+    Ok(listener)
+}
+
+impl ControlServer {
+    /// Serves the socket at `path`: the one [`prebind`] bound there, else a
+    /// new one (replacing a stale one).
+    pub fn bind(path: &Path, sink: EventSink) -> Result<Self, ControlError> {
+        let prebound = PREBOUND
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take_if(|(bound, _)| bound == path)
+            .map(|(_, listener)| listener);
+        let listener = match prebound {
+            Some(listener) => listener,
+            None => listen(path)?,
         };
-        let listener = UnixListener::bind(path).map_err(bind_err)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
         Ok(ControlServer {
             path: path.to_path_buf(),
             listener,

@@ -14,6 +14,8 @@
 //!   clients are the `relive-control` crate).
 //! - [`persist`]: the save/restore trait and the saved state of vCPUs and the VM.
 //! - [`cgroup`]: host resource limits (cpu, memory, pids) of a VM process, cgroup v2 or v1.
+//! - [`seccomp`] and [`jail`]: the VMM's confinement: per-thread system call
+//!   filters; namespaces, a minimal root and no privilege.
 
 pub mod acpi;
 pub mod boot;
@@ -21,6 +23,7 @@ pub mod cgroup;
 pub mod control;
 pub mod cpuid;
 pub mod devices;
+pub mod jail;
 pub mod memory;
 pub mod mptable;
 pub mod persist;

@@ -95,6 +95,20 @@ struct RunArgs {
     /// The VM's name (its cgroup is relive/<name> when limits are set).
     #[arg(long)]
     name: Option<String>,
+    #[command(flatten)]
+    limits: LimitArgs,
+    /// Write a boot image into --images: `recipe` (kernel, cmdline, config;
+    /// restoring it boots afresh) or `warm` (a snapshot taken when the guest
+    /// first says ready; restoring it is a clean start without the boot).
+    #[arg(long, value_parser = parse_boot_image)]
+    boot_image: Option<BootImageMode>,
+    #[command(flatten)]
+    host: HostArgs,
+}
+
+/// Host resource limits of the VMM process (its cgroup relive/<name>).
+#[derive(clap::Args, Debug)]
+struct LimitArgs {
     /// CPU limit in percent of one core (cgroup cpu quota).
     #[arg(long)]
     cpu_percent: Option<u32>,
@@ -104,13 +118,16 @@ struct RunArgs {
     /// Most tasks (threads) the VMM process may have (cgroup pids limit).
     #[arg(long)]
     pids_max: Option<u64>,
-    /// Write a boot image into --images: `recipe` (kernel, cmdline, config;
-    /// restoring it boots afresh) or `warm` (a snapshot taken when the guest
-    /// first says ready; restoring it is a clean start without the boot).
-    #[arg(long, value_parser = parse_boot_image)]
-    boot_image: Option<BootImageMode>,
-    #[command(flatten)]
-    host: HostArgs,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> ResourceLimits {
+        ResourceLimits {
+            cpu_percent: self.cpu_percent,
+            memory_bytes: self.memory_limit_mib.map(|m| m << 20),
+            pids: self.pids_max,
+        }
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -124,6 +141,10 @@ struct StandbyArgs {
     /// The name of the VM it will run [default: the one in the image].
     #[arg(long)]
     name: Option<String>,
+    /// The limits of the images it will take: a jailed standby applies
+    /// them before its jail (it cannot change its cgroup later).
+    #[command(flatten)]
+    limits: LimitArgs,
     #[command(flatten)]
     host: HostArgs,
 }
@@ -160,6 +181,27 @@ struct HostArgs {
     /// call): for debugging only.
     #[arg(long)]
     no_seccomp: bool,
+    /// Run jailed, as UID:GID (not root): own mount, pid, network, IPC and
+    /// UTS namespaces, a root holding only the image directory, the console
+    /// log and the kernel to boot, no capabilities, no_new_privs. Needs root.
+    #[arg(long, value_name = "UID:GID", value_parser = parse_jail_ids)]
+    jail: Option<(u32, u32)>,
+    /// With --jail: report the jailed VMM's pid on NOTIFY_SOCKET
+    /// (`MAINPID=`) and exit instead of waiting for it (for a supervisor
+    /// that is a child subreaper).
+    #[arg(long, requires = "jail")]
+    jail_detach: bool,
+}
+
+fn parse_jail_ids(s: &str) -> Result<(u32, u32), String> {
+    let (uid, gid) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?} is not UID:GID (e.g. 65534:65534)"))?;
+    let id = |what: &str, v: &str| {
+        v.parse::<u32>()
+            .map_err(|_| format!("{what} {v:?} in {s:?} is not a number: give UID:GID"))
+    };
+    Ok((id("uid", uid)?, id("gid", gid)?))
 }
 
 impl HostArgs {
@@ -174,6 +216,58 @@ impl HostArgs {
             return Ok(());
         }
         relive_vmm::seccomp::prepare()?;
+        Ok(())
+    }
+
+    /// Enters the jail when `--jail` asks for one (see
+    /// `relive_vmm::jail`): the image directory and console log stay
+    /// writable, `read_only` paths (a kernel, an initrd, an image elsewhere)
+    /// readable; `limits` go on the cgroup `relive/<name>` first.
+    fn jail(
+        &self,
+        read_only: Vec<PathBuf>,
+        limits: Option<(String, ResourceLimits)>,
+    ) -> anyhow::Result<()> {
+        use relive_vmm::jail::{Access, Bind, JailSpec};
+        let Some((uid, gid)) = self.jail else {
+            return Ok(());
+        };
+        let mut binds = Vec::new();
+        if let Some(dir) = &self.images {
+            binds.push(Bind {
+                path: absolute(dir)?,
+                access: Access::Owned,
+                dir: true,
+            });
+        }
+        if let Some(console) = &self.console {
+            binds.push(Bind {
+                path: absolute(console)?,
+                access: Access::Owned,
+                dir: false,
+            });
+        }
+        for path in read_only {
+            let path = absolute(&path)?;
+            if binds.iter().any(|b| path.starts_with(&b.path)) {
+                continue;
+            }
+            let dir = path.is_dir();
+            binds.push(Bind {
+                path,
+                access: Access::ReadOnly,
+                dir,
+            });
+        }
+        let control = self.control.as_deref().map(absolute).transpose()?;
+        relive_vmm::jail::enter(&JailSpec {
+            uid,
+            gid,
+            binds,
+            control,
+            limits,
+            detach: self.jail_detach,
+        })?;
         Ok(())
     }
 
@@ -243,6 +337,8 @@ enum CtlAction {
     InjectFault {
         /// `forbidden-syscall`: the event loop opens an IPv4 socket; a VMM
         /// under its seccomp filters ends with status 15 (`seccomp`).
+        /// `read-host-file`: the event loop reads /etc/hostname, which a
+        /// jailed VMM cannot see.
         fault: String,
     },
 }
@@ -279,9 +375,34 @@ fn main() -> ExitCode {
     }
 }
 
+/// `path` from the root (a jail keeps paths as they are on the host).
+fn absolute(path: &std::path::Path) -> anyhow::Result<PathBuf> {
+    std::path::absolute(path).with_context(|| format!("cannot resolve {}", path.display()))
+}
+
+/// The kernel and initrd files a boot reads.
+fn boot_files(kernel: &KernelSource, initrd: Option<&PathBuf>) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    if let KernelSource::File(path) = kernel {
+        files.push(path.clone());
+    }
+    files.extend(initrd.cloned());
+    files
+}
+
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     args.host.confine()?;
     let kernel = KernelSource::parse(&args.kernel);
+    let limits = args.limits.limits();
+    args.host.jail(
+        boot_files(&kernel, args.initrd.as_ref()),
+        Some((
+            args.name
+                .clone()
+                .unwrap_or_else(|| format!("vmm-{}", std::process::id())),
+            limits.clone(),
+        )),
+    )?;
     let cmdline = args.cmdline.unwrap_or_else(|| match kernel {
         KernelSource::Bundled => format!("relive.hb_ms={}", relive_images::guest::DEFAULT_HB_MS),
         KernelSource::File(_) => DEFAULT_LINUX_CMDLINE.to_string(),
@@ -299,11 +420,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         control: args.host.control,
         images: args.host.images,
         keep_images: args.host.keep_images,
-        limits: ResourceLimits {
-            cpu_percent: args.cpu_percent,
-            memory_bytes: args.memory_limit_mib.map(|m| m << 20),
-            pids: args.pids_max,
-        },
+        limits,
         name: args.name,
         boot_image: args.boot_image,
     };
@@ -338,6 +455,9 @@ fn standby(args: StandbyArgs) -> anyhow::Result<ExitCode> {
     if args.host.control.is_none() {
         anyhow::bail!("a standby VMM needs --control SOCKET: that is where its image comes from");
     }
+    let limits = args.limits.limits();
+    let cgroup = args.name.clone().map(|name| (name, limits));
+    args.host.jail(Vec::new(), cgroup)?;
     let cfg = VmConfig {
         boot: BootConfig {
             kernel: KernelSource::Bundled,
@@ -362,6 +482,23 @@ fn standby(args: StandbyArgs) -> anyhow::Result<ExitCode> {
 
 fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
     args.host.confine()?;
+    if args.host.jail.is_some() {
+        // What the jail must keep, read before it: the image (its
+        // directory: a layer's chain is beside it), a recipe's kernel, and
+        // the limits to put on the cgroup while that is still possible.
+        let (config, limits) = relive_vmm::snapshot::load_config(&args.image)?;
+        let image_dir = absolute(&args.image)?
+            .parent()
+            .map(std::path::Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("/"));
+        let mut read_only = vec![image_dir];
+        read_only.extend(boot_files(
+            &KernelSource::parse(&config.kernel),
+            config.initrd.as_ref(),
+        ));
+        let name = args.name.clone().or(config.name.clone());
+        args.host.jail(read_only, name.map(|name| (name, limits)))?;
+    }
     let vm = Vm::restore(
         &args.image,
         args.host.console(),
@@ -534,7 +671,10 @@ fn ctl(socket: PathBuf, json: bool, action: CtlAction) -> anyhow::Result<ExitCod
         CtlAction::InjectFault { fault } => Request::InjectFault {
             fault: match fault.as_str() {
                 "forbidden-syscall" => Fault::ForbiddenSyscall,
-                other => anyhow::bail!("fault {other:?} is unknown: use forbidden-syscall"),
+                "read-host-file" => Fault::ReadHostFile,
+                other => anyhow::bail!(
+                    "fault {other:?} is unknown: use forbidden-syscall or read-host-file"
+                ),
             },
         },
     };
@@ -610,6 +750,12 @@ fn ctl(socket: PathBuf, json: bool, action: CtlAction) -> anyhow::Result<ExitCod
                     r.total_us as f64 / 1000.0,
                     r.path
                 );
+            }
+        }
+        CtlAction::InjectFault { .. } if !json => {
+            if let Response::Drill { held, detail } = &response {
+                let verdict = if *held { "held" } else { "DID NOT HOLD" };
+                outln!("confinement {verdict}: {detail}");
             }
         }
         _ if json => outln!(

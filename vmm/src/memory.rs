@@ -266,13 +266,44 @@ pub fn map_runs_over(
     Ok(())
 }
 
+/// `/proc/self/smaps`, opened by [`keep_smaps`] before a jail without
+/// `/proc`.
+static SMAPS: std::sync::Mutex<Option<std::fs::File>> = std::sync::Mutex::new(None);
+
+/// Opens `/proc/self/smaps` now and keeps it for [`resident_bytes`]: a
+/// jailed VMM has no `/proc` ([`crate::jail`]). The file is read again from
+/// its start each time (procfs makes it afresh).
+pub fn keep_smaps() {
+    if let Ok(file) = std::fs::File::open("/proc/self/smaps") {
+        *SMAPS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(file);
+    }
+}
+
+fn read_smaps() -> Option<String> {
+    use std::io::{Read, Seek};
+    let mut kept = SMAPS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    match kept.as_mut() {
+        Some(file) => {
+            let mut text = String::new();
+            file.rewind().ok()?;
+            file.read_to_string(&mut text).ok()?;
+            Some(text)
+        }
+        None => std::fs::read_to_string("/proc/self/smaps").ok(),
+    }
+}
+
 /// Bytes of guest memory this process has in RAM: the `Rss` of each guest
 /// memory mapping in `/proc/self/smaps`. The kernel counts only pages mapped
 /// into this process (it walks the present page-table entries, so the cost
 /// follows what the guest touched, not its size), which for a VM restored from
 /// an image file excludes the file's other cached pages.
 pub fn resident_bytes(mem: &GuestMemoryMmap) -> u64 {
-    let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
+    let Some(smaps) = read_smaps() else {
         return 0;
     };
     let starts: Vec<u64> = mem.iter().map(|r| r.as_ptr() as u64).collect();

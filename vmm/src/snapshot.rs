@@ -461,6 +461,19 @@ pub fn load_recipe(path: &Path) -> Result<Option<BootRecipe>, SnapshotError> {
     }))
 }
 
+/// The config and limits `path` was taken with (headers and two small
+/// sections only): what a jailed VMM must know before it enters the jail.
+pub fn load_config(path: &Path) -> Result<(ImageConfig, ResourceLimits), SnapshotError> {
+    let reader = ImageReader::open(path).map_err(|source| SnapshotError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok((
+        section(&reader, path, SectionKind::Config)?,
+        section(&reader, path, SectionKind::Limits)?,
+    ))
+}
+
 /// Opens an image and decodes everything but guest memory; for a layer,
 /// opens its chain (headers only: no page is read, nothing is merged). A
 /// chain whose layers hold more than [`MAX_OVERLAY_RUNS`] page runs is

@@ -459,7 +459,7 @@ impl Vm {
         let started = Instant::now();
         // Limits first, so that everything the VM allocates is charged to them.
         apply_limits(cfg.name.as_deref(), &cfg.limits)?;
-        let kvm = Kvm::new().map_err(VmError::Kvm)?;
+        let kvm = crate::jail::kvm().map_err(VmError::Kvm)?;
         let max = max_vcpus(&kvm);
         let vcpus = u32::from(cfg.boot.vcpus);
         if vcpus == 0 || vcpus > max {
@@ -1241,6 +1241,9 @@ impl EventLoop {
             Request::InjectFault {
                 fault: Fault::ForbiddenSyscall,
             } => forbidden_syscall(),
+            Request::InjectFault {
+                fault: Fault::ReadHostFile,
+            } => read_host_file(),
         };
         let _ = reply.send(answer);
         None
@@ -1374,7 +1377,7 @@ impl EventLoop {
             io_exits,
             mem_mib: self.cfg.mem_mib,
             guest_resident_bytes: memory::resident_bytes(&self.mem),
-            pid: std::process::id(),
+            pid: crate::jail::host_pid(),
             kernel: self.cfg.boot.kernel.to_string(),
             name: self.cfg.name.clone(),
             limits: self.cfg.limits.clone(),
@@ -1426,6 +1429,10 @@ fn apply_limits(name: Option<&str>, limits: &ResourceLimits) -> Result<(), VmErr
     }
     let fallback = format!("vmm-{}", std::process::id());
     let name = name.unwrap_or(&fallback);
+    if crate::jail::limits_fixed(name, limits).is_some() {
+        // Applied before the jail, and fixed since.
+        return Ok(());
+    }
     crate::cgroup::apply(name, limits).map_err(VmError::Cgroup)?;
     Ok(())
 }
@@ -1511,6 +1518,26 @@ fn no_guest() -> Response {
 /// Time the event thread waits for vCPUs to acknowledge a pause.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The host file [`Fault::ReadHostFile`] tries to read.
+pub const HOST_FILE: &str = "/etc/hostname";
+
+/// [`Fault::ReadHostFile`]: reads a host file that a jail does not keep.
+fn read_host_file() -> Response {
+    match std::fs::read(HOST_FILE) {
+        Ok(bytes) => Response::Drill {
+            held: false,
+            detail: format!(
+                "read {HOST_FILE} ({} bytes): this VMM sees the host's files (it is not jailed)",
+                bytes.len()
+            ),
+        },
+        Err(e) => Response::Drill {
+            held: true,
+            detail: format!("cannot open {HOST_FILE}: {e}"),
+        },
+    }
+}
+
 /// [`Fault::ForbiddenSyscall`]: opens an IPv4 socket, which no VMM thread
 /// may. Under seccomp this does not return (the SIGSYS handler ends the
 /// process with the `seccomp` exit).
@@ -1530,24 +1557,65 @@ fn forbidden_syscall() -> Response {
     }
 }
 
+/// The readiness socket, connected before a jail hid its path
+/// ([`preconnect_notify`]).
+static NOTIFY: Mutex<Option<std::os::unix::net::UnixDatagram>> = Mutex::new(None);
+
+/// Connects a datagram socket to `NOTIFY_SOCKET` now, for [`notify`] to use
+/// later: a jailed VMM's root and network namespace no longer reach its path
+/// (or abstract name). Nothing without `NOTIFY_SOCKET`.
+pub fn preconnect_notify() {
+    if let Some(socket) = connect_notify() {
+        *NOTIFY.lock().unwrap_or_else(PoisonError::into_inner) = Some(socket);
+    }
+}
+
+fn connect_notify() -> Option<std::os::unix::net::UnixDatagram> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let target = std::env::var_os("NOTIFY_SOCKET")?;
+    let connected = UnixDatagram::unbound().and_then(|sock| {
+        match target.as_bytes().strip_prefix(b"@") {
+            Some(name) => {
+                SocketAddr::from_abstract_name(name).and_then(|addr| sock.connect_addr(&addr))
+            }
+            None => sock.connect(std::path::Path::new(&target)),
+        }
+        .map(|()| sock)
+    });
+    match connected {
+        Ok(sock) => Some(sock),
+        Err(e) => {
+            tracing::warn!(error = %e, target = ?target, "cannot reach the readiness socket");
+            None
+        }
+    }
+}
+
+/// Sends `message` (sd_notify lines: `READY=1`, `MAINPID=<pid>`) to
+/// whoever started this VMM, on `NOTIFY_SOCKET`; nothing without one.
+pub fn notify(message: &str) {
+    let kept = NOTIFY.lock().unwrap_or_else(PoisonError::into_inner);
+    let sent = match kept.as_ref() {
+        Some(sock) => sock.send(message.as_bytes()).map(|_| ()),
+        None => {
+            drop(kept);
+            match connect_notify() {
+                Some(sock) => sock.send(message.as_bytes()).map(|_| ()),
+                None => return,
+            }
+        }
+    };
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "cannot notify the starter");
+    }
+}
+
 /// Tells whoever started this VMM that its control socket serves, the
 /// sd_notify way: `READY=1` to the datagram socket `NOTIFY_SOCKET` names (a
 /// path, or `@name` in the abstract namespace). The supervisor waits for it
 /// instead of polling the socket; without `NOTIFY_SOCKET` nothing is sent.
 fn notify_ready() {
-    use std::os::linux::net::SocketAddrExt;
-    use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::net::{SocketAddr, UnixDatagram};
-    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let sent =
-        UnixDatagram::unbound().and_then(|sock| match target.as_bytes().strip_prefix(b"@") {
-            Some(name) => SocketAddr::from_abstract_name(name)
-                .and_then(|addr| sock.send_to_addr(b"READY=1\n", &addr)),
-            None => sock.send_to(b"READY=1\n", std::path::Path::new(&target)),
-        });
-    if let Err(e) = sent {
-        tracing::warn!(error = %e, target = ?target, "cannot notify readiness");
-    }
+    notify("READY=1\n");
 }

@@ -124,6 +124,7 @@ impl Checker<'_> {
                 Some(MetricsConfig { listen })
             }
         };
+        let jail = self.check_jail(raw.jail)?;
         let defaults_raw = raw.defaults.unwrap_or_default();
         let defaults = defaults_raw.over(&Policy::default());
         if let Err(problem) = defaults.check() {
@@ -155,14 +156,44 @@ impl Checker<'_> {
                 return Err(self.fail(DuplicateName, &at.key("name"), m));
             }
             first_index.insert(&vm.name, i);
-            vms.push(self.check_vm(&at, vm, &defaults_raw, &defaults, &state_dir)?);
+            let mut spec = self.check_vm(&at, vm, &defaults_raw, &defaults, &state_dir)?;
+            spec.jail = jail;
+            vms.push(spec);
         }
         Ok(FleetConfig {
             path: absolute,
             state_dir,
             api,
             metrics,
+            jail,
             vms,
+        })
+    }
+
+    fn check_jail(&self, raw: Option<RawJail>) -> Result<Jail, ConfigError> {
+        use ConfigErrorKind::*;
+        let root_user = rustix::process::geteuid().is_root();
+        let ids = match raw {
+            None if root_user => (DEFAULT_JAIL_ID, DEFAULT_JAIL_ID),
+            None | Some(RawJail::Enabled(false)) => return Ok(Jail::Off),
+            Some(RawJail::Enabled(true)) => (DEFAULT_JAIL_ID, DEFAULT_JAIL_ID),
+            Some(RawJail::Ids(ids)) => (ids.uid, ids.gid),
+        };
+        if ids.0 == 0 || ids.1 == 0 {
+            let m = format!(
+                "uid {} gid {}: a jail as root is no jail: give a dedicated non-root uid and gid",
+                ids.0, ids.1
+            );
+            return Err(self.fail(BadValue, &root("jail"), m));
+        }
+        if !root_user {
+            let m = "jailing VMMs needs the supervisor to run as root (namespaces, mounts,                      changing uid): run relive up as root, or set `jail: false`"
+                .into();
+            return Err(self.fail(BadValue, &root("jail"), m));
+        }
+        Ok(Jail::As {
+            uid: ids.0,
+            gid: ids.1,
         })
     }
 
@@ -371,6 +402,7 @@ impl Checker<'_> {
             limits,
             policy,
             images_dir: state_dir.join(&vm.name).join("images"),
+            jail: Jail::Off,
         })
     }
 

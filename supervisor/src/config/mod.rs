@@ -27,6 +27,7 @@
 //! | `api.token_file` | none | a file holding the token instead (one line); not together with `api.token` |
 //! | `metrics.listen` | none | an extra loopback `ADDRESS:PORT` serving only `/metrics`, for scrapers |
 //! | `defaults.<policy key>` | see below | the fleet-wide policy |
+//! | `jail` | `true` as root, `false` otherwise | start VMMs jailed (own namespaces, a root holding only the VM's images and console, no capabilities): `true` (as uid and gid 65534), `{ uid: N, gid: N }` (not 0), or `false`; needs the supervisor to run as root |
 //! | `vms` | required | the VMs, at least one |
 //! | `vms[].name` | required | `a-z`, `0-9` and `-`, 1 to 48 characters, starting and ending with a letter or digit; unique |
 //! | `vms[].kernel` | required | `bundled` (relive's own guest) or the path of an ELF vmlinux or bzImage (`./bundled` for a file of that name) |
@@ -120,9 +121,32 @@ pub struct FleetConfig {
     pub api: ApiConfig,
     /// The extra metrics listener, if any.
     pub metrics: Option<MetricsConfig>,
+    /// How VMMs are confined beyond their seccomp filters.
+    pub jail: Jail,
     /// The VMs, in file order, at least one, names unique.
     pub vms: Vec<VmSpec>,
 }
+
+/// Whether the supervisor starts VMMs jailed (`relive-vmm --jail`: own
+/// mount, pid, network, IPC and UTS namespaces, a root holding only the VM's
+/// image directory and console log, a non-root uid and gid, no
+/// capabilities).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Jail {
+    /// VMMs run as the supervisor's user, unjailed.
+    Off,
+    /// VMMs run jailed as `uid:gid`.
+    As {
+        /// The uid.
+        uid: u32,
+        /// The gid.
+        gid: u32,
+    },
+}
+
+/// The jail's uid and gid when the file does not name them: `nobody` and
+/// `nogroup` on Debian.
+pub const DEFAULT_JAIL_ID: u32 = 65534;
 
 impl FleetConfig {
     /// The VM named `name`.
@@ -199,6 +223,8 @@ pub struct VmSpec {
     pub policy: Policy,
     /// `<state_dir>/<name>/images`, absolute.
     pub images_dir: PathBuf,
+    /// Whether its VMMs run jailed (the fleet's `jail`).
+    pub jail: Jail,
 }
 
 /// The kernel a VM boots.

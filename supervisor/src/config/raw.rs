@@ -9,7 +9,23 @@ pub(super) struct RawFleet {
     pub(super) api: Option<RawApi>,
     pub(super) metrics: Option<RawMetrics>,
     pub(super) defaults: Option<RawPolicy>,
+    pub(super) jail: Option<RawJail>,
     pub(super) vms: Option<Vec<RawVm>>,
+}
+
+/// `jail: false`, `jail: true` or `jail: { uid: N, gid: N }`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(super) enum RawJail {
+    Enabled(bool),
+    Ids(RawJailIds),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawJailIds {
+    pub(super) uid: u32,
+    pub(super) gid: u32,
 }
 
 #[derive(Deserialize)]
