@@ -564,6 +564,20 @@ fn a_killed_supervisor_leaves_the_vms_running_and_a_new_one_adopts_them() {
         before.push(view);
     }
 
+    // As root the VMMs run jailed (the default): their own uid, pid 1 of
+    // their own pid namespace, yet the pid the supervisor knows is theirs.
+    // SAFETY: geteuid(2) takes nothing and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        for pid in [
+            before[0]["pid"].as_u64(),
+            before[0]["standby_pid"].as_u64(),
+            before[1]["pid"].as_u64(),
+        ] {
+            assert_jailed_as_nobody(pid.unwrap() as u32);
+        }
+    }
+
     // The new supervisor reads the event log back: count what is there.
     let since = fleet.events().len();
     fleet.kill_supervisor();
@@ -626,6 +640,34 @@ fn a_killed_supervisor_leaves_the_vms_running_and_a_new_one_adopts_them() {
         metrics.assert_failures(vm, &[]);
         metrics.assert_restores(vm, &[]);
     }
+
+    // An adopted (jailed) VMM that dies is failed over like any other, into
+    // a new VMM that is jailed again.
+    let old = before[1]["pid"].as_u64().unwrap();
+    // SAFETY: kill(2) with a pid this test read from the supervisor.
+    unsafe { libc::kill(old as i32, libc::SIGKILL) };
+    let restored = wait_for("two restored after its adopted VMM died", STEP, || {
+        let now = fleet.show("two");
+        (now["state"] == "running" && now["pid"].as_u64().is_some_and(|p| p != old)).then_some(now)
+    });
+    if root {
+        assert_jailed_as_nobody(restored["pid"].as_u64().unwrap() as u32);
+    }
+}
+
+/// `pid` runs as 65534:65534, as pid 1 of a pid namespace of its own.
+fn assert_jailed_as_nobody(pid: u32) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
+    };
+    assert_eq!(field("Uid:"), "65534 65534 65534 65534", "pid {pid}");
+    assert_eq!(field("NSpid:"), format!("{pid} 1"), "pid {pid}");
+    assert_eq!(field("CapEff:"), "0000000000000000", "pid {pid}");
 }
 
 // ---------------------------------------------------------------------------

@@ -30,8 +30,9 @@
 //! # Who waits for the jailed VMM
 //!
 //! The process that was started stays outside the namespaces. Run from a
-//! shell it waits for the jailed VMM and ends as it does (same exit status,
-//! or the same signal); the VMM dies with it (`PR_SET_PDEATHSIG`). Started
+//! shell it waits for the jailed VMM, hands it the signals it gets (`INT`,
+//! `QUIT`, `TERM`, `HUP`) and ends as it does (same exit status, or the same
+//! signal); the VMM dies with it (`PR_SET_PDEATHSIG`). Started
 //! by the supervisor (`--jail-detach`), it tells the supervisor the jailed
 //! VMM's pid (`MAINPID=<pid>` on `NOTIFY_SOCKET`, as systemd's
 //! `sd_notify` does for a forking service) and exits at once; the
@@ -278,6 +279,13 @@ pub fn enter(spec: &JailSpec) -> Result<(), JailError> {
         )
     }
     .map_err(|e| setup("unshare the namespaces", None)(errno(e)))?;
+    // The child watches this process through it (it cannot name a parent
+    // outside its pid namespace).
+    let starter = rustix::process::pidfd_open(
+        rustix::process::getpid(),
+        rustix::process::PidfdFlags::empty(),
+    )
+    .map_err(|e| setup("open a pidfd of the starter", None)(errno(e)))?;
     // SAFETY: the process has one thread (the caller's contract), so the
     // child's copy of every lock and allocator state is consistent.
     let child = unsafe { libc::fork() };
@@ -289,12 +297,6 @@ pub fn enter(spec: &JailSpec) -> Result<(), JailError> {
     if child > 0 {
         outside(child, spec.detach);
     }
-    if !spec.detach {
-        // Run from a shell: the VMM does not outlive the process waiting for it.
-        rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
-            .map_err(|e| setup("set the parent death signal", None)(errno(e)))?;
-    }
-
     // 3. The minimal root. Until the pivot, /proc is still the host's, so
     // /proc/self names this process by its host pid.
     if let Some(pid) = std::fs::read_link("/proc/self")
@@ -308,6 +310,23 @@ pub fn enter(spec: &JailSpec) -> Result<(), JailError> {
 
     // 4. No privilege.
     drop_privileges(spec.uid, spec.gid)?;
+    if !spec.detach {
+        // Run from a shell: the VMM does not outlive the process waiting for
+        // it. (Set after the uid change, which clears it; a starter that
+        // died before is seen on its pidfd.)
+        rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+            .map_err(|e| setup("set the parent death signal", None)(errno(e)))?;
+        let mut poll = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&starter),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, a zero timeout.
+        if unsafe { libc::poll(&mut poll, 1, 0) } > 0 {
+            std::process::exit(relive_control::exit::STATUS_VMM_ERROR);
+        }
+    }
+    drop(starter);
     let _ = JAILED.set(Jailed {
         uid: spec.uid,
         gid: spec.gid,
@@ -362,10 +381,13 @@ fn outside(child: libc::pid_t, detach: bool) -> ! {
         crate::vm::notify(&format!("MAINPID={child}\n"));
         std::process::exit(0);
     }
-    // A terminal's Ctrl-C reaches the VMM itself (same process group).
+    // A signal for the VMM that reaches this process goes on to it (a
+    // terminal's Ctrl-C reaches both: the VMM gets it twice, harmlessly).
+    VMM_PID.store(child, std::sync::atomic::Ordering::Relaxed);
     for signal in [libc::SIGINT, libc::SIGQUIT, libc::SIGTERM, libc::SIGHUP] {
-        // SAFETY: SIG_IGN installs no handler code.
-        unsafe { libc::signal(signal, libc::SIG_IGN) };
+        // SAFETY: `forward` only calls kill(2), which is async-signal-safe,
+        // with a pid read from an atomic.
+        unsafe { libc::signal(signal, forward as *const () as libc::sighandler_t) };
     }
     let mut status = 0;
     loop {
@@ -388,6 +410,18 @@ fn outside(child: libc::pid_t, detach: bool) -> ! {
         }
     }
     std::process::exit(libc::WEXITSTATUS(status));
+}
+
+/// The jailed VMM, for [`forward`].
+static VMM_PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// The waiting starter's handler: hands the signal to the jailed VMM.
+extern "C" fn forward(signal: libc::c_int) {
+    let pid = VMM_PID.load(std::sync::atomic::Ordering::Relaxed);
+    if pid > 0 {
+        // SAFETY: kill(2) is async-signal-safe and takes no pointer.
+        unsafe { libc::kill(pid, signal) };
+    }
 }
 
 /// Builds the root tmpfs with the binds at their host paths, pivots into it

@@ -172,7 +172,7 @@ impl Checker<'_> {
 
     fn check_jail(&self, raw: Option<RawJail>) -> Result<Jail, ConfigError> {
         use ConfigErrorKind::*;
-        let root_user = rustix::process::geteuid().is_root();
+        let root_user = self.host.root;
         let ids = match raw {
             None if root_user => (DEFAULT_JAIL_ID, DEFAULT_JAIL_ID),
             None | Some(RawJail::Enabled(false)) => return Ok(Jail::Off),

@@ -379,6 +379,8 @@ struct Host {
     cores: usize,
     /// RAM of this host in MiB (`MemTotal` of /proc/meminfo; unlimited when unknown).
     memory_mib: u64,
+    /// The supervisor runs as root (it can jail VMMs).
+    root: bool,
 }
 
 impl Host {
@@ -394,6 +396,7 @@ impl Host {
         Host {
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
             memory_mib,
+            root: rustix::process::geteuid().is_root(),
         }
     }
 }

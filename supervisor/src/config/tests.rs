@@ -6,6 +6,7 @@ use std::fs;
 const HOST: Host = Host {
     cores: 2,
     memory_mib: 4096,
+    root: true,
 };
 
 /// A directory removed on drop.
@@ -771,4 +772,52 @@ fn example_fleet_loads() {
     };
     assert!(config.vms.len() >= 2);
     assert!(config.api.tcp.is_some() && config.metrics.is_some());
+}
+
+#[test]
+fn jail_defaults_on_as_root_and_takes_ids_or_false() {
+    assert_eq!(
+        ok(ONE).jail,
+        Jail::As {
+            uid: DEFAULT_JAIL_ID,
+            gid: DEFAULT_JAIL_ID
+        }
+    );
+    let config = ok(&format!("jail: {{ uid: 1234, gid: 5678 }}\n{ONE}"));
+    assert_eq!(
+        config.jail,
+        Jail::As {
+            uid: 1234,
+            gid: 5678
+        }
+    );
+    assert_eq!(
+        config.vms[0].jail, config.jail,
+        "every VM follows the fleet"
+    );
+    assert_eq!(ok(&format!("jail: false\n{ONE}")).jail, Jail::Off);
+    let text = bad(
+        &format!("jail: {{ uid: 0, gid: 0 }}\n{ONE}"),
+        ConfigErrorKind::BadValue,
+        1,
+        "jail",
+    );
+    assert!(text.contains("a jail as root is no jail"), "{text}");
+    // Not root: off by default, refused when asked for.
+    let dir = TempDir::new();
+    let user = Host {
+        root: false,
+        ..HOST
+    };
+    let path = dir.write("fleet.yaml", ONE);
+    assert_eq!(parse_with(ONE, &path, &user).unwrap().jail, Jail::Off);
+    let yaml = format!("jail: true\n{ONE}");
+    let error = parse_with(&yaml, &path, &user).unwrap_err();
+    assert_eq!(error.key(), "jail");
+    assert!(
+        error
+            .to_string()
+            .contains("needs the supervisor to run as root"),
+        "{error}"
+    );
 }
