@@ -349,29 +349,45 @@ fn failover_by_kind(bins: &Bins, scratch: &TempDir, runs: usize, fleet_secs: u64
 
     let mut batches = Vec::new();
     let mut baseline = None;
-    let plan = [
-        (Kind::Killed, true),
-        (Kind::Panic, true),
-        (Kind::Killed, false),
-        (Kind::Panic, false),
+    // As root the VMMs run jailed (the supervisor's default); the cost of
+    // the jail is the killed batches again, unjailed, in the same run.
+    let mut plan = vec![
+        (Kind::Killed, true, true),
+        (Kind::Panic, true, true),
+        (Kind::Killed, false, true),
+        (Kind::Panic, false, true),
     ];
-    for (i, &(kind, standby)) in plan.iter().enumerate() {
-        let dir = scratch.join(format!("{}-{}", kind.label(), standby_label(standby)));
+    if is_root() {
+        plan.insert(1, (Kind::Killed, true, false));
+        plan.insert(4, (Kind::Killed, false, false));
+    }
+    for (i, &(kind, standby, jail)) in plan.iter().enumerate() {
+        let dir = scratch.join(format!(
+            "{}-{}-{}",
+            kind.label(),
+            standby_label(standby),
+            jail_label(jail)
+        ));
         let t = Instant::now();
         print!(
-            "  batch {}/{}: {}, standby {} ... ",
+            "  batch {}/{}: {}, standby {}, {} ... ",
             i + 1,
             plan.len(),
             kind.label(),
-            standby_label(standby)
+            standby_label(standby),
+            jail_label(jail)
         );
         let _ = std::io::stdout().flush();
+        let shape = Shape {
+            jail,
+            ..Shape::batch(standby)
+        };
         let mut sup = Supervisor::start(
             bins,
             &dir,
-            &Shape::batch(standby).yaml("one VM; each failure lands on a known target"),
+            &shape.yaml("one VM; each failure lands on a known target"),
         )?;
-        let batch = run_batch(
+        let mut batch = run_batch(
             &sup,
             bins,
             kind,
@@ -381,6 +397,7 @@ fn failover_by_kind(bins: &Bins, scratch: &TempDir, runs: usize, fleet_secs: u64
             Duration::ZERO,
         )
         .map_err(|e| format!("{} (standby {standby}): {e}", kind.label()))?;
+        batch.jailed = jail && is_root();
         let images = if i + 1 == plan.len() {
             Some(baseline_images(&sup)?)
         } else {
@@ -772,6 +789,19 @@ impl Target {
     }
 }
 
+fn jail_label(jail: bool) -> &'static str {
+    if jail {
+        "jailed"
+    } else {
+        "unjailed"
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid(2) takes nothing and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
 fn standby_label(standby: bool) -> &'static str {
     if standby {
         "yes"
@@ -806,6 +836,8 @@ struct Sample {
 struct Batch {
     kind: Kind,
     standby: bool,
+    /// The VMMs ran jailed.
+    jailed: bool,
     samples: BTreeMap<Target, Vec<Sample>>,
     /// Failovers that could not be attributed to the bench's trigger alone.
     discarded: Vec<String>,
@@ -814,6 +846,18 @@ struct Batch {
     /// Failure events in the supervisor's log (more than `attempts`: someone
     /// else made this VM fail too).
     failures_seen: usize,
+}
+
+impl Batch {
+    /// The failure's name, `-unjailed` added when a root bench ran the VMMs
+    /// unjailed (the jail's baseline).
+    fn label(&self) -> String {
+        if self.jailed || !is_root() {
+            self.kind.label().to_string()
+        } else {
+            format!("{}-unjailed", self.kind.label())
+        }
+    }
 }
 
 /// A fresh supervisor for one VM, then failures until each target has `runs`.
@@ -829,6 +873,7 @@ fn run_batch(
     let mut batch = Batch {
         kind,
         standby,
+        jailed: false,
         samples: BTreeMap::new(),
         discarded: Vec::new(),
         attempts: 0,
@@ -1566,6 +1611,9 @@ struct Shape {
     cmdline: String,
     policy: &'static [(&'static str, &'static str)],
     standby: bool,
+    /// Whether the VMMs run jailed (the default as root); `false` writes
+    /// `jail: false`.
+    jail: bool,
 }
 
 impl Shape {
@@ -1577,6 +1625,7 @@ impl Shape {
             cmdline: CMDLINE.into(),
             policy: &BATCH_POLICY,
             standby,
+            jail: true,
         }
     }
 
@@ -1597,6 +1646,7 @@ impl Shape {
             cmdline: format!("{CMDLINE} relive.touch_mib={touched}"),
             policy: &SIZE_POLICY,
             standby,
+            jail: true,
         }
     }
 
@@ -1611,13 +1661,17 @@ impl Shape {
             ),
             policy: &FLEET_POLICY,
             standby: false,
+            jail: true,
         }
     }
 
     /// The fleet file: one VM named [`VM`], or `fleet-NN` for several.
     fn yaml(&self, comment: &str) -> String {
-        let mut text =
-            format!("# relive failover bench: {comment}\nstate_dir: ./state\ndefaults:\n");
+        let mut text = format!("# relive failover bench: {comment}\nstate_dir: ./state\n");
+        if !self.jail {
+            text.push_str("jail: false\n");
+        }
+        text.push_str("defaults:\n");
         for (key, value) in self.policy {
             text.push_str(&format!("  {key}: {value}\n"));
         }
@@ -2159,7 +2213,7 @@ fn report(
 
     println!();
     println!(
-        "  {:<11} {:<11} {:>7} {:>3}  {:>17} {:>15} {:>17}  {:>9} {:>9}  {:>9}",
+        "  {:<15} {:<11} {:>7} {:>3}  {:>17} {:>15} {:>17}  {:>9} {:>9}  {:>9}",
         "failure",
         "target",
         "standby",
@@ -2172,7 +2226,7 @@ fn report(
         "target"
     );
     println!(
-        "  {:<11} {:<11} {:>7} {:>3}  {:>17} {:>15} {:>17}  {:>9} {:>9}  {:>9}",
+        "  {:<15} {:<11} {:>7} {:>3}  {:>17} {:>15} {:>17}  {:>9} {:>9}  {:>9}",
         "",
         "",
         "",
@@ -2190,8 +2244,8 @@ fn report(
             _ => "-".into(),
         };
         println!(
-            "  {:<11} {:<11} {:>7} {:>3}  {:>17} {:>15} {:>17}  {:>9} {:>9}  {:>9}",
-            r.batch.kind.label(),
+            "  {:<15} {:<11} {:>7} {:>3}  {:>17} {:>15} {:>17}  {:>9} {:>9}  {:>9}",
+            r.batch.label(),
             r.target.label(),
             standby_label(r.batch.standby),
             r.samples.len(),
@@ -2242,7 +2296,7 @@ fn report(
             let ok = m < target;
             println!(
                 "    {:<11} standby {:<3} {:<11} {m:>7.2} ms  < {target} ms: {}",
-                r.batch.kind.label(),
+                r.batch.label(),
                 standby_label(r.batch.standby),
                 r.target.label(),
                 verdict(ok)
@@ -2250,7 +2304,7 @@ fn report(
             met.insert(
                 format!(
                     "{}_{}_standby_{}",
-                    r.batch.kind.label(),
+                    r.batch.label(),
                     r.target.label(),
                     r.batch.standby
                 ),
@@ -2277,7 +2331,7 @@ fn report(
         println!(
             "    {:<11} {:<11} standby {:<3} gone {:>6} gone->vCPUs {:>6} decide {:>5} restore {:>6}  \
              path [{}]  image [{}]  reported reason: n, detected->running median [{}]",
-            r.batch.kind.label(),
+            r.batch.label(),
             r.target.label(),
             standby_label(r.batch.standby),
             m2(gone(r)),
@@ -2298,7 +2352,7 @@ fn report(
         if !b.discarded.is_empty() || foreign > 0 {
             println!(
                 "    {} standby {}: {} failovers discarded, {} failures the bench did not cause: {:?}",
-                b.kind.label(),
+                b.label(),
                 standby_label(b.standby),
                 b.discarded.len(),
                 foreign,
@@ -2314,7 +2368,7 @@ fn report(
         if wrong > 0 {
             println!(
                 "    {} standby {}: the supervisor reported {wrong} of these failures with another reason than `{}`",
-                b.kind.label(),
+                b.label(),
                 standby_label(b.standby),
                 b.kind.reason()
             );
@@ -2380,9 +2434,10 @@ fn report(
         .iter()
         .map(|r| {
             json!({
-                "failure": r.batch.kind.label(),
+                "failure": r.batch.label(),
                 "target": r.target.label(),
                 "standby": r.batch.standby,
+                "jailed": r.batch.jailed,
                 "detected_to_running_ms": summary_json(&total(r)),
                 "restore_ms": summary_json(&restore(r)),
                 "decide_ms": summary_json(&decide(r)),

@@ -156,35 +156,58 @@ fn bench() -> Result<()> {
             .map_err(|e| format!("{mem_mib} MiB: {e}"))?;
         rows.push(row);
         rows.push(
-            standby_restores(&vmm, &dir.join("standby"), mem_mib, &image, runs, true)
-                .map_err(|e| format!("{mem_mib} MiB standby: {e}"))?,
+            standby_restores(
+                &vmm,
+                &dir.join("standby"),
+                mem_mib,
+                &image,
+                runs,
+                Confinement::Seccomp,
+            )
+            .map_err(|e| format!("{mem_mib} MiB standby: {e}"))?,
         );
         rows.push(
             incremental_checkpoints(&vmm, &dir.join("incremental"), mem_mib, runs)
                 .map_err(|e| format!("{mem_mib} MiB incremental: {e}"))?,
         );
         if mem_mib == SIZES_MIB[0] {
-            // The cost of the seccomp filters: the same restores without them.
-            rows.push(Row {
-                mem_mib,
-                mode: "full/cold, no seccomp",
-                checkpoint: None,
-                restore: Some(
-                    measure_cold_restores(&vmm, &dir.join("no-seccomp"), &image, runs, false)
-                        .map_err(|e| format!("{mem_mib} MiB without seccomp: {e}"))?,
-                ),
-            });
-            rows.push(
-                standby_restores(
-                    &vmm,
-                    &dir.join("standby-no-seccomp"),
+            // The cost of the confinement: the same restores without seccomp,
+            // and jailed (as root only), in the same run.
+            let mut kinds = vec![Confinement::NoSeccomp];
+            if is_root() {
+                kinds.push(Confinement::Jail);
+            } else {
+                println!("  note    not root: the jailed rows are left out");
+            }
+            for confinement in kinds {
+                let tag = confinement.tag();
+                if confinement == Confinement::Jail {
+                    rows.push(
+                        jailed_checkpoints(&vmm, &dir.join("jailed-source"), mem_mib, runs)
+                            .map_err(|e| format!("{mem_mib} MiB jailed checkpoints: {e}"))?,
+                    );
+                }
+                rows.push(Row {
                     mem_mib,
-                    &image,
-                    runs,
-                    false,
-                )
-                .map_err(|e| format!("{mem_mib} MiB standby without seccomp: {e}"))?,
-            );
+                    mode: confinement.label("full/cold"),
+                    checkpoint: None,
+                    restore: Some(
+                        measure_cold_restores(&vmm, &dir.join(tag), &image, runs, confinement)
+                            .map_err(|e| format!("{mem_mib} MiB cold, {tag}: {e}"))?,
+                    ),
+                });
+                rows.push(
+                    standby_restores(
+                        &vmm,
+                        &dir.join(format!("standby-{tag}")),
+                        mem_mib,
+                        &image,
+                        runs,
+                        confinement,
+                    )
+                    .map_err(|e| format!("{mem_mib} MiB standby, {tag}: {e}"))?,
+                );
+            }
         }
     }
     report(runs, &rows);
@@ -250,7 +273,13 @@ fn full_checkpoint_and_cold_restore(
     source.wait_ready()?;
     let (checkpoint, image) = measure_checkpoints(&mut source, CheckpointKind::Full, runs)?;
     source.shutdown()?;
-    let restore = measure_cold_restores(vmm, &dir.join("restore"), &image, runs, true)?;
+    let restore = measure_cold_restores(
+        vmm,
+        &dir.join("restore"),
+        &image,
+        runs,
+        Confinement::Seccomp,
+    )?;
     Ok((
         Row {
             mem_mib,
@@ -272,15 +301,13 @@ fn standby_restores(
     mem_mib: u64,
     image: &Path,
     runs: usize,
-    seccomp: bool,
+    confinement: Confinement,
 ) -> Result<Row> {
     let mut vcpus_ms = Vec::with_capacity(runs);
     let mem = mem_mib.to_string();
     let mut args: Vec<&std::ffi::OsStr> =
         vec!["standby".as_ref(), "--mem-mib".as_ref(), mem.as_ref()];
-    if !seccomp {
-        args.push("--no-seccomp".as_ref());
-    }
+    args.extend(confinement.args(image));
     for i in 0..=runs {
         let mut standby =
             Running::start(vmm, &dir.join(format!("run-{i}")), &args, monotonic_ns())?;
@@ -298,11 +325,7 @@ fn standby_restores(
     }
     Ok(Row {
         mem_mib,
-        mode: if seccomp {
-            "standby"
-        } else {
-            "standby, no seccomp"
-        },
+        mode: confinement.label("standby"),
         checkpoint: None,
         restore: Some(RestoreFigures {
             vcpus_ms,
@@ -411,7 +434,7 @@ fn measure_cold_restores(
     dir: &Path,
     image: &Path,
     runs: usize,
-    seccomp: bool,
+    confinement: Confinement,
 ) -> Result<RestoreFigures> {
     let image_seq = image_heartbeat_seq(image)?;
     let mut figures = RestoreFigures {
@@ -424,7 +447,7 @@ fn measure_cold_restores(
         let mut vm = Running::start(
             vmm,
             &dir.join(format!("run-{i}")),
-            &restore_args(image, seccomp),
+            &restore_args(image, confinement),
             spawn_ns,
         )?;
         let first = vm.first_heartbeat(image_seq)?;
@@ -443,14 +466,99 @@ fn measure_cold_restores(
     Ok(figures)
 }
 
-/// `restore --image IMAGE`, with `--no-seccomp` when `seccomp` is false.
-fn restore_args(image: &Path, seccomp: bool) -> Vec<&std::ffi::OsStr> {
+/// `restore --image IMAGE` with the confinement's arguments.
+fn restore_args(image: &Path, confinement: Confinement) -> Vec<&std::ffi::OsStr> {
     let mut args: Vec<&std::ffi::OsStr> =
         vec!["restore".as_ref(), "--image".as_ref(), image.as_os_str()];
-    if !seccomp {
-        args.push("--no-seccomp".as_ref());
-    }
+    args.extend(confinement.args(image));
     args
+}
+
+/// How a measured VMM is confined.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Confinement {
+    /// The default: seccomp filters on every thread.
+    Seccomp,
+    /// `--no-seccomp`.
+    NoSeccomp,
+    /// Seccomp and `--jail 65534:65534`, with the image's directory as
+    /// `--images` (handed to the jail's uid, as the supervisor's VMMs have
+    /// it): what a supervisor running as root starts.
+    Jail,
+}
+
+impl Confinement {
+    fn args(self, image: &Path) -> Vec<&std::ffi::OsStr> {
+        match self {
+            Confinement::Seccomp => Vec::new(),
+            Confinement::NoSeccomp => vec!["--no-seccomp".as_ref()],
+            Confinement::Jail => vec![
+                "--jail".as_ref(),
+                JAIL_IDS.as_ref(),
+                "--images".as_ref(),
+                image.parent().unwrap_or(Path::new("/")).as_os_str(),
+            ],
+        }
+    }
+
+    fn tag(self) -> &'static str {
+        match self {
+            Confinement::Seccomp => "seccomp",
+            Confinement::NoSeccomp => "no-seccomp",
+            Confinement::Jail => "jailed",
+        }
+    }
+
+    /// `mode`, with the confinement named unless it is the default.
+    fn label(self, mode: &'static str) -> &'static str {
+        match (self, mode) {
+            (Confinement::Seccomp, mode) => mode,
+            (Confinement::NoSeccomp, "standby") => "standby, no seccomp",
+            (Confinement::NoSeccomp, _) => "full/cold, no seccomp",
+            (Confinement::Jail, "standby") => "standby, jailed",
+            (Confinement::Jail, _) => "full/cold, jailed",
+        }
+    }
+}
+
+/// The jail's account in the jailed rows.
+const JAIL_IDS: &str = "65534:65534";
+
+fn is_root() -> bool {
+    // SAFETY: geteuid(2) takes nothing and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Full checkpoints of a jailed VM: the pause and total a jail leaves.
+fn jailed_checkpoints(vmm: &Path, dir: &Path, mem_mib: u64, runs: usize) -> Result<Row> {
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images)
+        .map_err(|e| format!("cannot create {}: {e}", images.display()))?;
+    let mut source = Running::start(
+        vmm,
+        &dir.join("source"),
+        &[
+            "run".as_ref(),
+            "--mem-mib".as_ref(),
+            mem_mib.to_string().as_ref(),
+            "--cmdline".as_ref(),
+            CMDLINE.as_ref(),
+            "--images".as_ref(),
+            images.as_os_str(),
+            "--jail".as_ref(),
+            JAIL_IDS.as_ref(),
+        ],
+        monotonic_ns(),
+    )?;
+    source.wait_ready()?;
+    let (checkpoint, _) = measure_checkpoints(&mut source, CheckpointKind::Full, runs)?;
+    source.shutdown()?;
+    Ok(Row {
+        mem_mib,
+        mode: "full, jailed",
+        checkpoint: Some(checkpoint),
+        restore: None,
+    })
 }
 
 /// The `seq` of the last heartbeat recorded in an image's app-status section.

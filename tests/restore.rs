@@ -345,9 +345,44 @@ fn standby_takes_an_image_and_continues_exactly() {
 
 #[test]
 fn restore_reapplies_the_cgroup_limits() {
+    limits_hold_through_a_restore(false);
+}
+
+/// A jailed VMM has no cgroup filesystem: it applies the limits it knows
+/// at start (the command line's, the image's for a restore) before its
+/// jail, and they hold the same.
+#[test]
+fn a_jailed_vmm_applies_its_limits_before_the_jail() {
+    // SAFETY: geteuid(2) takes nothing and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(
+            !common::env_flag("RELIVE_REQUIRE_KVM"),
+            "jails need root, and RELIVE_REQUIRE_KVM=1 forbids skipping"
+        );
+        eprintln!("skipping a_jailed_vmm_applies_its_limits_before_the_jail: not root");
+        return;
+    }
+    limits_hold_through_a_restore(true);
+}
+
+/// The VMM's host pid as it reports it (a jailed one is the child of the
+/// process that waits for it).
+fn reported_pid(socket: &Path) -> u32 {
+    let Response::Status(status) = request(socket, Request::Status) else {
+        panic!("status failed");
+    };
+    status.pid
+}
+
+fn limits_hold_through_a_restore(jail: bool) {
     if !require_kvm() {
         return;
     }
+    let jail_args: &[&str] = if jail {
+        &["--jail", "65534:65534"]
+    } else {
+        &[]
+    };
     if !Path::new("/sys/fs/cgroup/pids").exists()
         && !Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
     {
@@ -358,10 +393,10 @@ fn restore_reapplies_the_cgroup_limits() {
         eprintln!("skipping restore_reapplies_the_cgroup_limits: no cgroup hierarchy");
         return;
     }
-    let name = format!("test-limits-{}", std::process::id());
+    let name = format!("test-limits-{}-{jail}", std::process::id());
     let images = temp_dir();
     let images_arg = images.path().to_str().unwrap().to_string();
-    let mut vmm = Vmm::start(&[
+    let mut args = vec![
         "--images",
         &images_arg,
         "--name",
@@ -372,13 +407,17 @@ fn restore_reapplies_the_cgroup_limits() {
         "512",
         "--pids-max",
         "64",
-    ]);
+    ];
+    args.extend(jail_args);
+    let mut vmm = Vmm::start(&args);
     let wanted = relive_control::ResourceLimits {
         cpu_percent: Some(50),
         memory_bytes: Some(512 << 20),
         pids: Some(64),
     };
-    assert_eq!(relive_vmm::cgroup::read_limits(vmm.pid()).unwrap(), wanted);
+    let pid = reported_pid(&vmm.socket);
+    assert_eq!(pid == vmm.pid(), !jail);
+    assert_eq!(relive_vmm::cgroup::read_limits(pid).unwrap(), wanted);
     first_heartbeat(&vmm.socket);
     let image = checkpoint(&vmm.socket, CheckpointKind::Full);
     vmm.signal(libc::SIGKILL);
@@ -391,6 +430,8 @@ fn restore_reapplies_the_cgroup_limits() {
             .arg("restore")
             .arg("--image")
             .arg(&image.path)
+            .args(["--images", &images_arg])
+            .args(jail_args)
             .arg("--control")
             .arg(&socket)
             .arg("--console")
@@ -400,11 +441,9 @@ fn restore_reapplies_the_cgroup_limits() {
     );
     first_heartbeat(&socket);
     // Read back from the cgroup files, not from what the VMM says.
-    assert_eq!(
-        relive_vmm::cgroup::read_limits(restored.id()).unwrap(),
-        wanted
-    );
-    let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", restored.id())).unwrap();
+    let pid = reported_pid(&socket);
+    assert_eq!(relive_vmm::cgroup::read_limits(pid).unwrap(), wanted);
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
     assert!(cgroups.contains(&format!("relive/{name}")), "{cgroups}");
     let Response::Status(status) = request(&socket, Request::Status) else {
         panic!("status failed");

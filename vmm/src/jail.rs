@@ -55,8 +55,30 @@ use crate::snapshot::ResourceLimits;
 /// Where each jailed VMM mounts its root tmpfs before it pivots into it: an
 /// empty directory on the host, created when missing. Every VMM mounts its
 /// own tmpfs there inside its own mount namespace, so they do not meet and
-/// the host's view of the directory stays empty.
+/// the host's view of the directory stays empty. Where it cannot be created
+/// (a read-only `/run`, systemd's `ProtectSystem=strict`), any directory of
+/// [`FALLBACK_MOUNT_POINTS`] does: mounting over a directory writes nothing
+/// to it, and the host never sees the mount.
 pub const ROOT_MOUNT_POINT: &str = "/run/relive-vmm-jail";
+
+/// Existing directories that serve as the mount point when
+/// [`ROOT_MOUNT_POINT`] cannot be created; never one that holds a path the
+/// jail keeps (the tmpfs would hide it).
+pub const FALLBACK_MOUNT_POINTS: [&str; 4] = ["/mnt", "/media", "/srv", "/opt"];
+
+/// The directory to mount the jail's root on.
+fn mount_point(binds: &[Bind]) -> Result<&'static Path, JailError> {
+    let _ = std::fs::create_dir(ROOT_MOUNT_POINT);
+    std::iter::once(ROOT_MOUNT_POINT)
+        .chain(FALLBACK_MOUNT_POINTS)
+        .map(Path::new)
+        .find(|dir| dir.is_dir() && !binds.iter().any(|b| b.path.starts_with(dir)))
+        .ok_or_else(|| JailError::Setup {
+            what: "find a directory to mount the jail's root on (create it)",
+            path: Some(PathBuf::from(ROOT_MOUNT_POINT)),
+            source: io::Error::from(io::ErrorKind::NotFound),
+        })
+}
 
 /// How a bound path may be used inside the jail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -261,10 +283,7 @@ pub fn enter(spec: &JailSpec) -> Result<(), JailError> {
         .map_err(setup("open", Some(Path::new("/dev/kvm"))))?;
     *KVM.lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(kvm.into());
-    std::fs::create_dir_all(ROOT_MOUNT_POINT).map_err(setup(
-        "create the mount point",
-        Some(Path::new(ROOT_MOUNT_POINT)),
-    ))?;
+    let root = mount_point(&spec.binds)?;
 
     // 2. New namespaces; the pid namespace takes the next child.
     // SAFETY: no FILES flag: the descriptor table stays shared (and there
@@ -306,7 +325,7 @@ pub fn enter(spec: &JailSpec) -> Result<(), JailError> {
         let _ = HOST_PID.set(pid);
     }
     crate::memory::keep_smaps();
-    build_root(&spec.binds)?;
+    build_root(root, &spec.binds)?;
 
     // 4. No privilege.
     drop_privileges(spec.uid, spec.gid)?;
@@ -426,7 +445,7 @@ extern "C" fn forward(signal: libc::c_int) {
 
 /// Builds the root tmpfs with the binds at their host paths, pivots into it
 /// and detaches the host's tree.
-fn build_root(binds: &[Bind]) -> Result<(), JailError> {
+fn build_root(root: &Path, binds: &[Bind]) -> Result<(), JailError> {
     let mnt = |what| move |e: rustix::io::Errno| setup(what, None)(errno(e));
     // Nothing mounted here may propagate back to the host.
     rustix::mount::mount_change(
@@ -434,7 +453,6 @@ fn build_root(binds: &[Bind]) -> Result<(), JailError> {
         MountPropagationFlags::PRIVATE | MountPropagationFlags::REC,
     )
     .map_err(mnt("make the mounts private"))?;
-    let root = Path::new(ROOT_MOUNT_POINT);
     rustix::mount::mount(
         "tmpfs",
         root,
