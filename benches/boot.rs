@@ -107,17 +107,70 @@ fn bench() -> Result<()> {
     let scratch = TempDir::create("relive-bench-boot")
         .map_err(|e| format!("cannot create a scratch directory: {e}"))?;
     baseline_run(&vmm)?;
-    vm_run(&vmm, &scratch.join("warm-up")).map_err(|e| format!("warm-up run: {e}"))?;
+    vm_run(&vmm, &scratch.join("warm-up"), false).map_err(|e| format!("warm-up run: {e}"))?;
+    // As root, each run also boots a jailed VMM (`--jail 65534:65534`, what
+    // the supervisor starts as root), interleaved so both see the same host.
+    // SAFETY: geteuid(2) takes nothing and cannot fail.
+    let jail = unsafe { libc::geteuid() } == 0;
+    if !jail {
+        println!("  note    not root: the jailed runs are left out");
+    }
     let mut baselines = Vec::with_capacity(runs);
     let mut vms = Vec::with_capacity(runs);
+    let mut jailed = Vec::with_capacity(runs);
     for i in 0..runs {
         baselines.push(baseline_run(&vmm)?);
-        let run = vm_run(&vmm, &scratch.join(format!("run-{i}")))
+        let run = vm_run(&vmm, &scratch.join(format!("run-{i}")), false)
             .map_err(|e| format!("run {}/{runs}: {e}", i + 1))?;
         vms.push(run);
+        if jail {
+            let run = vm_run(&vmm, &scratch.join(format!("jailed-{i}")), true)
+                .map_err(|e| format!("jailed run {}/{runs}: {e}", i + 1))?;
+            jailed.push(run);
+        }
     }
     report(runs, &baselines, &vms);
+    if jail {
+        report_jail(&vms, &jailed);
+    }
     Ok(())
+}
+
+/// The jail's cost: ready latency and the VMM's own memory, jailed against
+/// unjailed runs of the same bench.
+fn report_jail(vms: &[VmRun], jailed: &[VmRun]) {
+    let ready = |runs: &[VmRun]| Summary::of(&runs.iter().map(|r| r.ready_ms).collect::<Vec<_>>());
+    let overhead = |runs: &[VmRun]| {
+        Summary::of(&runs.iter().map(VmRun::overhead).collect::<Vec<_>>()).map(|s| s.scaled(MIB))
+    };
+    println!();
+    println!("jailed (--jail 65534:65534) against unjailed, same runs:");
+    if let (Some(free), Some(jail)) = (ready(vms), ready(jailed)) {
+        println!(
+            "  spawn -> ready       {:.2} / {:.2} ms jailed, {:.2} / {:.2} ms unjailed (median / p90): +{:.2} ms, ratio {:.2}",
+            jail.median,
+            jail.p90,
+            free.median,
+            free.p90,
+            jail.median - free.median,
+            jail.median / free.median
+        );
+    }
+    if let (Some(free), Some(jail)) = (overhead(vms), overhead(jailed)) {
+        println!(
+            "  VMM overhead (RSS)   {:.2} MiB jailed, {:.2} MiB unjailed (median)",
+            jail.median, free.median
+        );
+    }
+    println!(
+        "BENCH boot-jail {}",
+        serde_json::json!({
+            "ready_ms_jailed": ready(jailed).map(|s| s.median),
+            "ready_ms_jailed_p90": ready(jailed).map(|s| s.p90),
+            "ready_ms_unjailed": ready(vms).map(|s| s.median),
+            "ready_ms_unjailed_p90": ready(vms).map(|s| s.p90),
+        })
+    );
 }
 
 /// A child VMM that is killed and reaped if it is still running when dropped.
@@ -190,7 +243,9 @@ impl VmRun {
     }
 }
 
-fn vm_run(vmm: &Path, dir: &Path) -> Result<VmRun> {
+/// One VMM booted to `ready` (jailed with `jail`: its figures are then the
+/// jailed VMM's, the child of the process spawned).
+fn vm_run(vmm: &Path, dir: &Path, jail: bool) -> Result<VmRun> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let socket = dir.join("ctl.sock");
     let console = dir.join("console.log");
@@ -209,13 +264,16 @@ fn vm_run(vmm: &Path, dir: &Path) -> Result<VmRun> {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(stderr);
+    if jail {
+        cmd.args(["--jail", "65534:65534"]);
+    }
 
     let spawn_ns = monotonic_ns();
     let child = cmd
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", vmm.display()))?;
     let mut vm = Vmm { child };
-    let pid = vm.child.id();
+    let mut pid = vm.child.id();
     let failed = |vm: &mut Vmm, what: String| {
         let _ = vm.child.kill();
         let _ = vm.child.wait();
@@ -258,6 +316,10 @@ fn vm_run(vmm: &Path, dir: &Path) -> Result<VmRun> {
         }
         std::thread::sleep(POLL_INTERVAL);
     };
+    if jail {
+        // The jailed VMM is the spawned process's child; it names itself.
+        pid = at_ready.pid;
+    }
     if at_ready.pid != pid {
         return Err(failed(
             &mut vm,

@@ -487,8 +487,22 @@ fn build_root(root: &Path, binds: &[Bind]) -> Result<(), JailError> {
     std::env::set_current_dir(root).map_err(setup("enter", Some(root)))?;
     // pivot_root(".", "."): the old root ends up stacked under the new one
     // and is detached right away (no directory for it is needed).
-    rustix::process::pivot_root(".", ".").map_err(mnt("pivot_root"))?;
-    rustix::mount::unmount(".", UnmountFlags::DETACH).map_err(mnt("detach the host's root"))?;
+    match rustix::process::pivot_root(".", ".") {
+        Ok(()) => {
+            rustix::mount::unmount(".", UnmountFlags::DETACH)
+                .map_err(mnt("detach the host's root"))?;
+        }
+        Err(rustix::io::Errno::INVAL) => {
+            // A host whose root is the initial ramfs (rootfs) cannot be
+            // pivoted away from (the nested test tier's L1 is one): move
+            // the new root over `/` and chroot into it, as runc does there.
+            // The host's tree stays mounted below, out of reach: the VMM
+            // has no CAP_SYS_CHROOT to climb out and no /proc to look.
+            rustix::mount::mount_move(".", "/").map_err(mnt("move the root over /"))?;
+            rustix::process::chroot(".").map_err(mnt("chroot"))?;
+        }
+        Err(e) => return Err(mnt("pivot_root")(e)),
+    }
     std::env::set_current_dir("/").map_err(setup("enter", Some(Path::new("/"))))?;
     rustix::mount::mount_remount(
         "/",
