@@ -106,6 +106,149 @@ enum Command {
     },
     /// The supervisor's Prometheus metrics.
     Metrics,
+    /// Container images for microVMs (no supervisor needed).
+    Image {
+        #[command(subcommand)]
+        action: ImageAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ImageAction {
+    /// Flatten an image into an initramfs (newc cpio) that boots the app
+    /// under relive's agent: an OCI layout directory, an OCI or `docker
+    /// save` tarball, or a root directory (with --entrypoint). No registry
+    /// is reached: `skopeo copy docker://IMAGE oci:DIR` or `docker save`
+    /// first.
+    Build {
+        /// The image: OCI layout directory, tarball, or root directory.
+        source: PathBuf,
+        /// The archive to write.
+        #[arg(long, short)]
+        output: PathBuf,
+        /// The guest agent binary installed as /init [default: relive-agent
+        /// beside this binary].
+        #[arg(long)]
+        agent: Option<PathBuf>,
+        /// Replace the image's entrypoint (a JSON array, or one word).
+        #[arg(long)]
+        entrypoint: Option<String>,
+        /// Replace the image's cmd (a JSON array, or one word).
+        #[arg(long)]
+        cmd: Option<String>,
+        /// Set an environment variable (KEY=VALUE; repeatable).
+        #[arg(long = "env", short = 'e')]
+        env: Vec<String>,
+        /// Replace the working directory.
+        #[arg(long)]
+        workdir: Option<String>,
+        /// Replace the user (`uid`, `uid:gid`, `name`).
+        #[arg(long)]
+        user: Option<String>,
+        /// `gzip`, `zstd` or `none`.
+        #[arg(long, default_value = "gzip")]
+        compress: String,
+    },
+}
+
+/// A command line's `--entrypoint`/`--cmd`: a JSON array of strings, or one
+/// word.
+fn argv(flag: &str, value: &str) -> anyhow::Result<Vec<String>> {
+    if value.trim_start().starts_with('[') {
+        serde_json::from_str(value)
+            .map_err(|e| anyhow::anyhow!("--{flag} {value:?} is not a JSON array of strings: {e}"))
+    } else {
+        Ok(vec![value.to_string()])
+    }
+}
+
+fn image_build(action: ImageAction, json: bool) -> anyhow::Result<()> {
+    let ImageAction::Build {
+        source,
+        output,
+        agent,
+        entrypoint,
+        cmd,
+        env,
+        workdir,
+        user,
+        compress,
+    } = action;
+    let compression = match compress.as_str() {
+        "gzip" => relive_oci::Compression::Gzip,
+        "zstd" => relive_oci::Compression::Zstd,
+        "none" => relive_oci::Compression::None,
+        other => anyhow::bail!("--compress {other:?}: use gzip, zstd or none"),
+    };
+    for var in &env {
+        if !var.contains('=') {
+            anyhow::bail!("--env {var:?} is not KEY=VALUE");
+        }
+    }
+    let agent = agent.unwrap_or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|exe| Some(exe.parent()?.join("relive-agent")))
+            .unwrap_or_else(|| PathBuf::from("relive-agent"))
+    });
+    let options = relive_oci::BuildOptions {
+        source,
+        output: output.clone(),
+        agent,
+        overrides: relive_oci::Overrides {
+            entrypoint: entrypoint
+                .as_deref()
+                .map(|e| argv("entrypoint", e))
+                .transpose()?,
+            cmd: cmd.as_deref().map(|c| argv("cmd", c)).transpose()?,
+            env,
+            working_dir: workdir,
+            user,
+        },
+        compression,
+    };
+    let started = std::time::Instant::now();
+    let report = relive_oci::build(&options)
+        .map_err(|e| anyhow::anyhow!(relive_control::error_chain(&e)))?;
+    let secs = started.elapsed().as_secs_f64();
+    if json {
+        outln!(
+            "{}",
+            serde_json::json!({
+                "output": output,
+                "input": report.kind,
+                "layers": report.layers,
+                "entries": report.entries,
+                "content_bytes": report.content_bytes,
+                "archive_bytes": report.archive_bytes,
+                "seconds": secs,
+                "run": report.run,
+            })
+        );
+    } else {
+        outln!(
+            "{}: {} ({} layers), {} entries, {:.1} MiB of files -> {:.1} MiB in {:.2} s",
+            output.display(),
+            report.kind,
+            report.layers,
+            report.entries,
+            report.content_bytes as f64 / (1 << 20) as f64,
+            report.archive_bytes as f64 / (1 << 20) as f64,
+            secs
+        );
+        outln!(
+            "runs: {}",
+            report
+                .run
+                .entrypoint
+                .iter()
+                .chain(&report.run.cmd)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -152,11 +295,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Up { fleet, vmm_bin } = &cli.command {
         return up(fleet, vmm_bin.clone().unwrap_or_else(default_vmm_bin)).await;
     }
+    if let Command::Image { action } = cli.command {
+        return image_build(action, cli.json);
+    }
     let client = Client::new(cli.api.clone(), cli.token.clone())?;
     let post = |vm: &str, what: &str| format!("/v1/vms/{vm}/{what}");
     let json = cli.json;
     match cli.command {
-        Command::Up { .. } => unreachable!("handled above"),
+        Command::Up { .. } | Command::Image { .. } => unreachable!("handled above"),
         Command::Status => {
             let vms = client.json(hyper::Method::GET, "/v1/vms", None).await?;
             if json {

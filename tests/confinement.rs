@@ -58,9 +58,18 @@ fn thread_modes(pid: u32) -> Vec<(String, String)> {
 }
 
 /// Asserts that every thread of `pid` runs under a seccomp filter (mode 2)
-/// and that the kinds named are among them.
+/// and that the kinds named are among them. A thread installs its filter as
+/// the first thing it does, so one that was created a moment ago and not
+/// yet scheduled (a loaded host) shows mode 0 for that moment: the check
+/// waits for that, bounded by [`STEP_TIMEOUT`]; a thread that never
+/// installs one fails it.
 fn assert_all_filtered(pid: u32, kinds: &[&str]) {
-    let modes = thread_modes(pid);
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    let mut modes = thread_modes(pid);
+    while !modes.iter().all(|(_, m)| m == "2") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+        modes = thread_modes(pid);
+    }
     for kind in kinds {
         assert!(
             modes.iter().any(|(n, _)| n.starts_with(kind)),

@@ -221,10 +221,18 @@ fn serve(stream: UnixStream, sink: EventSink) {
             return;
         }
         let (reply_tx, reply_rx) = sync_channel(1);
+        // The answer to `shutdown` comes as the VM ends: the VM waits (as it
+        // does for a watch's exit record) until it is written, so the
+        // process does not end with the answer still in this thread.
+        let (written_tx, written_rx) = std::sync::mpsc::channel::<()>();
+        let ack = matches!(request, Request::Shutdown).then(|| WatchEnd {
+            record: Arc::new(OnceLock::new()),
+            written: written_rx,
+        });
         sink.send(VmEvent::Control(ControlRequest {
             request,
             reply: reply_tx,
-            watch_end: None,
+            watch_end: ack,
         }));
         let response = reply_rx
             .recv_timeout(REPLY_TIMEOUT)
@@ -232,7 +240,9 @@ fn serve(stream: UnixStream, sink: EventSink) {
                 kind: ErrorKind::Timeout,
                 error: format!("the VM did not answer within {REPLY_TIMEOUT:?}"),
             });
-        if writer.write_all(&response.to_line()).is_err() {
+        let written = writer.write_all(&response.to_line());
+        drop(written_tx);
+        if written.is_err() {
             return;
         }
     }

@@ -887,6 +887,7 @@ impl Vm {
             boot_image_path: None,
             copy_buffer: Vec::new(),
             watchers: Vec::new(),
+            shutdown_acks: Vec::new(),
             live: None,
         };
         if event_loop.cfg.boot_image == Some(BootImageMode::Recipe) {
@@ -977,6 +978,9 @@ struct EventLoop {
     /// (kept between checkpoints so its pages are not faulted in again).
     copy_buffer: Vec<u8>,
     watchers: Vec<Watcher>,
+    /// `shutdown` requests answered, whose connections have yet to write
+    /// the answer ([`EventLoop::end_watches`] waits for them).
+    shutdown_acks: Vec<WatchEnd>,
     /// The live checkpoint being taken.
     live: Option<live::LiveCheckpoint>,
 }
@@ -1202,6 +1206,9 @@ impl EventLoop {
             Request::Status => Response::Status(Box::new(self.status())),
             Request::Shutdown => {
                 let _ = reply.send(Response::Ok);
+                // Waited for with the watches' ends: the answer is written
+                // before the process ends.
+                self.shutdown_acks.extend(watch_end);
                 return Some(ExitRecord::new(
                     ExitReason::Shutdown,
                     self.uptime_ms(),
@@ -1352,6 +1359,7 @@ impl EventLoop {
                 drop(w.lines);
                 w.end
             })
+            .chain(self.shutdown_acks.drain(..))
             .collect();
         for end in ends {
             end.wait_written(deadline);
