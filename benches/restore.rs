@@ -253,24 +253,7 @@ fn full_checkpoint_and_cold_restore(
     mem_mib: u64,
     runs: usize,
 ) -> Result<(Row, PathBuf)> {
-    let images = dir.join("images");
-    std::fs::create_dir_all(&images)
-        .map_err(|e| format!("cannot create {}: {e}", images.display()))?;
-    let mut source = Running::start(
-        vmm,
-        &dir.join("source"),
-        &[
-            "run".as_ref(),
-            "--mem-mib".as_ref(),
-            mem_mib.to_string().as_ref(),
-            "--cmdline".as_ref(),
-            CMDLINE.as_ref(),
-            "--images".as_ref(),
-            images.as_os_str(),
-        ],
-        monotonic_ns(),
-    )?;
-    source.wait_ready()?;
+    let mut source = start_source(vmm, dir, mem_mib, &[])?;
     let (checkpoint, image) = measure_checkpoints(&mut source, CheckpointKind::Full, runs)?;
     source.shutdown()?;
     let restore = measure_cold_restores(
@@ -529,28 +512,36 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// Full checkpoints of a jailed VM: the pause and total a jail leaves.
-fn jailed_checkpoints(vmm: &Path, dir: &Path, mem_mib: u64, runs: usize) -> Result<Row> {
+/// A VM of `mem_mib` writing into `dir/images`, started with `extra`
+/// arguments and ready.
+fn start_source(
+    vmm: &Path,
+    dir: &Path,
+    mem_mib: u64,
+    extra: &[&std::ffi::OsStr],
+) -> Result<Running> {
     let images = dir.join("images");
     std::fs::create_dir_all(&images)
         .map_err(|e| format!("cannot create {}: {e}", images.display()))?;
-    let mut source = Running::start(
-        vmm,
-        &dir.join("source"),
-        &[
-            "run".as_ref(),
-            "--mem-mib".as_ref(),
-            mem_mib.to_string().as_ref(),
-            "--cmdline".as_ref(),
-            CMDLINE.as_ref(),
-            "--images".as_ref(),
-            images.as_os_str(),
-            "--jail".as_ref(),
-            JAIL_IDS.as_ref(),
-        ],
-        monotonic_ns(),
-    )?;
+    let mem = mem_mib.to_string();
+    let mut args: Vec<&std::ffi::OsStr> = vec![
+        "run".as_ref(),
+        "--mem-mib".as_ref(),
+        mem.as_ref(),
+        "--cmdline".as_ref(),
+        CMDLINE.as_ref(),
+        "--images".as_ref(),
+        images.as_os_str(),
+    ];
+    args.extend(extra);
+    let mut source = Running::start(vmm, &dir.join("source"), &args, monotonic_ns())?;
     source.wait_ready()?;
+    Ok(source)
+}
+
+/// Full checkpoints of a jailed VM: the pause and total a jail leaves.
+fn jailed_checkpoints(vmm: &Path, dir: &Path, mem_mib: u64, runs: usize) -> Result<Row> {
+    let mut source = start_source(vmm, dir, mem_mib, &["--jail".as_ref(), JAIL_IDS.as_ref()])?;
     let (checkpoint, _) = measure_checkpoints(&mut source, CheckpointKind::Full, runs)?;
     source.shutdown()?;
     Ok(Row {

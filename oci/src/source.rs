@@ -548,6 +548,12 @@ fn load_docker(dir: &Path, kind: &'static str) -> Result<Image, SourceError> {
 /// links, device numbers), symbolic links not followed.
 fn load_rootfs(dir: &Path) -> Result<Image, SourceError> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let rootfs_err = |source| SourceError::Layer {
+        image: dir.to_path_buf(),
+        index: 1,
+        digest: "root directory".into(),
+        source: Box::new(source),
+    };
     let mut tree = Tree::new();
     // (inode, device) -> path of its first name, for hard links.
     let mut seen: std::collections::HashMap<(u64, u64), String> = std::collections::HashMap::new();
@@ -589,13 +595,7 @@ fn load_rootfs(dir: &Path) -> Result<Image, SourceError> {
                 if let Some(first) = seen.get(&(meta.ino(), meta.dev())) {
                     if let Some(node) = tree.get(first) {
                         let node = node.clone();
-                        tree.insert(&relative, node, 0)
-                            .map_err(|source| SourceError::Layer {
-                                image: dir.to_path_buf(),
-                                index: 1,
-                                digest: "root directory".into(),
-                                source: Box::new(source),
-                            })?;
+                        tree.insert(&relative, node, 0).map_err(rootfs_err)?;
                         continue;
                     }
                 }
@@ -618,13 +618,7 @@ fn load_rootfs(dir: &Path) -> Result<Image, SourceError> {
         let mut node = Node::new(kind, meta.mode());
         node.uid = meta.uid();
         node.gid = meta.gid();
-        tree.insert(&relative, node, 0)
-            .map_err(|source| SourceError::Layer {
-                image: dir.to_path_buf(),
-                index: 1,
-                digest: "root directory".into(),
-                source: Box::new(source),
-            })?;
+        tree.insert(&relative, node, 0).map_err(rootfs_err)?;
     }
     Ok(Image {
         kind: "root directory",

@@ -785,8 +785,12 @@ impl VmTask {
     /// for a VMM nobody watched, the record in its log.
     async fn take_exit_record(&mut self) -> Option<ExitRecord> {
         if let Some(mut watch) = self.watch.take() {
+            // Bounded as a whole: a watch that still brings lines after its
+            // process ended is not the ended VMM's (and must not hold this
+            // task forever).
+            let deadline = tokio::time::Instant::now() + EXIT_GRACE;
             loop {
-                match tokio::time::timeout(EXIT_GRACE, watch.next_event()).await {
+                match tokio::time::timeout_at(deadline, watch.next_event()).await {
                     Ok(Some(WatchEvent::Exit(record))) => return Some(record),
                     Ok(Some(WatchEvent::Line(line))) => self.on_line(line, Instant::now()),
                     Ok(Some(WatchEvent::Paused { .. } | WatchEvent::Resumed { .. })) => {}

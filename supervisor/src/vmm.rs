@@ -158,6 +158,9 @@ pub struct VmmProcess {
     /// status once reaped.
     subreaped: bool,
     exit_code: Option<i32>,
+    /// Started with `--jail-detach`: the process spawned is a starter that
+    /// names the VMM (`MAINPID`) and exits.
+    expect_main_pid: bool,
 }
 
 /// Makes this process the child subreaper of everything it starts: a jailed
@@ -201,6 +204,15 @@ impl VmmProcess {
         let _ = std::fs::remove_file(socket);
         let log_start = std::fs::metadata(log).map_or(0, |m| m.len());
         let notify = NotifySocket::bind(socket);
+        let expect_main_pid = args.iter().any(|a| a == "--jail-detach");
+        if expect_main_pid && notify.is_none() {
+            return Err(VmmError::Spawn {
+                bin: bin.to_path_buf(),
+                source: std::io::Error::other(
+                    "a jailed VMM reports its pid on a readiness socket, and none could be created beside the control socket",
+                ),
+            });
+        }
         let mut command = tokio::process::Command::new(bin);
         match &notify {
             Some(n) => command.env("NOTIFY_SOCKET", &n.path),
@@ -229,6 +241,7 @@ impl VmmProcess {
             child: Some(child),
             subreaped: false,
             exit_code: None,
+            expect_main_pid,
         };
         if let Err(e) = vmm.wait_serving(ready_timeout, notify.as_ref()).await {
             // One that does not serve in time is not left behind.
@@ -256,6 +269,7 @@ impl VmmProcess {
             child: None,
             subreaped: false,
             exit_code: None,
+            expect_main_pid: false,
         })
     }
 
@@ -289,24 +303,31 @@ impl VmmProcess {
     ) -> Result<(), VmmError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut main_pid = None;
+        // A jailed VMM's starter names it (`MAINPID`) before the VMM can say
+        // `READY=1`; until it has, the process here is the starter, and the
+        // VMM is not ours to watch yet.
+        let mut ready = false;
+        let named = |me: &Self| !me.expect_main_pid || me.subreaped;
         loop {
             if let Some(n) = notify {
-                let ready = n.ready_within(NOTIFY_WAIT, &mut main_pid).await;
+                ready |= n.ready_within(NOTIFY_WAIT, &mut main_pid).await;
                 self.follow_main_pid(main_pid.take());
-                if ready {
+                if ready && named(self) {
                     return Ok(());
                 }
             }
-            let probe = AsyncClient::new(&self.socket, Duration::from_millis(500));
-            if probe.request(&Request::Status).await.is_ok() {
-                return Ok(());
+            if named(self) {
+                let probe = AsyncClient::new(&self.socket, Duration::from_millis(500));
+                if probe.request(&Request::Status).await.is_ok() {
+                    return Ok(());
+                }
             }
             if let Some(n) = notify {
                 // A starter that named its VMM and exited since the wait
                 // above: what it sent is queued.
-                let ready = n.drain(&mut main_pid);
+                ready |= n.drain(&mut main_pid);
                 self.follow_main_pid(main_pid.take());
-                if ready {
+                if ready && named(self) {
                     return Ok(());
                 }
             }
@@ -542,6 +563,56 @@ mod tests {
         drop(notify);
         assert!(!path.exists());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A jailed VMM's starter (`--jail-detach`) names the VMM with
+    /// `MAINPID`; a `READY=1` that comes first must not end the wait: the
+    /// process spawned is only the starter, about to exit. Here a Python
+    /// starter says `READY=1`, then names a child of its own a moment later.
+    #[tokio::test]
+    async fn a_jailed_vmm_is_ready_only_once_its_starter_has_named_it() {
+        let Ok(python) = which("python3") else {
+            eprintln!("skipped: no python3 to play the starter");
+            return;
+        };
+        let dir = std::env::temp_dir().join(format!("relive-mainpid-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let control = dir.join("vmm-a.sock");
+        let script = r#"
+import os, socket, subprocess, sys, time
+vmm = subprocess.Popen(["sleep", "30"], start_new_session=True)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.sendto(b"READY=1\n", os.environ["NOTIFY_SOCKET"])
+time.sleep(0.3)
+s.sendto(("MAINPID=%d\n" % vmm.pid).encode(), os.environ["NOTIFY_SOCKET"])
+"#;
+        let args = vec!["-c".into(), script.into(), "--jail-detach".into()];
+        let vmm = VmmProcess::spawn(
+            &python,
+            args,
+            &control,
+            &dir.join("vmm-a.log"),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", vmm.pid())).unwrap();
+        assert!(
+            cmdline.starts_with(b"sleep\0"),
+            "the supervisor took the starter for the VMM: {:?}",
+            String::from_utf8_lossy(&cmdline)
+        );
+        vmm.kill();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn which(name: &str) -> Result<PathBuf, ()> {
+        std::env::var_os("PATH")
+            .into_iter()
+            .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+            .ok_or(())
     }
 
     #[test]

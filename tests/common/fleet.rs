@@ -543,19 +543,29 @@ impl Fleet {
         standby: bool,
         timeout: Duration,
     ) -> Value {
-        wait_for(
-            format!("{vm} running with a checkpoint and heartbeat seq >= {min_seq}"),
-            timeout,
-            || {
-                let view = self.show(vm);
-                let ok = view["state"] == "running"
-                    && view["pid"].is_u64()
-                    && view["last_checkpoint"].is_string()
-                    && heartbeat_of(&view).is_some_and(|hb| hb.seq >= min_seq)
-                    && (!standby || (view["standby"] == "ready" && view["standby_pid"].is_u64()));
-                ok.then_some(view)
-            },
-        )
+        let last = std::sync::Mutex::new(Value::Null);
+        let healthy = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            wait_for(
+                format!("{vm} running with a checkpoint and heartbeat seq >= {min_seq}"),
+                timeout,
+                || {
+                    let view = self.show(vm);
+                    let ok = view["state"] == "running"
+                        && view["pid"].is_u64()
+                        && view["last_checkpoint"].is_string()
+                        && heartbeat_of(&view).is_some_and(|hb| hb.seq >= min_seq)
+                        && (!standby
+                            || (view["standby"] == "ready" && view["standby_pid"].is_u64()));
+                    *last.lock().unwrap() = view.clone();
+                    ok.then_some(view)
+                },
+            )
+        }));
+        healthy.unwrap_or_else(|e| {
+            let view = last.lock().unwrap().clone();
+            eprintln!("{vm} as last seen: {view:#}");
+            std::panic::resume_unwind(e)
+        })
     }
 
     /// Waits until `vm` runs in VMM `pid` and has heartbeated from it.
@@ -612,6 +622,23 @@ impl Drop for Fleet {
             let events =
                 std::fs::read_to_string(self.state.join("events.jsonl")).unwrap_or_default();
             eprintln!("{}\n--- events ---\n{events}---", self.supervisor_log());
+            // Each VMM's own log (its errors, its exit record), last lines.
+            let mut logs: Vec<PathBuf> = std::fs::read_dir(&self.state)
+                .into_iter()
+                .flatten()
+                .filter_map(Result::ok)
+                .flat_map(|vm| std::fs::read_dir(vm.path()).into_iter().flatten())
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "log"))
+                .collect();
+            logs.sort();
+            for log in logs {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+                eprintln!("--- {} (last 15 lines) ---\n{tail}", log.display());
+            }
         }
         if let Some(mut supervisor) = self.supervisor.take() {
             supervisor.kill();

@@ -305,6 +305,9 @@ pub fn enter(spec: &JailSpec) -> Result<(), JailError> {
         rustix::process::PidfdFlags::empty(),
     )
     .map_err(|e| setup("open a pidfd of the starter", None)(errno(e)))?;
+    // The child goes on only once the starter has said `MAINPID` (or will
+    // not): its `READY=1` must not overtake the message naming it.
+    let (go_read, go_write) = pipe().map_err(setup("create a pipe", None))?;
     // SAFETY: the process has one thread (the caller's contract), so the
     // child's copy of every lock and allocator state is consistent.
     let child = unsafe { libc::fork() };
@@ -314,8 +317,13 @@ pub fn enter(spec: &JailSpec) -> Result<(), JailError> {
         ));
     }
     if child > 0 {
-        outside(child, spec.detach);
+        drop(go_read);
+        outside(child, spec.detach, go_write);
     }
+    drop(go_write);
+    // EOF once the starter has reported the pid (or died).
+    let _ = io::Read::read(&mut &go_read, &mut [0u8; 1]);
+    drop(go_read);
     // 3. The minimal root. Until the pivot, /proc is still the host's, so
     // /proc/self names this process by its host pid.
     if let Some(pid) = std::fs::read_link("/proc/self")
@@ -393,13 +401,26 @@ fn chown_if(path: &Path, uid: u32, gid: u32) -> Result<(), JailError> {
     std::os::unix::fs::lchown(path, Some(uid), Some(gid)).map_err(setup("chown", Some(path)))
 }
 
+/// A pipe (read end, write end), both close-on-exec.
+fn pipe() -> io::Result<(File, File)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2(2) writes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 succeeded: both descriptors are new and owned here.
+    Ok(unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) })
+}
+
 /// The started process, outside the namespaces: reports the VMM's pid and
 /// exits (`detach`), or waits for the VMM and ends as it did.
-fn outside(child: libc::pid_t, detach: bool) -> ! {
+fn outside(child: libc::pid_t, detach: bool, go: File) -> ! {
     if detach {
         crate::vm::notify(&format!("MAINPID={child}\n"));
+        drop(go);
         std::process::exit(0);
     }
+    drop(go);
     // A signal for the VMM that reaches this process goes on to it (a
     // terminal's Ctrl-C reaches both: the VMM gets it twice, harmlessly).
     VMM_PID.store(child, std::sync::atomic::Ordering::Relaxed);
