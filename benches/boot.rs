@@ -147,7 +147,7 @@ fn report_jail(vms: &[VmRun], jailed: &[VmRun]) {
     println!("jailed (--jail 65534:65534) against unjailed, same runs:");
     if let (Some(free), Some(jail)) = (ready(vms), ready(jailed)) {
         println!(
-            "  spawn -> ready       {:.2} / {:.2} ms jailed, {:.2} / {:.2} ms unjailed (median / p90): +{:.2} ms, ratio {:.2}",
+            "  spawn -> ready       {:.2} / {:.2} ms jailed, {:.2} / {:.2} ms unjailed (median / p90): {:+.2} ms, ratio {:.2}",
             jail.median,
             jail.p90,
             free.median,
