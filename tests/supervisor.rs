@@ -553,6 +553,11 @@ fn a_killed_supervisor_leaves_the_vms_running_and_a_new_one_adopts_them() {
                 "    memory_mib: 64\n  - name: two",
                 "    memory_mib: 64\n    policy: { standby: true }\n  - name: two",
             )
+            // `two` has a jail account of its own (as root: jailed).
+            .replace(
+                "  - name: two\n",
+                "  - name: two\n    jail: { uid: 2001, gid: 2001 }\n",
+            )
     });
     assert!(std::fs::read_to_string(&fleet.file)
         .unwrap()
@@ -569,12 +574,12 @@ fn a_killed_supervisor_leaves_the_vms_running_and_a_new_one_adopts_them() {
     // SAFETY: geteuid(2) takes nothing and cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
     if root {
-        for pid in [
-            before[0]["pid"].as_u64(),
-            before[0]["standby_pid"].as_u64(),
-            before[1]["pid"].as_u64(),
+        for (pid, uid) in [
+            (before[0]["pid"].as_u64(), 65534),
+            (before[0]["standby_pid"].as_u64(), 65534),
+            (before[1]["pid"].as_u64(), 2001),
         ] {
-            assert_jailed_as_nobody(pid.unwrap() as u32);
+            assert_jailed_as(pid.unwrap() as u32, uid);
         }
     }
 
@@ -651,12 +656,12 @@ fn a_killed_supervisor_leaves_the_vms_running_and_a_new_one_adopts_them() {
         (now["state"] == "running" && now["pid"].as_u64().is_some_and(|p| p != old)).then_some(now)
     });
     if root {
-        assert_jailed_as_nobody(restored["pid"].as_u64().unwrap() as u32);
+        assert_jailed_as(restored["pid"].as_u64().unwrap() as u32, 2001);
     }
 }
 
-/// `pid` runs as 65534:65534, as pid 1 of a pid namespace of its own.
-fn assert_jailed_as_nobody(pid: u32) {
+/// `pid` runs as `uid` (and gid), as pid 1 of a pid namespace of its own.
+fn assert_jailed_as(pid: u32, uid: u32) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let field = |name: &str| {
         status
@@ -665,7 +670,16 @@ fn assert_jailed_as_nobody(pid: u32) {
             .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
             .unwrap_or_default()
     };
-    assert_eq!(field("Uid:"), "65534 65534 65534 65534", "pid {pid}");
+    assert_eq!(
+        field("Uid:"),
+        format!("{uid} {uid} {uid} {uid}"),
+        "pid {pid}"
+    );
+    assert_eq!(
+        field("Gid:"),
+        format!("{uid} {uid} {uid} {uid}"),
+        "pid {pid}"
+    );
     assert_eq!(field("NSpid:"), format!("{pid} 1"), "pid {pid}");
     assert_eq!(field("CapEff:"), "0000000000000000", "pid {pid}");
 }

@@ -124,7 +124,7 @@ impl Checker<'_> {
                 Some(MetricsConfig { listen })
             }
         };
-        let jail = self.check_jail(raw.jail)?;
+        let jail = self.check_jail(&root("jail"), raw.jail.as_ref(), None)?;
         let defaults_raw = raw.defaults.unwrap_or_default();
         let defaults = defaults_raw.over(&Policy::default());
         if let Err(problem) = defaults.check() {
@@ -157,7 +157,7 @@ impl Checker<'_> {
             }
             first_index.insert(&vm.name, i);
             let mut spec = self.check_vm(&at, vm, &defaults_raw, &defaults, &state_dir)?;
-            spec.jail = jail;
+            spec.jail = self.check_jail(&at.key("jail"), vm.jail.as_ref(), Some(jail))?;
             vms.push(spec);
         }
         Ok(FleetConfig {
@@ -170,26 +170,34 @@ impl Checker<'_> {
         })
     }
 
-    fn check_jail(&self, raw: Option<RawJail>) -> Result<Jail, ConfigError> {
+    /// The jail at `key` (the fleet's, or a VM's own); a VM without one
+    /// takes `inherited`, the fleet's.
+    fn check_jail(
+        &self,
+        key: &KeyPath,
+        raw: Option<&RawJail>,
+        inherited: Option<Jail>,
+    ) -> Result<Jail, ConfigError> {
         use ConfigErrorKind::*;
         let root_user = self.host.root;
-        let ids = match raw {
-            None if root_user => (DEFAULT_JAIL_ID, DEFAULT_JAIL_ID),
-            None | Some(RawJail::Enabled(false)) => return Ok(Jail::Off),
-            Some(RawJail::Enabled(true)) => (DEFAULT_JAIL_ID, DEFAULT_JAIL_ID),
-            Some(RawJail::Ids(ids)) => (ids.uid, ids.gid),
+        let ids = match (raw, inherited) {
+            (None, Some(jail)) => return Ok(jail),
+            (None, None) if root_user => (DEFAULT_JAIL_ID, DEFAULT_JAIL_ID),
+            (None, None) | (Some(RawJail::Enabled(false)), _) => return Ok(Jail::Off),
+            (Some(RawJail::Enabled(true)), _) => (DEFAULT_JAIL_ID, DEFAULT_JAIL_ID),
+            (Some(RawJail::Ids(ids)), _) => (ids.uid, ids.gid),
         };
         if ids.0 == 0 || ids.1 == 0 {
             let m = format!(
                 "uid {} gid {}: a jail as root is no jail: give a dedicated non-root uid and gid",
                 ids.0, ids.1
             );
-            return Err(self.fail(BadValue, &root("jail"), m));
+            return Err(self.fail(BadValue, key, m));
         }
         if !root_user {
             let m = "jailing VMMs needs the supervisor to run as root (namespaces, mounts,                      changing uid): run relive up as root, or set `jail: false`"
                 .into();
-            return Err(self.fail(BadValue, &root("jail"), m));
+            return Err(self.fail(BadValue, key, m));
         }
         Ok(Jail::As {
             uid: ids.0,

@@ -39,6 +39,7 @@
 //! | `vms[].limits.memory_mib` | none | memory limit of the VMM process: more than the guest's `memory_mib` |
 //! | `vms[].limits.pids` | none | most tasks of the VMM process: at least `vcpus` + 8 |
 //! | `vms[].policy.<policy key>` | `defaults` | this VM's own policy |
+//! | `vms[].jail` | the fleet's `jail` | this VM's own jail (`false`, `true`, `{ uid: N, gid: N }`): a uid per VM keeps VMMs from signalling one another |
 //!
 //! Policy keys (in `defaults:` and per VM under `policy:`, see
 //! [`crate::policy`] for their semantics):

@@ -54,6 +54,7 @@ pub(super) struct RawVm {
     pub(super) memory_mib: Option<u64>,
     pub(super) limits: Option<RawLimits>,
     pub(super) policy: Option<RawPolicy>,
+    pub(super) jail: Option<RawJail>,
 }
 
 #[derive(Deserialize)]
