@@ -804,9 +804,9 @@ fn jail_defaults_on_as_root_and_takes_ids_or_false() {
     );
     assert!(text.contains("a jail as root is no jail"), "{text}");
     // A VM's own jail: a uid of its own, or none.
-    let config = ok(&format!(
-        "jail: {{ uid: 1234, gid: 5678 }}\nvms:\n  - name: a\n    kernel: bundled\n    jail: {{ uid: 2001, gid: 2001 }}\n  - name: b\n    kernel: bundled\n    jail: false\n  - name: c\n    kernel: bundled\n"
-    ));
+    let config = ok(
+        "jail: { uid: 1234, gid: 5678 }\nvms:\n  - name: a\n    kernel: bundled\n    jail: { uid: 2001, gid: 2001 }\n  - name: b\n    kernel: bundled\n    jail: false\n  - name: c\n    kernel: bundled\n",
+    );
     let jails: Vec<Jail> = config.vms.iter().map(|v| v.jail).collect();
     assert_eq!(
         jails,
