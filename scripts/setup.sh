@@ -33,3 +33,5 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 # The Linux boot test's kernel (cached in .cache/linux).
 bash scripts/fetch-linux-kernel.sh >/dev/null
+# The guest agent, static (the /init of container images; tests/agent.rs).
+bash scripts/build-agent.sh >/dev/null

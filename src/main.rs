@@ -126,8 +126,9 @@ enum ImageAction {
         /// The archive to write.
         #[arg(long, short)]
         output: PathBuf,
-        /// The guest agent binary installed as /init [default: relive-agent
-        /// beside this binary].
+        /// The guest agent binary installed as /init [default: the static
+        /// build of scripts/build-agent.sh, else relive-agent beside this
+        /// binary].
         #[arg(long)]
         agent: Option<PathBuf>,
         /// Replace the image's entrypoint (a JSON array, or one word).
@@ -163,6 +164,24 @@ fn argv(flag: &str, value: &str) -> anyhow::Result<Vec<String>> {
     }
 }
 
+/// The static agent `scripts/build-agent.sh` builds next to this binary's
+/// build (`target/x86_64-unknown-linux-gnu/<profile or release>/relive-agent`),
+/// else `relive-agent` beside this binary.
+fn default_agent() -> PathBuf {
+    let exe = std::env::current_exe().ok();
+    let dir = exe.as_deref().and_then(|e| e.parent());
+    let static_build = dir.and_then(|d| {
+        let builds = d.parent()?.join("x86_64-unknown-linux-gnu");
+        [d.file_name()?, "release".as_ref()]
+            .into_iter()
+            .map(|profile| builds.join(profile).join("relive-agent"))
+            .find(|p| p.exists())
+    });
+    static_build
+        .or_else(|| dir.map(|d| d.join("relive-agent")))
+        .unwrap_or_else(|| PathBuf::from("relive-agent"))
+}
+
 fn image_build(action: ImageAction, json: bool) -> anyhow::Result<()> {
     let ImageAction::Build {
         source,
@@ -186,12 +205,7 @@ fn image_build(action: ImageAction, json: bool) -> anyhow::Result<()> {
             anyhow::bail!("--env {var:?} is not KEY=VALUE");
         }
     }
-    let agent = agent.unwrap_or_else(|| {
-        std::env::current_exe()
-            .ok()
-            .and_then(|exe| Some(exe.parent()?.join("relive-agent")))
-            .unwrap_or_else(|| PathBuf::from("relive-agent"))
-    });
+    let agent = agent.unwrap_or_else(default_agent);
     let options = relive_oci::BuildOptions {
         source,
         output: output.clone(),

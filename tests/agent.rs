@@ -69,8 +69,31 @@ fn the_agent_runs_the_app_as_pid_1_carries_its_output_reaps_and_forwards_sigterm
     }
     let dir = temp_dir();
     let root = dir.join("root");
-    let agent = relive_testkit::bins::beside_exe("relive-agent").unwrap();
-    install_with_libs(&agent, &root, "/init");
+    // The static build (scripts/build-agent.sh, run by the setup) is what a
+    // guest gets; without it, the dynamic one with its libraries.
+    let dynamic = relive_testkit::bins::beside_exe("relive-agent").unwrap();
+    let target_dir = dynamic.parent().and_then(Path::parent).unwrap();
+    let static_agent = ["release", "debug"]
+        .iter()
+        .map(|p| {
+            target_dir
+                .join("x86_64-unknown-linux-gnu")
+                .join(p)
+                .join("relive-agent")
+        })
+        .find(|p| p.exists());
+    match static_agent {
+        Some(agent) => {
+            std::fs::create_dir_all(&root).unwrap();
+            std::fs::copy(&agent, root.join("init")).unwrap();
+        }
+        None => {
+            eprintln!(
+                "note: no static agent (scripts/build-agent.sh): the dynamic one runs with its libraries"
+            );
+            install_with_libs(&dynamic, &root, "/init");
+        }
+    }
     std::fs::create_dir_all(root.join("bin")).unwrap();
     std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
     for applet in ["sh", "sleep", "id"] {
