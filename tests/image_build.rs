@@ -631,6 +631,21 @@ fn bad_images_are_refused_naming_the_problem_and_nothing_is_written() {
         cases.push((name, d, words));
     }
 
+    // A dynamically linked agent: no loader in an initramfs to run it.
+    let dynamic_agent = relive_testkit::bins::beside_exe("relive-agent").unwrap();
+    let root = dir.join("rootfs");
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::write(root.join("bin/app"), b"app").unwrap();
+    let out = dir.join("dynamic-agent.cpio");
+    let built = build(&root, &out, &dynamic_agent, &["--entrypoint", "/bin/app"]);
+    assert_eq!(built.code, Some(1), "{}", built.stderr);
+    assert!(
+        built.stderr.contains("dynamically linked") && built.stderr.contains("build-agent.sh"),
+        "{}",
+        built.stderr
+    );
+    assert!(!out.exists());
+
     for (what, source, words) in cases {
         let out = dir.join(format!("{what}.cpio"));
         let built = build(&source, &out, &agent, &[]);

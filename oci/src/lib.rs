@@ -169,6 +169,14 @@ pub enum BuildError {
         #[source]
         source: io::Error,
     },
+    /// The agent needs a program loader the image does not have.
+    #[error("the agent {path} is dynamically linked (it names the loader {interpreter}): as /init of an initramfs it must be static; build it with scripts/build-agent.sh")]
+    AgentNotStatic {
+        /// The agent.
+        path: PathBuf,
+        /// Its `PT_INTERP`.
+        interpreter: String,
+    },
     /// Nothing to run.
     #[error("the image has neither an entrypoint nor a cmd: give --entrypoint (and --cmd) to say what the microVM runs")]
     NothingToRun,
@@ -203,6 +211,12 @@ pub fn build(options: &BuildOptions) -> Result<BuildReport, BuildError> {
         path: options.agent.clone(),
         source,
     })?;
+    if let Some(interpreter) = elf_interpreter(&agent) {
+        return Err(BuildError::AgentNotStatic {
+            path: options.agent.clone(),
+            interpreter,
+        });
+    }
     insert_file(&mut tree, "init", agent, 0o755);
     let config = serde_json::to_vec_pretty(&run).map_err(|e| BuildError::Write {
         path: options.output.clone(),
@@ -230,6 +244,23 @@ pub fn build(options: &BuildOptions) -> Result<BuildReport, BuildError> {
         content_bytes,
         archive_bytes,
         run,
+    })
+}
+
+/// The program loader (`PT_INTERP`) an ELF executable asks for; `None`
+/// for a static one, or for what is not a 64-bit ELF (a script is the
+/// image's business).
+fn elf_interpreter(bytes: &[u8]) -> Option<String> {
+    use object::read::elf::{ElfFile64, ProgramHeader};
+    let elf = ElfFile64::<object::Endianness>::parse(bytes).ok()?;
+    let endian = elf.endian();
+    elf.elf_program_headers().iter().find_map(|ph| {
+        (ph.p_type(endian) == object::elf::PT_INTERP).then(|| {
+            let data = ph.data(endian, bytes).unwrap_or_default();
+            String::from_utf8_lossy(data)
+                .trim_end_matches('\0')
+                .to_string()
+        })
     })
 }
 
