@@ -183,11 +183,22 @@ fn every_vmm_operation_runs_with_every_thread_filtered() {
     assert_eq!(wait_exit(&mut restored), 3);
 
     // A standby takes the image over its control socket.
+    standby_takes(&last.path, &[], |socket, pid| {
+        assert_eq!(reported_pid(socket), pid);
+        assert_all_filtered(pid, &["relive-vmm", "vcpu0", "control"]);
+    });
+}
+
+/// A `relive-vmm standby EXTRA...` takes `image` over its control socket
+/// and runs its guest; `check` then looks at it (its socket, the spawned
+/// process's pid), and it shuts down with status 3.
+fn standby_takes(image: &str, extra: &[&str], check: impl FnOnce(&Path, u32)) {
     let dir = temp_dir();
     let socket = dir.join("standby.sock");
     let mut standby = ChildGuard::spawn(
         vmm_command()
             .arg("standby")
+            .args(extra)
             .arg("--control")
             .arg(&socket)
             .arg("--console")
@@ -196,11 +207,11 @@ fn every_vmm_operation_runs_with_every_thread_filtered() {
             .stderr(Stdio::null()),
     );
     let answer = connect(&socket).request(&Request::Restore {
-        image: last.path.clone(),
+        image: image.to_string(),
     });
     assert!(matches!(answer, Response::Restored(_)), "{answer:?}");
     vmm_agent_status(&socket);
-    assert_all_filtered(standby.id(), &["relive-vmm", "vcpu0", "control"]);
+    check(&socket, standby.id());
     assert_eq!(request(&socket, Request::Shutdown), Response::Ok);
     assert_eq!(wait_exit(&mut standby), 3);
 }
@@ -491,26 +502,13 @@ fn a_jailed_vmm_sees_only_its_own_files_and_runs_as_its_uid_without_privilege() 
         std::thread::sleep(Duration::from_millis(10));
     }
 
-    let dir = temp_dir();
-    let socket = dir.join("standby.sock");
-    let mut standby = ChildGuard::spawn(
-        vmm_command()
-            .args(["standby", "--jail", JAIL, "--images", &images_arg])
-            .arg("--control")
-            .arg(&socket)
-            .arg("--console")
-            .arg(dir.join("standby.console"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
+    standby_takes(
+        &layer.path,
+        &["--jail", JAIL, "--images", &images_arg],
+        |socket, _| {
+            assert_jailed(reported_pid(socket));
+        },
     );
-    let answer = connect(&socket).request(&Request::Restore {
-        image: layer.path.clone(),
-    });
-    assert!(matches!(answer, Response::Restored(_)), "{answer:?}");
-    vmm_agent_status(&socket);
-    assert_jailed(reported_pid(&socket));
-    assert_eq!(request(&socket, Request::Shutdown), Response::Ok);
-    assert_eq!(wait_exit(&mut standby), 3);
 }
 
 #[test]
