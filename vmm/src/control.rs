@@ -52,6 +52,14 @@ impl WatchEnd {
         let _ = self.record.set(record);
     }
 
+    /// Whether the connection has written (and let go) already.
+    pub fn is_written(&self) -> bool {
+        matches!(
+            self.written.try_recv(),
+            Err(std::sync::mpsc::TryRecvError::Disconnected)
+        )
+    }
+
     /// Waits until the connection has written the record and ended, or
     /// `deadline` passed.
     pub fn wait_written(self, deadline: Instant) {
@@ -221,11 +229,12 @@ fn serve(stream: UnixStream, sink: EventSink) {
             return;
         }
         let (reply_tx, reply_rx) = sync_channel(1);
-        // The answer to `shutdown` comes as the VM ends: the VM waits (as it
-        // does for a watch's exit record) until it is written, so the
-        // process does not end with the answer still in this thread.
+        // A VM that ends right after answering (`shutdown`, an `agent
+        // crash` the guest obeys at once) waits, as it does for a watch's
+        // exit record, until this thread has written the answer: the
+        // process does not end with it still here.
         let (written_tx, written_rx) = std::sync::mpsc::channel::<()>();
-        let ack = matches!(request, Request::Shutdown).then(|| WatchEnd {
+        let ack = Some(WatchEnd {
             record: Arc::new(OnceLock::new()),
             written: written_rx,
         });

@@ -887,7 +887,7 @@ impl Vm {
             boot_image_path: None,
             copy_buffer: Vec::new(),
             watchers: Vec::new(),
-            shutdown_acks: Vec::new(),
+            reply_acks: Vec::new(),
             live: None,
         };
         if event_loop.cfg.boot_image == Some(BootImageMode::Recipe) {
@@ -978,9 +978,9 @@ struct EventLoop {
     /// (kept between checkpoints so its pages are not faulted in again).
     copy_buffer: Vec<u8>,
     watchers: Vec<Watcher>,
-    /// `shutdown` requests answered, whose connections have yet to write
-    /// the answer ([`EventLoop::end_watches`] waits for them).
-    shutdown_acks: Vec<WatchEnd>,
+    /// Requests answered whose connections may not have written the
+    /// answer yet ([`EventLoop::end_watches`] waits for them).
+    reply_acks: Vec<WatchEnd>,
     /// The live checkpoint being taken.
     live: Option<live::LiveCheckpoint>,
 }
@@ -1199,16 +1199,21 @@ impl EventLoop {
         let ControlRequest {
             request,
             reply,
-            watch_end,
+            mut watch_end,
         } = request;
+        // Every answer is written before the process ends (an `agent
+        // crash` answered just before the guest triple-faults included):
+        // the connection's end is kept until it has written, and waited for
+        // with the watches' ends.
+        self.reply_acks.retain(|ack| !ack.is_written());
+        if !matches!(request, Request::Watch) {
+            self.reply_acks.extend(watch_end.take());
+        }
         let standby = matches!(self.activity, Activity::Standby(_));
         let answer = match request {
             Request::Status => Response::Status(Box::new(self.status())),
             Request::Shutdown => {
                 let _ = reply.send(Response::Ok);
-                // Waited for with the watches' ends: the answer is written
-                // before the process ends.
-                self.shutdown_acks.extend(watch_end);
                 return Some(ExitRecord::new(
                     ExitReason::Shutdown,
                     self.uptime_ms(),
@@ -1359,7 +1364,7 @@ impl EventLoop {
                 drop(w.lines);
                 w.end
             })
-            .chain(self.shutdown_acks.drain(..))
+            .chain(self.reply_acks.drain(..))
             .collect();
         for end in ends {
             end.wait_written(deadline);
