@@ -314,7 +314,7 @@ impl Vcpu {
     }
 
     fn on_event(
-        &self,
+        &mut self,
         event: Tagged<VcpuEvent>,
         state: VcpuRunState,
         responses: &Sender<Tagged<VcpuResponse>>,
@@ -323,6 +323,15 @@ impl Vcpu {
         let state_err = |what| move |source| VcpuError::State { vcpu, what, source };
         let (next, answer) = match (event.body, state) {
             (VcpuEvent::Pause, VcpuRunState::Running) => {
+                // The last exit may be a port or MMIO access KVM completes
+                // only when KVM_RUN is entered again (an `in` has no value
+                // in RAX yet, an `out` has not moved RIP on): one KVM_RUN
+                // with `immediate_exit` completes it without running the
+                // guest, so a saved state never repeats the access (seen on
+                // kvm-amd: a restored guest sent its last heartbeat twice).
+                self.fd.set_kvm_immediate_exit(1);
+                let _ = self.fd.run();
+                self.fd.set_kvm_immediate_exit(0);
                 // As Firecracker does: tell the guest's kvmclock it was
                 // stopped, so a Linux guest does not report a soft lockup for
                 // the time it stood still. A guest without kvmclock (the
