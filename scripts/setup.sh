@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what relive needs on a fresh Debian machine (idempotent):
 # the assembler and linker for the bundled guest, Debian's cloud kernel (and
-# its KVM modules) for the Linux boot test and the nested real-KVM tier, for
+# its KVM modules) for the Linux boot test, the nested real-KVM tier and
+# container VMs (as /var/lib/relive/vmlinux, the default container_kernel), for
 # that tier QEMU, a static busybox and cpio, and for the on-call tests
 # Prometheus (with promtool) and systemd-analyze. The Rust toolchain is
 # expected to be installed.
@@ -33,5 +34,14 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 # The Linux boot test's kernel (cached in .cache/linux).
 bash scripts/fetch-linux-kernel.sh >/dev/null
+# The kernel of `image:` fleet VMs: the default container_kernel.
+CONTAINER_KERNEL=/var/lib/relive/vmlinux
+if [ "$(id -u)" = 0 ]; then
+    cmp -s .cache/linux/vmlinux "$CONTAINER_KERNEL" ||
+        install -D -m 0644 .cache/linux/vmlinux "$CONTAINER_KERNEL"
+elif ! cmp -s .cache/linux/vmlinux "$CONTAINER_KERNEL"; then
+    echo "setup: not root, so $CONTAINER_KERNEL is not installed: container VMs need" \
+        "container_kernel: $PWD/.cache/linux/vmlinux in their fleet file" >&2
+fi
 # The guest agent, static (the /init of container images; tests/agent.rs).
 bash scripts/build-agent.sh >/dev/null

@@ -99,6 +99,18 @@ enum Command {
         #[arg(short, default_value_t = 20)]
         n: usize,
     },
+    /// A container VM's app output (stdout, and stderr on stderr), kept
+    /// across failovers: a restore does not repeat what was shown.
+    Logs {
+        /// The VM.
+        vm: String,
+        /// Keep printing new output until interrupted.
+        #[arg(long, short)]
+        follow: bool,
+        /// How many past lines to show.
+        #[arg(short, default_value_t = 100)]
+        n: usize,
+    },
     /// A VM's failover images.
     Images {
         /// The VM.
@@ -367,7 +379,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if follow {
                 client
-                    .follow(|line| {
+                    .follow("/v1/events/follow", |line| {
                         match serde_json::from_str::<Value>(line) {
                             Ok(event) => print_event(&event, json),
                             Err(_) => outln!("{line}"),
@@ -375,6 +387,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         std::io::stdout().flush().is_ok()
                     })
                     .await?;
+            }
+        }
+        Command::Logs { vm, follow, n } => {
+            let path = format!("/v1/vms/{vm}/logs?n={n}");
+            if follow {
+                client
+                    .follow(&format!("{path}&follow=true"), |line| {
+                        print_log_entry(line, json)
+                    })
+                    .await?;
+            } else {
+                let past = client.json(hyper::Method::GET, &path, None).await?;
+                for entry in past.as_array().into_iter().flatten() {
+                    print_log_entry(&entry.to_string(), json);
+                }
             }
         }
         Command::Images { vm } => {
@@ -466,6 +493,27 @@ fn print_status(vms: &Value) {
             vm["last_heartbeat"].as_str().unwrap_or("-"),
         );
     }
+}
+
+/// Prints one app log entry (a JSON line): its text on stdout (`out`) or
+/// stderr (`err`; `relive` notes as `relive: ...`). Returns whether stdout
+/// still takes output.
+fn print_log_entry(line: &str, json: bool) -> bool {
+    if json {
+        outln!("{line}");
+        return std::io::stdout().flush().is_ok();
+    }
+    let Ok(entry) = serde_json::from_str::<Value>(line) else {
+        outln!("{line}");
+        return std::io::stdout().flush().is_ok();
+    };
+    let text = entry["text"].as_str().unwrap_or("");
+    match entry["stream"].as_str() {
+        Some("err") => eprintln!("{text}"),
+        Some("relive") => eprintln!("relive: {text}"),
+        _ => outln!("{text}"),
+    }
+    std::io::stdout().flush().is_ok()
 }
 
 fn print_event(event: &Value, json: bool) {

@@ -197,6 +197,21 @@ fn the_agent_runs_the_app_as_pid_1_carries_its_output_reaps_and_forwards_sigterm
         &|l| l.starts_with("status app=running"),
         &mut seen,
     );
+    // The VMM's notice after a restore: the agent reseeds the RNG with the
+    // bytes and would step the clock (here it is the host's, and the time
+    // sent is now: no step is due, so none is made).
+    let now_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    (&master)
+        .write_all(format!("restored time={now_ns} entropy={}\n", "ab".repeat(32)).as_bytes())
+        .unwrap();
+    wait_line(
+        "the answer to restored",
+        &|l| l == "restored reseeded=32 clock_step_ms=0",
+        &mut seen,
+    );
 
     // SIGTERM to the agent (pid 1 of the namespace, unshare's child) goes on
     // to the app, whose trap exits 7.

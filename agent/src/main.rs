@@ -29,11 +29,24 @@
 //! ```
 //!
 //! Host commands: `status`, `signal N` (to the app), `stop` (`SIGTERM` to
-//! the app). `N` lets the host show each output line once across a
-//! restore (the guest resumes its count where the image was taken).
+//! the app), and the VMM's notice after every restore:
 //!
-//! Not done yet (issue 10): a static build for the guest, the RNG reseed
-//! and clock step on `restored`.
+//! ```text
+//! restored time=NS entropy=HEX   host -> guest: the host's CLOCK_REALTIME
+//!                                (ns) and 32 fresh random bytes
+//! restored reseeded=B clock_step_ms=D   the agent's answer
+//! ```
+//!
+//! On `restored` the agent mixes the bytes into the kernel's pool with
+//! `RNDADDENTROPY` and forces a reseed of the CRNG (`RNDRESEEDCRNG`), so two
+//! VMs restored from one image do not share their random numbers, and steps
+//! `CLOCK_REALTIME` to the host's time (the guest's clock stood still while
+//! it was an image): forward by any amount over 1 ms, back only when the
+//! guest is over a second ahead (a smaller lead is the notice's own transit
+//! time). `D` is the step, 0 when none was made.
+//!
+//! `N` lets the host show each output line once across a restore (the guest
+//! resumes its count where the image was taken).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -118,17 +131,83 @@ fn main() -> ExitCode {
     {
         Ok(c) => c,
         Err(e) => {
-            let _ = writeln!(&channel, "app exited error=config");
+            let _ = writeln!(&channel, "app exited code=1 error=config");
             eprintln!("relive-agent: cannot read {config_path}: {e}");
+            drain(&channel);
             return finish(pid1, 1);
         }
     };
+    let mut config = config;
+    if let Ok(cmdline) = std::fs::read_to_string("/proc/cmdline") {
+        if let Err(e) = apply_cmdline(&mut config, &cmdline) {
+            let _ = writeln!(&channel, "app exited code=1 error=cmdline detail={e}");
+            eprintln!("relive-agent: the kernel command line: {e}");
+            drain(&channel);
+            return finish(pid1, 1);
+        }
+    }
     if pid1 {
         let name = config.hostname.as_deref().unwrap_or("relive");
         let _ = rustix::system::sethostname(name.as_bytes());
     }
+    let last_out = channel.try_clone();
     let code = run(&config, channel);
+    if let Ok(channel) = last_out {
+        drain(&channel);
+    }
     finish(pid1, code)
+}
+
+/// What the host set on the kernel command line (the fleet's `command`
+/// and `env` for an `image:` VM):
+///
+/// - `relive.run=HEX`: the hex of a JSON object `{"command": [...] | null,
+///   "env": ["NAME=value", ...]}`; `command` replaces the image's
+///   entrypoint and cmd, `env` is added to the image's environment (a name
+///   it has is replaced);
+/// - `relive.hb_ms=N`: the heartbeat period, as for the bundled guest.
+fn apply_cmdline(config: &mut RunConfig, cmdline: &str) -> Result<(), String> {
+    #[derive(serde::Deserialize)]
+    struct Run {
+        command: Option<Vec<String>>,
+        #[serde(default)]
+        env: Vec<String>,
+    }
+    for word in cmdline.split_whitespace() {
+        if let Some(hex) = word.strip_prefix("relive.run=") {
+            let bytes = decode_hex(hex).ok_or("relive.run= is not hex")?;
+            let run: Run = serde_json::from_slice(&bytes)
+                .map_err(|e| format!("relive.run= is not the JSON relive writes: {e}"))?;
+            if let Some(command) = run.command {
+                config.entrypoint = command;
+                config.cmd.clear();
+            }
+            for pair in run.env {
+                let name = pair.split_once('=').map_or(pair.as_str(), |(n, _)| n);
+                config
+                    .env
+                    .retain(|e| e.split_once('=').map_or(e.as_str(), |(n, _)| n) != name);
+                config.env.push(pair);
+            }
+        } else if let Some(ms) = word.strip_prefix("relive.hb_ms=") {
+            config.hb_ms = Some(
+                ms.parse()
+                    .map_err(|_| format!("relive.hb_ms={ms} is not a number"))?,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The bytes of an even-length hex string.
+fn decode_hex(hex: &str) -> Option<Vec<u8>> {
+    if hex.len() % 2 != 0 {
+        return None;
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 /// Ends the agent: as PID 1 the VM powers off (the app's status went out on
@@ -234,6 +313,13 @@ fn loopback_up() {
     }
 }
 
+/// Waits until the channel's output has left (the UART sent it): the host
+/// must have the last lines before the VM powers off.
+fn drain(channel: &std::fs::File) {
+    // SAFETY: tcdrain(3) on the open channel; a file or pipe just fails.
+    unsafe { libc::tcdrain(channel.as_raw_fd()) };
+}
+
 /// Puts a terminal channel in raw mode (no echo, no line editing); a file
 /// or pipe is left alone.
 fn raw_mode(channel: &std::fs::File) {
@@ -311,13 +397,16 @@ fn send(channel: &mut std::fs::File, line: &str) {
 fn run(config: &RunConfig, mut channel: std::fs::File) -> i32 {
     let argv: Vec<&String> = config.entrypoint.iter().chain(&config.cmd).collect();
     let Some((program, rest)) = argv.split_first() else {
-        send(&mut channel, "app exited error=nothing-to-run");
+        send(&mut channel, "app exited code=1 error=nothing-to-run");
         return 1;
     };
     let (uid, gid) = match resolve_user(&config.user) {
         Ok(ids) => ids,
         Err(e) => {
-            send(&mut channel, &format!("app exited error=user detail={e}"));
+            send(
+                &mut channel,
+                &format!("app exited code=1 error=user detail={e}"),
+            );
             return 1;
         }
     };
@@ -346,7 +435,7 @@ fn run(config: &RunConfig, mut channel: std::fs::File) -> i32 {
         Err(e) => {
             send(
                 &mut channel,
-                &format!("app exited error=spawn detail={program}: {e}"),
+                &format!("app exited code=127 error=spawn detail={program}: {e}"),
             );
             return 127;
         }
@@ -463,6 +552,7 @@ fn run(config: &RunConfig, mut channel: std::fs::File) -> i32 {
                     ),
                     (Some("stop"), _) => PENDING.store(libc::SIGTERM, Ordering::Relaxed),
                     (Some("signal"), Some(n)) => PENDING.store(n, Ordering::Relaxed),
+                    (Some("restored"), _) => send(&mut channel, &on_restored(&cmd)),
                     _ => {}
                 }
             }
@@ -476,5 +566,138 @@ fn run(config: &RunConfig, mut channel: std::fs::File) -> i32 {
             );
             next_hb += hb;
         }
+    }
+}
+
+/// `RNDADDENTROPY`: `_IOW('R', 0x03, int[2])` (linux/random.h).
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// `RNDRESEEDCRNG`: `_IO('R', 0x07)` (linux/random.h).
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+/// How far ahead of the host the guest's clock may be before it is stepped
+/// back: a smaller lead is the notice's own time in transit.
+const BACK_STEP_NS: i128 = 1_000_000_000;
+/// The smallest forward step made.
+const FORWARD_STEP_NS: i128 = 1_000_000;
+
+/// Acts on the host's `restored time=NS entropy=HEX` notice (module docs);
+/// returns the answer line.
+fn on_restored(notice: &str) -> String {
+    let field = |name: &str| {
+        notice
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
+    };
+    let entropy = field("entropy").and_then(decode_hex);
+    let reseeded = match entropy {
+        Some(bytes) if !bytes.is_empty() => match reseed(&bytes) {
+            Ok(()) => bytes.len().to_string(),
+            Err(e) => format!("0 error={}", e.to_string().replace(' ', "-")),
+        },
+        _ => "0 error=no-entropy".to_string(),
+    };
+    let step = match field("time").and_then(|t| t.parse::<i128>().ok()) {
+        Some(host_ns) => match step_clock(host_ns) {
+            Ok(step_ns) => format!("{}", step_ns / 1_000_000),
+            Err(e) => format!("0 error={}", e.to_string().replace(' ', "-")),
+        },
+        None => "0 error=no-time".to_string(),
+    };
+    format!("restored reseeded={reseeded} clock_step_ms={step}")
+}
+
+/// Adds `bytes` to the kernel's entropy pool, crediting them, and reseeds
+/// the CRNG from it.
+fn reseed(bytes: &[u8]) -> std::io::Result<()> {
+    let random = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")?;
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let mut info: Vec<u8> = Vec::with_capacity(8 + bytes.len() + 3);
+    let len = i32::try_from(bytes.len()).unwrap_or(i32::MAX);
+    info.extend_from_slice(&len.saturating_mul(8).to_ne_bytes());
+    info.extend_from_slice(&len.to_ne_bytes());
+    info.extend_from_slice(bytes);
+    info.resize(info.len().next_multiple_of(4), 0);
+    // SAFETY: `info` is a rand_pool_info whose buf_size bytes follow its
+    // header; the kernel reads only those. RNDRESEEDCRNG takes no argument.
+    unsafe {
+        if libc::ioctl(random.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) != 0
+            || libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Steps `CLOCK_REALTIME` to `host_ns` when the guest is behind by more than
+/// [`FORWARD_STEP_NS`] or ahead by more than [`BACK_STEP_NS`]; returns the
+/// step in ns (0: none).
+fn step_clock(host_ns: i128) -> std::io::Result<i128> {
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::Realtime);
+    let guest_ns = i128::from(now.tv_sec) * 1_000_000_000 + i128::from(now.tv_nsec);
+    let step = host_ns - guest_ns;
+    if (-BACK_STEP_NS..=FORWARD_STEP_NS).contains(&step) {
+        return Ok(0);
+    }
+    let to = rustix::time::Timespec {
+        tv_sec: i64::try_from(host_ns / 1_000_000_000).unwrap_or(i64::MAX),
+        tv_nsec: i64::try_from(host_ns % 1_000_000_000).unwrap_or(0),
+    };
+    rustix::time::clock_settime(rustix::time::ClockId::Realtime, to)?;
+    Ok(step)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test fails by panicking
+mod tests {
+    use super::*;
+
+    fn hex(text: &str) -> String {
+        text.bytes().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn the_command_line_replaces_the_command_and_adds_to_the_env() {
+        let mut config = RunConfig {
+            entrypoint: vec!["/app".into()],
+            cmd: vec!["--serve".into()],
+            env: vec!["PATH=/bin".into(), "MODE=prod".into()],
+            ..RunConfig::default()
+        };
+        let run = hex(r#"{"command":["/bin/sh","-c","echo hi"],"env":["MODE=test","X=1"]}"#);
+        let cmdline = format!("console=ttyS0 quiet relive.run={run} relive.hb_ms=250\n");
+        apply_cmdline(&mut config, &cmdline).unwrap();
+        assert_eq!(config.entrypoint, ["/bin/sh", "-c", "echo hi"]);
+        assert!(config.cmd.is_empty());
+        assert_eq!(config.env, ["PATH=/bin", "MODE=test", "X=1"]);
+        assert_eq!(config.hb_ms, Some(250));
+
+        // Only env: the image's command stays.
+        let mut config = RunConfig {
+            entrypoint: vec!["/app".into()],
+            ..RunConfig::default()
+        };
+        let run = hex(r#"{"command":null,"env":["A=b"]}"#);
+        apply_cmdline(&mut config, &format!("relive.run={run}")).unwrap();
+        assert_eq!(
+            (config.entrypoint.as_slice(), config.env.as_slice()),
+            (&["/app".to_string()][..], &["A=b".to_string()][..])
+        );
+
+        for bad in ["relive.run=zz", "relive.run=7b", "relive.hb_ms=fast"] {
+            assert!(
+                apply_cmdline(&mut RunConfig::default(), bad).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_restored_notice_without_its_fields_is_answered_with_errors() {
+        assert_eq!(
+            on_restored("restored"),
+            "restored reseeded=0 error=no-entropy clock_step_ms=0 error=no-time"
+        );
     }
 }

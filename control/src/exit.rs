@@ -19,6 +19,7 @@
 //! | 13     | `kvm-error`    | KVM could not run the guest (internal error, failed entry, unexpected exit) |
 //! | 14     | `vcpu-stuck`   | a vCPU stopped answering the VMM: it ended the VM rather than leave it half paused |
 //! | 15     | `seccomp`      | a VMM thread made a system call its seccomp filter forbids (written by the SIGSYS handler; no watch hears it) |
+//! | 16     | `app-exit`     | the guest powered off after its agent reported that the app ended (`app exited code=C` or `signal=S` on the agent channel); the record's `app` says how |
 //!
 //! The same record is the last message on every `watch` connection of the
 //! control socket ([`crate::Response::Exit`]), so a supervisor learns why its
@@ -47,6 +48,8 @@ pub enum ExitReason {
     VcpuStuck,
     /// A VMM thread made a system call outside its seccomp allow-list.
     Seccomp,
+    /// The guest powered off because its app ended ([`ExitRecord::app`]).
+    AppExit,
 }
 
 /// Status of a VMM that failed before or outside the guest.
@@ -54,7 +57,7 @@ pub const STATUS_VMM_ERROR: i32 = 1;
 
 impl ExitReason {
     /// Every reason, for documentation and tests.
-    pub const ALL: [ExitReason; 8] = [
+    pub const ALL: [ExitReason; 9] = [
         ExitReason::Exit,
         ExitReason::Shutdown,
         ExitReason::Reset,
@@ -63,6 +66,7 @@ impl ExitReason {
         ExitReason::KvmError,
         ExitReason::VcpuStuck,
         ExitReason::Seccomp,
+        ExitReason::AppExit,
     ];
 
     /// The process exit status for this reason.
@@ -76,6 +80,7 @@ impl ExitReason {
             ExitReason::KvmError => 13,
             ExitReason::VcpuStuck => 14,
             ExitReason::Seccomp => 15,
+            ExitReason::AppExit => 16,
         }
     }
 
@@ -95,6 +100,7 @@ impl ExitReason {
             ExitReason::KvmError => "kvm-error",
             ExitReason::VcpuStuck => "vcpu-stuck",
             ExitReason::Seccomp => "seccomp",
+            ExitReason::AppExit => "app-exit",
         }
     }
 }
@@ -118,6 +124,48 @@ pub struct ExitRecord {
     pub uptime_ms: u64,
     /// Human detail (which device, which KVM exit).
     pub detail: String,
+    /// How the app ended, for [`ExitReason::AppExit`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<AppExit>,
+}
+
+/// How a container app ended, as its agent reported it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AppExit {
+    /// It exited with this status.
+    Code(i32),
+    /// A signal ended it.
+    Signal(i32),
+}
+
+impl AppExit {
+    /// Parses the agent's `app exited code=C` or `app exited signal=S`.
+    pub fn parse(line: &str) -> Option<AppExit> {
+        let rest = line.strip_prefix("app exited ")?;
+        let word = rest.split_whitespace().next()?;
+        if let Some(code) = word.strip_prefix("code=") {
+            return code.parse().ok().map(AppExit::Code);
+        }
+        word.strip_prefix("signal=")?
+            .parse()
+            .ok()
+            .map(AppExit::Signal)
+    }
+
+    /// Whether the app succeeded (exit status 0).
+    pub const fn succeeded(self) -> bool {
+        matches!(self, AppExit::Code(0))
+    }
+}
+
+impl std::fmt::Display for AppExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AppExit::Code(c) => write!(f, "exit code {c}"),
+            AppExit::Signal(s) => write!(f, "signal {s}"),
+        }
+    }
 }
 
 impl ExitRecord {
@@ -129,6 +177,7 @@ impl ExitRecord {
             status: reason.status(),
             uptime_ms,
             detail: detail.into(),
+            app: None,
         }
     }
 
@@ -156,6 +205,25 @@ mod tests {
             assert_ne!(r.status(), 2);
             assert_eq!(ExitReason::from_status(r.status()), Some(r));
         }
+    }
+
+    #[test]
+    fn app_exits_parse_from_the_agent_line_and_round_trip() {
+        assert_eq!(AppExit::parse("app exited code=3"), Some(AppExit::Code(3)));
+        assert_eq!(
+            AppExit::parse("app exited signal=9"),
+            Some(AppExit::Signal(9))
+        );
+        assert_eq!(AppExit::parse("app exited error=spawn detail=x"), None);
+        assert_eq!(AppExit::parse("out 3 app exited code=1"), None);
+        let mut record = ExitRecord::new(ExitReason::AppExit, 7, "the app ended");
+        record.app = Some(AppExit::Code(3));
+        let line = record.to_json();
+        assert!(line.contains(r#""app":{"code":3}"#), "{line}");
+        assert_eq!(serde_json::from_str::<ExitRecord>(&line).unwrap(), record);
+        // A record without `app` (older VMMs) still reads.
+        let old = r#"{"event":"vm-exit","reason":"exit","status":0,"uptime_ms":1,"detail":"x"}"#;
+        assert_eq!(serde_json::from_str::<ExitRecord>(old).unwrap().app, None);
     }
 
     #[test]

@@ -32,7 +32,7 @@ use std::time::Duration;
 #[cfg(feature = "tokio")]
 pub use async_client::{AsyncClient, AsyncWatch};
 pub use client::{ControlClient, Watch};
-pub use exit::{ExitReason, ExitRecord};
+pub use exit::{AppExit, ExitReason, ExitRecord};
 pub use heartbeat::Heartbeat;
 pub use protocol::{
     CheckpointKind, CheckpointReport, CopyStats, ErrorKind, Fault, Request, Response, RestoreReport,

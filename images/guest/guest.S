@@ -49,7 +49,9 @@
  * counter and hash are the BSP's; cpus is the number of vCPUs whose counter
  * advanced since the previous heartbeat. Commands from the host (one per
  * line): panic (pvpanic), crash (triple fault), hang (stop heartbeats, keep
- * spinning), reset (i8042), exit (power-off port), status.
+ * spinning), reset (i8042), exit (power-off port), status; and the VMM's
+ * `restored time=NS entropy=HEX` after a restore, taken silently (this
+ * guest has no RNG and no wall clock to fix).
  * Parameters (kernel command line): relive.hb_ms=N (default 100),
  * relive.work=N iterations per wake-up (default 10000), relive.touch_mib=N
  * (write every page of N MiB from 4 MiB up at start, default 0),
@@ -784,6 +786,10 @@ dispatch:
         IFCMD   c_reset, cmd_reset
         IFCMD   c_exit, cmd_exit
         IFCMD   c_verify, cmd_verify
+        lea     c_restored(%rip), %rsi          /* the VMM's notice after a restore */
+        mov     $(c_restored_end - c_restored), %ecx
+        call    cmd_starts
+        jz      cmd_restored
         call    line_reset
         lea     s_unknown(%rip), %rsi
         mov     $(s_unknown_end - s_unknown), %ecx
@@ -822,6 +828,8 @@ cmd_reset:
         mov     $0xfe, %al
         out     %al, $I8042_CMD
         ret
+cmd_restored:                                   /* no RNG, no wall clock: nothing to do */
+        ret
 cmd_exit:
         call    ack
         mov     $POWER, %dx
@@ -845,6 +853,14 @@ ack:
 cmd_is:
         cmp     cmd_len(%rip), %rcx
         jne     1f
+        lea     cmd_buf(%rip), %rdi
+        repe cmpsb
+1:      ret
+
+/* cmd_starts(rsi = prefix, rcx = its length) -> ZF set if the line starts with it */
+cmd_starts:
+        cmp     cmd_len(%rip), %rcx
+        ja      1f                              /* longer than the line: ZF clear */
         lea     cmd_buf(%rip), %rdi
         repe cmpsb
 1:      ret
@@ -1025,6 +1041,8 @@ c_reset:        .ascii "reset"
 c_reset_end:
 c_exit:         .ascii "exit"
 c_exit_end:
+c_restored:     .ascii "restored "
+c_restored_end:
 
         .section .data
         .balign 4096

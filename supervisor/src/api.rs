@@ -11,6 +11,8 @@
 //! | POST   | `/v1/vms/{vm}/checkpoint`     | write a consistency image now            |
 //! | POST   | `/v1/vms/{vm}/{pause,resume,stop,start}` |                               |
 //! | GET    | `/v1/vms/{vm}/images`         | the VM's image directory                 |
+//! | GET    | `/v1/vms/{vm}/logs?n=N`       | the last N entries of the app's output ([`crate::applog`]) |
+//! | GET    | `/v1/vms/{vm}/logs?n=N&follow=true` | JSON lines: those, then each new entry as it comes |
 //! | GET    | `/v1/events?n=N`              | the last N events                        |
 //! | GET    | `/v1/events/follow`           | JSON lines, one per event, as they come  |
 //! | GET    | `/metrics`                    | Prometheus text format                   |
@@ -60,6 +62,7 @@ pub fn router(fleet: Fleet, token: Option<String>) -> Router {
         .route("/v1/vms", get(list))
         .route("/v1/vms/{vm}", get(show))
         .route("/v1/vms/{vm}/images", get(images))
+        .route("/v1/vms/{vm}/logs", get(logs))
         .route("/v1/vms/{vm}/failover", post(failover))
         .route("/v1/vms/{vm}/{action}", post(simple_action))
         .route("/v1/events", get(events))
@@ -178,6 +181,64 @@ async fn images(
         .list()
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     Ok(Json(entries))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogsQuery {
+    n: Option<usize>,
+    follow: Option<bool>,
+}
+
+/// The app's output: the last `n` entries, and with `follow` every new one
+/// after them (subscribed before the file is read, so nothing falls between
+/// the two; an entry in both is sent once, by its id).
+async fn logs(
+    State(fleet): State<Fleet>,
+    Path(vm): Path<String>,
+    Query(q): Query<LogsQuery>,
+) -> Result<Response, ApiError> {
+    let path = fleet.app_log(&vm).ok_or_else(|| unknown(&vm))?;
+    let live = q.follow.unwrap_or(false).then(|| fleet.logs.subscribe());
+    let n = q.n.unwrap_or(100);
+    let tail = tokio::task::spawn_blocking(move || crate::applog::read_tail(&path, n))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot read the app log: {e}"),
+            )
+        })?;
+    let Some(rx) = live else {
+        return Ok(Json(tail).into_response());
+    };
+    let last_id = tail.last().map_or(0, |e| e.id);
+    let ndjson = |entry: &crate::applog::LogEntry| {
+        let mut line = serde_json::to_vec(entry).unwrap_or_default();
+        line.push(b'\n');
+        Ok::<_, std::convert::Infallible>(line)
+    };
+    let past = futures_util::stream::iter(tail.iter().map(ndjson).collect::<Vec<_>>());
+    let new = futures_util::stream::unfold(rx, move |mut rx| {
+        let vm = vm.clone();
+        async move {
+            loop {
+                match rx.recv().await {
+                    Ok((name, entry)) if name == vm && entry.id > last_id => {
+                        return Some((ndjson(&entry), rx));
+                    }
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        }
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(futures_util::StreamExt::chain(past, new)),
+    )
+        .into_response())
 }
 
 #[derive(Deserialize)]

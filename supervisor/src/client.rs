@@ -215,15 +215,30 @@ impl Client {
         Ok(text)
     }
 
-    /// Streams `/v1/events/follow`, calling `each` with every line.
-    pub async fn follow(&self, mut each: impl FnMut(&str) -> bool) -> Result<(), ClientError> {
-        let response = self
-            .send(hyper::Method::GET, "/v1/events/follow", None)
-            .await?;
-        if !response.status().is_success() {
+    /// Streams the JSON lines of `path` (`/v1/events/follow`,
+    /// `/v1/vms/VM/logs?follow=true`), calling `each` with every line until
+    /// it returns false or the stream ends.
+    pub async fn follow(
+        &self,
+        path: &str,
+        mut each: impl FnMut(&str) -> bool,
+    ) -> Result<(), ClientError> {
+        let response = self.send(hyper::Method::GET, path, None).await?;
+        let status = response.status();
+        if !status.is_success() {
+            let bytes = response
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let message = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_string))
+                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
             return Err(ClientError::Api {
-                status: response.status().as_u16(),
-                message: "cannot follow events".into(),
+                status: status.as_u16(),
+                message,
             });
         }
         let mut body = response.into_body();

@@ -47,14 +47,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use relive_control::{
-    AppStatus, AsyncClient, AsyncWatch, CheckpointKind, CheckpointReport, ClientError, ErrorKind,
-    ExitReason, ExitRecord, Heartbeat, Request, VmStatus, WatchEvent,
+    AppExit, AppStatus, AsyncClient, AsyncWatch, CheckpointKind, CheckpointReport, ClientError,
+    ErrorKind, ExitReason, ExitRecord, Heartbeat, Request, VmStatus, WatchEvent,
 };
 use relive_images::store::ImageStore;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::config::{KernelSpec, VmSpec};
+use crate::applog::{AppLog, LogFeed};
+use crate::config::{KernelSpec, Restart, VmSpec};
 use crate::events::{Event, EventDurations, EventLog};
 use crate::metrics::{Metrics, RestorePath};
 use crate::policy::{
@@ -173,6 +174,8 @@ pub struct Fleet {
     pub events: Arc<EventLog>,
     /// The metrics.
     pub metrics: Arc<Metrics>,
+    /// Live app output of every VM.
+    pub logs: LogFeed,
 }
 
 #[derive(Clone)]
@@ -180,6 +183,7 @@ struct VmHandle {
     tx: mpsc::Sender<Command>,
     view: Arc<Mutex<VmView>>,
     images_dir: PathBuf,
+    app_log: PathBuf,
 }
 
 impl VmHandle {
@@ -212,6 +216,7 @@ impl Fleet {
     ) -> (Fleet, Vec<tokio::task::JoinHandle<()>>) {
         let mut vms = BTreeMap::new();
         let mut tasks = Vec::new();
+        let logs = LogFeed::default();
         for spec in specs {
             let (tx, rx) = mpsc::channel(16);
             let view = Arc::new(Mutex::new(VmView {
@@ -220,20 +225,21 @@ impl Fleet {
                 images_dir: spec.images_dir.display().to_string(),
                 ..VmView::default()
             }));
+            let app_log = AppLog::open(&spec.name, &paths.state_dir.join(&spec.name), logs.clone());
             vms.insert(
                 spec.name.clone(),
                 VmHandle {
                     tx,
                     view: view.clone(),
                     images_dir: spec.images_dir.clone(),
+                    app_log: app_log.path().to_path_buf(),
                 },
             );
             let span = tracing::info_span!("vm", name = %spec.name);
             let task = VmTask::new(
                 spec,
                 paths.clone(),
-                events.clone(),
-                metrics.clone(),
+                (events.clone(), metrics.clone(), app_log),
                 view,
                 rx,
                 shutdown.clone(),
@@ -248,6 +254,7 @@ impl Fleet {
                 vms: Arc::new(vms),
                 events,
                 metrics,
+                logs,
             },
             tasks,
         )
@@ -266,6 +273,11 @@ impl Fleet {
     /// The image directory of a VM.
     pub fn images_dir(&self, name: &str) -> Option<PathBuf> {
         self.vms.get(name).map(|h| h.images_dir.clone())
+    }
+
+    /// The app log of a VM (`relive logs`, [`crate::applog`]).
+    pub fn app_log(&self, name: &str) -> Option<PathBuf> {
+        self.vms.get(name).map(|h| h.app_log.clone())
     }
 
     /// Asks VM `name` to do `action` and waits for the answer.
@@ -465,18 +477,22 @@ struct VmTask {
     persist_pending: std::sync::atomic::AtomicBool,
     /// `<dir>/vmm.record.a|b`: what the next supervisor reads.
     record: Mutex<crate::record::Record>,
+    /// The app's output (`relive logs`).
+    app_log: AppLog,
 }
 
 impl VmTask {
+    /// A task for `spec`, writing to the fleet's event log and metrics and
+    /// to its own app log (`logs`).
     fn new(
         spec: VmSpec,
         paths: Paths,
-        events: Arc<EventLog>,
-        metrics: Arc<Metrics>,
+        logs: (Arc<EventLog>, Arc<Metrics>, AppLog),
         view: Arc<Mutex<VmView>>,
         rx: mpsc::Receiver<Command>,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Self {
+        let (events, metrics, app_log) = logs;
         let dir = paths.state_dir.join(&spec.name);
         let record = Mutex::new(crate::record::Record::new(&dir, "vmm.record"));
         VmTask {
@@ -518,6 +534,7 @@ impl VmTask {
             asked_pause: None,
             persist_pending: std::sync::atomic::AtomicBool::new(false),
             record,
+            app_log,
         }
     }
 
@@ -833,6 +850,9 @@ impl VmTask {
     }
 
     fn on_line(&mut self, line: String, now: Instant) {
+        if self.app_log.on_agent_line(&line) {
+            return;
+        }
         if relive_control::heartbeat::is_heartbeat(&line) {
             self.last_heartbeat_at = Some(now);
             self.last_heartbeat = Some(line);
@@ -1216,7 +1236,10 @@ impl VmTask {
                     .await;
             }
             Adoption::Nothing => match self.boot().await {
-                Ok(image) => self.set_state(VmState::Running, |e| with_image(e, image), "started"),
+                Ok(image) => {
+                    self.app_log.on_new_run(&started_from(image.as_deref()));
+                    self.set_state(VmState::Running, |e| with_image(e, image), "started");
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "cannot start the VM");
                     self.on_failure(FailureReason::StartFailed, Instant::now(), e)
@@ -1254,9 +1277,7 @@ impl VmTask {
                         self.stopping = false;
                     } else if self.state.is_up() || matches!(self.state, VmState::Starting) {
                         drop(vmm);
-                        let detail = exit_detail(record.as_ref());
-                        self.on_failure(failure_reason(record.as_ref()), now, detail)
-                            .await;
+                        self.on_ended(record.as_ref(), now).await;
                     }
                     self.persist();
                 }
@@ -1276,9 +1297,7 @@ impl VmTask {
                         tokio::spawn(reap_after_record(vmm));
                     }
                     if self.state.is_up() && !self.stopping {
-                        let detail = exit_detail(Some(&record));
-                        self.on_failure(failure_reason(Some(&record)), now, detail)
-                            .await;
+                        self.on_ended(Some(&record), now).await;
                     }
                     self.persist();
                 }
@@ -1296,9 +1315,7 @@ impl VmTask {
                         if ended.is_some() {
                             let record = self.ended_without_watch_record();
                             self.vmm = None;
-                            let detail = exit_detail(record.as_ref());
-                            self.on_failure(failure_reason(record.as_ref()), now, detail)
-                                .await;
+                            self.on_ended(record.as_ref(), now).await;
                         } else {
                             if let Some(vmm) = &self.vmm {
                                 vmm.kill();
@@ -1690,6 +1707,54 @@ impl VmTask {
         }
     }
 
+    /// The active VMM ended by itself, with `record` (if it left one): a
+    /// failure, or a container app's end, which `restart` judges.
+    async fn on_ended(&mut self, record: Option<&ExitRecord>, now: Instant) {
+        let detail = exit_detail(record);
+        let (Some(app), Some(spec)) = (
+            record
+                .filter(|r| r.reason == ExitReason::AppExit)
+                .map(|r| r.app.unwrap_or(AppExit::Code(1))),
+            self.spec.app.as_ref(),
+        ) else {
+            return self.on_failure(failure_reason(record), now, detail).await;
+        };
+        let restart = spec.restart;
+        self.metrics
+            .record_app_exit(&self.spec.name, app.succeeded());
+        match (restart, app.succeeded()) {
+            (Restart::OnFailure | Restart::Never, true) => {
+                self.stop_standby().await;
+                let detail = format!(
+                    "{detail}: the app is done (restart: {}); `relive start` runs it again from \
+                     its boot image",
+                    restart.as_str()
+                );
+                self.set_state(VmState::Stopped, |e| e.with_detail(detail), "app-exit");
+            }
+            (Restart::Always, true) => {
+                let detail = format!("{detail}: restart: always runs it again from its boot image");
+                self.set_state(
+                    VmState::Restoring(RestoreTarget::Boot),
+                    |e| e.with_detail(detail),
+                    "app-exit",
+                );
+                self.do_restore(RestoreTarget::Boot, now, "app-exit").await;
+            }
+            (Restart::Never, false) => {
+                self.metrics
+                    .record_failure(&self.spec.name, FailureReason::AppExit);
+                self.stop_standby().await;
+                let detail = format!("{detail}: the app failed ({app}) and restart is never");
+                self.set_state(VmState::Failed, |e| e.with_detail(detail), "app-exit");
+            }
+            (Restart::OnFailure | Restart::Always, false) => {
+                let detail = format!("{detail}: the app failed ({app})");
+                self.on_failure(FailureReason::AppExit, now, detail).await;
+            }
+        }
+    }
+
     async fn on_failure(&mut self, reason: FailureReason, detected: Instant, detail: String) {
         self.metrics.record_failure(&self.spec.name, reason);
         if matches!(
@@ -1700,6 +1765,7 @@ impl VmTask {
                 | FailureReason::PowerOff
                 | FailureReason::KvmError
                 | FailureReason::HeartbeatTimeout
+                | FailureReason::AppExit
         ) {
             self.discard_unconfirmed_images();
         }
@@ -1756,6 +1822,16 @@ impl VmTask {
         match self.restore(&target).await {
             Ok((what, image_id, path)) => {
                 self.restores += 1;
+                let described = match &image_id {
+                    Some(id) => format!("the {} image {id}", what.kind()),
+                    None => format!("the {} image", what.kind()),
+                };
+                if what.restores_state() {
+                    self.app_log.on_restored_state(&described);
+                } else {
+                    self.app_log
+                        .on_new_run(&format!("restored from {described}"));
+                }
                 let now = Instant::now();
                 self.policy.on_restored(now, what.clone());
                 let total = now.saturating_duration_since(detected);
@@ -1937,6 +2013,7 @@ impl VmTask {
                 self.set_state(VmState::Starting, |e| e, "operator-start");
                 match self.boot().await {
                     Ok(image) => {
+                        self.app_log.on_new_run(&started_from(image.as_deref()));
                         self.set_state(VmState::Running, |e| with_image(e, image), "started");
                         Ok(format!("VM {} started", self.spec.name))
                     }
@@ -1952,6 +2029,14 @@ impl VmTask {
                 }
             }
         }
+    }
+}
+
+/// How a start began, for the app log.
+fn started_from(boot_image: Option<&str>) -> String {
+    match boot_image {
+        Some(id) => format!("started from the boot image {id}"),
+        None => "booted".to_string(),
     }
 }
 
@@ -1973,6 +2058,7 @@ fn failure_reason(record: Option<&ExitRecord>) -> FailureReason {
         Some(ExitReason::TripleFault) => FailureReason::TripleFault,
         Some(ExitReason::KvmError | ExitReason::VcpuStuck) => FailureReason::KvmError,
         Some(ExitReason::Seccomp) => FailureReason::Seccomp,
+        Some(ExitReason::AppExit) => FailureReason::AppExit,
         // Shut down by someone else than this supervisor.
         Some(ExitReason::Shutdown) | None => FailureReason::VmmKilled,
     }

@@ -9,6 +9,7 @@
 //!   disk cannot keep stale (two preallocated slots written in turn).
 #![forbid(unsafe_code)]
 pub mod api;
+pub mod applog;
 pub mod client;
 pub mod config;
 pub mod daemon;

@@ -23,6 +23,7 @@
 //! | `relive_vm_state` | gauge, 1 for the current state, 0 for the others ([`VmState::LABELS`]) | vm, state |
 //! | `relive_vm_up` | gauge, 1 when running and healthy | vm |
 //! | `relive_failures_total` | counter | vm, reason |
+//! | `relive_app_exits_total` | counter, a container app's ends (`success`: exit 0) | vm, result |
 //! | `relive_restores_total` | counter | vm, image, path |
 //! | `relive_failover_duration_seconds` | histogram, failure detected -> guest running | vm, image, path |
 //! | `relive_restore_duration_seconds` | histogram | vm, path |
@@ -177,6 +178,9 @@ struct Cursor {
     cpu_seconds: Option<(u32, f64)>,
 }
 
+/// The `result` label values of `relive_app_exits_total`.
+const APP_EXIT_RESULTS: [&str; 2] = ["success", "failure"];
+
 /// The supervisor's metrics and the registry that holds them.
 pub struct Metrics {
     registry: Registry,
@@ -186,6 +190,7 @@ pub struct Metrics {
     vm_state: IntGaugeVec,
     vm_up: IntGaugeVec,
     failures: IntCounterVec,
+    app_exits: IntCounterVec,
     restores: IntCounterVec,
     failover_duration: HistogramVec,
     restore_duration: HistogramVec,
@@ -311,6 +316,12 @@ impl Metrics {
                 "relive_failures_total",
                 "Failures detected, by reason.",
                 &["vm", "reason"],
+            )?,
+            app_exits: int_counter(
+                &r,
+                "relive_app_exits_total",
+                "Ends of a container VM's app: success (exit 0) or failure.",
+                &["vm", "result"],
             )?,
             restores: int_counter(
                 &r,
@@ -514,6 +525,9 @@ impl Metrics {
         for reason in FailureReason::ALL {
             self.failures.with_label_values(&[vm, reason.as_str()]);
         }
+        for result in APP_EXIT_RESULTS {
+            self.app_exits.with_label_values(&[vm, result]);
+        }
         for image in IMAGE_KINDS {
             for path in RestorePath::ALL {
                 self.restores.with_label_values(&[vm, image, path.as_str()]);
@@ -553,6 +567,12 @@ impl Metrics {
     /// Sets `relive_vm_up`: true when the VM is running and healthy.
     pub fn set_up(&self, vm: &str, up: bool) {
         self.vm_up.with_label_values(&[vm]).set(i64::from(up));
+    }
+
+    /// Counts one end of a container app (`relive_app_exits_total`).
+    pub fn record_app_exit(&self, vm: &str, succeeded: bool) {
+        let result = APP_EXIT_RESULTS[usize::from(!succeeded)];
+        self.app_exits.with_label_values(&[vm, result]).inc();
     }
 
     /// Counts one detected failure.
@@ -726,6 +746,9 @@ impl Metrics {
         }
         for reason in FailureReason::ALL {
             let _ = self.failures.remove_label_values(&[vm, reason.as_str()]);
+        }
+        for result in APP_EXIT_RESULTS {
+            let _ = self.app_exits.remove_label_values(&[vm, result]);
         }
         for image in IMAGE_KINDS {
             for path in RestorePath::ALL {

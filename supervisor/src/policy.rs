@@ -386,11 +386,14 @@ pub enum FailureReason {
     /// A VMM thread broke its seccomp filter (exit status 15): a guest
     /// escape attempt, or an allow-list that misses a call.
     Seccomp,
+    /// A container VM's app ended with a non-zero status or a signal (its
+    /// agent said so, then powered the guest off).
+    AppExit,
 }
 
 impl FailureReason {
     /// Every reason, for metrics that pre-register one series per reason.
-    pub const ALL: [FailureReason; 12] = [
+    pub const ALL: [FailureReason; 13] = [
         FailureReason::VmmKilled,
         FailureReason::VmmError,
         FailureReason::Panic,
@@ -403,6 +406,7 @@ impl FailureReason {
         FailureReason::ControlTimeout,
         FailureReason::StartFailed,
         FailureReason::Seccomp,
+        FailureReason::AppExit,
     ];
 
     /// The reason's stable name, for events and metric labels.
@@ -420,6 +424,7 @@ impl FailureReason {
             FailureReason::ControlTimeout => "control-timeout",
             FailureReason::StartFailed => "start-failed",
             FailureReason::Seccomp => "seccomp",
+            FailureReason::AppExit => "app-exit",
         }
     }
 

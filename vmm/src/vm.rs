@@ -46,8 +46,8 @@ use crate::snapshot::{self, DeviceState, ImageConfig, ImageParts, LoadedImage, M
 use crate::vcpu::{self, PauseError, Paused, Vcpu, VcpuRunState, VcpuSet};
 use relive_control::heartbeat;
 use relive_control::{
-    AgentStatus, AppStatus, CheckpointKind, CheckpointReport, ErrorKind, ExitReason, ExitRecord,
-    Fault, Request, ResourceLimits, Response, RestoreReport, RunState, VmStatus,
+    AgentStatus, AppExit, AppStatus, CheckpointKind, CheckpointReport, ErrorKind, ExitReason,
+    ExitRecord, Fault, Request, ResourceLimits, Response, RestoreReport, RunState, VmStatus,
 };
 use relive_images::format::{ImageId, ImageKind, ImageWriter, PageRun};
 use relive_images::store::ImageStore;
@@ -289,6 +289,8 @@ pub struct Vm {
     pending_input: VecDeque<u8>,
     history: Option<ImageHistory>,
     standby: bool,
+    /// Built from an image: the guest hears `restored` once it runs.
+    restored: bool,
 }
 
 /// The console's writer: stdout, or a file appended to.
@@ -560,6 +562,7 @@ impl Vm {
             }
         };
         let standby = matches!(origin, Origin::Standby);
+        let restored = matches!(origin, Origin::Image(_));
         let control = match &cfg.control {
             Some(path) => Some(control::ControlServer::bind(path, sink.clone())?),
             None => None,
@@ -585,6 +588,7 @@ impl Vm {
             pending_input,
             history,
             standby,
+            restored,
         })
     }
 
@@ -837,6 +841,7 @@ impl Vm {
             pending_input,
             history,
             standby,
+            restored,
         } = self;
         let started = Instant::now();
         let started_ns = monotonic_ns();
@@ -893,6 +898,9 @@ impl Vm {
         if event_loop.cfg.boot_image == Some(BootImageMode::Recipe) {
             event_loop.write_boot_image(BootImageMode::Recipe);
         }
+        if restored {
+            event_loop.notify_restored();
+        }
         let record = event_loop.run();
         // The vCPUs stop and the control socket goes before the watchers hear
         // why: once a supervisor has the record, nothing of this VM runs or
@@ -913,6 +921,8 @@ struct AgentState {
     last_heartbeat: Option<String>,
     last_line_at: Option<Instant>,
     last_heartbeat_at: Option<Instant>,
+    /// The agent's `app exited ...`, parsed, and the line.
+    app_exit: Option<(AppExit, String)>,
 }
 
 impl AgentState {
@@ -1059,12 +1069,36 @@ impl EventLoop {
             }
             for event in &ready[..n] {
                 if let Some(record) = self.on_ready(event.data()) {
-                    return record;
+                    return self.with_app_exit(record);
                 }
                 if let Some(record) = self.fatal.take() {
                     return record;
                 }
             }
+        }
+    }
+
+    /// A power-off that follows the agent's `app exited ...` is the app's
+    /// end ([`ExitReason::AppExit`]). The agent's last lines may still wait
+    /// in the channel (its eventfd and the power-off's can come in one
+    /// wake-up, in either order): they are taken first.
+    fn with_app_exit(&mut self, record: ExitRecord) -> ExitRecord {
+        if record.reason != ExitReason::Exit {
+            return record;
+        }
+        while let Ok(line) = self.devices.agent_rx.try_recv() {
+            self.on_agent_line(line);
+        }
+        match self.agent.app_exit.take() {
+            Some((app, line)) => ExitRecord {
+                app: Some(app),
+                ..ExitRecord::new(
+                    ExitReason::AppExit,
+                    record.uptime_ms,
+                    format!("the app ended ({line}), then the guest powered off"),
+                )
+            },
+            None => record,
         }
     }
 
@@ -1153,6 +1187,8 @@ impl EventLoop {
         if heartbeat::is_heartbeat(&line) {
             self.agent.last_heartbeat_at = Some(now);
             self.agent.last_heartbeat = Some(line.clone());
+        } else if let Some(app) = AppExit::parse(&line) {
+            self.agent.app_exit = Some((app, line.clone()));
         } else if heartbeat::is_ready(&line) {
             let first = !self.agent.ready;
             self.agent.ready = true;
@@ -1175,6 +1211,18 @@ impl EventLoop {
                 Ok(()) | Err(TrySendError::Full(_)) => true,
                 Err(TrySendError::Disconnected(_)) => false,
             });
+    }
+
+    /// Tells the guest it was restored ([`devices::agent::restored_notice`]),
+    /// after whatever input the image had queued.
+    fn notify_restored(&mut self) {
+        match devices::agent::restored_notice() {
+            Ok(notice) => {
+                self.pending_input.extend(notice);
+                self.push_pending_input();
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot tell the guest it was restored"),
+        }
     }
 
     fn push_pending_input(&mut self) {

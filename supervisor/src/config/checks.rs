@@ -156,7 +156,14 @@ impl Checker<'_> {
                 return Err(self.fail(DuplicateName, &at.key("name"), m));
             }
             first_index.insert(&vm.name, i);
-            let mut spec = self.check_vm(&at, vm, &defaults_raw, &defaults, &state_dir)?;
+            let mut spec = self.check_vm(
+                &at,
+                vm,
+                &defaults_raw,
+                &defaults,
+                &state_dir,
+                raw.container_kernel.as_deref(),
+            )?;
             spec.jail = self.check_jail(&at.key("jail"), vm.jail.as_ref(), Some(jail))?;
             vms.push(spec);
         }
@@ -313,23 +320,66 @@ impl Checker<'_> {
         defaults_raw: &RawPolicy,
         defaults: &Policy,
         state_dir: &Path,
+        container_kernel: Option<&str>,
     ) -> Result<VmSpec, ConfigError> {
         use ConfigErrorKind::*;
-        let kernel = match vm.kernel.as_str() {
-            "bundled" => KernelSpec::Bundled,
-            path => KernelSpec::Path(self.existing_file(&at.key("kernel"), path, "kernel")?),
+        let app = self.check_app(at, vm)?;
+        let kernel = match (vm.kernel.as_deref(), &app) {
+            (Some(_), Some(_)) => {
+                let m = "a VM runs either a kernel or a container image: remove `kernel` (an \
+                         image VM boots the fleet's container_kernel) or `image`"
+                    .into();
+                return Err(self.fail(BadValue, &at.key("kernel"), m));
+            }
+            (Some("bundled"), None) => KernelSpec::Bundled,
+            (Some(path), None) => {
+                KernelSpec::Path(self.existing_file(&at.key("kernel"), path, "kernel")?)
+            }
+            (None, Some(_)) => self.container_kernel(at, container_kernel)?,
+            (None, None) => {
+                let m = "missing required key \"kernel\": add `kernel: bundled` for relive's own \
+                         guest, the path of an ELF vmlinux or bzImage, or `image:` with a \
+                         container image built by `relive image build`"
+                    .into();
+                return Err(self.fail(MissingKey, &at.key("kernel"), m));
+            }
         };
-        let initrd = match vm.initrd.as_deref() {
-            None => None,
-            Some(path) => Some(self.existing_file(&at.key("initrd"), path, "initrd")?),
+        let initrd = match (vm.initrd.as_deref(), &app) {
+            (Some(_), Some(_)) => {
+                let m = "an image VM's initrd is its image: remove `initrd`".into();
+                return Err(self.fail(BadValue, &at.key("initrd"), m));
+            }
+            (None, Some(app)) => Some(app.image.clone()),
+            (None, None) => None,
+            (Some(path), None) => Some(self.existing_file(&at.key("initrd"), path, "initrd")?),
         };
-        if let Some(cmdline) = &vm.cmdline {
+        let cmdline = match &app {
+            Some(app) => Some(container_cmdline(app, vm.cmdline.as_deref())),
+            None => vm.cmdline.clone(),
+        };
+        if let Some(cmdline) = &cmdline {
             let key = at.key("cmdline");
             if cmdline.len() > MAX_CMDLINE_LEN {
-                let m = format!(
-                    "the command line is {} bytes long, at most {MAX_CMDLINE_LEN} fit: shorten it",
-                    cmdline.len()
-                );
+                let m = if app.is_some() {
+                    format!(
+                        "the kernel command line, with the app's command and env (hex-encoded \
+                         on it for the agent), is {} bytes long, at most {MAX_CMDLINE_LEN} fit: \
+                         shorten `cmdline`, `command` or `env`, or build them into the image \
+                         (relive image build --entrypoint/--cmd/--env)",
+                        cmdline.len()
+                    )
+                } else {
+                    format!(
+                        "the command line is {} bytes long, at most {MAX_CMDLINE_LEN} fit: \
+                         shorten it",
+                        cmdline.len()
+                    )
+                };
+                let key = if vm.cmdline.is_some() {
+                    key
+                } else {
+                    at.key("image")
+                };
                 return Err(self.fail(BadValue, &key, m));
             }
             if cmdline.chars().any(char::is_control) {
@@ -378,11 +428,15 @@ impl Checker<'_> {
         if let Err(problem) = policy.check() {
             return Err(self.fail(BadPolicy, &blame(problem.keys), problem.message));
         }
-        if kernel == KernelSpec::Bundled {
+        if kernel == KernelSpec::Bundled || app.is_some() {
             let hb_ms = bundled_heartbeat_ms(vm.cmdline.as_deref().unwrap_or(""))
                 .map_err(|m| self.fail(BadValue, &at.key("cmdline"), m))?;
-            let interval =
-                Duration::from_millis(hb_ms.unwrap_or(relive_images::guest::DEFAULT_HB_MS));
+            let default_hb_ms = if app.is_some() {
+                AGENT_DEFAULT_HB_MS
+            } else {
+                relive_images::guest::DEFAULT_HB_MS
+            };
+            let interval = Duration::from_millis(hb_ms.unwrap_or(default_hb_ms));
             if policy.heartbeat_timeout < interval.saturating_mul(2) {
                 let key = if own.is_some_and(|p| p.sets("heartbeat_timeout")) || hb_ms.is_none() {
                     blame(&["heartbeat_timeout"])
@@ -404,14 +458,104 @@ impl Checker<'_> {
             name: vm.name.clone(),
             kernel,
             initrd,
-            cmdline: vm.cmdline.clone(),
+            cmdline,
             vcpus,
             memory_mib,
             limits,
             policy,
             images_dir: state_dir.join(&vm.name).join("images"),
             jail: Jail::Off,
+            app,
         })
+    }
+
+    /// A container VM's `image`, `command`, `env` and `restart`; `None` for
+    /// a kernel VM (which may set none of them but `image`'s absence).
+    fn check_app(&self, at: &KeyPath, vm: &RawVm) -> Result<Option<AppSpec>, ConfigError> {
+        use ConfigErrorKind::*;
+        let Some(image) = vm.image.as_deref() else {
+            for (key, set) in [
+                ("command", vm.command.is_some()),
+                ("env", vm.env.is_some()),
+                ("restart", vm.restart.is_some()),
+            ] {
+                if set {
+                    let m = format!(
+                        "`{key}` is for container VMs: add `image:` (built by `relive image \
+                         build`), or remove `{key}`"
+                    );
+                    return Err(self.fail(BadValue, &at.key(key), m));
+                }
+            }
+            return Ok(None);
+        };
+        let image = self.existing_file(&at.key("image"), image, "image")?;
+        let command = match &vm.command {
+            Some(c) if c.is_empty() || c[0].is_empty() => {
+                let m = "an empty command runs nothing: give the program and its arguments, \
+                         like [\"/bin/sh\", \"-c\", \"echo hi\"], or remove `command` to run \
+                         the image's"
+                    .into();
+                return Err(self.fail(BadValue, &at.key("command"), m));
+            }
+            other => other.clone(),
+        };
+        let mut env = Vec::new();
+        for (name, value) in vm.env.iter().flatten() {
+            if name.is_empty() || name.contains('=') || name.chars().any(char::is_control) {
+                let m = format!(
+                    "{name:?} is not an environment variable name: use letters, digits and \
+                     `_`, without `=`"
+                );
+                return Err(self.fail(BadValue, &at.key("env").key(name), m));
+            }
+            env.push(format!("{name}={value}"));
+        }
+        let restart = match vm.restart.as_deref() {
+            None | Some("on-failure") => Restart::OnFailure,
+            Some("always") => Restart::Always,
+            Some("never") => Restart::Never,
+            Some(other) => {
+                let m = format!(
+                    "{other:?} is not a restart policy: use on-failure (the default), always \
+                     or never"
+                );
+                return Err(self.fail(BadValue, &at.key("restart"), m));
+            }
+        };
+        Ok(Some(AppSpec {
+            image,
+            command,
+            env,
+            restart,
+        }))
+    }
+
+    /// The fleet's `container_kernel`, which must exist once a VM needs it.
+    fn container_kernel(
+        &self,
+        at: &KeyPath,
+        configured: Option<&str>,
+    ) -> Result<KernelSpec, ConfigError> {
+        use ConfigErrorKind::MissingFile;
+        let Some(path) = configured else {
+            let default = Path::new(DEFAULT_CONTAINER_KERNEL);
+            if default.is_file() {
+                return Ok(KernelSpec::Path(default.to_path_buf()));
+            }
+            let m = format!(
+                "this image VM needs a Linux kernel, and {DEFAULT_CONTAINER_KERNEL} (the default \
+                 container_kernel) is missing: run scripts/setup.sh as root (it installs \
+                 Debian's cloud kernel there), or set `container_kernel:` to an ELF vmlinux or \
+                 bzImage"
+            );
+            return Err(self.fail(MissingFile, &at.key("image"), m));
+        };
+        Ok(KernelSpec::Path(self.existing_file(
+            &root("container_kernel"),
+            path,
+            "container kernel",
+        )?))
     }
 
     fn check_limits(
@@ -555,4 +699,24 @@ pub(super) fn bundled_heartbeat_ms(cmdline: &str) -> Result<Option<u64>, String>
              milliseconds, like relive.hb_ms=100"
         )),
     }
+}
+
+/// An image VM's kernel command line: relive's own ([`CONTAINER_CMDLINE`]),
+/// the app's command and env for the agent (`relive.run=HEX`, the hex of a
+/// JSON object `{"command": [...], "env": [...]}`, when either is set), then
+/// the VM's own `cmdline`.
+pub(super) fn container_cmdline(app: &AppSpec, own: Option<&str>) -> String {
+    let mut line = CONTAINER_CMDLINE.to_string();
+    if app.command.is_some() || !app.env.is_empty() {
+        let run = serde_json::json!({ "command": app.command, "env": app.env });
+        line.push_str(" relive.run=");
+        for byte in run.to_string().bytes() {
+            line.push_str(&format!("{byte:02x}"));
+        }
+    }
+    if let Some(own) = own.filter(|o| !o.trim().is_empty()) {
+        line.push(' ');
+        line.push_str(own.trim());
+    }
+    line
 }

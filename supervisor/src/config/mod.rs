@@ -30,9 +30,14 @@
 //! | `jail` | `true` as root, `false` otherwise | start VMMs jailed (own namespaces, a root holding only the VM's images and console, no capabilities): `true` (as uid and gid 65534), `{ uid: N, gid: N }` (not 0), or `false`; needs the supervisor to run as root |
 //! | `vms` | required | the VMs, at least one |
 //! | `vms[].name` | required | `a-z`, `0-9` and `-`, 1 to 48 characters, starting and ending with a letter or digit; unique |
-//! | `vms[].kernel` | required | `bundled` (relive's own guest) or the path of an ELF vmlinux or bzImage (`./bundled` for a file of that name) |
+//! | `container_kernel` | `/var/lib/relive/vmlinux` | the Linux kernel of every `image:` VM (`scripts/setup.sh` installs Debian's cloud kernel there) |
+//! | `vms[].kernel` | required without `image` | `bundled` (relive's own guest) or the path of an ELF vmlinux or bzImage (`./bundled` for a file of that name) |
+//! | `vms[].image` | none | a container image built by `relive image build` (an initramfs whose `/init` is `relive-agent`): the VM boots `container_kernel` with it; not with `kernel` or `initrd` |
+//! | `vms[].command` | the image's | with `image`: the app's whole command line, a list (replaces the image's entrypoint and cmd) |
+//! | `vms[].env` | none | with `image`: a map of environment variables added to (or replacing those of) the image's |
+//! | `vms[].restart` | `on-failure` | with `image`, what the app's end means: `on-failure` (a non-zero exit or a signal is a failure, restored by the policy; exit 0 stops the VM: it is done), `always` (exit 0 restarts it from its boot image), `never` (exit 0 stops it, any other end marks it `failed`) |
 //! | `vms[].initrd` | none | path of an initrd |
-//! | `vms[].cmdline` | none | kernel command line, at most 2047 bytes, no control characters |
+//! | `vms[].cmdline` | none | kernel command line, at most 2047 bytes, no control characters; with `image`, added after relive's own (`console=ttyS0 panic=-1 quiet ...`) |
 //! | `vms[].vcpus` | 1 | 1 to the host's cores |
 //! | `vms[].memory_mib` | 128 | guest memory, at least 16 MiB, at most the host's RAM |
 //! | `vms[].limits.cpu_percent` | none | CPU quota of the VMM process, in percent of one core: 1 to 100 × host cores |
@@ -70,7 +75,8 @@
 //! and `standby_timeout` > 0); `defaults` must
 //! pass on its own. A VM on the bundled guest needs `heartbeat_timeout` of at
 //! least twice its heartbeat interval (`relive.hb_ms` on its command line,
-//! 100 ms when absent). The API's and the metrics listener's addresses must
+//! 100 ms when absent); so does an `image:` VM, whose agent heartbeats every
+//! `relive.hb_ms` (1000 ms when absent). The API's and the metrics listener's addresses must
 //! be loopback and distinct.
 
 use std::collections::HashMap;
@@ -226,7 +232,61 @@ pub struct VmSpec {
     pub images_dir: PathBuf,
     /// Whether its VMMs run jailed (the fleet's `jail`).
     pub jail: Jail,
+    /// A container VM's app (`image:`); its kernel, initrd and command line
+    /// are set from it.
+    pub app: Option<AppSpec>,
 }
+
+/// A container VM's app (`image:`): what the guest agent runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppSpec {
+    /// The image (initramfs), absolute; it is the VM's initrd.
+    pub image: PathBuf,
+    /// The app's whole command line, replacing the image's.
+    pub command: Option<Vec<String>>,
+    /// `NAME=value` added to the image's environment.
+    pub env: Vec<String>,
+    /// What the app's end means.
+    pub restart: Restart,
+}
+
+/// What a container app's end means (`vms[].restart`), like Kubernetes'
+/// `restartPolicy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Restart {
+    /// A non-zero exit or a signal is a failure (the policy restores the
+    /// VM); exit 0 stops it.
+    OnFailure,
+    /// A non-zero exit or a signal is a failure; exit 0 restarts the VM
+    /// from its boot image.
+    Always,
+    /// Exit 0 stops the VM; any other end marks it failed.
+    Never,
+}
+
+impl Restart {
+    /// The value as written in the fleet file.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Restart::OnFailure => "on-failure",
+            Restart::Always => "always",
+            Restart::Never => "never",
+        }
+    }
+}
+
+/// Where an `image:` VM's kernel is when the fleet does not say
+/// (`container_kernel`); `scripts/setup.sh` installs Debian's cloud kernel
+/// there.
+pub const DEFAULT_CONTAINER_KERNEL: &str = "/var/lib/relive/vmlinux";
+
+/// Heartbeat period of `relive-agent` without `relive.hb_ms`.
+pub const AGENT_DEFAULT_HB_MS: u64 = 1000;
+
+/// The kernel command line relive gives every `image:` VM (before the VM's
+/// own `cmdline`): the console on COM1, reboot on panic (relive sees the
+/// panic), no boot chatter, and no probing of absent legacy devices.
+pub const CONTAINER_CMDLINE: &str = "console=ttyS0 panic=-1 quiet initcall_blacklist=cmos_init";
 
 /// The kernel a VM boots.
 #[derive(Debug, Clone, PartialEq, Eq)]

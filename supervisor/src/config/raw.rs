@@ -10,6 +10,7 @@ pub(super) struct RawFleet {
     pub(super) metrics: Option<RawMetrics>,
     pub(super) defaults: Option<RawPolicy>,
     pub(super) jail: Option<RawJail>,
+    pub(super) container_kernel: Option<String>,
     pub(super) vms: Option<Vec<RawVm>>,
 }
 
@@ -47,7 +48,11 @@ pub(super) struct RawMetrics {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawVm {
     pub(super) name: String,
-    pub(super) kernel: String,
+    pub(super) kernel: Option<String>,
+    pub(super) image: Option<String>,
+    pub(super) command: Option<Vec<String>>,
+    pub(super) env: Option<std::collections::BTreeMap<String, String>>,
+    pub(super) restart: Option<String>,
     pub(super) initrd: Option<String>,
     pub(super) cmdline: Option<String>,
     pub(super) vcpus: Option<u8>,

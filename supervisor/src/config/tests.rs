@@ -847,3 +847,158 @@ fn jail_defaults_on_as_root_and_takes_ids_or_false() {
         "{error}"
     );
 }
+
+#[test]
+fn an_image_vm_boots_the_container_kernel_with_its_image_and_the_apps_command_and_env() {
+    let dir = TempDir::new();
+    dir.write("k/vmlinux", "ELF");
+    dir.write("app.cpio", "cpio");
+    let config = parse_in(
+        &dir,
+        r#"container_kernel: k/vmlinux
+vms:
+  - name: web
+    image: app.cpio
+    command: ["/bin/sh", "-c", "echo hi"]
+    env: { MODE: test, B: "2" }
+    restart: always
+    cmdline: relive.hb_ms=500
+  - name: job
+    image: ./app.cpio
+"#,
+    )
+    .unwrap();
+    let base = &dir.0;
+    let web = config.vm("web").unwrap();
+    assert_eq!(web.kernel, KernelSpec::Path(base.join("k/vmlinux")));
+    assert_eq!(web.initrd, Some(base.join("app.cpio")));
+    let app = web.app.as_ref().unwrap();
+    assert_eq!(app.restart, Restart::Always);
+    assert_eq!(app.env, ["B=2", "MODE=test"]);
+    let cmdline = web.cmdline.as_deref().unwrap();
+    assert!(cmdline.starts_with(CONTAINER_CMDLINE), "{cmdline}");
+    assert!(cmdline.ends_with(" relive.hb_ms=500"), "{cmdline}");
+    // The agent's half of relive.run= (agent/src/main.rs) reads this JSON.
+    let hex = cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("relive.run="))
+        .unwrap();
+    let json: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect();
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&json).unwrap(),
+        serde_json::json!({"command": ["/bin/sh", "-c", "echo hi"], "env": ["B=2", "MODE=test"]})
+    );
+    // Nothing to pass: no relive.run at all; the default restart.
+    let job = config.vm("job").unwrap();
+    assert_eq!(job.cmdline.as_deref(), Some(CONTAINER_CMDLINE));
+    assert_eq!(job.app.as_ref().unwrap().restart, Restart::OnFailure);
+}
+
+#[test]
+fn image_vm_mistakes_are_named() {
+    let with = |yaml: &str| {
+        let dir = TempDir::new();
+        dir.write("k", "ELF");
+        dir.write("app.cpio", "cpio");
+        parse_in(
+            &dir,
+            &format!("container_kernel: k\nvms:\n  - name: a\n{yaml}"),
+        )
+        .map(|_| ())
+        .unwrap_err()
+    };
+    for (yaml, key, kind, says) in [
+        (
+            "    image: app.cpio\n    kernel: bundled\n",
+            "vms[0].kernel",
+            ConfigErrorKind::BadValue,
+            "either a kernel or a container image",
+        ),
+        (
+            "    image: app.cpio\n    initrd: app.cpio\n",
+            "vms[0].initrd",
+            ConfigErrorKind::BadValue,
+            "initrd is its image",
+        ),
+        (
+            "    image: nope.cpio\n",
+            "vms[0].image",
+            ConfigErrorKind::MissingFile,
+            "nope.cpio",
+        ),
+        (
+            "    kernel: bundled\n    command: [x]\n",
+            "vms[0].command",
+            ConfigErrorKind::BadValue,
+            "add `image:`",
+        ),
+        (
+            "    image: app.cpio\n    command: []\n",
+            "vms[0].command",
+            ConfigErrorKind::BadValue,
+            "runs nothing",
+        ),
+        (
+            "    image: app.cpio\n    restart: sometimes\n",
+            "vms[0].restart",
+            ConfigErrorKind::BadValue,
+            "on-failure (the default), always or never",
+        ),
+        (
+            "    image: app.cpio\n    env: { \"A=B\": x }\n",
+            "vms[0].env.A=B",
+            ConfigErrorKind::BadValue,
+            "not an environment variable name",
+        ),
+        (
+            "    image: app.cpio\n    cmdline: relive.hb_ms=1500\n",
+            "vms[0].cmdline",
+            ConfigErrorKind::BadPolicy,
+            "less than twice the guest's heartbeat interval",
+        ),
+        (
+            "    vcpus: 1\n",
+            "vms[0].kernel",
+            ConfigErrorKind::MissingKey,
+            "or `image:` with a container image",
+        ),
+    ] {
+        let e = with(yaml);
+        let text = e.to_string();
+        assert_eq!((e.kind(), e.key()), (kind, key), "{yaml}: {text}");
+        assert!(text.contains(says), "{yaml}: {text}");
+    }
+    // A command line too long for the kernel once command and env are on it.
+    let long = format!(
+        "    image: app.cpio\n    env: {{ A: \"{}\" }}\n",
+        "x".repeat(1100)
+    );
+    let text = with(&long).to_string();
+    assert!(
+        text.contains("vms[0].image") && text.contains("at most 2047"),
+        "{text}"
+    );
+}
+
+#[test]
+fn an_image_vm_without_a_container_kernel_says_how_to_get_one() {
+    if Path::new(DEFAULT_CONTAINER_KERNEL).exists() {
+        eprintln!("skipping: {DEFAULT_CONTAINER_KERNEL} exists on this host");
+        return;
+    }
+    let dir = TempDir::new();
+    dir.write("app.cpio", "cpio");
+    let e = parse_in(&dir, "vms:\n  - name: a\n    image: app.cpio\n").unwrap_err();
+    let text = e.to_string();
+    assert_eq!(
+        (e.kind(), e.key()),
+        (ConfigErrorKind::MissingFile, "vms[0].image")
+    );
+    assert!(
+        text.contains("scripts/setup.sh") && text.contains("container_kernel"),
+        "{text}"
+    );
+}

@@ -13,6 +13,14 @@
 //! - Host to guest: [`encode_command`] validates one command line (at most
 //!   [`MAX_COMMAND_LEN`] bytes) and appends the `'\n'`; the host feeds the
 //!   bytes to `SerialDevice::enqueue`.
+//! - After every restore (cold or into a standby) the VMM sends one
+//!   [`restored_notice`]: `restored time=NS entropy=HEX`, the host's
+//!   `CLOCK_REALTIME` in ns and [`RESTORED_ENTROPY_BYTES`] fresh random
+//!   bytes, so that a guest agent can step its clock (it stood still while
+//!   the VM was an image) and reseed its RNG (every restore of one image
+//!   would otherwise draw the same numbers). `relive-agent` does both and
+//!   answers `restored reseeded=B clock_step_ms=D`; the bundled guest, with
+//!   neither an RNG nor a wall clock, takes the notice silently.
 //!
 //! # Defending the host
 //!
@@ -362,6 +370,35 @@ pub fn encode_command(line: &str) -> Result<Vec<u8>, AgentError> {
     encoded.extend_from_slice(bytes);
     encoded.push(b'\n');
     Ok(encoded)
+}
+
+/// Random bytes in a [`restored_notice`]: a full CRNG seed (256 bits).
+pub const RESTORED_ENTROPY_BYTES: usize = 32;
+
+/// The `restored time=NS entropy=HEX` notice (module docs), encoded as a
+/// command.
+///
+/// # Errors
+///
+/// When the host has no random bytes to give (`getrandom(2)` failed).
+pub fn restored_notice() -> io::Result<Vec<u8>> {
+    let mut entropy = [0u8; RESTORED_ENTROPY_BYTES];
+    let mut filled = 0;
+    while filled < entropy.len() {
+        filled += rustix::rand::getrandom(
+            &mut entropy[filled..],
+            rustix::rand::GetRandomFlags::empty(),
+        )?;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let mut line = format!("restored time={now} entropy=");
+    for byte in entropy {
+        line.push_str(&format!("{byte:02x}"));
+    }
+    encode_command(&line).map_err(io::Error::other)
 }
 
 #[cfg(test)]

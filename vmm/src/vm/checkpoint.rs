@@ -328,6 +328,7 @@ impl EventLoop {
                     // The guest cannot run: end the VM (the request gets the error).
                     let _ = self.stuck(&e);
                 }
+                self.notify_restored();
                 Ok(RestoreReport {
                     image_id: image.0,
                     path: image.1,
