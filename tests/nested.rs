@@ -31,6 +31,13 @@
 //! checkpoint, kill and restore of it in userspace that must go on counting
 //! from the image, with no reboot and no clocksource or lockup warning.
 //!
+//! A third L1 boot, of one CPU, runs a container app
+//! ([`container_apps_run_log_fail_over_and_reseed_on_kvm_amd_nested_under_qemu`]):
+//! an image built here from Debian's busybox-static by `relive image build`
+//! runs as an `image:` VM of a supervised fleet, and the scenario
+//! `tests/nested/container.sh` checks its logs, its restore after a kill,
+//! its RNG reseed and clock step after restores, and its typed app exit.
+//!
 //! For debugging, `RELIVE_NESTED_SCRIPT=FILE` runs the shell script FILE
 //! (executable; `/bin/relive-vmm` is there, and the files listed in
 //! `RELIVE_NESTED_FILES=A:B:..` too) as the only scenario in an L1 of
@@ -442,4 +449,86 @@ fn linux_guests_get_every_cpu_power_off_as_a_typed_exit_and_restore_where_they_w
         eprintln!("nested tier (linux): {line}");
     }
     report.assert_passed("linux", &scenarios);
+}
+
+/// The container test's app (`/app.sh` in its image): counts in `/counter`
+/// (a file in the initramfs, so in guest memory), each second one line with
+/// the count, 8 bytes of `/dev/urandom` and the guest's clock, on stdout
+/// (to `relive logs`) and on the console (which keeps every run's lines);
+/// `SIGUSR1` makes it exit 3.
+const CONTAINER_APP: &str = r#"#!/bin/sh
+trap 'echo "app: failing on purpose"; exit 3' USR1
+echo "greeting $GREETING"
+n=$(cat /counter 2>/dev/null || echo 0)
+echo "app: starting at count $n"
+while true; do
+    n=$((n + 1))
+    echo $n >/counter
+    line="count $n rand $(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \n') time $(date +%s)"
+    echo "$line"
+    echo "$line" >/dev/console
+    sleep 1
+done
+"#;
+
+#[test]
+fn container_apps_run_log_fail_over_and_reseed_on_kvm_amd_nested_under_qemu() {
+    if !tier_available() || std::env::var_os("RELIVE_NESTED_SCRIPT").is_some() {
+        return;
+    }
+    let dir = temp_dir();
+    // The image: Debian's static busybox and the app, as a root directory.
+    let root = dir.join("root");
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    for applet in ["sh", "cat", "head", "od", "tr", "date", "sleep"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n").unwrap();
+    std::fs::write(root.join("app.sh"), CONTAINER_APP).unwrap();
+    std::fs::set_permissions(
+        root.join("app.sh"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let relive = relive_testkit::bins::beside_exe("relive").unwrap();
+    let cpio = dir.join("app.cpio");
+    let started = Instant::now();
+    let built = common::run_with_timeout(
+        Command::new(&relive)
+            .args(["image", "build"])
+            .arg(&root)
+            .arg("-o")
+            .arg(&cpio)
+            .args([
+                "--entrypoint",
+                r#"["/bin/sh", "/app.sh"]"#,
+                "--env",
+                "PATH=/bin",
+            ]),
+        Duration::from_secs(60),
+    );
+    assert_eq!(built.code, Some(0), "relive image build: {built:?}");
+    eprintln!(
+        "nested tier (container): busybox image built in {:.2?}: {} bytes",
+        started.elapsed(),
+        std::fs::metadata(&cpio).unwrap().len()
+    );
+    let files = [
+        cpio,
+        repo_root().join(".cache/linux/vmlinux"),
+        relive,
+        repo_root().join("tests/nested/container.sh"),
+    ];
+    let scenarios = [("container", "container.sh".to_string(), &[][..])];
+    let report = run_l1("container", 1, &scenarios, &files);
+    for line in report
+        .report
+        .lines()
+        .filter(|l| l.starts_with("container: "))
+    {
+        eprintln!("nested tier (container): {line}");
+    }
+    report.assert_passed("container", &scenarios);
 }

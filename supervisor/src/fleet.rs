@@ -853,6 +853,15 @@ impl VmTask {
         if self.app_log.on_agent_line(&line) {
             return;
         }
+        // The agent's answer to the VMM's `restored` notice: whether the
+        // restored guest reseeded its RNG and stepped its clock.
+        if line.starts_with("restored ") {
+            if line.contains("error=") {
+                tracing::warn!(answer = %line, "the guest agent could not fully recover from the restore");
+            }
+            self.note("agent-restored", line);
+            return;
+        }
         if relive_control::heartbeat::is_heartbeat(&line) {
             self.last_heartbeat_at = Some(now);
             self.last_heartbeat = Some(line);
@@ -1822,9 +1831,10 @@ impl VmTask {
         match self.restore(&target).await {
             Ok((what, image_id, path)) => {
                 self.restores += 1;
-                let described = match &image_id {
-                    Some(id) => format!("the {} image {id}", what.kind()),
-                    None => format!("the {} image", what.kind()),
+                let described = match (&what, &image_id) {
+                    (RestoreTarget::Image(id), _) => format!("image {id}"),
+                    (_, Some(id)) => format!("the {} image {id}", what.kind()),
+                    (_, None) => format!("the {} image", what.kind()),
                 };
                 if what.restores_state() {
                     self.app_log.on_restored_state(&described);
