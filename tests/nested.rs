@@ -455,9 +455,10 @@ fn linux_guests_get_every_cpu_power_off_as_a_typed_exit_and_restore_where_they_w
 /// (a file in the initramfs, so in guest memory), each second one line with
 /// the count, 8 bytes of `/dev/urandom` and the guest's clock, on stdout
 /// (to `relive logs`) and on the console (which keeps every run's lines);
-/// `SIGUSR1` makes it exit 3.
+/// `SIGUSR1` makes it exit 3, `SIGUSR2` exit 0.
 const CONTAINER_APP: &str = r#"#!/bin/sh
 trap 'echo "app: failing on purpose"; exit 3' USR1
+trap 'echo "app: done"; exit 0' USR2
 echo "greeting $GREETING"
 n=$(cat /counter 2>/dev/null || echo 0)
 echo "app: starting at count $n"

@@ -12,7 +12,8 @@
 #      notice, read different bytes from /dev/urandom, and the guest's clock
 #      is the host's, not the image's;
 #   4. a non-zero exit of the app (SIGUSR1 makes it exit 3) is a typed
-#      `app-exit` failure that the policy restores.
+#      `app-exit` failure that the policy restores;
+#   5. its exit 0 (SIGUSR2) stops the VM, and `relive start` runs it anew.
 # Each check says `container: ok ...` or `container: FAIL ...`; the exit
 # status is 1 if any failed. Figures go out as `container: figure ...`.
 
@@ -40,14 +41,13 @@ vms:
     env: { GREETING: hello-from-the-fleet }
 EOF
 
-# wait_for SECONDS COMMAND...: until COMMAND succeeds (every 0.2 s).
+# wait_for SECONDS COMMAND...: until COMMAND succeeds (tried every 0.2 s),
+# at most SECONDS of L1 uptime.
 wait_for() {
-    limit=$1
+    end=$(awk -v u="$(now)" -v l="$1" 'BEGIN { print u + l }')
     shift
-    n=0
     until "$@" >/dev/null 2>&1; do
-        n=$((n + 1))
-        [ $n -gt $((limit * 5)) ] && return 1
+        awk -v u="$(now)" -v e="$end" 'BEGIN { exit !(u > e) }' && return 1
         sleep 0.2
     done
 }
@@ -100,14 +100,20 @@ say "killed the VMM (pid $pid) at count $before"
 if wait_for 60 has_event "restored"; then
     wait_for 30 sh -c "relive logs web -n 1000 2>/dev/null | sed -n 's/^count \([0-9]*\) .*/\1/p' | tail -1 | grep -qv '^$before\$'"
     sleep 2
+    # The log before the restore ends at count `shown`; the restored run
+    # goes on after it: its lines up to `shown` are not repeated, and the
+    # next one shown is shown + 1 (or + 2: a line the app printed just
+    # before the kill may be in the image's state but never reached the
+    # host). A run from scratch would start again at 1.
+    shown=$(logs | sed '/restored from the consistency image/,$d' | count_of | tail -1)
     after=$(logs | sed -n '/restored from the consistency image/,$p' | count_of | head -1)
     dups=$(relive --json logs web -n 1000 | sed -n 's/.*"seq":\([0-9]*\).*/\1/p' | sort -n | uniq -d | wc -l)
-    say "first count after the restore: $after (last before the kill: $before), repeated lines: $dups"
+    say "first count after the restore: $after (last shown before it: $shown, at the kill: $before), repeated lines: $dups"
     relive events -n 200 | grep "(restored)" | tail -1 | sed 's/^/container: figure: /'
-    if [ -n "$after" ] && [ "$after" -gt 1 ] && [ "$after" -le $((before + 1)) ] && [ "$dups" = 0 ]; then
+    if [ -n "$after" ] && [ -n "$shown" ] && [ "$after" -gt "$shown" ] && [ "$after" -le $((shown + 2)) ] && [ "$dups" = 0 ]; then
         say "ok: the app carried on from its consistency image"
     else
-        bad "the app did not carry on from the image (after=$after before=$before dups=$dups)"
+        bad "the app did not carry on from the image (after=$after shown=$shown dups=$dups)"
         dump
     fi
 else
@@ -118,17 +124,30 @@ fi
 # 3. Two restores of one image: different random bytes, the host's time.
 # `relive logs` does not show a restored run's lines again up to the count
 # already shown, so the runs are compared on the console, where the app
-# writes every line too: the second line after each restore (the first may
-# have been drawn before the agent took the `restored` notice).
+# writes every line too. Lines of the run before may still reach the
+# console after the failover began; the restored run is the one that starts
+# at the lowest count (the image's + 1), and its second line is compared
+# (the first may have been drawn before the agent took the `restored`
+# notice).
 image=$(relive --json events -n 200 | grep '"reason":"restored"' | tail -1 |
     sed -n 's/.*"image_id":"\([0-9a-f]*\)".*/\1/p')
 console=state/web/console.log
+# second_line FROM: the restored run's second line in the console from line FROM.
+second_line() {
+    tail -n +"$1" $console | tr -d '\r' | awk '
+        /^count / { n = $2 + 0; lines[NR] = $0; counts[NR] = n; if (min == "" || n < min) min = n }
+        END {
+            for (i = 1; i <= NR; i++) if (counts[i] == min) start = i
+            for (i = start + 1; i <= NR; i++) if ((i in counts) && counts[i] == min + 1) { print lines[i]; exit }
+        }'
+}
+has_second_line() { [ -n "$(second_line "$1")" ]; }
 lines=""
 for i in 1 2; do
     from=$(($(wc -l <$console) + 1))
     relive failover web --to "$image" >/dev/null || bad "failover $i to $image refused"
-    wait_for 60 sh -c "tail -n +$from $console | grep -c '^count' | grep -q '[2-9]'"
-    line=$(tail -n +$from $console | grep '^count' | sed -n 2p | tr -d '\r')
+    wait_for 60 has_second_line $from
+    line=$(second_line $from)
     host_time=$(date +%s)
     say "restore $i of image $image: '$line' (L1 time $host_time)"
     guest_time=$(echo "$line" | sed -n 's/.* time \([0-9]*\)$/\1/p')
@@ -164,6 +183,37 @@ if wait_for 60 sh -c "[ \$(relive events -n 200 | grep -c restored) -gt $restore
     fi
 else
     bad "no restore after the app exited 3"
+    dump
+fi
+
+# 5. The app exits 0: the VM is done (restart: on-failure), `stopped`; a
+#    start runs the app anew from its boot image (the warm one, taken as
+#    the app started: its count is where it was then, a few at most), after
+#    a new-run note in the log.
+after_run() { logs | sed -n '/a new run of the app/h; /a new run of the app/!H; ${x;p}' | count_of | head -1; }
+# Step 4 went to the boot image (a failure soon after restores of saved
+# state): this run began there. Two counts on, the app is stopped.
+run_has_count() { [ -n "$(after_run)" ]; }
+wait_for 60 run_has_count
+run_first=$(after_run)
+wait_for 60 sh -c "[ \$(relive logs web -n 1000 2>&1 | sed -n 's/^count \([0-9]*\) .*/\1/p' | tail -1) -ge $((${run_first:-0} + 2)) ]"
+at_stop=$(logs | count_of | tail -1)
+relive-vmm ctl "$(relive --json show web | sed -n 's/.*"socket": "\([^"]*\)".*/\1/p')" agent "signal 12" >/dev/null ||
+    bad "cannot send signal 12 to the app"
+if wait_for 60 sh -c "relive status | grep web | grep -q stopped"; then
+    say "ok: the app's exit 0 stopped the VM (at count $at_stop)"
+    relive start web >/dev/null || bad "relive start web refused"
+    wait_for 60 sh -c "relive logs web -n 1000 2>&1 | tail -1 | grep -q '^count'"
+    sleep 3
+    first=$(after_run)
+    if [ -n "$first" ] && [ "$first" = "$run_first" ] && [ "$first" -lt "$at_stop" ]; then
+        say "ok: relive start ran the app anew from its boot image (count $first after a new-run note, as after the last boot restore; $at_stop at the stop)"
+    else
+        bad "relive start did not run the app anew from its boot image (first count '$first', '$run_first' after the last boot restore, $at_stop at the stop)"
+        dump
+    fi
+else
+    bad "the VM is not stopped after the app's exit 0"
     dump
 fi
 say "figure: scenario took $(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }') s"
