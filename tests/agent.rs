@@ -171,7 +171,13 @@ fn the_agent_runs_the_app_as_pid_1_carries_its_output_reaps_and_forwards_sigterm
         &|l| l.starts_with("ready app=running pid="),
         &mut seen,
     );
-    let app_pid: u32 = ready.rsplit('=').next().unwrap().parse().unwrap();
+    let app_pid: u32 = ready
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("pid="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(ready.ends_with(" notices=restored"), "{ready}");
     assert!(app_pid > 1, "{ready}");
     for want in ["hello", "1000", "/work", "foo=bar"] {
         wait_line(

@@ -20,7 +20,8 @@
 //! at most 512 bytes (longer output is split):
 //!
 //! ```text
-//! ready app=running pid=P        once the app runs
+//! ready app=running pid=P notices=restored   once the app runs; asks
+//!                                the VMM for `restored` after a restore
 //! out N TEXT                     a line the app wrote on stdout
 //! err N TEXT                     ... on stderr; N counts both, from 1
 //! hb seq=S app=running|exited reaped=R   every hb_ms (config, default 1000)
@@ -441,7 +442,10 @@ fn run(config: &RunConfig, mut channel: std::fs::File) -> i32 {
         }
     };
     let app = child.id() as i32;
-    send(&mut channel, &format!("ready app=running pid={app}"));
+    send(
+        &mut channel,
+        &format!("ready app=running pid={app} notices=restored"),
+    );
     let (tx, rx) = mpsc::channel();
     for (kind, stream) in [
         (

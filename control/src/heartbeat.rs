@@ -38,6 +38,15 @@ pub fn is_heartbeat(line: &str) -> bool {
     line.starts_with("hb ")
 }
 
+/// Whether a `ready` line asks for the host's notice `name`: its
+/// `notices=a,b` field lists it (`relive-agent` says `notices=restored`).
+pub fn wants_notice(ready_line: &str, name: &str) -> bool {
+    ready_line
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("notices="))
+        .any(|list| list.split(',').any(|n| n == name))
+}
+
 /// Whether `line` says the guest is ready (`ready` or `ready ...`).
 pub fn is_ready(line: &str) -> bool {
     line == "ready" || line.starts_with("ready ")
@@ -70,5 +79,12 @@ mod tests {
         assert_eq!(Heartbeat::parse("hbseq=1"), None);
         assert!(is_heartbeat("hb seq=1"));
         assert!(is_ready("ready") && is_ready("ready v1") && !is_ready("readyish"));
+        assert!(wants_notice(
+            "ready app=running pid=9 notices=restored",
+            "restored"
+        ));
+        assert!(wants_notice("ready notices=x,restored", "restored"));
+        assert!(!wants_notice("ready counter=1 hash=2", "restored"));
+        assert!(!wants_notice("ready notices=restoredx", "restored"));
     }
 }

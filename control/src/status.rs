@@ -110,6 +110,10 @@ pub struct AppStatus {
     pub last_heartbeat: Option<String>,
     /// Its last line of any kind.
     pub last_line: Option<String>,
+    /// It asked for the `restored` notice after a restore (its `ready` line
+    /// said `notices=restored`, as `relive-agent`'s does).
+    #[serde(default)]
+    pub wants_restored: bool,
 }
 
 #[cfg(test)]

@@ -923,6 +923,8 @@ struct AgentState {
     last_heartbeat_at: Option<Instant>,
     /// The agent's `app exited ...`, parsed, and the line.
     app_exit: Option<(AppExit, String)>,
+    /// Its `ready` line asked for the `restored` notice.
+    wants_restored: bool,
 }
 
 impl AgentState {
@@ -931,6 +933,7 @@ impl AgentState {
             ready: app.ready,
             last_line: app.last_line.clone(),
             last_heartbeat: app.last_heartbeat.clone(),
+            wants_restored: app.wants_restored,
             ..AgentState::default()
         }
     }
@@ -1192,6 +1195,7 @@ impl EventLoop {
         } else if heartbeat::is_ready(&line) {
             let first = !self.agent.ready;
             self.agent.ready = true;
+            self.agent.wants_restored = heartbeat::wants_notice(&line, "restored");
             self.agent.ready_monotonic_ns = Some(monotonic_ns());
             // A warm boot image needs the vCPUs: not once they have stopped.
             if first && self.cfg.boot_image == Some(BootImageMode::Warm) && !self.vcpus.finished() {
@@ -1214,8 +1218,12 @@ impl EventLoop {
     }
 
     /// Tells the guest it was restored ([`devices::agent::restored_notice`]),
-    /// after whatever input the image had queued.
+    /// after whatever input the image had queued, if it asked for that: a
+    /// guest that did not would only spend exits reading it.
     fn notify_restored(&mut self) {
+        if !self.agent.wants_restored {
+            return;
+        }
         match devices::agent::restored_notice() {
             Ok(notice) => {
                 self.pending_input.extend(notice);

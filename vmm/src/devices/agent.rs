@@ -13,14 +13,16 @@
 //! - Host to guest: [`encode_command`] validates one command line (at most
 //!   [`MAX_COMMAND_LEN`] bytes) and appends the `'\n'`; the host feeds the
 //!   bytes to `SerialDevice::enqueue`.
-//! - After every restore (cold or into a standby) the VMM sends one
+//! - After every restore (cold or into a standby) of a guest whose `ready`
+//!   line asked for it (`notices=restored`), the VMM sends one
 //!   [`restored_notice`]: `restored time=NS entropy=HEX`, the host's
 //!   `CLOCK_REALTIME` in ns and [`RESTORED_ENTROPY_BYTES`] fresh random
 //!   bytes, so that a guest agent can step its clock (it stood still while
 //!   the VM was an image) and reseed its RNG (every restore of one image
 //!   would otherwise draw the same numbers). `relive-agent` does both and
-//!   answers `restored reseeded=B clock_step_ms=D`; the bundled guest, with
-//!   neither an RNG nor a wall clock, takes the notice silently.
+//!   answers `restored reseeded=B clock_step_ms=D`. The bundled guest, with
+//!   neither an RNG nor a wall clock, does not ask (it would take the notice
+//!   silently).
 //!
 //! # Defending the host
 //!

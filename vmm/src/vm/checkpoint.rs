@@ -503,6 +503,7 @@ impl EventLoop {
                 ready: self.agent.ready,
                 last_heartbeat: self.agent.last_heartbeat.clone(),
                 last_line: self.agent.last_line.clone(),
+                wants_restored: self.agent.wants_restored,
             },
         })
     }
