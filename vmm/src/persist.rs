@@ -31,8 +31,18 @@
 //! # VM restore order
 //!
 //! The irqchip and PIT are created first (as for a fresh VM), then
-//! `KVM_SET_PIT2`, `KVM_SET_CLOCK`, and `KVM_SET_IRQCHIP` for the master PIC,
-//! the slave PIC and the IOAPIC, all before the vCPUs are created.
+//! `KVM_SET_PIT2` and `KVM_SET_IRQCHIP` for the master PIC, the slave PIC
+//! and the IOAPIC, all before the vCPUs are created ([`restore_vm`]).
+//! `KVM_SET_CLOCK` comes last, once every vCPU's state (its TSC among its
+//! MSRs) is loaded ([`restore_clock`]). From the moment each is set, the
+//! guest's TSC and its kvmclock both advance with the host's time, so the
+//! time between the two settings would be skew between them: the clock is
+//! set forward by the time since vCPU 0's state was loaded, as
+//! [`save_vm`] took it back by the time since vCPU 0's state was saved.
+//! Without that (the clock saved after the vCPUs and set before them), a
+//! restored Linux on the nested kvm-amd tier saw its TSC fall 2-10 ms behind
+//! kvmclock across the restore and marked its TSC clocksource unstable
+//! ("skew is too large"); on any host the skew grows with the vCPUs.
 
 use kvm_bindings::{
     kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
@@ -293,6 +303,16 @@ const MSR_IA32_TSC: u32 = 0x10;
 
 /// Captures the state of a paused vCPU. `msr_index` is KVM's MSR index list.
 pub fn save_vcpu(id: u8, fd: &VcpuFd, msr_index: &[u32]) -> Result<VcpuState, StateError> {
+    save_vcpu_timed(id, fd, msr_index).map(|(state, _)| state)
+}
+
+/// [`save_vcpu`], and the host's `CLOCK_MONOTONIC` (ns) when its TSC was
+/// read (the middle of `KVM_GET_MSRS`): for [`save_vm`].
+pub fn save_vcpu_timed(
+    id: u8,
+    fd: &VcpuFd,
+    msr_index: &[u32],
+) -> Result<(VcpuState, u64), StateError> {
     let cpuid = fd
         .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm("KVM_GET_CPUID2"))?;
@@ -307,7 +327,9 @@ pub fn save_vcpu(id: u8, fd: &VcpuFd, msr_index: &[u32]) -> Result<VcpuState, St
         what: "the MSR list",
         source,
     })?;
+    let before = crate::vm::monotonic_ns();
     let n = fd.get_msrs(&mut msrs).map_err(kvm("KVM_GET_MSRS"))?;
+    let tsc_at = before + (crate::vm::monotonic_ns().saturating_sub(before)) / 2;
     let msrs = msrs.as_slice()[..n]
         .iter()
         .map(|e| MsrValue {
@@ -315,7 +337,7 @@ pub fn save_vcpu(id: u8, fd: &VcpuFd, msr_index: &[u32]) -> Result<VcpuState, St
             data: e.data,
         })
         .collect();
-    Ok(VcpuState {
+    let state = VcpuState {
         id,
         tsc_khz: fd.get_tsc_khz().ok(),
         cpuid: cpuid
@@ -352,11 +374,15 @@ pub fn save_vcpu(id: u8, fd: &VcpuFd, msr_index: &[u32]) -> Result<VcpuState, St
             "kvm_vcpu_events",
             &fd.get_vcpu_events().map_err(kvm("KVM_GET_VCPU_EVENTS"))?,
         ),
-    })
+    };
+    Ok((state, tsc_at))
 }
 
 /// Loads a saved state into a fresh vCPU, in the order the module docs give.
-pub fn restore_vcpu(fd: &VcpuFd, state: &VcpuState) -> Result<(), StateError> {
+///
+/// Gives the host's `CLOCK_MONOTONIC` (ns) when its TSC was set (just before
+/// `KVM_SET_MSRS`, whose first entry it is): for [`restore_clock`].
+pub fn restore_vcpu(fd: &VcpuFd, state: &VcpuState) -> Result<u64, StateError> {
     if let Some(khz) = state.tsc_khz {
         if fd.get_tsc_khz().ok() != Some(khz) {
             fd.set_tsc_khz(khz).map_err(kvm("KVM_SET_TSC_KHZ"))?;
@@ -411,6 +437,7 @@ pub fn restore_vcpu(fd: &VcpuFd, state: &VcpuState) -> Result<(), StateError> {
         what: "the MSR list",
         source,
     })?;
+    let tsc_at = crate::vm::monotonic_ns();
     let set = fd.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
     if set != ordered.len() {
         return Err(StateError::Msrs {
@@ -421,7 +448,7 @@ pub fn restore_vcpu(fd: &VcpuFd, state: &VcpuState) -> Result<(), StateError> {
     }
     fd.set_vcpu_events(&state.vcpu_events.get::<kvm_vcpu_events>()?)
         .map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
-    Ok(())
+    Ok(tsc_at)
 }
 
 /// What KVM holds for the VM itself.
@@ -448,9 +475,22 @@ fn get_irqchip(vm: &VmFd, chip_id: u32, name: &str) -> Result<KvmBlob, StateErro
     Ok(KvmBlob::of(name, &chip))
 }
 
-/// Captures the VM-wide KVM state (PIT, kvmclock, PICs, IOAPIC).
-pub fn save_vm(vm: &VmFd) -> Result<VmState, StateError> {
+/// Captures the VM-wide KVM state (PIT, kvmclock, PICs, IOAPIC) of a VM
+/// whose vCPU 0 had its TSC read at `tsc_at_ns` (host `CLOCK_MONOTONIC`,
+/// [`save_vcpu_timed`]).
+///
+/// The guest's TSC and its kvmclock both run on while the vCPUs are paused,
+/// so a clock read later than the TSC is ahead of it by the time between
+/// the two reads; the saved clock is taken back by that time, so that clock
+/// and TSC in the image describe the same instant (a restored Linux
+/// otherwise sees its TSC fall behind kvmclock by the gap and marks it
+/// unstable).
+pub fn save_vm(vm: &VmFd, tsc_at_ns: u64) -> Result<VmState, StateError> {
     let mut clock = vm.get_clock().map_err(kvm("KVM_GET_CLOCK"))?;
+    let read_at = crate::vm::monotonic_ns();
+    clock.clock = clock
+        .clock
+        .saturating_sub(read_at.saturating_sub(tsc_at_ns));
     // Only the clock value travels; the flags describe this host's clock.
     clock.flags = 0;
     Ok(VmState {
@@ -465,17 +505,28 @@ pub fn save_vm(vm: &VmFd) -> Result<VmState, StateError> {
     })
 }
 
-/// Loads the VM-wide KVM state into a VM that has its irqchip and PIT.
+/// Loads the VM-wide KVM state but the clock into a VM that has its
+/// irqchip and PIT (before its vCPUs; see "VM restore order").
 pub fn restore_vm(vm: &VmFd, state: &VmState) -> Result<(), StateError> {
     vm.set_pit2(&state.pit.get::<kvm_pit_state2>()?)
         .map_err(kvm("KVM_SET_PIT2"))?;
-    vm.set_clock(&state.clock.get::<kvm_clock_data>()?)
-        .map_err(kvm("KVM_SET_CLOCK"))?;
     for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
         vm.set_irqchip(&chip.get::<kvm_irqchip>()?)
             .map_err(kvm("KVM_SET_IRQCHIP"))?;
     }
     Ok(())
+}
+
+/// Sets the kvmclock: the last step of a restore, once vCPU 0's TSC was set
+/// at `tsc_at_ns` (host `CLOCK_MONOTONIC`, [`restore_vcpu`]). The guest's TSC
+/// has run on since, so the clock is set to its saved value plus that time:
+/// the two go on from the same instant, as they were saved ([`save_vm`]).
+pub fn restore_clock(vm: &VmFd, state: &VmState, tsc_at_ns: u64) -> Result<(), StateError> {
+    let mut clock = state.clock.get::<kvm_clock_data>()?;
+    clock.clock = clock
+        .clock
+        .saturating_add(crate::vm::monotonic_ns().saturating_sub(tsc_at_ns));
+    vm.set_clock(&clock).map_err(kvm("KVM_SET_CLOCK"))
 }
 
 /// The shared conformance check every [`Persist`] implementation passes.

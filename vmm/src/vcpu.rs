@@ -45,8 +45,8 @@ use relive_control::ExitReason;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::devices::PioBus;
-use crate::persist::{restore_vcpu, save_vcpu, StateError, VcpuState};
-use crate::vm::EventSink;
+use crate::persist::{restore_vcpu, save_vcpu_timed, StateError, VcpuState};
+use crate::vm::{monotonic_ns, EventSink};
 
 /// What the owner asks of a vCPU thread.
 #[derive(Debug)]
@@ -82,10 +82,13 @@ pub enum VcpuResponse {
     Paused,
     /// The vCPU runs again.
     Resumed,
-    /// The vCPU's state, or why it could not be captured.
-    Saved(Result<Box<VcpuState>, VcpuError>),
-    /// The state was loaded, or why not.
-    Restored(Result<(), VcpuError>),
+    /// The vCPU's state, or why it could not be captured; and the host's
+    /// `CLOCK_MONOTONIC` (ns) when its TSC was read (see
+    /// [`crate::persist::save_vm`]).
+    Saved(Result<Box<VcpuState>, VcpuError>, u64),
+    /// The state was loaded, or why not; and the host's `CLOCK_MONOTONIC`
+    /// (ns) when its TSC was set (see [`crate::persist::restore_clock`]).
+    Restored(Result<(), VcpuError>, u64),
 }
 
 impl VcpuResponse {
@@ -93,8 +96,8 @@ impl VcpuResponse {
         match self {
             VcpuResponse::Paused => "paused",
             VcpuResponse::Resumed => "resumed",
-            VcpuResponse::Saved(_) => "saved",
-            VcpuResponse::Restored(_) => "restored",
+            VcpuResponse::Saved(..) => "saved",
+            VcpuResponse::Restored(..) => "restored",
         }
     }
 }
@@ -345,33 +348,39 @@ impl Vcpu {
             }
             (VcpuEvent::Pause, _) => (VcpuRunState::Paused, Some(VcpuResponse::Paused)),
             (VcpuEvent::Resume, _) => (VcpuRunState::Running, Some(VcpuResponse::Resumed)),
-            (VcpuEvent::Save, VcpuRunState::Paused) => (
-                state,
-                Some(VcpuResponse::Saved(
-                    save_vcpu(self.id, &self.fd, &self.msr_index)
-                        .map(Box::new)
-                        .map_err(state_err("save")),
-                )),
-            ),
+            (VcpuEvent::Save, VcpuRunState::Paused) => {
+                let (saved, at) = match save_vcpu_timed(self.id, &self.fd, &self.msr_index) {
+                    Ok((saved, at)) => (Ok(Box::new(saved)), at),
+                    Err(e) => (Err(state_err("save")(e)), 0),
+                };
+                (state, Some(VcpuResponse::Saved(saved, at)))
+            }
             (VcpuEvent::Save, _) => (
                 state,
-                Some(VcpuResponse::Saved(Err(VcpuError::NotPaused {
-                    vcpu,
-                    what: "save its state",
-                }))),
-            ),
-            (VcpuEvent::Restore(saved), VcpuRunState::Paused) => (
-                state,
-                Some(VcpuResponse::Restored(
-                    restore_vcpu(&self.fd, &saved).map_err(state_err("load")),
+                Some(VcpuResponse::Saved(
+                    Err(VcpuError::NotPaused {
+                        vcpu,
+                        what: "save its state",
+                    }),
+                    0,
                 )),
             ),
+            (VcpuEvent::Restore(saved), VcpuRunState::Paused) => {
+                let (loaded, at) = match restore_vcpu(&self.fd, &saved) {
+                    Ok(at) => (Ok(()), at),
+                    Err(e) => (Err(state_err("load")(e)), 0),
+                };
+                (state, Some(VcpuResponse::Restored(loaded, at)))
+            }
             (VcpuEvent::Restore(_), _) => (
                 state,
-                Some(VcpuResponse::Restored(Err(VcpuError::NotPaused {
-                    vcpu,
-                    what: "load a state",
-                }))),
+                Some(VcpuResponse::Restored(
+                    Err(VcpuError::NotPaused {
+                        vcpu,
+                        what: "load a state",
+                    }),
+                    0,
+                )),
             ),
             (VcpuEvent::Finish, _) => (VcpuRunState::Finished, None),
         };
@@ -720,15 +729,20 @@ impl VcpuSet {
             .collect()
     }
 
-    /// Every vCPU's state, in index order.
-    pub fn save(&self, _paused: &Paused) -> Result<Vec<VcpuState>, VcpuError> {
+    /// Every vCPU's state, in index order, and the host's `CLOCK_MONOTONIC`
+    /// (ns) when vCPU 0's TSC was read.
+    pub fn save(&self, _paused: &Paused) -> Result<(Vec<VcpuState>, u64), VcpuError> {
         let deadline = Instant::now() + self.timeout;
         let posted = self.post_all(|_| VcpuEvent::Save);
         let mut states = Vec::with_capacity(self.handles.len());
+        let mut first_at = None;
         for (handle, seq) in self.handles.iter().zip(posted) {
             let seq = seq.ok_or(VcpuError::Gone { vcpu: handle.id })?;
             match handle.wait(seq, "save", deadline)? {
-                VcpuResponse::Saved(state) => states.push(*state?),
+                VcpuResponse::Saved(state, at) => {
+                    states.push(*state?);
+                    first_at.get_or_insert(at);
+                }
                 other => {
                     return Err(VcpuError::Unexpected {
                         vcpu: handle.id,
@@ -738,11 +752,12 @@ impl VcpuSet {
                 }
             }
         }
-        Ok(states)
+        Ok((states, first_at.unwrap_or_else(monotonic_ns)))
     }
 
-    /// Loads `states` (in index order) into the vCPUs.
-    pub fn load(&self, _paused: &Paused, states: &[VcpuState]) -> Result<(), VcpuError> {
+    /// Loads `states` (in index order) into the vCPUs; gives the host's
+    /// `CLOCK_MONOTONIC` (ns) when vCPU 0's TSC was set.
+    pub fn load(&self, _paused: &Paused, states: &[VcpuState]) -> Result<u64, VcpuError> {
         if states.len() != self.handles.len() {
             return Err(VcpuError::Count {
                 vcpus: self.handles.len(),
@@ -751,10 +766,14 @@ impl VcpuSet {
         }
         let deadline = Instant::now() + self.timeout;
         let posted = self.post_all(|i| VcpuEvent::Restore(Box::new(states[i].clone())));
+        let mut first_at = None;
         for (handle, seq) in self.handles.iter().zip(posted) {
             let seq = seq.ok_or(VcpuError::Gone { vcpu: handle.id })?;
             match handle.wait(seq, "restore", deadline)? {
-                VcpuResponse::Restored(result) => result?,
+                VcpuResponse::Restored(result, at) => {
+                    result?;
+                    first_at.get_or_insert(at);
+                }
                 other => {
                     return Err(VcpuError::Unexpected {
                         vcpu: handle.id,
@@ -764,7 +783,7 @@ impl VcpuSet {
                 }
             }
         }
-        Ok(())
+        Ok(first_at.unwrap_or_else(monotonic_ns))
     }
 
     /// Ends every vCPU thread and waits for them (the set is empty after).
@@ -812,7 +831,7 @@ mod tests {
                     VcpuEvent::Finish => return,
                     _ => (
                         *thread_state.lock().unwrap(),
-                        VcpuResponse::Restored(Ok(())),
+                        VcpuResponse::Restored(Ok(()), 0),
                     ),
                 };
                 *thread_state.lock().unwrap() = next;

@@ -41,7 +41,7 @@ use crate::devices::{
     PioBus, PowerOff, PvPanic, SerialDevice, SerialEventsSink, I8042,
 };
 use crate::memory::{self, GuestMemoryMmap};
-use crate::persist::{restore_vcpu, restore_vm, save_vm, Persist};
+use crate::persist::{restore_clock, restore_vcpu, restore_vm, save_vm, Persist};
 use crate::snapshot::{self, DeviceState, ImageConfig, ImageParts, LoadedImage, MachineState};
 use crate::vcpu::{self, PauseError, Paused, Vcpu, VcpuRunState, VcpuSet};
 use relive_control::heartbeat;
@@ -525,7 +525,10 @@ impl Vm {
         phases.mark("devices");
         let vcpus = match (&origin, entry) {
             (Origin::Image(image), _) => {
-                Self::restore_vcpus(&vm, &image.machine, &bus, &sink, &msr_index)?
+                let (vcpus, tsc_at) =
+                    Self::restore_vcpus(&vm, &image.machine, &bus, &sink, &msr_index)?;
+                restore_clock(&vm, &image.machine.vm, tsc_at).map_err(VmError::State)?;
+                vcpus
             }
             (Origin::Boot, Some(entry)) => {
                 Self::build_vcpus(&kvm, &vm, &cfg, entry, &bus, &sink, &msr_index)?
@@ -619,14 +622,18 @@ impl Vm {
             .collect()
     }
 
+    /// The vCPUs of `machine`, their state loaded; and the host's
+    /// `CLOCK_MONOTONIC` (ns) when vCPU 0's TSC was set (for
+    /// [`restore_clock`]).
     fn restore_vcpus(
         vm: &VmFd,
         machine: &MachineState,
         bus: &PioBus,
         sink: &EventSink,
         msr_index: &Arc<Vec<u32>>,
-    ) -> Result<Vec<Vcpu>, VmError> {
+    ) -> Result<(Vec<Vcpu>, u64), VmError> {
         let mut vcpus = Vec::with_capacity(machine.vcpus.len());
+        let mut first_at = None;
         for state in &machine.vcpus {
             let fd = vm
                 .create_vcpu(u64::from(state.id))
@@ -634,7 +641,8 @@ impl Vm {
                     what: "KVM_CREATE_VCPU",
                     source,
                 })?;
-            restore_vcpu(&fd, state).map_err(VmError::State)?;
+            let tsc_at = restore_vcpu(&fd, state).map_err(VmError::State)?;
+            first_at.get_or_insert(tsc_at);
             if tracing::enabled!(tracing::Level::DEBUG) {
                 match crate::persist::save_vcpu(state.id, &fd, msr_index) {
                     Ok(now) => {
@@ -655,7 +663,7 @@ impl Vm {
                 msr_index.clone(),
             ));
         }
-        Ok(vcpus)
+        Ok((vcpus, first_at.unwrap_or_else(monotonic_ns)))
     }
 
     fn build_devices(

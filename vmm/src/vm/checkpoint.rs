@@ -368,9 +368,11 @@ impl EventLoop {
             .map_err(StandbyRestoreError::Map)?;
         snapshot::overlay(&self.mem, &image)?;
         restore_vm(&self.vm, &image.machine.vm).map_err(StandbyRestoreError::VmState)?;
-        self.vcpus
+        let tsc_at = self
+            .vcpus
             .load(paused, &image.machine.vcpus)
             .map_err(StandbyRestoreError::Vcpu)?;
+        restore_clock(&self.vm, &image.machine.vm, tsc_at).map_err(StandbyRestoreError::VmState)?;
         self.devices
             .load_state(&self.cfg.console, &image.devices)
             .map_err(|e| StandbyRestoreError::Devices(Box::new(e)))?;
@@ -468,9 +470,9 @@ impl EventLoop {
     /// The VM's state while `paused`: vCPUs, VM-wide KVM state, devices, the
     /// agent's status, and the config and limits it runs with.
     pub(super) fn capture(&mut self, paused: &Paused) -> Result<Captured, CheckpointError> {
-        let vcpus = self.vcpus.save(paused).map_err(CheckpointError::Vcpu)?;
+        let (vcpus, tsc_at) = self.vcpus.save(paused).map_err(CheckpointError::Vcpu)?;
         let machine = MachineState {
-            vm: save_vm(&self.vm).map_err(CheckpointError::VmState)?,
+            vm: save_vm(&self.vm, tsc_at).map_err(CheckpointError::VmState)?,
             vcpus,
         };
         let device_err = |device| move |source| CheckpointError::Device { device, source };
