@@ -30,19 +30,35 @@
 //!
 //! # VM restore order
 //!
-//! The irqchip and PIT are created first (as for a fresh VM), then
-//! `KVM_SET_PIT2` and `KVM_SET_IRQCHIP` for the master PIC, the slave PIC
-//! and the IOAPIC, all before the vCPUs are created ([`restore_vm`]).
-//! `KVM_SET_CLOCK` comes last, once every vCPU's state (its TSC among its
-//! MSRs) is loaded ([`restore_clock`]). From the moment each is set, the
-//! guest's TSC and its kvmclock both advance with the host's time, so the
-//! time between the two settings would be skew between them: the clock is
-//! set forward by the time since vCPU 0's state was loaded, as
-//! [`save_vm`] took it back by the time since vCPU 0's state was saved.
-//! Without that (the clock saved after the vCPUs and set before them), a
-//! restored Linux on the nested kvm-amd tier saw its TSC fall 2-10 ms behind
-//! kvmclock across the restore and marked its TSC clocksource unstable
-//! ("skew is too large"); on any host the skew grows with the vCPUs.
+//! The irqchip, the PIT and the vCPUs are created first (as for a fresh
+//! VM), then `KVM_SET_PIT2`, `KVM_SET_CLOCK` (read back with
+//! `KVM_GET_CLOCK`), and `KVM_SET_IRQCHIP` for the master PIC, the slave
+//! PIC and the IOAPIC ([`restore_vm`]), then each vCPU's state.
+//!
+//! # The TSC and the kvmclock, as of one instant
+//!
+//! A guest reads time two ways, its TSC and its kvmclock, and while its
+//! vCPUs are paused both run on with the host. Each is read (and set) by its
+//! own ioctl, at its own moment: the kvmclock by the VM, each TSC (an MSR)
+//! by its vCPU. Saved and set as read, the two disagree by the time between
+//! the calls, and a Linux guest whose clocksource watchdog sees its TSC and
+//! kvmclock drift apart across a restore marks the TSC unstable (seen on the
+//! nested kvm-amd tier: 2-15 ms of skew on every restore, where the calls
+//! are slow). KVM says when its clock was read: `KVM_GET_CLOCK` gives the
+//! host TSC of that instant (`KVM_CLOCK_HOST_TSC`), and a vCPU's TSC is the
+//! host's plus an offset that KVM also gives (`KVM_VCPU_TSC_OFFSET`, Linux
+//! 5.16+): so the capture stores each guest TSC as it was at the clock's
+//! instant, host TSC + offset ([`TscReading::at`], [`VcpuState::set_tsc`]),
+//! and the image holds both as of that instant. On restore (the vCPUs
+//! created first: KVM has that clock reading only once a VM has vCPUs), the
+//! clock is set and read back ([`restore_vm`] gives a [`TscTarget`]), and
+//! each vCPU's TSC offset is set so that its TSC is the saved one plus the
+//! clock's advance since ([`restore_vcpu`]). No call's latency enters: on
+//! the nested tier `KVM_SET_MSRS` alone took 18 ms before KVM read its TSC,
+//! and a TSC written through it came out 18 ms behind. Where KVM gives no
+//! offset attribute, the TSC read or written through the MSR is moved by
+//! the host ticks measured around the call; without the host-TSC flag (no
+//! KVM master clock) both are restored as saved.
 
 use kvm_bindings::{
     kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
@@ -301,18 +317,165 @@ pub fn differences(saved: &VcpuState, now: &VcpuState) -> Vec<String> {
 /// IA32_TSC: restored first among the MSRs.
 const MSR_IA32_TSC: u32 = 0x10;
 
+/// `KVM_CLOCK_HOST_TSC`: `kvm_clock_data::host_tsc` is valid.
+const KVM_CLOCK_HOST_TSC: u32 = kvm_bindings::KVM_CLOCK_HOST_TSC;
+
+/// The host's TSC now: the counter KVM's own `rdtsc()` reads.
+pub fn host_tsc() -> u64 {
+    // SAFETY: RDTSC has no memory effects; every x86_64 CPU has it.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// The kvmclock as KVM read it, and the host TSC at that instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClockAnchor {
+    /// kvmclock, ns.
+    pub clock_ns: u64,
+    /// The host's TSC when KVM computed `clock_ns`.
+    pub host_tsc: u64,
+}
+
+/// What a restored vCPU's TSC must be written as: the saved value, moved on
+/// by the time the kvmclock has run since it was set to its saved value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TscTarget {
+    /// The kvmclock value of the image (the instant its TSCs were moved to).
+    pub saved_clock_ns: u64,
+    /// The kvmclock read back right after it was set.
+    pub now: ClockAnchor,
+}
+
+impl TscTarget {
+    /// The guest TSC at the instant of [`TscTarget::now`] of a vCPU whose
+    /// saved TSC is `saved` and runs at `khz`: the saved value plus the
+    /// kvmclock's advance since it was set, in guest ticks.
+    pub fn tsc_at_anchor(&self, saved: u64, khz: u32) -> u64 {
+        let clock_ns = self.now.clock_ns.saturating_sub(self.saved_clock_ns);
+        let ticks = u128::from(clock_ns) * u128::from(khz) / 1_000_000;
+        saved.wrapping_add(u64::try_from(ticks).unwrap_or(u64::MAX))
+    }
+
+    /// The guest TSC to write at host TSC `host_now` (host and guest TSC
+    /// rates taken as equal over that short time; an ioctl's own latency is
+    /// an error here, which [`set_tsc_offset`] does not have).
+    pub fn tsc_for(&self, saved: u64, khz: u32, host_now: u64) -> u64 {
+        self.tsc_at_anchor(saved, khz)
+            .wrapping_add(host_now.wrapping_sub(self.now.host_tsc))
+    }
+}
+
+/// How a vCPU's TSC was read at a save: its value, the host TSC around the
+/// read, and KVM's offset of it from the host TSC (where KVM gives it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TscReading {
+    /// The host TSC in the middle of `KVM_GET_MSRS`.
+    pub host_tsc: u64,
+    /// The guest TSC it read.
+    pub guest_tsc: u64,
+    /// `KVM_VCPU_TSC_OFFSET`: guest TSC = host TSC + offset, when unscaled.
+    pub offset: Option<u64>,
+}
+
+/// Host ticks within which a read TSC must agree with host TSC + offset
+/// for the offset to be trusted (else the TSC is scaled, or the reading
+/// odd): about 0.4 s at 2.5 GHz, far above an ioctl's latency, far below
+/// what a scaled TSC drifts from the host's.
+const OFFSET_AGREEMENT_TICKS: u64 = 1 << 30;
+
+impl TscReading {
+    /// The guest TSC at host TSC `host_tsc`: exactly host TSC + offset when
+    /// KVM gave an offset that agrees with the reading, else the reading
+    /// moved by the host ticks in between.
+    pub fn at(&self, host_tsc: u64) -> u64 {
+        if let Some(offset) = self.offset {
+            let expected = self.host_tsc.wrapping_add(offset);
+            let apart = expected.abs_diff(self.guest_tsc);
+            if apart < OFFSET_AGREEMENT_TICKS {
+                return host_tsc.wrapping_add(offset);
+            }
+        }
+        self.guest_tsc
+            .wrapping_add(host_tsc.wrapping_sub(self.host_tsc))
+    }
+}
+
+impl VcpuState {
+    /// The saved TSC.
+    pub fn tsc(&self) -> Option<u64> {
+        self.msrs
+            .iter()
+            .find(|m| m.index == MSR_IA32_TSC)
+            .map(|m| m.data)
+    }
+
+    /// Replaces the saved TSC (moving it to another instant).
+    pub fn set_tsc(&mut self, value: u64) {
+        for msr in self.msrs.iter_mut().filter(|m| m.index == MSR_IA32_TSC) {
+            msr.data = value;
+        }
+    }
+}
+
+vmm_sys_util::ioctl_iow_nr!(
+    KVM_SET_DEVICE_ATTR,
+    kvm_bindings::KVMIO,
+    0xe1,
+    kvm_bindings::kvm_device_attr
+);
+vmm_sys_util::ioctl_iow_nr!(
+    KVM_GET_DEVICE_ATTR,
+    kvm_bindings::KVMIO,
+    0xe2,
+    kvm_bindings::kvm_device_attr
+);
+
+/// The `KVM_VCPU_TSC_OFFSET` attribute, its value at address `addr`.
+fn tsc_offset_attr(addr: u64) -> kvm_bindings::kvm_device_attr {
+    kvm_bindings::kvm_device_attr {
+        flags: 0,
+        group: kvm_bindings::KVM_VCPU_TSC_CTRL,
+        attr: u64::from(kvm_bindings::KVM_VCPU_TSC_OFFSET),
+        addr,
+    }
+}
+
+/// The vCPU's TSC offset from the host's (`KVM_VCPU_TSC_OFFSET`, Linux
+/// 5.16+); `None` where KVM has no such attribute.
+pub fn tsc_offset(fd: &VcpuFd) -> Option<u64> {
+    let mut offset: u64 = 0;
+    let attr = tsc_offset_attr(std::ptr::addr_of_mut!(offset) as u64);
+    // SAFETY: KVM_GET_DEVICE_ATTR on a vCPU fd with this group and attribute
+    // writes one u64 at `attr.addr`, which is `offset`, alive for the call.
+    let ret = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(fd, KVM_GET_DEVICE_ATTR(), &attr) };
+    (ret == 0).then_some(offset)
+}
+
+/// Sets the vCPU's TSC offset from the host's: its TSC reads host TSC +
+/// `offset` from now on, whatever time the call itself takes.
+pub fn set_tsc_offset(fd: &VcpuFd, offset: u64) -> Result<(), StateError> {
+    let attr = tsc_offset_attr(std::ptr::addr_of!(offset) as u64);
+    // SAFETY: KVM_SET_DEVICE_ATTR with this group and attribute reads one
+    // u64 at `attr.addr`, which is `offset`, alive for the call.
+    let ret = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(fd, KVM_SET_DEVICE_ATTR(), &attr) };
+    if ret != 0 {
+        return Err(kvm("KVM_SET_DEVICE_ATTR (TSC offset)")(
+            kvm_ioctls::Error::last(),
+        ));
+    }
+    Ok(())
+}
+
 /// Captures the state of a paused vCPU. `msr_index` is KVM's MSR index list.
 pub fn save_vcpu(id: u8, fd: &VcpuFd, msr_index: &[u32]) -> Result<VcpuState, StateError> {
     save_vcpu_timed(id, fd, msr_index).map(|(state, _)| state)
 }
 
-/// [`save_vcpu`], and the host's `CLOCK_MONOTONIC` (ns) when its TSC was
-/// read (the middle of `KVM_GET_MSRS`): for [`save_vm`].
+/// [`save_vcpu`], and how its TSC was read: see "The TSC and the kvmclock".
 pub fn save_vcpu_timed(
     id: u8,
     fd: &VcpuFd,
     msr_index: &[u32],
-) -> Result<(VcpuState, u64), StateError> {
+) -> Result<(VcpuState, TscReading), StateError> {
     let cpuid = fd
         .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm("KVM_GET_CPUID2"))?;
@@ -327,9 +490,9 @@ pub fn save_vcpu_timed(
         what: "the MSR list",
         source,
     })?;
-    let before = crate::vm::monotonic_ns();
+    let before = host_tsc();
     let n = fd.get_msrs(&mut msrs).map_err(kvm("KVM_GET_MSRS"))?;
-    let tsc_at = before + (crate::vm::monotonic_ns().saturating_sub(before)) / 2;
+    let tsc_at = before.wrapping_add(host_tsc().wrapping_sub(before) / 2);
     let msrs = msrs.as_slice()[..n]
         .iter()
         .map(|e| MsrValue {
@@ -375,16 +538,26 @@ pub fn save_vcpu_timed(
             &fd.get_vcpu_events().map_err(kvm("KVM_GET_VCPU_EVENTS"))?,
         ),
     };
-    Ok((state, tsc_at))
+    let reading = TscReading {
+        host_tsc: tsc_at,
+        guest_tsc: state.tsc().unwrap_or(0),
+        offset: tsc_offset(fd),
+    };
+    Ok((state, reading))
 }
 
-/// Loads a saved state into a fresh vCPU, in the order the module docs give.
-///
-/// Gives the host's `CLOCK_MONOTONIC` (ns) when its TSC was set (just before
-/// `KVM_SET_MSRS`, whose first entry it is): for [`restore_clock`].
-pub fn restore_vcpu(fd: &VcpuFd, state: &VcpuState) -> Result<u64, StateError> {
+/// Loads a saved state into a fresh vCPU, in the order the module docs give;
+/// with `tsc`, its TSC is written as of the moment of writing ("The TSC and
+/// the kvmclock").
+pub fn restore_vcpu(
+    fd: &VcpuFd,
+    state: &VcpuState,
+    tsc: Option<&TscTarget>,
+) -> Result<(), StateError> {
+    let mut scaled = false;
     if let Some(khz) = state.tsc_khz {
         if fd.get_tsc_khz().ok() != Some(khz) {
+            scaled = true;
             fd.set_tsc_khz(khz).map_err(kvm("KVM_SET_TSC_KHZ"))?;
         }
     }
@@ -433,11 +606,15 @@ pub fn restore_vcpu(fd: &VcpuFd, state: &VcpuState) -> Result<u64, StateError> {
         })
         .collect();
     ordered.sort_by_key(|e| e.index != MSR_IA32_TSC);
+    if let (Some(target), Some(khz), Some(first)) = (tsc, state.tsc_khz, ordered.first_mut()) {
+        if first.index == MSR_IA32_TSC {
+            first.data = target.tsc_for(first.data, khz, host_tsc());
+        }
+    }
     let msrs = Msrs::from_entries(&ordered).map_err(|source| StateError::Fam {
         what: "the MSR list",
         source,
     })?;
-    let tsc_at = crate::vm::monotonic_ns();
     let set = fd.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
     if set != ordered.len() {
         return Err(StateError::Msrs {
@@ -446,9 +623,21 @@ pub fn restore_vcpu(fd: &VcpuFd, state: &VcpuState) -> Result<u64, StateError> {
             index: ordered[set].index,
         });
     }
+    // The MSR write above is off by the ioctl's own latency (18 ms seen on
+    // the nested tier); the offset is exact. Unscaled TSCs only: the offset
+    // is against the host TSC as it is.
+    if let (Some(target), Some(khz), Some(saved), false) = (tsc, state.tsc_khz, state.tsc(), scaled)
+    {
+        let offset = target
+            .tsc_at_anchor(saved, khz)
+            .wrapping_sub(target.now.host_tsc);
+        if let Err(e) = set_tsc_offset(fd, offset) {
+            tracing::debug!(error = %e, "no TSC offset attribute: the TSC stays as written");
+        }
+    }
     fd.set_vcpu_events(&state.vcpu_events.get::<kvm_vcpu_events>()?)
         .map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
-    Ok(tsc_at)
+    Ok(())
 }
 
 /// What KVM holds for the VM itself.
@@ -475,25 +664,20 @@ fn get_irqchip(vm: &VmFd, chip_id: u32, name: &str) -> Result<KvmBlob, StateErro
     Ok(KvmBlob::of(name, &chip))
 }
 
-/// Captures the VM-wide KVM state (PIT, kvmclock, PICs, IOAPIC) of a VM
-/// whose vCPU 0 had its TSC read at `tsc_at_ns` (host `CLOCK_MONOTONIC`,
-/// [`save_vcpu_timed`]).
-///
-/// The guest's TSC and its kvmclock both run on while the vCPUs are paused,
-/// so a clock read later than the TSC is ahead of it by the time between
-/// the two reads; the saved clock is taken back by that time, so that clock
-/// and TSC in the image describe the same instant (a restored Linux
-/// otherwise sees its TSC fall behind kvmclock by the gap and marks it
-/// unstable).
-pub fn save_vm(vm: &VmFd, tsc_at_ns: u64) -> Result<VmState, StateError> {
+/// Captures the VM-wide KVM state (PIT, kvmclock, PICs, IOAPIC), and where
+/// the kvmclock stood against the host TSC when it was read (when KVM says:
+/// see "The TSC and the kvmclock").
+pub fn save_vm(vm: &VmFd) -> Result<(VmState, Option<ClockAnchor>), StateError> {
     let mut clock = vm.get_clock().map_err(kvm("KVM_GET_CLOCK"))?;
-    let read_at = crate::vm::monotonic_ns();
-    clock.clock = clock
-        .clock
-        .saturating_sub(read_at.saturating_sub(tsc_at_ns));
+    let anchor = (clock.flags & KVM_CLOCK_HOST_TSC != 0).then_some(ClockAnchor {
+        clock_ns: clock.clock,
+        host_tsc: clock.host_tsc,
+    });
     // Only the clock value travels; the flags describe this host's clock.
     clock.flags = 0;
-    Ok(VmState {
+    clock.host_tsc = 0;
+    clock.realtime = 0;
+    let state = VmState {
         pit: KvmBlob::of(
             "kvm_pit_state2",
             &vm.get_pit2().map_err(kvm("KVM_GET_PIT2"))?,
@@ -502,31 +686,30 @@ pub fn save_vm(vm: &VmFd, tsc_at_ns: u64) -> Result<VmState, StateError> {
         pic_master: get_irqchip(vm, KVM_IRQCHIP_PIC_MASTER, "kvm_irqchip pic master")?,
         pic_slave: get_irqchip(vm, KVM_IRQCHIP_PIC_SLAVE, "kvm_irqchip pic slave")?,
         ioapic: get_irqchip(vm, KVM_IRQCHIP_IOAPIC, "kvm_irqchip ioapic")?,
-    })
+    };
+    Ok((state, anchor))
 }
 
-/// Loads the VM-wide KVM state but the clock into a VM that has its
-/// irqchip and PIT (before its vCPUs; see "VM restore order").
-pub fn restore_vm(vm: &VmFd, state: &VmState) -> Result<(), StateError> {
+/// Loads the VM-wide KVM state into a VM that has its irqchip and PIT
+/// (before its vCPUs); gives what their TSCs must be written as, when KVM
+/// says where its clock stands ("The TSC and the kvmclock").
+pub fn restore_vm(vm: &VmFd, state: &VmState) -> Result<Option<TscTarget>, StateError> {
     vm.set_pit2(&state.pit.get::<kvm_pit_state2>()?)
         .map_err(kvm("KVM_SET_PIT2"))?;
+    let saved = state.clock.get::<kvm_clock_data>()?;
+    vm.set_clock(&saved).map_err(kvm("KVM_SET_CLOCK"))?;
+    let now = vm.get_clock().map_err(kvm("KVM_GET_CLOCK"))?;
     for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
         vm.set_irqchip(&chip.get::<kvm_irqchip>()?)
             .map_err(kvm("KVM_SET_IRQCHIP"))?;
     }
-    Ok(())
-}
-
-/// Sets the kvmclock: the last step of a restore, once vCPU 0's TSC was set
-/// at `tsc_at_ns` (host `CLOCK_MONOTONIC`, [`restore_vcpu`]). The guest's TSC
-/// has run on since, so the clock is set to its saved value plus that time:
-/// the two go on from the same instant, as they were saved ([`save_vm`]).
-pub fn restore_clock(vm: &VmFd, state: &VmState, tsc_at_ns: u64) -> Result<(), StateError> {
-    let mut clock = state.clock.get::<kvm_clock_data>()?;
-    clock.clock = clock
-        .clock
-        .saturating_add(crate::vm::monotonic_ns().saturating_sub(tsc_at_ns));
-    vm.set_clock(&clock).map_err(kvm("KVM_SET_CLOCK"))
+    Ok((now.flags & KVM_CLOCK_HOST_TSC != 0).then_some(TscTarget {
+        saved_clock_ns: saved.clock,
+        now: ClockAnchor {
+            clock_ns: now.clock,
+            host_tsc: now.host_tsc,
+        },
+    }))
 }
 
 /// The shared conformance check every [`Persist`] implementation passes.

@@ -322,6 +322,8 @@ mod ioctl {
     ioctl_io_nr!(KVM_KVMCLOCK_CTRL, KVMIO, 0xad);
     ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
     ioctl_io_nr!(KVM_SET_TSC_KHZ, KVMIO, 0xa2);
+    ioctl_iow_nr!(KVM_SET_DEVICE_ATTR, KVMIO, 0xe1, kvm_device_attr);
+    ioctl_iow_nr!(KVM_GET_DEVICE_ATTR, KVMIO, 0xe2, kvm_device_attr);
 
     ioctl_iow_nr!(
         KVM_SET_USER_MEMORY_REGION,
@@ -380,6 +382,10 @@ fn vcpu_ioctls() -> Vec<u64> {
         KVM_GET_TSC_KHZ(),
         KVM_SET_TSC_KHZ(),
         KVM_KVMCLOCK_CTRL(),
+        // The TSC offset (KVM_VCPU_TSC_CTRL), read at a save, set at a
+        // restore.
+        KVM_GET_DEVICE_ATTR(),
+        KVM_SET_DEVICE_ATTR(),
     ]
     .to_vec()
 }

@@ -45,8 +45,8 @@ use relive_control::ExitReason;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::devices::PioBus;
-use crate::persist::{restore_vcpu, save_vcpu_timed, StateError, VcpuState};
-use crate::vm::{monotonic_ns, EventSink};
+use crate::persist::{restore_vcpu, save_vcpu_timed, StateError, TscReading, TscTarget, VcpuState};
+use crate::vm::EventSink;
 
 /// What the owner asks of a vCPU thread.
 #[derive(Debug)]
@@ -57,8 +57,9 @@ pub enum VcpuEvent {
     Resume,
     /// Capture the vCPU's state (only answered while paused).
     Save,
-    /// Load a saved state (only while paused; a standby restore).
-    Restore(Box<VcpuState>),
+    /// Load a saved state (only while paused; a standby restore), its TSC
+    /// written as of now when a target is given.
+    Restore(Box<VcpuState>, Option<TscTarget>),
     /// Stop the thread.
     Finish,
 }
@@ -69,7 +70,7 @@ impl VcpuEvent {
             VcpuEvent::Pause => "pause",
             VcpuEvent::Resume => "resume",
             VcpuEvent::Save => "save",
-            VcpuEvent::Restore(_) => "restore",
+            VcpuEvent::Restore(..) => "restore",
             VcpuEvent::Finish => "finish",
         }
     }
@@ -82,13 +83,11 @@ pub enum VcpuResponse {
     Paused,
     /// The vCPU runs again.
     Resumed,
-    /// The vCPU's state, or why it could not be captured; and the host's
-    /// `CLOCK_MONOTONIC` (ns) when its TSC was read (see
-    /// [`crate::persist::save_vm`]).
-    Saved(Result<Box<VcpuState>, VcpuError>, u64),
-    /// The state was loaded, or why not; and the host's `CLOCK_MONOTONIC`
-    /// (ns) when its TSC was set (see [`crate::persist::restore_clock`]).
-    Restored(Result<(), VcpuError>, u64),
+    /// The vCPU's state, or why it could not be captured; and how its TSC
+    /// was read (see "The TSC and the kvmclock" in [`crate::persist`]).
+    Saved(Result<Box<VcpuState>, VcpuError>, Option<TscReading>),
+    /// The state was loaded, or why not.
+    Restored(Result<(), VcpuError>),
 }
 
 impl VcpuResponse {
@@ -97,7 +96,7 @@ impl VcpuResponse {
             VcpuResponse::Paused => "paused",
             VcpuResponse::Resumed => "resumed",
             VcpuResponse::Saved(..) => "saved",
-            VcpuResponse::Restored(..) => "restored",
+            VcpuResponse::Restored(_) => "restored",
         }
     }
 }
@@ -350,8 +349,8 @@ impl Vcpu {
             (VcpuEvent::Resume, _) => (VcpuRunState::Running, Some(VcpuResponse::Resumed)),
             (VcpuEvent::Save, VcpuRunState::Paused) => {
                 let (saved, at) = match save_vcpu_timed(self.id, &self.fd, &self.msr_index) {
-                    Ok((saved, at)) => (Ok(Box::new(saved)), at),
-                    Err(e) => (Err(state_err("save")(e)), 0),
+                    Ok((saved, at)) => (Ok(Box::new(saved)), Some(at)),
+                    Err(e) => (Err(state_err("save")(e)), None),
                 };
                 (state, Some(VcpuResponse::Saved(saved, at)))
             }
@@ -362,25 +361,21 @@ impl Vcpu {
                         vcpu,
                         what: "save its state",
                     }),
-                    0,
+                    None,
                 )),
             ),
-            (VcpuEvent::Restore(saved), VcpuRunState::Paused) => {
-                let (loaded, at) = match restore_vcpu(&self.fd, &saved) {
-                    Ok(at) => (Ok(()), at),
-                    Err(e) => (Err(state_err("load")(e)), 0),
-                };
-                (state, Some(VcpuResponse::Restored(loaded, at)))
-            }
-            (VcpuEvent::Restore(_), _) => (
+            (VcpuEvent::Restore(saved, tsc), VcpuRunState::Paused) => (
                 state,
                 Some(VcpuResponse::Restored(
-                    Err(VcpuError::NotPaused {
-                        vcpu,
-                        what: "load a state",
-                    }),
-                    0,
+                    restore_vcpu(&self.fd, &saved, tsc.as_ref()).map_err(state_err("load")),
                 )),
+            ),
+            (VcpuEvent::Restore(..), _) => (
+                state,
+                Some(VcpuResponse::Restored(Err(VcpuError::NotPaused {
+                    vcpu,
+                    what: "load a state",
+                }))),
             ),
             (VcpuEvent::Finish, _) => (VcpuRunState::Finished, None),
         };
@@ -729,19 +724,21 @@ impl VcpuSet {
             .collect()
     }
 
-    /// Every vCPU's state, in index order, and the host's `CLOCK_MONOTONIC`
-    /// (ns) when vCPU 0's TSC was read.
-    pub fn save(&self, _paused: &Paused) -> Result<(Vec<VcpuState>, u64), VcpuError> {
+    /// Every vCPU's state, in index order, and how each one's TSC was read.
+    pub fn save(
+        &self,
+        _paused: &Paused,
+    ) -> Result<(Vec<VcpuState>, Vec<Option<TscReading>>), VcpuError> {
         let deadline = Instant::now() + self.timeout;
         let posted = self.post_all(|_| VcpuEvent::Save);
         let mut states = Vec::with_capacity(self.handles.len());
-        let mut first_at = None;
+        let mut read_at = Vec::with_capacity(self.handles.len());
         for (handle, seq) in self.handles.iter().zip(posted) {
             let seq = seq.ok_or(VcpuError::Gone { vcpu: handle.id })?;
             match handle.wait(seq, "save", deadline)? {
                 VcpuResponse::Saved(state, at) => {
                     states.push(*state?);
-                    first_at.get_or_insert(at);
+                    read_at.push(at);
                 }
                 other => {
                     return Err(VcpuError::Unexpected {
@@ -752,12 +749,17 @@ impl VcpuSet {
                 }
             }
         }
-        Ok((states, first_at.unwrap_or_else(monotonic_ns)))
+        Ok((states, read_at))
     }
 
-    /// Loads `states` (in index order) into the vCPUs; gives the host's
-    /// `CLOCK_MONOTONIC` (ns) when vCPU 0's TSC was set.
-    pub fn load(&self, _paused: &Paused, states: &[VcpuState]) -> Result<u64, VcpuError> {
+    /// Loads `states` (in index order) into the vCPUs, their TSCs written
+    /// as of the moment of writing with `tsc`.
+    pub fn load(
+        &self,
+        _paused: &Paused,
+        states: &[VcpuState],
+        tsc: Option<TscTarget>,
+    ) -> Result<(), VcpuError> {
         if states.len() != self.handles.len() {
             return Err(VcpuError::Count {
                 vcpus: self.handles.len(),
@@ -765,15 +767,11 @@ impl VcpuSet {
             });
         }
         let deadline = Instant::now() + self.timeout;
-        let posted = self.post_all(|i| VcpuEvent::Restore(Box::new(states[i].clone())));
-        let mut first_at = None;
+        let posted = self.post_all(|i| VcpuEvent::Restore(Box::new(states[i].clone()), tsc));
         for (handle, seq) in self.handles.iter().zip(posted) {
             let seq = seq.ok_or(VcpuError::Gone { vcpu: handle.id })?;
             match handle.wait(seq, "restore", deadline)? {
-                VcpuResponse::Restored(result, at) => {
-                    result?;
-                    first_at.get_or_insert(at);
-                }
+                VcpuResponse::Restored(result) => result?,
                 other => {
                     return Err(VcpuError::Unexpected {
                         vcpu: handle.id,
@@ -783,7 +781,7 @@ impl VcpuSet {
                 }
             }
         }
-        Ok(first_at.unwrap_or_else(monotonic_ns))
+        Ok(())
     }
 
     /// Ends every vCPU thread and waits for them (the set is empty after).
@@ -831,7 +829,7 @@ mod tests {
                     VcpuEvent::Finish => return,
                     _ => (
                         *thread_state.lock().unwrap(),
-                        VcpuResponse::Restored(Ok(()), 0),
+                        VcpuResponse::Restored(Ok(())),
                     ),
                 };
                 *thread_state.lock().unwrap() = next;

@@ -41,7 +41,7 @@ use crate::devices::{
     PioBus, PowerOff, PvPanic, SerialDevice, SerialEventsSink, I8042,
 };
 use crate::memory::{self, GuestMemoryMmap};
-use crate::persist::{restore_clock, restore_vcpu, restore_vm, save_vm, Persist};
+use crate::persist::{restore_vcpu, restore_vm, save_vm, Persist, TscTarget};
 use crate::snapshot::{self, DeviceState, ImageConfig, ImageParts, LoadedImage, MachineState};
 use crate::vcpu::{self, PauseError, Paused, Vcpu, VcpuRunState, VcpuSet};
 use relive_control::heartbeat;
@@ -495,11 +495,8 @@ impl Vm {
         phases.mark("memory-slots");
         let entry = match &origin {
             Origin::Boot => Some(boot::load(&mem, &cfg.boot)?),
-            Origin::Standby => None,
-            Origin::Image(image) => {
-                restore_vm(&vm, &image.machine.vm).map_err(VmError::State)?;
-                None
-            }
+            // An image's VM state is loaded with its vCPUs (restore_vcpus).
+            Origin::Standby | Origin::Image(_) => None,
         };
         let msr_index = Arc::new(
             kvm.get_msr_index_list()
@@ -525,10 +522,7 @@ impl Vm {
         phases.mark("devices");
         let vcpus = match (&origin, entry) {
             (Origin::Image(image), _) => {
-                let (vcpus, tsc_at) =
-                    Self::restore_vcpus(&vm, &image.machine, &bus, &sink, &msr_index)?;
-                restore_clock(&vm, &image.machine.vm, tsc_at).map_err(VmError::State)?;
-                vcpus
+                Self::restore_vcpus(&vm, &image.machine, &bus, &sink, &msr_index)?
             }
             (Origin::Boot, Some(entry)) => {
                 Self::build_vcpus(&kvm, &vm, &cfg, entry, &bus, &sink, &msr_index)?
@@ -622,27 +616,33 @@ impl Vm {
             .collect()
     }
 
-    /// The vCPUs of `machine`, their state loaded; and the host's
-    /// `CLOCK_MONOTONIC` (ns) when vCPU 0's TSC was set (for
-    /// [`restore_clock`]).
+    /// The VM state and the vCPUs of `machine`, their state loaded. The
+    /// vCPUs are created first: KVM reads its clock against the host TSC
+    /// (its master clock) only once a VM has vCPUs, and their TSCs are
+    /// written against that reading ("The TSC and the kvmclock" in
+    /// [`crate::persist`]).
     fn restore_vcpus(
         vm: &VmFd,
         machine: &MachineState,
         bus: &PioBus,
         sink: &EventSink,
         msr_index: &Arc<Vec<u32>>,
-    ) -> Result<(Vec<Vcpu>, u64), VmError> {
+    ) -> Result<Vec<Vcpu>, VmError> {
+        let fds = machine
+            .vcpus
+            .iter()
+            .map(|state| {
+                vm.create_vcpu(u64::from(state.id))
+                    .map_err(|source| VmError::KvmCall {
+                        what: "KVM_CREATE_VCPU",
+                        source,
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let tsc: Option<TscTarget> = restore_vm(vm, &machine.vm).map_err(VmError::State)?;
         let mut vcpus = Vec::with_capacity(machine.vcpus.len());
-        let mut first_at = None;
-        for state in &machine.vcpus {
-            let fd = vm
-                .create_vcpu(u64::from(state.id))
-                .map_err(|source| VmError::KvmCall {
-                    what: "KVM_CREATE_VCPU",
-                    source,
-                })?;
-            let tsc_at = restore_vcpu(&fd, state).map_err(VmError::State)?;
-            first_at.get_or_insert(tsc_at);
+        for (state, fd) in machine.vcpus.iter().zip(fds) {
+            restore_vcpu(&fd, state, tsc.as_ref()).map_err(VmError::State)?;
             if tracing::enabled!(tracing::Level::DEBUG) {
                 match crate::persist::save_vcpu(state.id, &fd, msr_index) {
                     Ok(now) => {
@@ -663,7 +663,7 @@ impl Vm {
                 msr_index.clone(),
             ));
         }
-        Ok((vcpus, first_at.unwrap_or_else(monotonic_ns)))
+        Ok(vcpus)
     }
 
     fn build_devices(

@@ -367,12 +367,10 @@ impl EventLoop {
         memory::map_file_over(&self.mem, image.base().file(), &layouts)
             .map_err(StandbyRestoreError::Map)?;
         snapshot::overlay(&self.mem, &image)?;
-        restore_vm(&self.vm, &image.machine.vm).map_err(StandbyRestoreError::VmState)?;
-        let tsc_at = self
-            .vcpus
-            .load(paused, &image.machine.vcpus)
+        let tsc = restore_vm(&self.vm, &image.machine.vm).map_err(StandbyRestoreError::VmState)?;
+        self.vcpus
+            .load(paused, &image.machine.vcpus, tsc)
             .map_err(StandbyRestoreError::Vcpu)?;
-        restore_clock(&self.vm, &image.machine.vm, tsc_at).map_err(StandbyRestoreError::VmState)?;
         self.devices
             .load_state(&self.cfg.console, &image.devices)
             .map_err(|e| StandbyRestoreError::Devices(Box::new(e)))?;
@@ -470,11 +468,17 @@ impl EventLoop {
     /// The VM's state while `paused`: vCPUs, VM-wide KVM state, devices, the
     /// agent's status, and the config and limits it runs with.
     pub(super) fn capture(&mut self, paused: &Paused) -> Result<Captured, CheckpointError> {
-        let (vcpus, tsc_at) = self.vcpus.save(paused).map_err(CheckpointError::Vcpu)?;
-        let machine = MachineState {
-            vm: save_vm(&self.vm, tsc_at).map_err(CheckpointError::VmState)?,
-            vcpus,
-        };
+        let (mut vcpus, read_at) = self.vcpus.save(paused).map_err(CheckpointError::Vcpu)?;
+        let (vm, clock) = save_vm(&self.vm).map_err(CheckpointError::VmState)?;
+        // Every TSC as of the clock's instant ("The TSC and the kvmclock").
+        if let Some(clock) = clock {
+            for (vcpu, reading) in vcpus.iter_mut().zip(read_at) {
+                if let Some(reading) = reading {
+                    vcpu.set_tsc(reading.at(clock.host_tsc));
+                }
+            }
+        }
+        let machine = MachineState { vm, vcpus };
         let device_err = |device| move |source| CheckpointError::Device { device, source };
         let devices = {
             let com1 = lock(&self.devices.com1)
