@@ -98,8 +98,10 @@ pid=$(vmm_pid)
 kill -9 "$pid"
 say "killed the VMM (pid $pid) at count $before"
 if wait_for 60 has_event "restored"; then
-    wait_for 30 sh -c "relive logs web -n 1000 2>/dev/null | sed -n 's/^count \([0-9]*\) .*/\1/p' | tail -1 | grep -qv '^$before\$'"
-    sleep 2
+    # The restored run shows its first line once its count passes what was
+    # shown: up to a few seconds after the restore.
+    counted_after_restore() { logs | sed -n '/restored from the consistency image/,$p' | grep -q '^count'; }
+    wait_for 60 counted_after_restore
     # The log before the restore ends at count `shown`; the restored run
     # goes on after it: its lines up to `shown` are not repeated, and the
     # next one shown is shown + 1 (or + 2: a line the app printed just
