@@ -49,6 +49,18 @@ wait_for() {
 }
 last_tick() { grep -o "^tick [0-9]*" $1 | tail -1 | cut -d' ' -f2; }
 
+# checkpoint KIND: a checkpoint of the running guest; sets img, and the
+# ticks the guest had printed when it was asked for and when it answered
+# (the image holds the guest as it was at some moment between the two:
+# asked_at < the first tick after its restore <= answered_at + 1).
+checkpoint() {
+    asked_at=$(last_tick /tmp/lt.log)
+    relive-vmm ctl /tmp/l.sock checkpoint $1 >/tmp/ck.txt
+    answered_at=$(last_tick /tmp/lt.log)
+    echo "linux checkpoint ($how, $1, $vcpus vCPUs): $(head -1 /tmp/ck.txt)"
+    img=$(tail -1 /tmp/ck.txt)
+}
+
 # restore_check HOW: full | incremental | standby
 restore_check() {
     how=$1
@@ -70,21 +82,10 @@ restore_check() {
         kill -9 $vmm
         return
     fi
-    # The image holds the guest as it was at some moment between the
-    # request and the reply: ticks asked_at < first after the restore <=
-    # answered_at + 1.
-    asked_at=$(last_tick /tmp/lt.log)
-    relive-vmm ctl /tmp/l.sock checkpoint full >/tmp/ck.txt
-    answered_at=$(last_tick /tmp/lt.log)
-    echo "linux checkpoint ($how, $vcpus vCPUs): $(head -1 /tmp/ck.txt)"
-    img=$(tail -1 /tmp/ck.txt)
+    checkpoint full
     if [ $how = incremental ]; then
         wait_for /tmp/lt.log "tick $((answered_at + 2)) " 30
-        asked_at=$(last_tick /tmp/lt.log)
-        relive-vmm ctl /tmp/l.sock checkpoint incremental >/tmp/ck.txt
-        answered_at=$(last_tick /tmp/lt.log)
-        echo "linux checkpoint ($how): $(head -1 /tmp/ck.txt)"
-        img=$(tail -1 /tmp/ck.txt)
+        checkpoint incremental
     fi
     if [ $how = standby ]; then
         relive-vmm standby --vcpus $vcpus --mem-mib 256 --control /tmp/r.sock --console /tmp/lr.log \
