@@ -27,7 +27,7 @@
 //! L1 boots of one CPU each share the work. One runs relive's `restore`
 //! and `vmm` test binaries. One runs Debian's cloud kernel as the L2 guest
 //! (`tests/nested/linux.sh`): to userspace (every CPU online, no ACPI
-//! error, `poweroff` as relive's typed exit), and checkpointed in
+//! error, `poweroff` and `reboot` as relive's typed exits), and checkpointed in
 //! userspace, killed and restored three ways (a full image cold, an
 //! incremental layer cold, a full image into a standby), each going on
 //! counting from the image with no reboot and no clocksource or lockup
@@ -382,9 +382,11 @@ fn linux_guests_reach_userspace_power_off_as_a_typed_exit_and_restore_where_they
 /// the same on two L1 CPUs, so that a guest of two vCPUs fits. An L1 of two
 /// CPUs under QEMU 7.2's TCG now and then wedges for good (QEMU idle, no L1
 /// timer firing), seen in about one run in five with two L1 CPUs (with
-/// multi-threaded and with single-threaded TCG) and in every run where an
-/// L2 Linux reboots; an L1 of one CPU never did. Until that is understood,
-/// a wedge would fail CI after [`L1_TIMEOUT`] for reasons outside relive.
+/// multi-threaded and with single-threaded TCG), and in every run where an
+/// L2 Linux rebooted without `reboot=k` (it then spins in a real-mode BIOS
+/// restart a microVM has no firmware for: see `tests/nested/linux.sh`); an
+/// L1 of one CPU never did. Until that is understood, a wedge would fail CI
+/// after [`L1_TIMEOUT`] for reasons outside relive.
 #[test]
 #[ignore = "a two-CPU L1 under TCG wedges now and then; run with --ignored"]
 fn linux_guests_get_both_cpus_of_two_and_restore_where_they_were() {

@@ -285,8 +285,12 @@ pub const AGENT_DEFAULT_HB_MS: u64 = 1000;
 
 /// The kernel command line relive gives every `image:` VM (before the VM's
 /// own `cmdline`): the console on COM1, reboot on panic (relive sees the
-/// panic), no boot chatter, and no probing of absent legacy devices.
-pub const CONTAINER_CMDLINE: &str = "console=ttyS0 panic=-1 quiet initcall_blacklist=cmos_init";
+/// panic), `reboot` through the i8042 (relive's typed `reset`; Linux's
+/// default on hardware-reduced ACPI without EFI is a real-mode BIOS restart
+/// that a microVM has no firmware for), no boot chatter, and no probing of
+/// absent legacy devices.
+pub const CONTAINER_CMDLINE: &str =
+    "console=ttyS0 panic=-1 reboot=k quiet initcall_blacklist=cmos_init";
 
 /// The kernel a VM boots.
 #[derive(Debug, Clone, PartialEq, Eq)]
