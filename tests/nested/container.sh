@@ -18,6 +18,10 @@
 # status is 1 if any failed. Figures go out as `container: figure ...`.
 
 fail=0
+# Every call is bounded: a hung call fails the scenario with what it was,
+# instead of holding the L1 until the host's limit.
+relive() { timeout 60 /bin/relive "$@"; }
+relive_vmm() { timeout 60 /bin/relive-vmm "$@"; }
 say() { echo "container: $*"; }
 bad() { say "FAIL $*"; fail=1; }
 now() { cut -d' ' -f1 /proc/uptime; }
@@ -70,7 +74,7 @@ dump() {
 }
 
 t0=$(now)
-relive up fleet.yaml >up.log 2>&1 &
+/bin/relive up fleet.yaml >up.log 2>&1 &
 up=$!
 
 # 1. The app's output reaches `relive logs`, its env included.
@@ -174,9 +178,10 @@ fi
 
 # 4. The app exits 3: a typed app-exit failure, restored by the policy.
 restores=$(relive events -n 200 | grep -c "restored")
-relive-vmm ctl "$(relive --json show web | sed -n 's/.*"socket": "\([^"]*\)".*/\1/p')" agent "signal 10" >/dev/null ||
+relive_vmm ctl "$(relive --json show web | sed -n 's/.*"socket": "\([^"]*\)".*/\1/p')" agent "signal 10" >/dev/null ||
     bad "cannot send signal 10 to the app"
-if wait_for 60 sh -c "[ \$(relive events -n 200 | grep -c restored) -gt $restores ]"; then
+restored_more() { [ "$(relive events -n 200 | grep -c restored)" -gt "$restores" ]; }
+if wait_for 60 restored_more; then
     if relive events -n 200 | grep "app-exit" | grep -q "exit code 3"; then
         say "ok: the app's exit 3 was an app-exit failure, and the VM was restored"
     else
@@ -198,14 +203,17 @@ after_run() { logs | sed -n '/a new run of the app/h; /a new run of the app/!H; 
 run_has_count() { [ -n "$(after_run)" ]; }
 wait_for 60 run_has_count
 run_first=$(after_run)
-wait_for 60 sh -c "[ \$(relive logs web -n 1000 2>&1 | sed -n 's/^count \([0-9]*\) .*/\1/p' | tail -1) -ge $((${run_first:-0} + 2)) ]"
+counted_past() { [ "$(logs | count_of | tail -1)" -ge $((${run_first:-0} + 2)) ]; }
+wait_for 60 counted_past
 at_stop=$(logs | count_of | tail -1)
-relive-vmm ctl "$(relive --json show web | sed -n 's/.*"socket": "\([^"]*\)".*/\1/p')" agent "signal 12" >/dev/null ||
+relive_vmm ctl "$(relive --json show web | sed -n 's/.*"socket": "\([^"]*\)".*/\1/p')" agent "signal 12" >/dev/null ||
     bad "cannot send signal 12 to the app"
-if wait_for 60 sh -c "relive status | grep web | grep -q stopped"; then
+is_stopped() { relive status | grep web | grep -q stopped; }
+if wait_for 60 is_stopped; then
     say "ok: the app's exit 0 stopped the VM (at count $at_stop)"
     relive start web >/dev/null || bad "relive start web refused"
-    wait_for 60 sh -c "relive logs web -n 1000 2>&1 | tail -1 | grep -q '^count'"
+    last_is_count() { logs | tail -1 | grep -q '^count'; }
+    wait_for 60 last_is_count
     sleep 3
     first=$(after_run)
     if [ -n "$first" ] && [ "$first" = "$run_first" ] && [ "$first" -lt "$at_stop" ]; then

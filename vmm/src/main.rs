@@ -644,8 +644,19 @@ fn images(json: bool, action: ImagesAction) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// How long `ctl` waits for a VMM's answer: a VMM that accepted the
+/// connection and never answers must not hold an operator's shell for ever.
+/// A checkpoint or a restore writes or reads a whole image: longer.
+const CTL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+const CTL_IMAGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
 fn ctl(socket: PathBuf, json: bool, action: CtlAction) -> anyhow::Result<ExitCode> {
-    let mut client = ControlClient::connect(&socket)?;
+    let timeout = match &action {
+        CtlAction::Watch => None,
+        CtlAction::Checkpoint { .. } | CtlAction::Restore { .. } => Some(CTL_IMAGE_TIMEOUT),
+        _ => Some(CTL_TIMEOUT),
+    };
+    let mut client = ControlClient::connect(&socket)?.with_timeout(timeout);
     let request = match &action {
         CtlAction::Status => Request::Status,
         CtlAction::Shutdown => Request::Shutdown,
