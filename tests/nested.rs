@@ -14,7 +14,9 @@
 //!    found beside this test's own executable), their shared libraries, and
 //!    an `/init` written here;
 //! 2. QEMU boots Debian's cloud kernel with it, one emulated CPU, 2 GiB, under
-//!    a hard time limit ([`L1_TIMEOUT`]);
+//!    a hard time limit ([`L1_TIMEOUT`]); an L1 whose serial ports stay
+//!    silent for [`L1_SILENCE`] (its `/init` prints a liveness line every
+//!    10 s) is wedged, and the test asks QEMU's monitor where its CPU is;
 //! 3. `/init` mounts what the tests need (proc, sys, devtmpfs, a tmpfs /tmp,
 //!    cgroup2), loads the modules, and runs each scenario with
 //!    `RELIVE_REQUIRE_KVM=1`; everything a scenario prints, and one line
@@ -61,6 +63,11 @@ use common::{env_flag, repo_root, temp_dir, ChildGuard};
 
 /// The L1 run, start to power-off, at most.
 const L1_TIMEOUT: Duration = Duration::from_secs(540);
+
+/// An L1 whose serial ports stay silent this long is wedged: its `/init`
+/// prints a liveness line every 10 s whatever the scenario does. The test
+/// then asks QEMU's monitor where the emulated CPU is and stops the run.
+const L1_SILENCE: Duration = Duration::from_secs(60);
 
 /// The test binaries run inside L1, each a scenario: `(name, test target,
 /// arguments)`. The target's binary is `target/<profile>/deps/<target>-<hash>`.
@@ -158,6 +165,16 @@ echo "+cpu +memory +pids" > /sys/fs/cgroup/cgroup.subtree_control 2>/dev/null
 exec 3>/dev/ttyS1
 say() { echo "$*" >&3; }
 up() { cut -d' ' -f1 /proc/uptime; }
+# Liveness on the L1 console: the host tells a wedged L1 (silent) from a
+# slow scenario by these lines, and the last ones say what ran.
+(
+    n=0
+    while sleep 10; do
+        n=$((n + 1))
+        echo "L1 alive: up $(up) s, load $(cut -d' ' -f1-4 /proc/loadavg)" >/dev/ttyS0
+        [ $((n % 3)) -eq 0 ] && top -b -n 1 | head -12 >/dev/ttyS0
+    done
+) &
 say "L1 up at $(up) s: $(uname -r), $(nproc) CPU, $(grep MemTotal /proc/meminfo)"
 for m in irqbypass kvm kvm-amd; do
     insmod /lib/relive-modules/$m.ko || say "insmod $m failed"
@@ -250,6 +267,7 @@ fn run_l1(label: &str, smp: u8, scenarios: &[Scenario<'_>], files: &[PathBuf]) -
 
     let console = dir.join("l1-console.log");
     let results = dir.join("l1-results.log");
+    let monitor = dir.join("qemu-monitor.sock");
     let started = Instant::now();
     let mut qemu = ChildGuard::spawn(
         Command::new("qemu-system-x86_64")
@@ -265,21 +283,31 @@ fn run_l1(label: &str, smp: u8, scenarios: &[Scenario<'_>], files: &[PathBuf]) -
             .arg("-initrd")
             .arg(&cpio)
             .args(["-append", "console=ttyS0 panic=-1 quiet"])
+            .arg("-monitor")
+            .arg(format!("unix:{},server=on,wait=off", monitor.display()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null()),
     );
-    let status = qemu.wait_timeout(L1_TIMEOUT);
+    let ended = wait_l1(&mut qemu, &[&console, &results], &monitor);
     let elapsed = started.elapsed();
     let report = L1Report {
         report: std::fs::read_to_string(&results).unwrap_or_default(),
         console: std::fs::read_to_string(&console).unwrap_or_default(),
     };
-    assert!(
-        status.is_some(),
-        "L1 ({label}) did not power off within {L1_TIMEOUT:?}\n{}",
-        report.context()
-    );
+    match ended {
+        L1End::PoweredOff => {}
+        L1End::TimedOut => panic!(
+            "L1 ({label}) did not power off within {L1_TIMEOUT:?}\n{}",
+            report.context()
+        ),
+        L1End::Silent(dump) => panic!(
+            "L1 ({label}) went silent for {L1_SILENCE:?} after {:.1?} (no liveness line: the \
+             emulated machine stopped)\n{}\n--- QEMU monitor ---\n{dump}",
+            elapsed - L1_SILENCE,
+            report.context()
+        ),
+    }
     assert_eq!(
         report.result("kvm").map(|r| r.0),
         Some(0),
@@ -291,6 +319,79 @@ fn run_l1(label: &str, smp: u8, scenarios: &[Scenario<'_>], files: &[PathBuf]) -
         report.result("kvm").map(|r| r.1).unwrap_or_default()
     );
     report
+}
+
+/// How an L1 run ended.
+enum L1End {
+    PoweredOff,
+    TimedOut,
+    /// Its serial ports were silent for [`L1_SILENCE`]; what QEMU's monitor
+    /// said of its CPU then.
+    Silent(String),
+}
+
+/// Waits for the L1 to power off, at most [`L1_TIMEOUT`], watching that
+/// its serial `logs` keep growing.
+fn wait_l1(qemu: &mut ChildGuard, logs: &[&Path], monitor: &Path) -> L1End {
+    let started = Instant::now();
+    let mut last_len = 0;
+    let mut last_change = started;
+    loop {
+        if qemu.try_wait().is_some() {
+            return L1End::PoweredOff;
+        }
+        let len: u64 = logs
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum();
+        if len != last_len {
+            last_len = len;
+            last_change = Instant::now();
+        }
+        if last_change.elapsed() >= L1_SILENCE {
+            return L1End::Silent(monitor_dump(monitor));
+        }
+        if started.elapsed() >= L1_TIMEOUT {
+            return L1End::TimedOut;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Where the L1's emulated CPU is, asked of QEMU's human monitor three
+/// times a second apart (a CPU spinning in one place shows the same `RIP`;
+/// in guest mode the registers are the L2's).
+fn monitor_dump(monitor: &Path) -> String {
+    use std::io::{Read, Write};
+    let mut stream = match std::os::unix::net::UnixStream::connect(monitor) {
+        Ok(stream) => stream,
+        Err(e) => return format!("cannot connect to {}: {e}", monitor.display()),
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 65536];
+    for _ in 0..3 {
+        let asked = stream.write_all(b"info status\ninfo cpus\ninfo registers\nx/6i $pc\n");
+        if let Err(e) = asked {
+            out.extend_from_slice(format!("\n(monitor write failed: {e})\n").as_bytes());
+            break;
+        }
+        let until = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < until {
+            match stream.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+    // The monitor's line editing writes escape sequences; keep the text.
+    String::from_utf8_lossy(&out)
+        .replace("\u{1b}[D", "")
+        .replace("\u{1b}[K", "")
+        .replace('\r', "")
 }
 
 /// Whether the tier can run here; prints why not (or fails under
