@@ -4,7 +4,8 @@
 # its KVM modules) for the Linux boot test, the nested real-KVM tier and
 # container VMs (as /var/lib/relive/vmlinux, the default container_kernel), for
 # that tier QEMU, a static busybox and cpio, and for the on-call tests
-# Prometheus (with promtool) and systemd-analyze. The Rust toolchain is
+# Prometheus (with promtool) and systemd-analyze, for cluster mode protoc (to
+# build the etcd client) and etcd (its tests). The Rust toolchain is
 # expected to be installed.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -23,6 +24,11 @@ command -v cpio >/dev/null 2>&1 || need_apt+=(cpio)
 # systemd-analyze for the unit.
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
+# Cluster mode: protoc builds the etcd client's gRPC code; the cluster
+# tests run a real etcd.
+command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
+[ -f /usr/include/google/protobuf/descriptor.proto ] || need_apt+=(libprotobuf-dev)
+command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "setup: installing ${need_apt[*]}" >&2
     apt-get update -qq

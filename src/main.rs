@@ -468,9 +468,23 @@ fn rfc3339_ms(ms: u64) -> String {
 }
 
 fn print_status(vms: &Value) {
+    // Cluster mode: each VM's owner host.
+    let hosts = vms
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|vm| vm["host"].is_string());
+    let host_of = |vm: &Value| {
+        if hosts {
+            format!("{:<12} ", vm["host"].as_str().unwrap_or("-"))
+        } else {
+            String::new()
+        }
+    };
     outln!(
-        "{:<16} {:<22} {:>8} {:<9} {:>8} {:>8} {:>10}  LAST HEARTBEAT",
+        "{:<16} {}{:<22} {:>8} {:<9} {:>8} {:>8} {:>10}  LAST HEARTBEAT",
         "VM",
+        if hosts { "HOST         " } else { "" },
         "STATE",
         "PID",
         "STANDBY",
@@ -480,8 +494,9 @@ fn print_status(vms: &Value) {
     );
     for vm in vms.as_array().into_iter().flatten() {
         outln!(
-            "{:<16} {:<22} {:>8} {:<9} {:>8} {:>8} {:>10}  {}",
+            "{:<16} {}{:<22} {:>8} {:<9} {:>8} {:>8} {:>10}  {}",
             vm["name"].as_str().unwrap_or("?"),
+            host_of(vm),
             vm["state"].as_str().unwrap_or("?"),
             vm["pid"].as_u64().map_or("-".into(), |p| p.to_string()),
             vm["standby"].as_str().unwrap_or("-"),

@@ -45,6 +45,8 @@ pub enum DaemonError {
     /// The metrics registry cannot be built.
     #[error("cannot build the metrics registry")]
     Metrics(#[source] prometheus::Error),
+    #[error("cannot join the cluster (the fleet file's cluster: section)")]
+    Cluster(#[source] crate::cluster::ClusterError),
 }
 
 /// Where the daemon serves, for the start banner.
@@ -121,6 +123,21 @@ pub async fn up(
         None => None,
     };
 
+    let cluster = match fleet_cfg.cluster.clone() {
+        Some(config) => {
+            let lease_file = fleet_cfg.state_dir.join("cluster-lease.json");
+            let member = crate::cluster::Member::join(config, &lease_file, shutdown.clone())
+                .await
+                .map_err(DaemonError::Cluster)?;
+            tracing::info!(
+                host = member.host(),
+                lease = member.standing().lease(),
+                "joined the cluster"
+            );
+            Some(member)
+        }
+        None => None,
+    };
     let (fleet, tasks) = Fleet::start(
         fleet_cfg.vms.clone(),
         Paths {
@@ -129,6 +146,7 @@ pub async fn up(
         },
         events.clone(),
         metrics.clone(),
+        cluster,
         shutdown.clone(),
     );
 

@@ -55,6 +55,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::applog::{AppLog, LogFeed};
+use crate::cluster::{Claim, Member, Standing};
 use crate::config::{KernelSpec, Restart, VmSpec};
 use crate::events::{Event, EventDurations, EventLog};
 use crate::metrics::{Metrics, RestorePath};
@@ -142,6 +143,9 @@ pub struct VmView {
     pub last_heartbeat_unix_ms: Option<u64>,
     /// The VM's image directory.
     pub images_dir: String,
+    /// Cluster mode: the host that owns the VM (this one, or where it runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 /// An answer to an [`Action`].
@@ -206,12 +210,14 @@ pub struct Paths {
 }
 
 impl Fleet {
-    /// Starts one task per VM; each adopts its running VMM or starts one.
+    /// Starts one task per VM; each adopts its running VMM or starts one
+    /// (in cluster mode, once this host owns the VM).
     pub fn start(
         specs: Vec<VmSpec>,
         paths: Paths,
         events: Arc<EventLog>,
         metrics: Arc<Metrics>,
+        cluster: Option<Arc<Member>>,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> (Fleet, Vec<tokio::task::JoinHandle<()>>) {
         let mut vms = BTreeMap::new();
@@ -236,7 +242,7 @@ impl Fleet {
                 },
             );
             let span = tracing::info_span!("vm", name = %spec.name);
-            let task = VmTask::new(
+            let mut task = VmTask::new(
                 spec,
                 paths.clone(),
                 (events.clone(), metrics.clone(), app_log),
@@ -244,6 +250,8 @@ impl Fleet {
                 rx,
                 shutdown.clone(),
             );
+            task.standing = cluster.as_ref().map(|c| c.subscribe());
+            task.cluster = cluster.clone();
             tasks.push(tokio::spawn(tracing::Instrument::instrument(
                 task.run(),
                 span,
@@ -419,6 +427,8 @@ enum Wake {
     Tick,
     Command(Option<Command>),
     StandbyExited,
+    /// Cluster mode: the host's standing changed.
+    Standing,
     Shutdown,
 }
 
@@ -479,6 +489,12 @@ struct VmTask {
     record: Mutex<crate::record::Record>,
     /// The app's output (`relive logs`).
     app_log: AppLog,
+    /// Cluster mode: this host's membership.
+    cluster: Option<Arc<Member>>,
+    /// Cluster mode: the host's standing, watched for fencing.
+    standing: Option<tokio::sync::watch::Receiver<Standing>>,
+    /// Cluster mode: the fencing token while this host owns the VM.
+    token: Option<i64>,
 }
 
 impl VmTask {
@@ -535,6 +551,9 @@ impl VmTask {
             persist_pending: std::sync::atomic::AtomicBool::new(false),
             record,
             app_log,
+            cluster: None,
+            standing: None,
+            token: None,
         }
     }
 
@@ -1223,6 +1242,13 @@ impl VmTask {
         if let Err(e) = relive_images::private::create_dir_all(&self.dir) {
             tracing::error!(error = %e, "cannot create the VM's state directory");
         }
+        let mut taken_over = None;
+        if self.cluster.is_some() {
+            match self.own().await {
+                Some(from) => taken_over = from,
+                None => return,
+            }
+        }
         let adoption = self.try_adopt().await;
         self.kill_orphans().await;
         match adoption {
@@ -1243,6 +1269,10 @@ impl VmTask {
             Adoption::Lost(detail) => {
                 self.on_failure(FailureReason::VmmKilled, Instant::now(), detail)
                     .await;
+            }
+            Adoption::Nothing if taken_over.is_some() => {
+                let from = taken_over.unwrap_or_default();
+                self.take_over(Some(from)).await;
             }
             Adoption::Nothing => match self.boot().await {
                 Ok(image) => {
@@ -1355,6 +1385,19 @@ impl VmTask {
                     self.persist();
                 }
                 Wake::Tick => self.on_tick(now).await,
+                Wake::Standing => {
+                    let fenced = self
+                        .cluster
+                        .as_ref()
+                        .is_some_and(|c| !c.standing().is_live());
+                    if fenced && self.token.is_some() {
+                        self.fence().await;
+                        match self.own().await {
+                            Some(from) => self.take_over(from).await,
+                            None => break,
+                        }
+                    }
+                }
             }
             self.poll_standby_start().await;
             if self.state.is_up() {
@@ -1404,8 +1447,19 @@ impl VmTask {
                 None => std::future::pending().await,
             }
         };
+        let standing = async {
+            match self.standing.as_mut() {
+                Some(rx) => {
+                    if rx.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             () = self.shutdown.cancelled() => Wake::Shutdown,
+            () = standing => Wake::Standing,
             answer = checkpointed => Wake::Checkpointed(answer),
             answer = sampled => Wake::Sampled(answer),
             () = exited => Wake::Exited,
@@ -2043,6 +2097,191 @@ impl VmTask {
 }
 
 /// How a start began, for the app log.
+/// Cluster mode: ownership, fencing and takeover.
+impl VmTask {
+    /// Waits until this host owns the VM. While another host owns it the VM
+    /// is `elsewhere` here and operator actions are refused naming that
+    /// host; when its owner key goes (the owner's lease expired: the host is
+    /// lost or fenced itself), this host waits `failover_grace` plus its
+    /// rank's share and tries to take it. `None` at shutdown; else the host
+    /// it took the VM over from (`None` if nobody else owned it).
+    async fn own(&mut self) -> Option<Option<String>> {
+        let member = self.cluster.clone()?;
+        let name = self.spec.name.clone();
+        let mut previous: Option<String> = None;
+        loop {
+            if !member.standing().is_live() {
+                let mut rx = member.subscribe();
+                let why =
+                    "this host fenced itself and has not joined the cluster again".to_string();
+                loop {
+                    tokio::select! {
+                        () = self.shutdown.cancelled() => return None,
+                        cmd = self.rx.recv() => self.refuse(cmd?, &why),
+                        changed = rx.changed() => {
+                            if changed.is_err() || member.standing().is_live() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                continue;
+            }
+            let claim = member.acquire(&name).await;
+            match claim {
+                Ok(Claim::Owned { token }) => {
+                    tracing::info!(token, "this host owns the VM");
+                    self.token = Some(token);
+                    lock(&self.view).host = Some(member.host().to_string());
+                    return Some(previous.filter(|h| h != member.host()));
+                }
+                Ok(Claim::Taken { owner, token }) => {
+                    lock(&self.view).host = Some(owner.host.clone());
+                    if self.state != VmState::Elsewhere {
+                        self.set_state(
+                            VmState::Elsewhere,
+                            |e| {
+                                e.with_detail(format!(
+                                    "host {} owns it (token {token})",
+                                    owner.host
+                                ))
+                            },
+                            "owned-elsewhere",
+                        );
+                    }
+                    previous = Some(owner.host.clone());
+                    let why = format!("VM {name} runs on host {}: act there", owner.host);
+                    let unowned = member.wait_unowned(&name);
+                    tokio::pin!(unowned);
+                    let gone = loop {
+                        tokio::select! {
+                            () = self.shutdown.cancelled() => return None,
+                            cmd = self.rx.recv() => self.refuse(cmd?, &why),
+                            gone = &mut unowned => break gone,
+                        }
+                    };
+                    let wait = match gone {
+                        Ok(()) => {
+                            let rank = self.rank(&member).await;
+                            self.note(
+                                "owner-lost",
+                                format!(
+                                    "host {} no longer owns the VM: this host (rank {rank}) tries to take it",
+                                    owner.host
+                                ),
+                            );
+                            member.config().failover_grace + member.config().request_timeout * rank
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot watch the VM's owner");
+                            Duration::from_secs(1)
+                        }
+                    };
+                    let until = tokio::time::sleep(wait);
+                    tokio::pin!(until);
+                    loop {
+                        tokio::select! {
+                            () = self.shutdown.cancelled() => return None,
+                            cmd = self.rx.recv() => self.refuse(cmd?, &why),
+                            () = &mut until => break,
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot claim the VM");
+                    tokio::select! {
+                        () = self.shutdown.cancelled() => return None,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// This host's place among the live hosts for this VM (0 first):
+    /// rendezvous hashing of the VM's and each host's name, so every host
+    /// computes the same order and the first takes the VM first.
+    async fn rank(&self, member: &Member) -> u32 {
+        let score = |host: &str| crc32c::crc32c(format!("{}/{host}", self.spec.name).as_bytes());
+        let mut hosts = match member.hosts().await {
+            Ok(hosts) => hosts.into_iter().map(|h| h.host).collect::<Vec<_>>(),
+            Err(_) => Vec::new(),
+        };
+        hosts.sort_by_key(|h| std::cmp::Reverse((score(h), h.clone())));
+        let at = hosts
+            .iter()
+            .position(|h| h == member.host())
+            .unwrap_or(hosts.len());
+        u32::try_from(at).unwrap_or(u32::MAX)
+    }
+
+    fn refuse(&self, cmd: Command, why: &str) {
+        let _ = cmd.reply.send(Err(ActionError::Conflict(why.to_string())));
+    }
+
+    /// The host's lease could not be renewed in time: kill the VM's VMMs
+    /// now, before another host can see the lease expire, and give up the
+    /// token.
+    async fn fence(&mut self) {
+        self.token = None;
+        self.pending_restore = None;
+        self.cancel_requests("this host fenced itself");
+        self.watch = None;
+        let pid = self.vmm.as_ref().map(VmmProcess::pid);
+        if let Some(mut vmm) = self.vmm.take() {
+            vmm.kill();
+            vmm.exited().await;
+        }
+        if let Some(handle) = self.standby_starting.take() {
+            handle.abort();
+        }
+        if let Some(mut standby) = self.standby.take() {
+            standby.process.kill();
+            standby.process.exited().await;
+        }
+        let detail = match pid {
+            Some(pid) => format!("the session lease was not renewed in time: VMM {pid} killed"),
+            None => "the session lease was not renewed in time".to_string(),
+        };
+        tracing::error!(%detail, "fenced");
+        self.set_state(VmState::Fenced, |e| e.with_detail(detail), "fenced");
+    }
+
+    /// Runs the VM after this host took it: after its own fence (its images
+    /// here are the latest) from the latest consistency image; from another
+    /// host, from the boot image (that host's consistency images are not
+    /// replicated here yet).
+    async fn take_over(&mut self, from: Option<String>) {
+        let now = Instant::now();
+        match from {
+            None => {
+                self.set_state(
+                    VmState::Restoring(RestoreTarget::Consistency),
+                    |e| e.with_detail("this host owns the VM again".to_string()),
+                    "taken-over",
+                );
+                self.do_restore(RestoreTarget::Consistency, now, "taken-over")
+                    .await;
+            }
+            Some(host) => {
+                self.set_state(
+                    VmState::Restoring(RestoreTarget::Boot),
+                    |e| {
+                        e.with_detail(format!(
+                            "taken over from host {host}; its consistency images are not replicated \
+                             to this host: from the boot image"
+                        ))
+                    },
+                    "taken-over",
+                );
+                self.do_restore(RestoreTarget::Boot, now, "taken-over")
+                    .await;
+            }
+        }
+        self.persist();
+    }
+}
+
 fn started_from(boot_image: Option<&str>) -> String {
     match boot_image {
         Some(id) => format!("started from the boot image {id}"),

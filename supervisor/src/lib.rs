@@ -5,12 +5,15 @@
 //!   only module that knows YAML).
 //! - [`policy`]: the failover policy (consistency image, then boot image, then
 //!   `failed`), health and checkpoint timing; pure, time passed in.
+//! - [`cluster`]: cluster mode on etcd: the host's session lease and
+//!   fencing, each VM's ownership and fencing token.
 //! - [`record`]: the per-VM record for the next supervisor, which a full
 //!   disk cannot keep stale (two preallocated slots written in turn).
 #![forbid(unsafe_code)]
 pub mod api;
 pub mod applog;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod events;

@@ -1293,6 +1293,8 @@ mod tests {
             VmState::Paused,
             VmState::Stopped,
             VmState::Failed,
+            VmState::Elsewhere,
+            VmState::Fenced,
         ]
     }
 

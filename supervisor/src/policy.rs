@@ -317,11 +317,18 @@ pub enum VmState {
     Stopped,
     /// Given up after too many failures; waits for `relive start`.
     Failed,
+    /// Cluster mode: another host owns the VM; this host waits to take it
+    /// over if that host is lost.
+    Elsewhere,
+    /// Cluster mode: this host could not renew its session lease in time
+    /// and fenced itself: the VM's VMM is killed here, and the VM waits
+    /// until the host has joined again and owns it.
+    Fenced,
 }
 
 impl VmState {
     /// Every state's label, for metrics that export one series per state.
-    pub const LABELS: [&'static str; 8] = [
+    pub const LABELS: [&'static str; 10] = [
         "starting",
         "running",
         "restoring-consistency",
@@ -330,6 +337,8 @@ impl VmState {
         "paused",
         "stopped",
         "failed",
+        "elsewhere",
+        "fenced",
     ];
 
     /// The state as a bounded label (one of [`VmState::LABELS`]).
@@ -343,6 +352,8 @@ impl VmState {
             VmState::Paused => "paused",
             VmState::Stopped => "stopped",
             VmState::Failed => "failed",
+            VmState::Elsewhere => "elsewhere",
+            VmState::Fenced => "fenced",
         }
     }
 
@@ -1085,6 +1096,8 @@ mod tests {
             VmState::Paused,
             VmState::Stopped,
             VmState::Failed,
+            VmState::Elsewhere,
+            VmState::Fenced,
         ] {
             assert!(!p.should_checkpoint(&state, later, t0, None), "{state}");
             assert_eq!(p.next_checkpoint_at(&state, t0, None), None);
@@ -1199,6 +1212,8 @@ mod tests {
             VmState::Paused,
             VmState::Stopped,
             VmState::Failed,
+            VmState::Elsewhere,
+            VmState::Fenced,
         ];
         let labels: Vec<_> = states.iter().map(VmState::as_str).collect();
         assert_eq!(labels, VmState::LABELS);

@@ -15,6 +15,7 @@
 //! `relive-control`'s clients, like the supervisor.
 
 pub mod bins;
+pub mod etcd;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -125,6 +125,10 @@ impl Checker<'_> {
             }
         };
         let jail = self.check_jail(&root("jail"), raw.jail.as_ref(), None)?;
+        let cluster = match raw.cluster {
+            None => None,
+            Some(c) => Some(self.check_cluster(c)?),
+        };
         let defaults_raw = raw.defaults.unwrap_or_default();
         let defaults = defaults_raw.over(&Policy::default());
         if let Err(problem) = defaults.check() {
@@ -173,8 +177,101 @@ impl Checker<'_> {
             api,
             metrics,
             jail,
+            cluster,
             vms,
         })
+    }
+
+    fn check_cluster(&self, raw: RawCluster) -> Result<ClusterConfig, ConfigError> {
+        use ConfigErrorKind::*;
+        let at = root("cluster");
+        if raw.etcd.is_empty() {
+            let m = "no etcd endpoints: list etcd's client URLs, like \
+                     [http://10.0.0.1:2379, http://10.0.0.2:2379, http://10.0.0.3:2379]"
+                .into();
+            return Err(self.fail(BadValue, &at.key("etcd"), m));
+        }
+        for (i, endpoint) in raw.etcd.iter().enumerate() {
+            let bare = endpoint
+                .strip_prefix("http://")
+                .or_else(|| endpoint.strip_prefix("https://"))
+                .unwrap_or(endpoint);
+            let port = bare
+                .rsplit_once(':')
+                .map(|(host, port)| (host, port.parse::<u16>()));
+            if !matches!(port, Some((host, Ok(p))) if !host.is_empty() && p != 0) {
+                let m = format!(
+                    "\"{endpoint}\" is not an etcd client URL: write it like \
+                     http://10.0.0.1:2379"
+                );
+                return Err(self.fail(BadValue, &at.key("etcd").index(i), m));
+            }
+        }
+        check_name(&raw.host).map_err(|m| self.fail(BadName, &at.key("host"), m))?;
+        let advertise = match raw.advertise.as_deref() {
+            None => None,
+            Some(text) => Some(text.parse::<SocketAddr>().map_err(|_| {
+                let m =
+                    format!("\"{text}\" is not an address and port: write it like 10.0.0.1:7070");
+                self.fail(BadValue, &at.key("advertise"), m)
+            })?),
+        };
+        let prefix = raw.prefix.unwrap_or_else(|| "/relive".into());
+        if !prefix.starts_with('/')
+            || prefix.ends_with('/')
+            || prefix.chars().any(|c| c.is_control() || c == ' ')
+        {
+            let m = format!(
+                "\"{prefix}\" is not a key prefix: start it with / and end it without one, \
+                 like /relive or /relive/prod"
+            );
+            return Err(self.fail(BadValue, &at.key("prefix"), m));
+        }
+        let d = |v: Option<DurationValue>, default: Duration| v.map_or(default, |v| v.0);
+        let config = ClusterConfig {
+            etcd: raw.etcd,
+            host: raw.host,
+            advertise,
+            prefix,
+            lease_ttl: d(raw.lease_ttl, DEFAULT_LEASE_TTL),
+            keepalive_interval: d(raw.keepalive_interval, DEFAULT_KEEPALIVE_INTERVAL),
+            request_timeout: d(raw.request_timeout, DEFAULT_REQUEST_TIMEOUT),
+            fence_margin: d(raw.fence_margin, DEFAULT_FENCE_MARGIN),
+            failover_grace: d(raw.failover_grace, DEFAULT_FAILOVER_GRACE),
+        };
+        let ttl = config.lease_ttl;
+        if ttl < Duration::from_secs(2) || ttl.subsec_nanos() != 0 {
+            let m = format!(
+                "{}: etcd grants leases in whole seconds, at least 2s: use e.g. 10s",
+                format_duration(ttl)
+            );
+            return Err(self.fail(BadValue, &at.key("lease_ttl"), m));
+        }
+        for (key, value) in [
+            ("keepalive_interval", config.keepalive_interval),
+            ("request_timeout", config.request_timeout),
+            ("fence_margin", config.fence_margin),
+        ] {
+            if value.is_zero() {
+                let m = "must be more than 0s".into();
+                return Err(self.fail(BadValue, &at.key(key), m));
+            }
+        }
+        let budget = ttl.saturating_sub(config.fence_margin);
+        let needed = config.keepalive_interval + 2 * config.request_timeout;
+        if config.fence_margin >= ttl || needed > budget {
+            let m = format!(
+                "keepalive_interval {} + 2 × request_timeout {} must be at most lease_ttl {} − \
+                 fence_margin {} (a host must get to retry a renewal before it fences itself): \
+                 lengthen lease_ttl or shorten the others",
+                format_duration(config.keepalive_interval),
+                format_duration(config.request_timeout),
+                format_duration(ttl),
+                format_duration(config.fence_margin),
+            );
+            return Err(self.fail(BadValue, &at.key("lease_ttl"), m));
+        }
+        Ok(config)
     }
 
     /// The jail at `key` (the fleet's, or a VM's own); a VM without one

@@ -28,6 +28,16 @@
 //! | `metrics.listen` | none | an extra loopback `ADDRESS:PORT` serving only `/metrics`, for scrapers |
 //! | `defaults.<policy key>` | see below | the fleet-wide policy |
 //! | `jail` | `true` as root, `false` otherwise | start VMMs jailed (own namespaces, a root holding only the VM's images and console, no capabilities): `true` (as uid and gid 65534), `{ uid: N, gid: N }` (not 0), or `false`; needs the supervisor to run as root |
+//! | `cluster` | none | cluster mode (several hosts share the fleet through etcd); without it the supervisor runs alone, with no etcd |
+//! | `cluster.etcd` | required | etcd's client endpoints, a list of `http://HOST:PORT` (or `HOST:PORT`) |
+//! | `cluster.host` | required | this host's name, unique in the cluster (same form as a VM name) |
+//! | `cluster.advertise` | none | `ADDRESS:PORT` where the other hosts reach this host's API |
+//! | `cluster.prefix` | `/relive` | the cluster's key prefix in etcd: starts with `/`, no trailing `/` |
+//! | `cluster.lease_ttl` | `10s` | the host's session lease; whole seconds, at least `2s` |
+//! | `cluster.keepalive_interval` | `2s` | how often the lease is renewed |
+//! | `cluster.request_timeout` | `2s` | how long one etcd request may take |
+//! | `cluster.fence_margin` | `2s` | the host fences itself (kills its VMs) this long before its lease could expire; `keepalive_interval` + 2 × `request_timeout` must be at most `lease_ttl` − `fence_margin` |
+//! | `cluster.failover_grace` | `2s` | after a VM's owner is gone, the wait before another host takes it |
 //! | `vms` | required | the VMs, at least one |
 //! | `vms[].name` | required | `a-z`, `0-9` and `-`, 1 to 48 characters, starting and ending with a letter or digit; unique |
 //! | `container_kernel` | `/var/lib/relive/vmlinux` | the Linux kernel of every `image:` VM (`scripts/setup.sh` installs Debian's cloud kernel there) |
@@ -130,9 +140,51 @@ pub struct FleetConfig {
     pub metrics: Option<MetricsConfig>,
     /// How VMMs are confined beyond their seccomp filters.
     pub jail: Jail,
+    /// Cluster mode: the etcd cluster this host shares the fleet through.
+    /// `None`: a single host, no etcd (the default).
+    pub cluster: Option<ClusterConfig>,
     /// The VMs, in file order, at least one, names unique.
     pub vms: Vec<VmSpec>,
 }
+
+/// `cluster:`: supervisors on several hosts share one fleet through etcd
+/// (see [`crate::cluster`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// etcd's client endpoints (`http://HOST:PORT` or `HOST:PORT`).
+    pub etcd: Vec<String>,
+    /// This host's name in the cluster, unique among its hosts.
+    pub host: String,
+    /// Where the other hosts reach this host's API.
+    pub advertise: Option<SocketAddr>,
+    /// The key prefix of this cluster in etcd, without a trailing `/`.
+    pub prefix: String,
+    /// The session lease's time to live.
+    pub lease_ttl: Duration,
+    /// How often the lease is renewed.
+    pub keepalive_interval: Duration,
+    /// How long one etcd request may take.
+    pub request_timeout: Duration,
+    /// How long before the lease could expire the host fences itself.
+    pub fence_margin: Duration,
+    /// How long the other hosts wait after an owner's key is gone before
+    /// one of them takes its VM.
+    pub failover_grace: Duration,
+}
+
+/// Defaults of `cluster:` (Patroni's rule `loop_wait + 2 × retry_timeout ≤
+/// ttl`, here `keepalive_interval + 2 × request_timeout ≤ lease_ttl −
+/// fence_margin`: a host retries its renewal at least once before it
+/// fences itself).
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
+/// See [`DEFAULT_LEASE_TTL`].
+pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+/// See [`DEFAULT_LEASE_TTL`].
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// See [`DEFAULT_LEASE_TTL`].
+pub const DEFAULT_FENCE_MARGIN: Duration = Duration::from_secs(2);
+/// See [`DEFAULT_LEASE_TTL`].
+pub const DEFAULT_FAILOVER_GRACE: Duration = Duration::from_secs(2);
 
 /// Whether the supervisor starts VMMs jailed (`relive-vmm --jail`: own
 /// mount, pid, network, IPC and UTS namespaces, a root holding only the VM's

@@ -11,7 +11,23 @@ pub(super) struct RawFleet {
     pub(super) defaults: Option<RawPolicy>,
     pub(super) jail: Option<RawJail>,
     pub(super) container_kernel: Option<String>,
+    pub(super) cluster: Option<RawCluster>,
     pub(super) vms: Option<Vec<RawVm>>,
+}
+
+/// `cluster: { etcd: [...], host: NAME, ... }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCluster {
+    pub(super) etcd: Vec<String>,
+    pub(super) host: String,
+    pub(super) advertise: Option<String>,
+    pub(super) prefix: Option<String>,
+    pub(super) lease_ttl: Option<DurationValue>,
+    pub(super) keepalive_interval: Option<DurationValue>,
+    pub(super) request_timeout: Option<DurationValue>,
+    pub(super) fence_margin: Option<DurationValue>,
+    pub(super) failover_grace: Option<DurationValue>,
 }
 
 /// `jail: false`, `jail: true` or `jail: { uid: N, gid: N }`.

@@ -772,6 +772,25 @@ fn example_fleet_loads() {
     };
     assert!(config.vms.len() >= 2);
     assert!(config.api.tcp.is_some() && config.metrics.is_some());
+    assert_eq!(config.cluster, None);
+    // Its commented cluster section, uncommented, loads too.
+    let mut in_section = false;
+    let uncommented: String = text
+        .lines()
+        .map(|l| {
+            in_section = l.starts_with("# cluster:") || (in_section && l.starts_with("#   "));
+            match l.strip_prefix("# ") {
+                Some(rest) if in_section => format!("{rest}\n"),
+                _ => format!("{l}\n"),
+            }
+        })
+        .collect();
+    let config = match parse_with(&uncommented, &path, &HOST) {
+        Ok(c) => c,
+        Err(e) => panic!("{e}"),
+    };
+    let cluster = config.cluster.expect("the example's cluster section");
+    assert_eq!((cluster.host.as_str(), cluster.etcd.len()), ("host-a", 3));
 }
 
 #[test]
@@ -1000,5 +1019,85 @@ fn an_image_vm_without_a_container_kernel_says_how_to_get_one() {
     assert!(
         text.contains("scripts/setup.sh") && text.contains("container_kernel"),
         "{text}"
+    );
+}
+
+#[test]
+fn a_cluster_section_gets_its_defaults_and_none_means_a_single_host() {
+    assert_eq!(ok(ONE).cluster, None);
+    let config = ok(&format!(
+        "cluster:\n  etcd: [http://10.0.0.1:2379, 10.0.0.2:2379]\n  host: host-a\n  advertise: 10.0.0.1:7070\n{ONE}"
+    ));
+    let cluster = config.cluster.expect("a cluster section");
+    assert_eq!(cluster.etcd, ["http://10.0.0.1:2379", "10.0.0.2:2379"]);
+    assert_eq!(cluster.host, "host-a");
+    assert_eq!(cluster.advertise, Some("10.0.0.1:7070".parse().unwrap()));
+    assert_eq!(cluster.prefix, "/relive");
+    assert_eq!(cluster.lease_ttl, DEFAULT_LEASE_TTL);
+    assert_eq!(cluster.keepalive_interval, DEFAULT_KEEPALIVE_INTERVAL);
+    assert_eq!(cluster.request_timeout, DEFAULT_REQUEST_TIMEOUT);
+    assert_eq!(cluster.fence_margin, DEFAULT_FENCE_MARGIN);
+    assert_eq!(cluster.failover_grace, DEFAULT_FAILOVER_GRACE);
+    // The defaults keep Patroni's rule.
+    assert!(
+        DEFAULT_KEEPALIVE_INTERVAL + 2 * DEFAULT_REQUEST_TIMEOUT
+            <= DEFAULT_LEASE_TTL - DEFAULT_FENCE_MARGIN
+    );
+}
+
+#[test]
+fn bad_cluster_sections_name_the_key_and_the_fix() {
+    use ConfigErrorKind::*;
+    let text = bad(
+        &format!("cluster:\n  etcd: []\n  host: a\n{ONE}"),
+        BadValue,
+        2,
+        "cluster.etcd",
+    );
+    assert!(text.contains("no etcd endpoints"), "{text}");
+    let text = bad(
+        &format!("cluster:\n  etcd: [http://10.0.0.1]\n  host: a\n{ONE}"),
+        BadValue,
+        2,
+        "cluster.etcd[0]",
+    );
+    assert!(text.contains("http://10.0.0.1:2379"), "{text}");
+    bad(
+        &format!("cluster:\n  etcd: [e:2379]\n  host: Host_A\n{ONE}"),
+        BadName,
+        3,
+        "cluster.host",
+    );
+    let text = bad(
+        &format!("cluster:\n  etcd: [e:2379]\n  host: a\n  prefix: relive/\n{ONE}"),
+        BadValue,
+        4,
+        "cluster.prefix",
+    );
+    assert!(text.contains("/relive/prod"), "{text}");
+    let text = bad(
+        &format!("cluster:\n  etcd: [e:2379]\n  host: a\n  lease_ttl: 1500ms\n{ONE}"),
+        BadValue,
+        4,
+        "cluster.lease_ttl",
+    );
+    assert!(text.contains("whole seconds"), "{text}");
+    let text = bad(
+        &format!(
+            "cluster:\n  etcd: [e:2379]\n  host: a\n  lease_ttl: 5s\n  keepalive_interval: 2s\n{ONE}"
+        ),
+        BadValue,
+        4,
+        "cluster.lease_ttl",
+    );
+    assert!(
+        text.contains("must be at most lease_ttl 5s − fence_margin 2s"),
+        "{text}"
+    );
+    bad(
+        &format!("cluster:\n  etcd: [e:2379]\n{ONE}"),
+        MissingKey,
+        2,
+        "cluster.host",
     );
 }

@@ -1,0 +1,737 @@
+//! Cluster mode: supervisors on several hosts share one fleet through etcd.
+//!
+//! etcd is the engine: leases, transactions and watches. relive writes no
+//! consensus of its own. This module is the host's membership and each VM's
+//! ownership; the VM tasks ([`crate::fleet`]) act on what it tells them.
+//!
+//! # Keys
+//!
+//! Under the cluster's `prefix` (`/relive` unless the fleet file says):
+//!
+//! | key | value | lease |
+//! | --- | --- | --- |
+//! | `hosts/<host>` | [`HostRecord`] (JSON) | the host's session lease |
+//! | `vms/<vm>/owner` | [`OwnerRecord`] (JSON) | the owner's session lease |
+//! | `vms/<vm>/status` | the owner's view of the VM (JSON), written under its token | none |
+//!
+//! # Session and fencing
+//!
+//! A host holds one session lease (`lease_ttl`), renewed every
+//! `keepalive_interval` on a keep-alive stream. Every renewal the server
+//! answers moves the host's **fencing deadline** to *the instant the renewal
+//! was sent* + the TTL − `fence_margin`, on the host's own monotonic clock:
+//! the server cannot expire the lease before the TTL has run from when it got
+//! the renewal, which is after it was sent, so at the deadline the lease is
+//! still valid by at least the margin. A renewal that fails, times out or is
+//! never answered (a stalled stream) does not move it. When the deadline
+//! passes, the host has **fenced itself**: [`Standing::Fenced`] is published
+//! and the VM tasks kill their VMMs and restore nothing, all before any other
+//! host can see the lease expire and start a restore. The margin covers
+//! killing the VMMs and the two clocks running at slightly different rates.
+//! A fenced host revokes its old lease as soon as etcd answers again (its
+//! VMs are dead: the others need not wait for the TTL) and joins anew with a
+//! new lease; it owns nothing then.
+//!
+//! # Ownership
+//!
+//! A VM's owner key is created with a create-if-absent transaction on the
+//! owner's lease; its creation revision is the VM's **fencing token**. Every
+//! owner write is a transaction that compares the owner key's creation
+//! revision with the token, so a write by a stale owner (one whose key
+//! expired and was created again by another host, even by the same host on a
+//! newer lease) fails with [`ClusterError::Stale`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, LeaseKeepAliveStream,
+    LeaseKeeper, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+pub use crate::config::ClusterConfig;
+
+/// Why a cluster operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// No endpoint of the etcd cluster answered.
+    #[error("cannot reach etcd at {endpoints}: check that etcd runs and that cluster.etcd lists its client URLs")]
+    Connect {
+        /// The endpoints tried.
+        endpoints: String,
+        /// What the client said.
+        #[source]
+        source: etcd_client::Error,
+    },
+    /// A request failed.
+    #[error("etcd {what} failed")]
+    Request {
+        /// The request.
+        what: &'static str,
+        /// What the client said.
+        #[source]
+        source: etcd_client::Error,
+    },
+    /// A request got no answer in time.
+    #[error("etcd {what} got no answer within {timeout:?}")]
+    Timeout {
+        /// The request.
+        what: &'static str,
+        /// How long it waited.
+        timeout: Duration,
+    },
+    /// An owner write with a token that is no longer the VM's.
+    #[error("VM {vm}: fencing token {token} is stale (the VM's owner key was created again, or is gone): this host no longer owns it")]
+    Stale {
+        /// The VM.
+        vm: String,
+        /// The token the write carried.
+        token: i64,
+    },
+    /// The host has fenced itself: it may not act as an owner until it
+    /// joined again.
+    #[error("this host has fenced itself (its session lease could not be renewed in time)")]
+    Fenced,
+    /// A key held a value this version cannot read.
+    #[error("etcd key {key} holds a value relive cannot read: {detail}")]
+    BadValue {
+        /// The key.
+        key: String,
+        /// What is wrong with it.
+        detail: String,
+    },
+}
+
+/// The host's standing in the cluster, as its keep-alive task sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// Joined with session lease `lease`; owner actions are allowed until
+    /// `deadline` (monotonic), which each renewal moves.
+    Live {
+        /// The session lease.
+        lease: i64,
+        /// The fencing deadline.
+        deadline: Instant,
+    },
+    /// The renewals of lease `lease` stopped before its deadline: the host
+    /// has fenced itself and is trying to join again.
+    Fenced {
+        /// The lost lease.
+        lease: i64,
+    },
+}
+
+impl Standing {
+    /// The lease this standing is about.
+    pub fn lease(&self) -> i64 {
+        match *self {
+            Standing::Live { lease, .. } | Standing::Fenced { lease } => lease,
+        }
+    }
+
+    /// Whether owner actions are allowed now.
+    pub fn is_live(&self) -> bool {
+        matches!(*self, Standing::Live { deadline, .. } if Instant::now() < deadline)
+    }
+}
+
+/// `hosts/<host>`: who a host is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRecord {
+    /// Its name (`cluster.host`).
+    pub host: String,
+    /// Where its peers reach its API (`cluster.advertise`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<SocketAddr>,
+    /// Its session lease.
+    pub lease: i64,
+    /// When it joined, wall clock, ms since the epoch.
+    pub joined_unix_ms: u64,
+}
+
+/// `vms/<vm>/owner`: which host owns a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnerRecord {
+    /// The owner host.
+    pub host: String,
+    /// Its session lease (the key's lease).
+    pub lease: i64,
+    /// When it took the VM, wall clock, ms since the epoch.
+    pub since_unix_ms: u64,
+}
+
+/// The answer to [`Member::acquire`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// This host owns the VM; `token` is the owner key's creation revision.
+    Owned {
+        /// The fencing token.
+        token: i64,
+    },
+    /// Another host (or this host on an older lease) owns it.
+    Taken {
+        /// The owner.
+        owner: OwnerRecord,
+        /// Its fencing token.
+        token: i64,
+    },
+}
+
+/// This host's membership of the cluster: its session lease, kept alive by a
+/// background task, and the requests it makes as a member.
+pub struct Member {
+    config: ClusterConfig,
+    client: Client,
+    standing: watch::Receiver<Standing>,
+}
+
+impl Member {
+    /// Connects to etcd, takes a session lease (or resumes the one a
+    /// previous supervisor of this host recorded in `lease_file`, if it is
+    /// still alive: the VMMs it left running are still this host's, under
+    /// the same tokens) and registers the host, and keeps the lease alive
+    /// until `shutdown`. The lease is not revoked at shutdown: the VMMs
+    /// outlive the supervisor, and the VMs must stay this host's.
+    pub async fn join(
+        config: ClusterConfig,
+        lease_file: &Path,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Member>, ClusterError> {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(config.request_timeout)
+            .with_timeout(config.request_timeout)
+            .with_keep_alive(config.keepalive_interval, config.request_timeout);
+        let client = Client::connect(&config.etcd, Some(options))
+            .await
+            .map_err(|source| ClusterError::Connect {
+                endpoints: config.etcd.join(","),
+                source,
+            })?;
+        let (lease, deadline) = match resume(&config, &mut client.clone(), lease_file).await {
+            Some(resumed) => resumed,
+            None => first_grant(&config, &mut client.clone()).await?,
+        };
+        if let Err(e) = record_lease(lease_file, &config.host, lease) {
+            tracing::warn!(error = %e, file = %lease_file.display(), "cannot record the session lease for the next supervisor");
+        }
+        let (tx, standing) = watch::channel(Standing::Live { lease, deadline });
+        let member = Arc::new(Member {
+            config,
+            client,
+            standing,
+        });
+        tokio::spawn(member.clone().keep_alive(
+            tx,
+            lease,
+            deadline,
+            lease_file.to_path_buf(),
+            shutdown,
+        ));
+        Ok(member)
+    }
+
+    /// The cluster configuration.
+    pub fn config(&self) -> &ClusterConfig {
+        &self.config
+    }
+
+    /// This host's name.
+    pub fn host(&self) -> &str {
+        &self.config.host
+    }
+
+    /// The host's standing now.
+    pub fn standing(&self) -> Standing {
+        *self.standing.borrow()
+    }
+
+    /// A receiver that sees every change of standing.
+    pub fn subscribe(&self) -> watch::Receiver<Standing> {
+        self.standing.clone()
+    }
+
+    fn key(&self, rest: &str) -> String {
+        format!("{}/{rest}", self.config.prefix)
+    }
+
+    /// The owner key of `vm`.
+    pub fn owner_key(&self, vm: &str) -> String {
+        self.key(&format!("vms/{vm}/owner"))
+    }
+
+    /// The lease, if the host may act as an owner now.
+    fn live_lease(&self) -> Result<i64, ClusterError> {
+        let standing = self.standing();
+        if standing.is_live() {
+            Ok(standing.lease())
+        } else {
+            Err(ClusterError::Fenced)
+        }
+    }
+
+    /// Takes `vm` if nobody owns it (create-if-absent on this host's lease),
+    /// or says who does.
+    pub async fn acquire(&self, vm: &str) -> Result<Claim, ClusterError> {
+        let lease = self.live_lease()?;
+        let key = self.owner_key(vm);
+        let record = OwnerRecord {
+            host: self.config.host.clone(),
+            lease,
+            since_unix_ms: unix_ms(),
+        };
+        let value = serde_json::to_vec(&record).map_err(|e| ClusterError::BadValue {
+            key: key.clone(),
+            detail: e.to_string(),
+        })?;
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key.as_str(),
+                value,
+                Some(PutOptions::new().with_lease(lease)),
+            )])
+            .or_else([TxnOp::get(key.as_str(), None)]);
+        let response = self
+            .request("owner transaction", self.client.clone().txn(txn))
+            .await?;
+        if response.succeeded() {
+            let token = response.header().map_or(0, |h| h.revision());
+            return Ok(Claim::Owned { token });
+        }
+        let taken = response.op_responses().into_iter().find_map(|op| match op {
+            TxnOpResponse::Get(get) => get.kvs().first().cloned(),
+            _ => None,
+        });
+        match taken {
+            // Deleted between the compare and the get: try again.
+            None => Box::pin(self.acquire(vm)).await,
+            Some(kv) => {
+                let owner: OwnerRecord =
+                    serde_json::from_slice(kv.value()).map_err(|e| ClusterError::BadValue {
+                        key: key.clone(),
+                        detail: e.to_string(),
+                    })?;
+                let token = kv.create_revision();
+                if owner.host == self.config.host && owner.lease == lease {
+                    Ok(Claim::Owned { token })
+                } else {
+                    Ok(Claim::Taken { owner, token })
+                }
+            }
+        }
+    }
+
+    /// Who owns `vm` now, with the token.
+    pub async fn owner(&self, vm: &str) -> Result<Option<(OwnerRecord, i64)>, ClusterError> {
+        let key = self.owner_key(vm);
+        let got = self
+            .request("get", self.client.clone().get(key.as_str(), None))
+            .await?;
+        match got.kvs().first() {
+            None => Ok(None),
+            Some(kv) => {
+                let owner =
+                    serde_json::from_slice(kv.value()).map_err(|e| ClusterError::BadValue {
+                        key: key.clone(),
+                        detail: e.to_string(),
+                    })?;
+                Ok(Some((owner, kv.create_revision())))
+            }
+        }
+    }
+
+    /// Writes `value` at `vms/<vm>/<what>` as the VM's owner: only while the
+    /// owner key's creation revision is `token` and this host is not fenced.
+    pub async fn owner_put(
+        &self,
+        vm: &str,
+        token: i64,
+        what: &str,
+        value: Vec<u8>,
+    ) -> Result<(), ClusterError> {
+        self.live_lease()?;
+        let key = self.key(&format!("vms/{vm}/{what}"));
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                self.owner_key(vm),
+                CompareOp::Equal,
+                token,
+            )])
+            .and_then([TxnOp::put(key, value, None)]);
+        let response = self
+            .request("owner write", self.client.clone().txn(txn))
+            .await?;
+        if response.succeeded() {
+            Ok(())
+        } else {
+            Err(ClusterError::Stale {
+                vm: vm.to_string(),
+                token,
+            })
+        }
+    }
+
+    /// Gives `vm` up (deletes its owner key if `token` is still the VM's).
+    pub async fn release(&self, vm: &str, token: i64) -> Result<(), ClusterError> {
+        let key = self.owner_key(vm);
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                key.as_str(),
+                CompareOp::Equal,
+                token,
+            )])
+            .and_then([TxnOp::delete(key.as_str(), None)]);
+        let response = self
+            .request("owner release", self.client.clone().txn(txn))
+            .await?;
+        if response.succeeded() {
+            Ok(())
+        } else {
+            Err(ClusterError::Stale {
+                vm: vm.to_string(),
+                token,
+            })
+        }
+    }
+
+    /// Waits until `vm` has no owner (its key deleted or expired with its
+    /// owner's lease); returns at once if it has none now.
+    pub async fn wait_unowned(&self, vm: &str) -> Result<(), ClusterError> {
+        let key = self.owner_key(vm);
+        let got = self
+            .request("get", self.client.clone().get(key.as_str(), None))
+            .await?;
+        if got.kvs().is_empty() {
+            return Ok(());
+        }
+        let from = got.header().map_or(0, |h| h.revision()) + 1;
+        let mut stream = self
+            .client
+            .clone()
+            .watch(
+                key.as_str(),
+                Some(WatchOptions::new().with_start_revision(from)),
+            )
+            .await
+            .map_err(|source| ClusterError::Request {
+                what: "watch",
+                source,
+            })?;
+        loop {
+            let message = stream
+                .message()
+                .await
+                .map_err(|source| ClusterError::Request {
+                    what: "watch",
+                    source,
+                })?;
+            let Some(response) = message else {
+                return Err(ClusterError::Request {
+                    what: "watch",
+                    source: etcd_client::Error::WatchError("the watch stream ended".into()),
+                });
+            };
+            if response
+                .events()
+                .iter()
+                .any(|event| event.event_type() == EventType::Delete)
+            {
+                return Ok(());
+            }
+        }
+    }
+
+    /// The hosts that are members now.
+    pub async fn hosts(&self) -> Result<Vec<HostRecord>, ClusterError> {
+        let prefix = self.key("hosts/");
+        let got = self
+            .request(
+                "get",
+                self.client
+                    .clone()
+                    .get(prefix, Some(GetOptions::new().with_prefix())),
+            )
+            .await?;
+        got.kvs()
+            .iter()
+            .map(|kv| {
+                serde_json::from_slice(kv.value()).map_err(|e| ClusterError::BadValue {
+                    key: String::from_utf8_lossy(kv.key()).into_owned(),
+                    detail: e.to_string(),
+                })
+            })
+            .collect()
+    }
+
+    async fn request<T>(
+        &self,
+        what: &'static str,
+        request: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, ClusterError> {
+        let timeout = self.config.request_timeout;
+        match tokio::time::timeout(timeout, request).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(source)) => Err(ClusterError::Request { what, source }),
+            Err(_) => Err(ClusterError::Timeout { what, timeout }),
+        }
+    }
+
+    /// The session: renews the lease, moves the deadline on every answered
+    /// renewal, fences the host when the deadline passes, and joins again
+    /// with a new lease once etcd answers.
+    async fn keep_alive(
+        self: Arc<Self>,
+        tx: watch::Sender<Standing>,
+        mut lease: i64,
+        mut deadline: Instant,
+        lease_file: PathBuf,
+        shutdown: CancellationToken,
+    ) {
+        let config = &self.config;
+        let mut client = self.client.clone();
+        let mut stream: Option<(LeaseKeeper, LeaseKeepAliveStream)> = None;
+        let mut fenced = false;
+        loop {
+            if fenced {
+                // Rejoin: the old lease goes first (its VMs are dead here).
+                let _ =
+                    tokio::time::timeout(config.request_timeout, client.lease_revoke(lease)).await;
+                match grant(config, &mut client).await {
+                    Ok((new_lease, new_deadline)) => {
+                        tracing::warn!(lease = new_lease, "joined the cluster again after fencing");
+                        lease = new_lease;
+                        deadline = new_deadline;
+                        if let Err(e) = record_lease(&lease_file, &config.host, lease) {
+                            tracing::warn!(error = %e, "cannot record the session lease");
+                        }
+                        fenced = false;
+                        stream = None;
+                        let _ = tx.send(Standing::Live { lease, deadline });
+                    }
+                    Err(e) => tracing::debug!(error = %e, "cannot join the cluster again yet"),
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(config.keepalive_interval.min(Duration::from_secs(1))) => {}
+                }
+                continue;
+            }
+            let sent = Instant::now();
+            let renewal = renew(&mut client, &mut stream, lease);
+            let answered = tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep_until(deadline.into()) => None,
+                r = tokio::time::timeout(config.request_timeout, renewal) => Some(r),
+            };
+            let mut retry_soon = false;
+            match answered {
+                None => {}
+                Some(Ok(Ok(ttl))) if ttl > 0 => {
+                    let ttl = Duration::from_secs(ttl.unsigned_abs());
+                    deadline = (sent + ttl)
+                        .checked_sub(config.fence_margin)
+                        .unwrap_or(sent);
+                    let _ = tx.send(Standing::Live { lease, deadline });
+                }
+                Some(Ok(Ok(_))) => {
+                    // The server says the lease is gone.
+                    tracing::error!(lease, "etcd says the session lease expired");
+                    deadline = Instant::now();
+                }
+                Some(Ok(Err(e))) => {
+                    tracing::warn!(error = %e, lease, "lease renewal failed");
+                    stream = None;
+                    retry_soon = true;
+                }
+                Some(Err(_)) => {
+                    tracing::warn!(lease, "lease renewal got no answer in time");
+                    stream = None;
+                    retry_soon = true;
+                }
+            }
+            if Instant::now() >= deadline {
+                tracing::error!(
+                    lease,
+                    "fencing: the session lease was not renewed by its deadline"
+                );
+                fenced = true;
+                let _ = tx.send(Standing::Fenced { lease });
+                continue;
+            }
+            let next = if retry_soon {
+                Instant::now() + config.keepalive_interval.min(Duration::from_millis(250))
+            } else {
+                sent + config.keepalive_interval
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep_until(next.min(deadline).into()) => {}
+            }
+        }
+    }
+}
+
+/// The lease a previous supervisor of this host recorded, with its fencing
+/// deadline, if etcd still has it alive.
+async fn resume(
+    config: &ClusterConfig,
+    client: &mut Client,
+    lease_file: &Path,
+) -> Option<(i64, Instant)> {
+    let text = std::fs::read_to_string(lease_file).ok()?;
+    let recorded: LeaseRecord = serde_json::from_str(&text).ok()?;
+    if recorded.host != config.host {
+        return None;
+    }
+    let sent = Instant::now();
+    let alive = tokio::time::timeout(
+        config.request_timeout,
+        client.lease_time_to_live(recorded.lease, None),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    // The remaining TTL, not the granted one: the deadline may be near.
+    let left = Duration::from_secs(u64::try_from(alive.ttl()).ok()?);
+    let deadline = (sent + left).checked_sub(config.fence_margin)?;
+    if deadline <= Instant::now() {
+        return None;
+    }
+    tracing::info!(lease = recorded.lease, left = ?left, "resumed the session lease of the previous supervisor");
+    Some((recorded.lease, deadline))
+}
+
+/// `<state_dir>/cluster-lease.json`: the session lease, for the next
+/// supervisor of this host.
+#[derive(Serialize, Deserialize)]
+struct LeaseRecord {
+    host: String,
+    lease: i64,
+}
+
+fn record_lease(path: &Path, host: &str, lease: i64) -> std::io::Result<()> {
+    let record = LeaseRecord {
+        host: host.to_string(),
+        lease,
+    };
+    let bytes = serde_json::to_vec(&record).map_err(std::io::Error::other)?;
+    let temp = path.with_extension("json.tmp");
+    let mut file = relive_images::private::create_file(&temp)?;
+    std::io::Write::write_all(&mut file, &bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&temp, path)
+}
+
+/// How long `relive up` waits for etcd to grant its first lease (a cluster
+/// starting with its hosts may have no leader yet).
+pub const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// [`grant`], retried until [`JOIN_TIMEOUT`].
+async fn first_grant(
+    config: &ClusterConfig,
+    client: &mut Client,
+) -> Result<(i64, Instant), ClusterError> {
+    let until = Instant::now() + JOIN_TIMEOUT;
+    loop {
+        match grant(config, client).await {
+            Ok(granted) => return Ok(granted),
+            Err(e) if Instant::now() < until => {
+                tracing::warn!(error = %e, "etcd has not granted a session lease yet; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Grants a session lease and registers the host on it; returns the lease
+/// and its first fencing deadline.
+async fn grant(
+    config: &ClusterConfig,
+    client: &mut Client,
+) -> Result<(i64, Instant), ClusterError> {
+    let timeout = config.request_timeout;
+    let sent = Instant::now();
+    let ttl = i64::try_from(config.lease_ttl.as_secs()).unwrap_or(i64::MAX);
+    let granted = match tokio::time::timeout(timeout, client.lease_grant(ttl, None)).await {
+        Ok(Ok(granted)) => granted,
+        Ok(Err(source)) => {
+            return Err(ClusterError::Request {
+                what: "lease grant",
+                source,
+            })
+        }
+        Err(_) => {
+            return Err(ClusterError::Timeout {
+                what: "lease grant",
+                timeout,
+            })
+        }
+    };
+    let lease = granted.id();
+    let deadline = (sent + Duration::from_secs(granted.ttl().unsigned_abs()))
+        .checked_sub(config.fence_margin)
+        .unwrap_or(sent);
+    let record = HostRecord {
+        host: config.host.clone(),
+        advertise: config.advertise,
+        lease,
+        joined_unix_ms: unix_ms(),
+    };
+    let key = format!("{}/hosts/{}", config.prefix, config.host);
+    let value = serde_json::to_vec(&record).map_err(|e| ClusterError::BadValue {
+        key: key.clone(),
+        detail: e.to_string(),
+    })?;
+    match tokio::time::timeout(
+        timeout,
+        client.put(key, value, Some(PutOptions::new().with_lease(lease))),
+    )
+    .await
+    {
+        Ok(Ok(_)) => Ok((lease, deadline)),
+        Ok(Err(source)) => Err(ClusterError::Request {
+            what: "host registration",
+            source,
+        }),
+        Err(_) => Err(ClusterError::Timeout {
+            what: "host registration",
+            timeout,
+        }),
+    }
+}
+
+/// One renewal on the keep-alive stream (opened if needed): the TTL the
+/// server answered (0: the lease is gone).
+async fn renew(
+    client: &mut Client,
+    stream: &mut Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+    lease: i64,
+) -> Result<i64, etcd_client::Error> {
+    if stream.is_none() {
+        *stream = Some(client.lease_keep_alive(lease).await?);
+    }
+    let Some((keeper, responses)) = stream.as_mut() else {
+        return Err(etcd_client::Error::LeaseKeepAliveError(
+            "no keep-alive stream".into(),
+        ));
+    };
+    keeper.keep_alive().await?;
+    match responses.message().await? {
+        Some(response) => Ok(response.ttl()),
+        None => Err(etcd_client::Error::LeaseKeepAliveError(
+            "the keep-alive stream ended".into(),
+        )),
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}

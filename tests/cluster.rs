@@ -1,0 +1,175 @@
+//! Cluster mode end to end: two `relive up` supervisors ("hosts") share one
+//! fleet through a real etcd (Debian's `etcd-server`, one member on
+//! loopback), each with its own state directory:
+//!
+//! - the VM runs on the host that claimed it first; the other host shows it
+//!   `elsewhere`, owned by the first, and refuses operator actions naming it;
+//! - a host lost whole (its supervisor and its VMM killed with SIGKILL): the
+//!   other host takes the VM once the lost host's lease expired and runs it
+//!   (from its boot image: consistency images are not replicated yet);
+//! - a host cut from etcd (its etcd connection stalls through a proxy, no
+//!   error): it fences itself, its VMM dead before the other host starts
+//!   the VM (by the two hosts' event timestamps), and once the network is
+//!   back it does not run the VM again: the VM is `elsewhere` there.
+//!
+//! Without etcd the tests skip with the reason (fail under
+//! `RELIVE_REQUIRE_TOOLS=1`, as in CI).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step fails the test
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::fleet::{is_alive, kill9, wait_for, Fleet, STEP};
+use common::{require_kvm, temp_dir};
+use relive_testkit::etcd::{Etcd, Proxy};
+use serde_json::Value;
+
+/// TTL 3 s, renewals every 500 ms, fencing 1 s before the TTL could run
+/// out, takeover 500 ms after an owner's key is gone.
+fn fleet_yaml(state: &Path, host: &str, etcd: &str) -> String {
+    format!(
+        r#"state_dir: {state}
+cluster:
+  etcd: [{etcd}]
+  host: {host}
+  prefix: /relive-e2e
+  lease_ttl: 3s
+  keepalive_interval: 500ms
+  request_timeout: 500ms
+  fence_margin: 1s
+  failover_grace: 500ms
+defaults:
+  checkpoint_interval: 1s
+  heartbeat_timeout: 2s
+  ready_grace: 1s
+vms:
+  - name: web
+    kernel: bundled
+    memory_mib: 64
+    cmdline: relive.hb_ms=100
+"#,
+        state = state.display()
+    )
+}
+
+/// Host A running `web`, host B seeing it there.
+fn two_hosts(a_etcd: &str, b_etcd: &str) -> (Fleet, Fleet) {
+    let mut a = Fleet::new(|state| fleet_yaml(state, "host-a", a_etcd));
+    a.start_supervisor();
+    a.wait_healthy("web", 3, false);
+    assert_eq!(a.show("web")["host"], "host-a");
+    let mut b = Fleet::new(|state| fleet_yaml(state, "host-b", b_etcd));
+    b.start_supervisor();
+    wait_for("host-b to see web on host-a", STEP, || {
+        let view = b.show("web");
+        (view["state"] == "elsewhere" && view["host"] == "host-a").then_some(())
+    });
+    let refused = b.relive(&["failover", "web", "--to", "boot"]);
+    assert_ne!(
+        refused.code,
+        Some(0),
+        "host-b must refuse to act on host-a's VM"
+    );
+    assert!(
+        refused.stderr.contains("runs on host host-a"),
+        "the refusal must name the owner: {refused:?}"
+    );
+    (a, b)
+}
+
+fn event<'a>(events: &'a [Value], reason: &str) -> Option<&'a Value> {
+    events
+        .iter()
+        .find(|e| e["vm"] == "web" && e["reason"] == reason)
+}
+
+#[test]
+fn a_host_lost_whole_has_its_vm_run_on_another_host() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = temp_dir();
+    let Some(etcd) = Etcd::start(dir.path()) else {
+        return;
+    };
+    let (mut a, b) = two_hosts(&etcd.url(), &etcd.url());
+    let vmm = a.show("web")["pid"].as_u64().unwrap() as u32;
+    let lost = Instant::now();
+    a.kill_supervisor();
+    kill9(vmm);
+    let view = wait_for("web running on host-b", STEP, || {
+        let view = b.show("web");
+        (view["state"] == "running" && view["host"] == "host-b" && view["pid"].is_u64())
+            .then_some(view)
+    });
+    eprintln!(
+        "host lost -> web running on host-b: {:.2?} (lease_ttl 3s, failover_grace 500ms)",
+        lost.elapsed()
+    );
+    let events = b.events();
+    let taken = event(&events, "taken-over").expect("host-b records the takeover");
+    assert!(
+        taken["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("from host host-a"),
+        "{taken}"
+    );
+    b.wait_heartbeat_from("web", view["pid"].as_u64().unwrap());
+}
+
+#[test]
+fn a_host_cut_from_etcd_kills_its_vm_before_another_host_runs_it() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = temp_dir();
+    let Some(etcd) = Etcd::start(dir.path()) else {
+        return;
+    };
+    let proxy = Proxy::start(etcd.client).unwrap();
+    let (a, b) = two_hosts(&format!("http://{}", proxy.addr), &etcd.url());
+    let vmm = a.show("web")["pid"].as_u64().unwrap() as u32;
+    proxy.cut(true);
+    wait_for("host-a to fence itself", STEP, || {
+        (a.show("web")["state"] == "fenced").then_some(())
+    });
+    assert!(
+        !is_alive(vmm),
+        "host-a's VMM {vmm} must be dead once it is fenced"
+    );
+    wait_for("web running on host-b", STEP, || {
+        let view = b.show("web");
+        (view["state"] == "running" && view["host"] == "host-b").then_some(())
+    });
+    let fenced = event(&a.events(), "fenced").expect("host-a records its fencing")["unix_ms"]
+        .as_u64()
+        .unwrap();
+    let taken = event(&b.events(), "taken-over").expect("host-b records the takeover")["unix_ms"]
+        .as_u64()
+        .unwrap();
+    eprintln!(
+        "host-a fenced {} ms before host-b took web over",
+        taken as i64 - fenced as i64
+    );
+    assert!(
+        fenced < taken,
+        "host-a's VMM must be dead (fenced at {fenced}) before host-b takes the VM (at {taken})"
+    );
+
+    // The network comes back: host-a joins again and leaves web to host-b.
+    proxy.cut(false);
+    wait_for("host-a to see web on host-b", STEP, || {
+        let view = a.show("web");
+        (view["state"] == "elsewhere" && view["host"] == "host-b").then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let view = a.show("web");
+    assert_eq!(
+        view["state"], "elsewhere",
+        "host-a must not run web again: {view}"
+    );
+    assert!(view["pid"].is_null(), "{view}");
+}
