@@ -36,6 +36,10 @@ struct Cli {
     /// Print JSON.
     #[arg(long, global = true)]
     json: bool,
+    /// How long to wait for the supervisor's answer (e.g. 30s, 10m); a
+    /// followed stream waits this long for its start only.
+    #[arg(long, global = true, value_parser = parse_timeout, default_value = "2m")]
+    timeout: std::time::Duration,
     #[command(subcommand)]
     command: Command,
 }
@@ -325,7 +329,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Image { action } = cli.command {
         return image_build(action, cli.json);
     }
-    let client = Client::new(cli.api.clone(), cli.token.clone())?;
+    let client = Client::new(cli.api.clone(), cli.token.clone())?.with_timeout(cli.timeout);
     let post = |vm: &str, what: &str| format!("/v1/vms/{vm}/{what}");
     let json = cli.json;
     match cli.command {
@@ -465,6 +469,15 @@ fn print_ok(v: &Value, json: bool) -> anyhow::Result<()> {
 fn rfc3339_ms(ms: u64) -> String {
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
     humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// `--timeout`: a duration in the fleet file's form, more than zero.
+fn parse_timeout(text: &str) -> Result<std::time::Duration, String> {
+    match relive_supervisor::config::parse_duration(text) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err("must be more than 0s".into()),
+        Err(e) => Err(e),
+    }
 }
 
 fn print_status(vms: &Value) {

@@ -1272,3 +1272,46 @@ fn a_seccomp_violation_is_reported_as_such_and_failed_over() {
     assert_eq!(restored["path"], "standby", "{restored}");
     fleet.metrics().assert_failures("sec", &[("seccomp", 1.0)]);
 }
+
+/// A supervisor that takes the connection and never answers (stuck, or
+/// overloaded) does not hold the CLI: it gives up after `--timeout`, says
+/// so, and exits non-zero. No KVM needed: the "supervisor" is a socket.
+#[test]
+fn the_cli_gives_up_on_a_supervisor_that_never_answers() {
+    let dir = common::temp_dir();
+    let socket = dir.join("api.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    // Accept and hold every connection, reading nothing, answering nothing.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming() {
+            held.push(stream);
+        }
+    });
+    let started = Instant::now();
+    let mut cmd = Command::new(RELIVE);
+    cmd.arg("--api")
+        .arg(&socket)
+        .args(["--timeout", "1s", "status"])
+        .env_remove("RELIVE_API")
+        .stdin(Stdio::null());
+    let out = run_with_timeout(&mut cmd, STEP);
+    let took = started.elapsed();
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(
+        out.stderr.contains("did not answer within 1s"),
+        "the error must say what happened: {out:?}"
+    );
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_secs(10),
+        "gave up after {took:?}"
+    );
+    // A zero or malformed timeout is refused before anything is sent.
+    let mut cmd = Command::new(RELIVE);
+    cmd.arg("--api")
+        .arg(&socket)
+        .args(["--timeout", "0s", "status"]);
+    let out = run_with_timeout(&mut cmd, STEP);
+    assert_eq!(out.code, Some(2), "{out:?}");
+    assert!(out.stderr.contains("more than 0s"), "{out:?}");
+}

@@ -4,8 +4,15 @@
 //! Where the API is: `--api` (a socket path or `http://HOST:PORT`), else
 //! `$RELIVE_API`, else the address the last `relive up` recorded in
 //! [`current_api_file`].
+//!
+//! Every request but a followed stream gets its whole answer within the
+//! client's timeout ([`DEFAULT_TIMEOUT`], or `--timeout`): a supervisor that
+//! accepts the connection and never answers does not hold the CLI for ever.
+//! A followed stream (`events --follow`, `logs --follow`) is bounded until
+//! its first bytes (the answer's head), then runs as long as it is read.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
@@ -77,13 +84,26 @@ pub enum ClientError {
     /// The answer is not what the API documents.
     #[error("bad answer from the supervisor: {0}")]
     Bad(String),
+    /// No whole answer within the client's timeout.
+    #[error("the supervisor at {address} did not answer within {timeout:?}: it may be stuck or overloaded (see its log and `relive events`), or the request needs longer: pass --timeout")]
+    Timeout {
+        /// Where.
+        address: String,
+        /// The bound.
+        timeout: Duration,
+    },
 }
+
+/// How long a request may take by default: long enough for a checkpoint of
+/// a large guest or a failover, which the supervisor answers when done.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A client for one supervisor.
 #[derive(Debug, Clone)]
 pub struct Client {
     address: ApiAddress,
     token: Option<String>,
+    timeout: Duration,
 }
 
 impl Client {
@@ -100,7 +120,29 @@ impl Client {
         Ok(Client {
             address: ApiAddress::parse(&address),
             token: token.or_else(|| std::env::var("RELIVE_TOKEN").ok()),
+            timeout: DEFAULT_TIMEOUT,
         })
+    }
+
+    /// The same client with every request bounded by `timeout`.
+    pub fn with_timeout(mut self, timeout: Duration) -> Client {
+        self.timeout = timeout;
+        self
+    }
+
+    /// `work` within the client's timeout.
+    async fn bounded<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, ClientError>>,
+    ) -> Result<T, ClientError> {
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .unwrap_or_else(|_| {
+                Err(ClientError::Timeout {
+                    address: self.address.to_string(),
+                    timeout: self.timeout,
+                })
+            })
     }
 
     /// The address in use.
@@ -170,6 +212,15 @@ impl Client {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> Result<serde_json::Value, ClientError> {
+        self.bounded(self.json_unbounded(method, path, body)).await
+    }
+
+    async fn json_unbounded(
+        &self,
+        method: hyper::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value, ClientError> {
         let response = self.send(method, path, body).await?;
         let status = response.status();
         let bytes = response
@@ -197,6 +248,10 @@ impl Client {
 
     /// `GET path`, the body as text (for `/metrics`).
     pub async fn text(&self, path: &str) -> Result<String, ClientError> {
+        self.bounded(self.text_unbounded(path)).await
+    }
+
+    async fn text_unbounded(&self, path: &str) -> Result<String, ClientError> {
         let response = self.send(hyper::Method::GET, path, None).await?;
         let status = response.status();
         let bytes = response
@@ -223,7 +278,9 @@ impl Client {
         path: &str,
         mut each: impl FnMut(&str) -> bool,
     ) -> Result<(), ClientError> {
-        let response = self.send(hyper::Method::GET, path, None).await?;
+        let response = self
+            .bounded(self.send(hyper::Method::GET, path, None))
+            .await?;
         let status = response.status();
         if !status.is_success() {
             let bytes = response
