@@ -10,7 +10,10 @@
 //! - a host cut from etcd (its etcd connection stalls through a proxy, no
 //!   error): it fences itself, its VMM dead before the other host starts
 //!   the VM (by the two hosts' event timestamps), and once the network is
-//!   back it does not run the VM again: the VM is `elsewhere` there.
+//!   back it does not run the VM again: the VM is `elsewhere` there;
+//! - a supervisor killed alone (its host and its VMM fine): the VMM ends
+//!   its VM by itself at the fencing deadline the supervisor last renewed
+//!   (exit `fenced`, 17), before the other host takes the VM over.
 //!
 //! Without etcd the tests skip with the reason (fail under
 //! `RELIVE_REQUIRE_TOOLS=1`, as in CI).
@@ -21,7 +24,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::fleet::{is_alive, kill9, wait_for, Fleet, STEP};
+use common::fleet::{is_alive, kill9, unix_ms, wait_for, Fleet, STEP};
 use common::{require_kvm, temp_dir};
 use relive_testkit::etcd::{Etcd, Proxy};
 use serde_json::Value;
@@ -172,4 +175,55 @@ fn a_host_cut_from_etcd_kills_its_vm_before_another_host_runs_it() {
         "host-a must not run web again: {view}"
     );
     assert!(view["pid"].is_null(), "{view}");
+}
+
+#[test]
+fn a_supervisor_killed_alone_leaves_a_vmm_that_fences_itself_before_another_host_runs_it() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = temp_dir();
+    let Some(etcd) = Etcd::start(dir.path()) else {
+        return;
+    };
+    let (mut a, b) = two_hosts(&etcd.url(), &etcd.url());
+    let vmm = a.show("web")["pid"].as_u64().unwrap() as u32;
+    a.kill_supervisor();
+    // The VMM runs on, alone, until the deadline the supervisor last gave.
+    let killed = Instant::now();
+    while is_alive(vmm) {
+        assert!(
+            killed.elapsed() < STEP,
+            "host-a's VMM {vmm} still runs {STEP:?} after its supervisor was killed"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let dead_at = unix_ms();
+    eprintln!(
+        "supervisor killed -> its VMM ended itself: {:.2?}",
+        killed.elapsed()
+    );
+    let logs: String = ["vmm-a.log", "vmm-b.log"]
+        .iter()
+        .map(|log| std::fs::read_to_string(a.state.join("web").join(log)).unwrap_or_default())
+        .collect();
+    assert!(
+        logs.contains(r#""reason":"fenced""#),
+        "host-a's VMM must end with the fenced exit:\n{logs}"
+    );
+    wait_for("web running on host-b", STEP, || {
+        let view = b.show("web");
+        (view["state"] == "running" && view["host"] == "host-b").then_some(())
+    });
+    let taken = event(&b.events(), "taken-over").expect("host-b records the takeover")["unix_ms"]
+        .as_u64()
+        .unwrap();
+    eprintln!(
+        "host-a's VMM ended {} ms before host-b took web over",
+        taken as i64 - dead_at as i64
+    );
+    assert!(
+        dead_at < taken,
+        "host-a's VMM must have ended (seen at {dead_at}) before host-b took the VM (at {taken})"
+    );
 }

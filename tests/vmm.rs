@@ -705,3 +705,50 @@ fn ready_is_notified_once_the_control_socket_serves() {
     );
     vmm.wait_timeout(STEP_TIMEOUT).expect("the VMM exits");
 }
+
+/// `ctl fence MS`: renewed in time, the VM runs on; `fence 0` disarms it;
+/// left to pass, it ends the VM with status 17 (`fenced`) at the deadline,
+/// not before (cluster mode's guard against a VMM whose supervisor is gone).
+#[test]
+fn a_fence_not_renewed_ends_the_vm_with_status_17_at_its_deadline() {
+    if !require_kvm() {
+        return;
+    }
+    let mut vmm = start_guest(&[]);
+    let mut watch = vmm.watch();
+    watch.wait_for(STEP_TIMEOUT, "first heartbeat", is_hb);
+    // Renewed every 100 ms for 1.5 s with a 400 ms deadline: still running.
+    let renewing = Instant::now();
+    while renewing.elapsed() < Duration::from_millis(1500) {
+        assert_eq!(vmm.ctl(&["fence", "400"]).0, 0);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(vmm.ctl(&["fence", "0"]).0, 0, "disarm");
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(
+        vmm.ctl(&["status"]).0,
+        0,
+        "a disarmed fence must not end the VM"
+    );
+    watch.wait_for(
+        STEP_TIMEOUT,
+        "a heartbeat after the disarmed deadline",
+        is_hb,
+    );
+    // Armed and left: the VM ends at the deadline.
+    let armed = Instant::now();
+    assert_eq!(vmm.ctl(&["fence", "500"]).0, 0);
+    let record = assert_exit(&mut vmm, 17, "fenced");
+    let took = armed.elapsed();
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_millis(2500),
+        "ended {took:?} after a 500 ms fence: {record}"
+    );
+    assert!(
+        record["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("fencing deadline"),
+        "{record}"
+    );
+}

@@ -20,6 +20,7 @@
 //! | 14     | `vcpu-stuck`   | a vCPU stopped answering the VMM: it ended the VM rather than leave it half paused |
 //! | 15     | `seccomp`      | a VMM thread made a system call its seccomp filter forbids (written by the SIGSYS handler; no watch hears it) |
 //! | 16     | `app-exit`     | the guest powered off after its agent reported that the app ended (`app exited code=C` or `signal=S` on the agent channel); the record's `app` says how |
+//! | 17     | `fenced`       | the fencing deadline a `fence` request armed passed without a renewal (cluster mode: the supervisor, or its host's etcd lease, is gone): the VMM ended the VM before another host could take it over |
 //!
 //! The same record is the last message on every `watch` connection of the
 //! control socket ([`crate::Response::Exit`]), so a supervisor learns why its
@@ -50,6 +51,8 @@ pub enum ExitReason {
     Seccomp,
     /// The guest powered off because its app ended ([`ExitRecord::app`]).
     AppExit,
+    /// The fencing deadline passed without a renewal.
+    Fenced,
 }
 
 /// Status of a VMM that failed before or outside the guest.
@@ -57,7 +60,7 @@ pub const STATUS_VMM_ERROR: i32 = 1;
 
 impl ExitReason {
     /// Every reason, for documentation and tests.
-    pub const ALL: [ExitReason; 9] = [
+    pub const ALL: [ExitReason; 10] = [
         ExitReason::Exit,
         ExitReason::Shutdown,
         ExitReason::Reset,
@@ -67,6 +70,7 @@ impl ExitReason {
         ExitReason::VcpuStuck,
         ExitReason::Seccomp,
         ExitReason::AppExit,
+        ExitReason::Fenced,
     ];
 
     /// The process exit status for this reason.
@@ -81,6 +85,7 @@ impl ExitReason {
             ExitReason::VcpuStuck => 14,
             ExitReason::Seccomp => 15,
             ExitReason::AppExit => 16,
+            ExitReason::Fenced => 17,
         }
     }
 
@@ -101,6 +106,7 @@ impl ExitReason {
             ExitReason::VcpuStuck => "vcpu-stuck",
             ExitReason::Seccomp => "seccomp",
             ExitReason::AppExit => "app-exit",
+            ExitReason::Fenced => "fenced",
         }
     }
 }

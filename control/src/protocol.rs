@@ -69,6 +69,17 @@ pub enum Request {
         #[serde(default)]
         kind: CheckpointKind,
     },
+    /// Arm (or renew) the VMM's fencing deadline: unless another `fence`
+    /// comes within `within_ms`, the VMM ends its VM with the exit `fenced`
+    /// (status 17). A renewal only moves the deadline later; `within_ms: 0`
+    /// disarms it. Cluster mode's supervisor
+    /// renews it with each renewal of its host's lease, so a VMM whose
+    /// supervisor is gone (not only its host) stops before another host can
+    /// take its VM over.
+    Fence {
+        /// Milliseconds from now.
+        within_ms: u64,
+    },
     /// Make the VMM do something it must not be able to do, to prove (in
     /// tests and drills) that its confinement holds.
     InjectFault {
@@ -104,6 +115,7 @@ impl Request {
             Request::Resume => "resume",
             Request::Restore { .. } => "restore",
             Request::Checkpoint { .. } => "checkpoint",
+            Request::Fence { .. } => "fence",
             Request::InjectFault { .. } => "inject-fault",
         }
     }

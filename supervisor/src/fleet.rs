@@ -814,6 +814,7 @@ impl VmTask {
         self.last_heartbeat = None;
         self.active_since_unix_ms = unix_ms();
         self.persist();
+        self.arm_fence();
     }
 
     /// Why the active VMM ended: the exit record its watch delivered (read
@@ -1396,6 +1397,8 @@ impl VmTask {
                             Some(from) => self.take_over(from).await,
                             None => break,
                         }
+                    } else {
+                        self.arm_fence();
                     }
                 }
             }
@@ -2215,6 +2218,27 @@ impl VmTask {
         u32::try_from(at).unwrap_or(u32::MAX)
     }
 
+    /// Hands the host's fencing deadline to the active VMM (`fence`): if
+    /// this supervisor dies, or stops renewing, the VMM ends its VM by
+    /// itself at that deadline, before the lease can expire and another host
+    /// take the VM. Renewed with every lease renewal.
+    fn arm_fence(&self) {
+        let (Some(member), Some(_), Some(vmm)) = (&self.cluster, self.token, &self.vmm) else {
+            return;
+        };
+        let Standing::Live { deadline, .. } = member.standing() else {
+            return;
+        };
+        let within = deadline.saturating_duration_since(Instant::now());
+        let within_ms = u64::try_from(within.as_millis()).unwrap_or(u64::MAX).max(1);
+        let client = vmm.client(self.spec.policy.control_timeout);
+        tokio::spawn(async move {
+            if let Err(e) = client.expect_ok(&Request::Fence { within_ms }).await {
+                tracing::warn!(error = %relive_control::error_chain(&e), "cannot renew the VMM's fencing deadline");
+            }
+        });
+    }
+
     fn refuse(&self, cmd: Command, why: &str) {
         let _ = cmd.reply.send(Err(ActionError::Conflict(why.to_string())));
     }
@@ -2308,6 +2332,7 @@ fn failure_reason(record: Option<&ExitRecord>) -> FailureReason {
         Some(ExitReason::KvmError | ExitReason::VcpuStuck) => FailureReason::KvmError,
         Some(ExitReason::Seccomp) => FailureReason::Seccomp,
         Some(ExitReason::AppExit) => FailureReason::AppExit,
+        Some(ExitReason::Fenced) => FailureReason::Fenced,
         // Shut down by someone else than this supervisor.
         Some(ExitReason::Shutdown) | None => FailureReason::VmmKilled,
     }

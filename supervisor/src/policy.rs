@@ -400,11 +400,14 @@ pub enum FailureReason {
     /// A container VM's app ended with a non-zero status or a signal (its
     /// agent said so, then powered the guest off).
     AppExit,
+    /// Cluster mode: the VMM's fencing deadline passed before this
+    /// supervisor renewed it (exit status 17).
+    Fenced,
 }
 
 impl FailureReason {
     /// Every reason, for metrics that pre-register one series per reason.
-    pub const ALL: [FailureReason; 13] = [
+    pub const ALL: [FailureReason; 14] = [
         FailureReason::VmmKilled,
         FailureReason::VmmError,
         FailureReason::Panic,
@@ -418,6 +421,7 @@ impl FailureReason {
         FailureReason::StartFailed,
         FailureReason::Seccomp,
         FailureReason::AppExit,
+        FailureReason::Fenced,
     ];
 
     /// The reason's stable name, for events and metric labels.
@@ -436,6 +440,7 @@ impl FailureReason {
             FailureReason::StartFailed => "start-failed",
             FailureReason::Seccomp => "seccomp",
             FailureReason::AppExit => "app-exit",
+            FailureReason::Fenced => "fenced",
         }
     }
 

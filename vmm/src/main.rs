@@ -333,6 +333,12 @@ enum CtlAction {
         #[arg(default_value = "full")]
         kind: String,
     },
+    /// Arm the fencing deadline: unless renewed within MS milliseconds the
+    /// VMM ends its VM (status 17, `fenced`); 0 disarms it.
+    Fence {
+        /// Milliseconds from now.
+        ms: u64,
+    },
     /// Drill: make the VMM do what its confinement forbids.
     InjectFault {
         /// `forbidden-syscall`: the event loop opens an IPv4 socket; a VMM
@@ -679,6 +685,7 @@ fn ctl(socket: PathBuf, json: bool, action: CtlAction) -> anyhow::Result<ExitCod
                 }
             },
         },
+        CtlAction::Fence { ms } => Request::Fence { within_ms: *ms },
         CtlAction::InjectFault { fault } => Request::InjectFault {
             fault: match fault.as_str() {
                 "forbidden-syscall" => Fault::ForbiddenSyscall,

@@ -902,6 +902,7 @@ impl Vm {
             watchers: Vec::new(),
             reply_acks: Vec::new(),
             live: None,
+            fence_deadline: None,
         };
         if event_loop.cfg.boot_image == Some(BootImageMode::Recipe) {
             event_loop.write_boot_image(BootImageMode::Recipe);
@@ -1004,6 +1005,8 @@ struct EventLoop {
     reply_acks: Vec<WatchEnd>,
     /// The live checkpoint being taken.
     live: Option<live::LiveCheckpoint>,
+    /// The fencing deadline a `fence` request armed.
+    fence_deadline: Option<Instant>,
 }
 
 const TOKEN_EVENTS: u64 = 1;
@@ -1064,7 +1067,18 @@ impl EventLoop {
         }
         let mut ready = vec![EpollEvent::default(); sources.len()];
         loop {
-            let n = match epoll.wait(CONSOLE_FLUSH_INTERVAL_MS, &mut ready) {
+            let timeout = match self.fence_deadline {
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    // Rounded up: waking before the deadline only waits again.
+                    let ms = left.as_micros().div_ceil(1000);
+                    i32::try_from(ms).map_or(CONSOLE_FLUSH_INTERVAL_MS, |ms| {
+                        ms.min(CONSOLE_FLUSH_INTERVAL_MS)
+                    })
+                }
+                None => CONSOLE_FLUSH_INTERVAL_MS,
+            };
+            let n = match epoll.wait(timeout, &mut ready) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
                 Err(e) => {
@@ -1078,6 +1092,9 @@ impl EventLoop {
             if n == 0 {
                 self.flush_console();
             }
+            if let Some(record) = self.fence_due() {
+                return record;
+            }
             for event in &ready[..n] {
                 if let Some(record) = self.on_ready(event.data()) {
                     return self.with_app_exit(record);
@@ -1087,6 +1104,23 @@ impl EventLoop {
                 }
             }
         }
+    }
+
+    /// The fencing deadline passed: the VM ends (`fenced`).
+    fn fence_due(&mut self) -> Option<ExitRecord> {
+        let deadline = self.fence_deadline?;
+        let now = Instant::now();
+        (now >= deadline).then(|| {
+            ExitRecord::new(
+                ExitReason::Fenced,
+                self.uptime_ms(),
+                format!(
+                    "the fencing deadline passed {} ms ago without a renewal: the supervisor or \
+                     its host's cluster lease is gone",
+                    now.duration_since(deadline).as_millis()
+                ),
+            )
+        })
     }
 
     /// A power-off that follows the agent's `app exited ...` is the app's
@@ -1313,6 +1347,18 @@ impl EventLoop {
                 // Answered once the image is committed (`on_live`).
                 self.checkpoint_request(kind, reply);
                 return None;
+            }
+            Request::Fence { within_ms: 0 } => {
+                self.fence_deadline = None;
+                Response::Ok
+            }
+            Request::Fence { within_ms } => {
+                // Only ever later: a renewal overtaken by an older one on
+                // its way (each comes on its own connection) keeps its
+                // deadline.
+                let asked = Instant::now() + Duration::from_millis(within_ms);
+                self.fence_deadline = Some(self.fence_deadline.map_or(asked, |d| d.max(asked)));
+                Response::Ok
             }
             Request::InjectFault {
                 fault: Fault::ForbiddenSyscall,
