@@ -94,6 +94,8 @@ enum Command {
         /// The VM.
         vm: String,
     },
+    /// Cluster mode: every host, its lease's time left, the VMs it owns.
+    Hosts,
     /// State transitions, newest last.
     Events {
         /// Keep printing new events until interrupted.
@@ -374,6 +376,45 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Resume { vm } => act(&client, &post(&vm, "resume"), json).await?,
         Command::Stop { vm } => act(&client, &post(&vm, "stop"), json).await?,
         Command::Start { vm } => act(&client, &post(&vm, "start"), json).await?,
+        Command::Hosts => {
+            let hosts = client
+                .json(hyper::Method::GET, "/v1/cluster/hosts", None)
+                .await?;
+            if json {
+                outln!("{hosts}");
+            } else {
+                outln!(
+                    "{:<16} {:>10} {:<22} VMS",
+                    "HOST",
+                    "LEASE LEFT",
+                    "ADVERTISE"
+                );
+                for host in hosts.as_array().into_iter().flatten() {
+                    let vms: Vec<&str> = host["vms"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(Value::as_str)
+                        .collect();
+                    let name = host["host"].as_str().unwrap_or("?");
+                    outln!(
+                        "{:<16} {:>10} {:<22} {}",
+                        if host["this"] == true {
+                            format!("{name} (this)")
+                        } else {
+                            name.to_string()
+                        },
+                        format!("{} s", host["lease_left_s"].as_i64().unwrap_or(0)),
+                        host["advertise"].as_str().unwrap_or("-"),
+                        if vms.is_empty() {
+                            "-".to_string()
+                        } else {
+                            vms.join(", ")
+                        },
+                    );
+                }
+            }
+        }
         Command::Events { follow, n } => {
             let past = client
                 .json(hyper::Method::GET, &format!("/v1/events?n={n}"), None)

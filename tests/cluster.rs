@@ -69,6 +69,27 @@ fn two_hosts(a_etcd: &str, b_etcd: &str) -> (Fleet, Fleet) {
         let view = b.show("web");
         (view["state"] == "elsewhere" && view["host"] == "host-a").then_some(())
     });
+    let hosts = b.json(&["hosts"]);
+    let listed: Vec<(String, bool, Vec<Value>)> = hosts
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h["host"].as_str().unwrap().to_string(),
+                h["this"] == true,
+                h["vms"].as_array().cloned().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("host-a".to_string(), false, vec![Value::from("web")]),
+            ("host-b".to_string(), true, vec![]),
+        ],
+        "relive hosts on host-b: {hosts}"
+    );
     let refused = b.relive(&["failover", "web", "--to", "boot"]);
     assert_ne!(
         refused.code,

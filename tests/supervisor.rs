@@ -817,6 +817,11 @@ fn api_calls_without_the_token_or_for_an_unknown_vm_are_refused_and_change_nothi
     let url = format!("http://{addr}");
     let since = fleet.events().len();
 
+    // A supervisor that runs alone has no cluster to list.
+    let alone = fleet.relive(&["hosts"]);
+    assert_ne!(alone.code, Some(0), "{alone:?}");
+    assert!(alone.stderr.contains("runs alone"), "{alone:?}");
+
     // Over HTTP: 401 and a JSON error, for reads and actions alike.
     for (method, path) in [
         ("GET", "/v1/vms"),

@@ -15,11 +15,12 @@
 //! | GET    | `/v1/vms/{vm}/logs?n=N&follow=true` | JSON lines: those, then each new entry as it comes |
 //! | GET    | `/v1/events?n=N`              | the last N events                        |
 //! | GET    | `/v1/events/follow`           | JSON lines, one per event, as they come  |
+//! | GET    | `/v1/cluster/hosts`           | cluster mode: every host, its lease's time left and the VMs it owns (409 alone) |
 //! | GET    | `/metrics`                    | Prometheus text format                   |
 //!
 //! Errors are JSON `{"error": "..."}` with 400 (bad request), 401 (missing or
 //! wrong token), 404 (unknown VM or path), 409 (the action does not fit the
-//! VM's state) or 500. The Unix socket is mode 0600 and needs no token; the
+//! VM's state), 500, or 503 (cluster mode: etcd did not answer). The Unix socket is mode 0600 and needs no token; the
 //! TCP listener (loopback only) requires `Authorization: Bearer TOKEN` on
 //! every route.
 
@@ -67,6 +68,7 @@ pub fn router(fleet: Fleet, token: Option<String>) -> Router {
         .route("/v1/vms/{vm}/{action}", post(simple_action))
         .route("/v1/events", get(events))
         .route("/v1/events/follow", get(follow))
+        .route("/v1/cluster/hosts", get(hosts))
         .route("/metrics", get(metrics))
         .fallback(|| async {
             ApiError(
@@ -116,6 +118,43 @@ fn unknown(vm: &str) -> ApiError {
         StatusCode::NOT_FOUND,
         format!("no VM named {vm:?}: see `relive status` for the fleet"),
     )
+}
+
+/// The cluster's hosts, as this host sees them in etcd.
+async fn hosts(State(fleet): State<Fleet>) -> Result<impl IntoResponse, ApiError> {
+    let Some(member) = fleet.cluster.clone() else {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            "this supervisor runs alone: its fleet file has no cluster: section".into(),
+        ));
+    };
+    let unavailable = |e: crate::cluster::ClusterError| {
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("cannot read the cluster from etcd: {e}"),
+        )
+    };
+    let hosts = member.hosts().await.map_err(unavailable)?;
+    let owners = member.owners().await.map_err(unavailable)?;
+    let mut out = Vec::new();
+    for host in hosts {
+        let left = member.lease_left(host.lease).await.map_err(unavailable)?;
+        let vms: Vec<&str> = owners
+            .iter()
+            .filter(|(_, owner, _)| owner.host == host.host && owner.lease == host.lease)
+            .map(|(vm, _, _)| vm.as_str())
+            .collect();
+        out.push(serde_json::json!({
+            "host": host.host,
+            "this": host.host == member.host(),
+            "advertise": host.advertise,
+            "lease": host.lease,
+            "lease_left_s": left,
+            "joined_unix_ms": host.joined_unix_ms,
+            "vms": vms,
+        }));
+    }
+    Ok(Json(out))
 }
 
 async fn list(State(fleet): State<Fleet>) -> impl IntoResponse {

@@ -468,6 +468,46 @@ impl Member {
             .collect()
     }
 
+    /// Every VM's owner, with its token.
+    pub async fn owners(&self) -> Result<Vec<(String, OwnerRecord, i64)>, ClusterError> {
+        let prefix = self.key("vms/");
+        let got = self
+            .request(
+                "get",
+                self.client
+                    .clone()
+                    .get(prefix.as_str(), Some(GetOptions::new().with_prefix())),
+            )
+            .await?;
+        let mut owners = Vec::new();
+        for kv in got.kvs() {
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            let Some(vm) = key
+                .strip_prefix(prefix.as_str())
+                .and_then(|rest| rest.strip_suffix("/owner"))
+            else {
+                continue;
+            };
+            let owner = serde_json::from_slice(kv.value()).map_err(|e| ClusterError::BadValue {
+                key: key.clone(),
+                detail: e.to_string(),
+            })?;
+            owners.push((vm.to_string(), owner, kv.create_revision()));
+        }
+        Ok(owners)
+    }
+
+    /// The seconds lease `lease` has left (0: gone).
+    pub async fn lease_left(&self, lease: i64) -> Result<i64, ClusterError> {
+        let alive = self
+            .request(
+                "lease time-to-live",
+                self.client.clone().lease_time_to_live(lease, None),
+            )
+            .await?;
+        Ok(alive.ttl().max(0))
+    }
+
     async fn request<T>(
         &self,
         what: &'static str,

@@ -180,6 +180,8 @@ pub struct Fleet {
     pub metrics: Arc<Metrics>,
     /// Live app output of every VM.
     pub logs: LogFeed,
+    /// Cluster mode: this host's membership.
+    pub cluster: Option<Arc<Member>>,
 }
 
 #[derive(Clone)]
@@ -263,6 +265,7 @@ impl Fleet {
                 events,
                 metrics,
                 logs,
+                cluster,
             },
             tasks,
         )
