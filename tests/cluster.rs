@@ -164,6 +164,29 @@ fn a_host_cut_from_etcd_kills_its_vm_before_another_host_runs_it() {
         !is_alive(vmm),
         "host-a's VMM {vmm} must be dead once it is fenced"
     );
+    let metrics = a.metrics();
+    assert_eq!(
+        metrics.value("relive_cluster_lease_live", &[("host", "host-a")]),
+        0.0
+    );
+    assert_eq!(
+        metrics.value("relive_cluster_fences_total", &[("host", "host-a")]),
+        1.0
+    );
+    let metrics = b.metrics();
+    assert_eq!(
+        metrics.value("relive_cluster_lease_live", &[("host", "host-b")]),
+        1.0
+    );
+    let deadline = metrics.value(
+        "relive_cluster_fence_deadline_timestamp_seconds",
+        &[("host", "host-b")],
+    );
+    let now = unix_ms() as f64 / 1000.0;
+    assert!(
+        deadline > now && deadline < now + 3.0,
+        "host-b's fencing deadline {deadline} must lie within its TTL of now {now}"
+    );
     wait_for("web running on host-b", STEP, || {
         let view = b.show("web");
         (view["state"] == "running" && view["host"] == "host-b").then_some(())

@@ -43,7 +43,8 @@
 //! `tests/nested/container.sh` checks its logs, its restore after a kill,
 //! its RNG reseed and clock step after restores, and its typed app exit.
 //!
-//! For debugging, `RELIVE_NESTED_SCRIPT=FILE` runs the shell script FILE
+//! For debugging, `RELIVE_NESTED_L1_APPEND` adds to the L1 kernel's command
+//! line, and `RELIVE_NESTED_SCRIPT=FILE` runs the shell script FILE
 //! (executable; `/bin/relive-vmm` is there, and the files listed in
 //! `RELIVE_NESTED_FILES=A:B:..` too) as the only scenario in an L1 of
 //! `RELIVE_NESTED_SMP` CPUs (default 1), and the test prints what it said.
@@ -282,7 +283,8 @@ fn run_l1(label: &str, smp: u8, scenarios: &[Scenario<'_>], files: &[PathBuf]) -
             .arg(repo_root().join(".cache/linux/vmlinuz"))
             .arg("-initrd")
             .arg(&cpio)
-            .args(["-append", "console=ttyS0 panic=-1 quiet"])
+            .arg("-append")
+            .arg(l1_cmdline())
             .arg("-monitor")
             .arg(format!("unix:{},server=on,wait=off", monitor.display()))
             .stdin(Stdio::null())
@@ -319,6 +321,17 @@ fn run_l1(label: &str, smp: u8, scenarios: &[Scenario<'_>], files: &[PathBuf]) -
         report.result("kvm").map(|r| r.1).unwrap_or_default()
     );
     report
+}
+
+/// The L1 kernel's command line: `RELIVE_NESTED_L1_APPEND` adds to it
+/// (for experiments on the emulated machine, e.g. its idle and timer modes).
+fn l1_cmdline() -> String {
+    let mut cmdline = String::from("console=ttyS0 panic=-1 quiet");
+    if let Ok(extra) = std::env::var("RELIVE_NESTED_L1_APPEND") {
+        cmdline.push(' ');
+        cmdline.push_str(&extra);
+    }
+    cmdline
 }
 
 /// How an L1 run ended.

@@ -616,6 +616,45 @@ impl Member {
     }
 }
 
+/// Keeps the host's standing in the metrics (`relive_cluster_*`) until
+/// `shutdown`.
+pub async fn export_standing(
+    member: Arc<Member>,
+    metrics: Arc<crate::metrics::Metrics>,
+    shutdown: CancellationToken,
+) {
+    let host = member.host().to_string();
+    let mut standing = member.subscribe();
+    let mut was_live = true;
+    loop {
+        let now = *standing.borrow_and_update();
+        match now {
+            Standing::Live { deadline, .. } => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let wall = SystemTime::now() + left;
+                let at = wall
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64());
+                metrics.set_cluster_standing(&host, Some(at));
+                was_live = true;
+            }
+            Standing::Fenced { .. } if was_live => {
+                metrics.record_fence(&host);
+                was_live = false;
+            }
+            Standing::Fenced { .. } => {}
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = standing.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
 /// The lease a previous supervisor of this host recorded, with its fencing
 /// deadline, if etcd still has it alive.
 async fn resume(

@@ -134,6 +134,11 @@ pub async fn up(
                 lease = member.standing().lease(),
                 "joined the cluster"
             );
+            tokio::spawn(crate::cluster::export_standing(
+                member.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+            ));
             Some(member)
         }
         None => None,

@@ -41,6 +41,9 @@
 //! | `relive_standby_memory_bytes` | gauge | vm |
 //! | `relive_last_checkpoint_timestamp_seconds` | gauge, unix time of the newest consistency image (the supervisor's start until the first) | vm |
 //! | `relive_policy_checkpoint_interval_seconds`, `relive_policy_heartbeat_timeout_seconds`, `relive_policy_standby` | gauges, the VM's policy, for alerts to compare with | vm |
+//! | `relive_cluster_lease_live` | gauge, cluster mode: 1 while this host holds a live session lease, 0 once it fenced itself | host |
+//! | `relive_cluster_fence_deadline_timestamp_seconds` | gauge, cluster mode: unix time at which this host would fence itself without another renewal | host |
+//! | `relive_cluster_fences_total` | counter, cluster mode: times this host fenced itself | host |
 //! | `relive_build_info` | gauge, 1 | version, commit |
 //! | `process_*` | the supervisor's own CPU, memory, file descriptors, start time (the `prometheus` crate's process collector) | - |
 //!
@@ -210,6 +213,9 @@ pub struct Metrics {
     policy_checkpoint_interval: GaugeVec,
     policy_heartbeat_timeout: GaugeVec,
     policy_standby: IntGaugeVec,
+    cluster_lease_live: IntGaugeVec,
+    cluster_fence_deadline: GaugeVec,
+    cluster_fences: IntCounterVec,
 }
 
 impl fmt::Debug for Metrics {
@@ -449,6 +455,24 @@ impl Metrics {
                 "The VM's heartbeat_timeout.",
                 &["vm"],
             )?,
+            cluster_lease_live: int_gauge(
+                &r,
+                "relive_cluster_lease_live",
+                "Cluster mode: 1 while this host holds a live session lease, 0 once it fenced itself.",
+                &["host"],
+            )?,
+            cluster_fence_deadline: gauge(
+                &r,
+                "relive_cluster_fence_deadline_timestamp_seconds",
+                "Cluster mode: unix time at which this host fences itself unless its lease is renewed.",
+                &["host"],
+            )?,
+            cluster_fences: int_counter(
+                &r,
+                "relive_cluster_fences_total",
+                "Cluster mode: times this host fenced itself (killed its VMMs: its lease was not renewed in time).",
+                &["host"],
+            )?,
             policy_standby: int_gauge(
                 &r,
                 "relive_policy_standby",
@@ -466,6 +490,24 @@ impl Metrics {
             state_lock: Mutex::new(()),
             cursors: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Cluster mode: this host's standing; `deadline_unix_s` while live.
+    pub fn set_cluster_standing(&self, host: &str, deadline_unix_s: Option<f64>) {
+        self.cluster_lease_live
+            .with_label_values(&[host])
+            .set(i64::from(deadline_unix_s.is_some()));
+        if let Some(at) = deadline_unix_s {
+            self.cluster_fence_deadline
+                .with_label_values(&[host])
+                .set(at);
+        }
+    }
+
+    /// Cluster mode: this host fenced itself.
+    pub fn record_fence(&self, host: &str) {
+        self.cluster_fences.with_label_values(&[host]).inc();
+        self.set_cluster_standing(host, None);
     }
 
     /// The registry, to register more collectors in.
