@@ -4,9 +4,12 @@
 //!
 //! - the VM runs on the host that claimed it first; the other host shows it
 //!   `elsewhere`, owned by the first, and refuses operator actions naming it;
+//! - the owner replicates each consistency image (and its chain and boot
+//!   image) to the other host, which verifies and stores it;
 //! - a host lost whole (its supervisor and its VMM killed with SIGKILL): the
 //!   other host takes the VM once the lost host's lease expired and runs it
-//!   (from its boot image: consistency images are not replicated yet);
+//!   from the replicated consistency image: the guest's counter and hash
+//!   chain continue from that image;
 //! - a host cut from etcd (its etcd connection stalls through a proxy, no
 //!   error): it fences itself, its VMM dead before the other host starts
 //!   the VM (by the two hosts' event timestamps), and once the network is
@@ -24,19 +27,26 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::fleet::{is_alive, kill9, unix_ms, wait_for, Fleet, STEP};
+use common::fleet::{heartbeat_in_image, is_alive, kill9, unix_ms, wait_for, Fleet, STEP};
 use common::{require_kvm, temp_dir};
-use relive_testkit::etcd::{Etcd, Proxy};
+use relive_testkit::etcd::{free_port, Etcd, Proxy};
 use serde_json::Value;
 
+/// The cluster listeners' shared bearer token.
+const CLUSTER_TOKEN: &str = "cluster-test-token-0123456789";
+
 /// TTL 3 s, renewals every 500 ms, fencing 1 s before the TTL could run
-/// out, takeover 500 ms after an owner's key is gone.
+/// out, takeover 500 ms after an owner's key is gone; images replicated to
+/// one peer through each host's listener on a loopback port of its own.
 fn fleet_yaml(state: &Path, host: &str, etcd: &str) -> String {
     format!(
         r#"state_dir: {state}
 cluster:
   etcd: [{etcd}]
   host: {host}
+  advertise: 127.0.0.1:{port}
+  token: {CLUSTER_TOKEN}
+  replicas: 1
   prefix: /relive-e2e
   lease_ttl: 3s
   keepalive_interval: 500ms
@@ -53,7 +63,8 @@ vms:
     memory_mib: 64
     cmdline: relive.hb_ms=100
 "#,
-        state = state.display()
+        state = state.display(),
+        port = free_port().unwrap(),
     )
 }
 
@@ -119,10 +130,35 @@ fn a_host_lost_whole_has_its_vm_run_on_another_host() {
         return;
     };
     let (mut a, b) = two_hosts(&etcd.url(), &etcd.url());
+    // host-b holds host-a's images: the boot image and consistency images.
+    let is_consistency =
+        |i: &Value| matches!(i["kind"]["kind"].as_str(), Some("full" | "incremental"));
+    wait_for(
+        "a consistency image of web replicated to host-b",
+        STEP,
+        || {
+            let images = b.images("web");
+            let boot = images.iter().any(|i| i["kind"]["kind"] == "boot");
+            // The owner counts what it sent once the manifest is in etcd.
+            let sent = a
+                .metrics()
+                .sum("relive_replication_bytes_total", &[("vm", "web")]);
+            (boot && images.iter().any(is_consistency) && sent > 0.0).then_some(())
+        },
+    );
+
     let vmm = a.show("web")["pid"].as_u64().unwrap() as u32;
     let lost = Instant::now();
     a.kill_supervisor();
     kill9(vmm);
+    // The newest image host-b holds now is what it must restore.
+    let newest = b
+        .images("web")
+        .into_iter()
+        .rev()
+        .find(is_consistency)
+        .expect("host-b holds a consistency image");
+    let in_image = heartbeat_in_image(&newest);
     let view = wait_for("web running on host-b", STEP, || {
         let view = b.show("web");
         (view["state"] == "running" && view["host"] == "host-b" && view["pid"].is_u64())
@@ -134,14 +170,16 @@ fn a_host_lost_whole_has_its_vm_run_on_another_host() {
     );
     let events = b.events();
     let taken = event(&events, "taken-over").expect("host-b records the takeover");
+    let detail = taken["detail"].as_str().unwrap_or("");
     assert!(
-        taken["detail"]
-            .as_str()
-            .unwrap_or("")
-            .contains("from host host-a"),
+        detail.contains("from host host-a") && detail.contains("replicated consistency image"),
         "{taken}"
     );
-    b.wait_heartbeat_from("web", view["pid"].as_u64().unwrap());
+    let after = b.wait_heartbeat_from("web", view["pid"].as_u64().unwrap());
+    in_image.assert_continued_by(
+        &after,
+        "the guest on host-b must go on from the replicated image",
+    );
 }
 
 #[test]

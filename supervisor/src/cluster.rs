@@ -376,6 +376,15 @@ impl Member {
         }
     }
 
+    /// The value at `vms/<vm>/<what>`, if any.
+    pub async fn vm_value(&self, vm: &str, what: &str) -> Result<Option<Vec<u8>>, ClusterError> {
+        let key = self.key(&format!("vms/{vm}/{what}"));
+        let got = self
+            .request("get", self.client.clone().get(key, None))
+            .await?;
+        Ok(got.kvs().first().map(|kv| kv.value().to_vec()))
+    }
+
     /// Gives `vm` up (deletes its owner key if `token` is still the VM's).
     pub async fn release(&self, vm: &str, token: i64) -> Result<(), ClusterError> {
         let key = self.owner_key(vm);

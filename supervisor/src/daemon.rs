@@ -143,6 +143,36 @@ pub async fn up(
         }
         None => None,
     };
+    if let Some(cluster) = &fleet_cfg.cluster {
+        match (cluster.advertise, &cluster.token) {
+            (Some(addr), Some(token)) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(io("listen (cluster.advertise) on", Path::new(&addr.to_string())))?;
+                let state = crate::replication::PeerState::new(
+                    fleet_cfg.vms.iter().map(|vm| {
+                        (
+                            vm.name.clone(),
+                            vm.images_dir.clone(),
+                            vm.policy.keep_images,
+                        )
+                    }),
+                    token.secret().to_string(),
+                );
+                let app = crate::replication::peer_router(state);
+                let stop = shutdown.clone();
+                tokio::spawn(async move {
+                    let _ = axum::serve(listener, app)
+                        .with_graceful_shutdown(async move { stop.cancelled().await })
+                        .await;
+                });
+                tracing::info!(%addr, "serving the cluster listener (image replication)");
+            }
+            _ => tracing::warn!(
+                "cluster.advertise is not set: this host receives no replicated images, and VMs taken over here start from their boot image"
+            ),
+        }
+    }
     let (fleet, tasks) = Fleet::start(
         fleet_cfg.vms.clone(),
         Paths {

@@ -498,6 +498,8 @@ struct VmTask {
     standing: Option<tokio::sync::watch::Receiver<Standing>>,
     /// Cluster mode: the fencing token while this host owns the VM.
     token: Option<i64>,
+    /// Cluster mode: the replication of the last image, while it runs.
+    replicating: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl VmTask {
@@ -557,6 +559,7 @@ impl VmTask {
             cluster: None,
             standing: None,
             token: None,
+            replicating: None,
         }
     }
 
@@ -1706,6 +1709,7 @@ impl VmTask {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .last_checkpoint = Some(report.image_id.clone());
+        self.replicate(report);
     }
 
     /// Ends the requests to a VMM that is no longer the active one; operators
@@ -2242,6 +2246,72 @@ impl VmTask {
         });
     }
 
+    /// Pushes the image a checkpoint committed (with its chain and the boot
+    /// image) to the VM's peer hosts, then records the manifest in etcd
+    /// ([`crate::replication`]). One replication at a time per VM: while one
+    /// runs, a new image is left to the next, which pushes every file its
+    /// chain needs that a peer lacks.
+    fn replicate(&mut self, report: &CheckpointReport) {
+        let (Some(member), Some(token)) = (self.cluster.clone(), self.token) else {
+            return;
+        };
+        let config = member.config();
+        let (Some(bearer), true) = (config.token.as_ref(), config.replicas > 0) else {
+            return;
+        };
+        if self.replicating.as_ref().is_some_and(|h| !h.is_finished()) {
+            return;
+        }
+        let Ok(store) = self.store() else {
+            return;
+        };
+        let image = match report.image_id.parse() {
+            Ok(id) => match store.find(id) {
+                Ok(Some(path)) => path,
+                _ => return,
+            },
+            Err(_) => return,
+        };
+        let bearer = bearer.secret().to_string();
+        let replicas = config.replicas;
+        let (metrics, name) = (self.metrics.clone(), self.spec.name.clone());
+        let started = Instant::now();
+        self.replicating = Some(tokio::spawn(async move {
+            let done = crate::replication::replicate(
+                member,
+                bearer,
+                name.clone(),
+                token,
+                store,
+                image,
+                replicas,
+            )
+            .await;
+            match done {
+                Ok((manifest, pushed, _)) => {
+                    metrics.record_replication(&name, pushed.bytes, started.elapsed());
+                    tracing::debug!(file = %manifest.file, hosts = ?manifest.hosts, files = pushed.files, bytes = pushed.bytes, "image replicated");
+                }
+                Err(e) => {
+                    metrics.record_replication_failure(&name);
+                    tracing::warn!(error = %e, "image replication failed");
+                }
+            }
+        }));
+    }
+
+    /// The replicated image this host holds for the VM, by the manifest in
+    /// etcd, if this host is one of its holders and has the file.
+    async fn replicated_image(&self) -> Option<String> {
+        let member = self.cluster.as_ref()?;
+        let bytes = member.vm_value(&self.spec.name, "images").await.ok()??;
+        let manifest: crate::replication::Manifest = serde_json::from_slice(&bytes).ok()?;
+        let here = manifest.hosts.iter().any(|h| h == member.host())
+            && crate::replication::is_image_file_name(&manifest.file)
+            && self.spec.images_dir.join(&manifest.file).is_file();
+        here.then_some(manifest.file)
+    }
+
     fn refuse(&self, cmd: Command, why: &str) {
         let _ = cmd.reply.send(Err(ActionError::Conflict(why.to_string())));
     }
@@ -2290,20 +2360,36 @@ impl VmTask {
                 self.do_restore(RestoreTarget::Consistency, now, "taken-over")
                     .await;
             }
-            Some(host) => {
-                self.set_state(
-                    VmState::Restoring(RestoreTarget::Boot),
-                    |e| {
-                        e.with_detail(format!(
-                            "taken over from host {host}; its consistency images are not replicated \
-                             to this host: from the boot image"
-                        ))
-                    },
-                    "taken-over",
-                );
-                self.do_restore(RestoreTarget::Boot, now, "taken-over")
-                    .await;
-            }
+            Some(host) => match self.replicated_image().await {
+                Some(file) => {
+                    self.set_state(
+                        VmState::Restoring(RestoreTarget::Consistency),
+                        |e| {
+                            e.with_detail(format!(
+                                "taken over from host {host}: from the replicated consistency \
+                                 image {file}"
+                            ))
+                        },
+                        "taken-over",
+                    );
+                    self.do_restore(RestoreTarget::Consistency, now, "taken-over")
+                        .await;
+                }
+                None => {
+                    self.set_state(
+                        VmState::Restoring(RestoreTarget::Boot),
+                        |e| {
+                            e.with_detail(format!(
+                                "taken over from host {host}; no replicated consistency image \
+                                 here: from the boot image"
+                            ))
+                        },
+                        "taken-over",
+                    );
+                    self.do_restore(RestoreTarget::Boot, now, "taken-over")
+                        .await;
+                }
+            },
         }
         self.persist();
     }

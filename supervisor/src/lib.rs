@@ -21,4 +21,5 @@ pub mod fleet;
 pub mod metrics;
 pub mod policy;
 pub mod record;
+pub mod replication;
 pub mod vmm;

@@ -44,6 +44,9 @@
 //! | `relive_cluster_lease_live` | gauge, cluster mode: 1 while this host holds a live session lease, 0 once it fenced itself | host |
 //! | `relive_cluster_fence_deadline_timestamp_seconds` | gauge, cluster mode: unix time at which this host would fence itself without another renewal | host |
 //! | `relive_cluster_fences_total` | counter, cluster mode: times this host fenced itself | host |
+//! | `relive_replication_lag_seconds` | gauge, cluster mode: the last replicated image, from its checkpoint's report to its manifest in etcd | vm |
+//! | `relive_replication_bytes_total` | counter, cluster mode: image bytes sent to peers | vm |
+//! | `relive_replication_failures_total` | counter, cluster mode: replications that did not complete | vm |
 //! | `relive_build_info` | gauge, 1 | version, commit |
 //! | `process_*` | the supervisor's own CPU, memory, file descriptors, start time (the `prometheus` crate's process collector) | - |
 //!
@@ -216,6 +219,9 @@ pub struct Metrics {
     cluster_lease_live: IntGaugeVec,
     cluster_fence_deadline: GaugeVec,
     cluster_fences: IntCounterVec,
+    replication_lag: GaugeVec,
+    replication_bytes: IntCounterVec,
+    replication_failures: IntCounterVec,
 }
 
 impl fmt::Debug for Metrics {
@@ -473,6 +479,24 @@ impl Metrics {
                 "Cluster mode: times this host fenced itself (killed its VMMs: its lease was not renewed in time).",
                 &["host"],
             )?,
+            replication_lag: gauge(
+                &r,
+                "relive_replication_lag_seconds",
+                "Cluster mode: the last replicated image, from its checkpoint's report to its manifest in etcd.",
+                &["vm"],
+            )?,
+            replication_bytes: int_counter(
+                &r,
+                "relive_replication_bytes_total",
+                "Cluster mode: image bytes sent to peer hosts.",
+                &["vm"],
+            )?,
+            replication_failures: int_counter(
+                &r,
+                "relive_replication_failures_total",
+                "Cluster mode: image replications that did not complete.",
+                &["vm"],
+            )?,
             policy_standby: int_gauge(
                 &r,
                 "relive_policy_standby",
@@ -502,6 +526,21 @@ impl Metrics {
                 .with_label_values(&[host])
                 .set(at);
         }
+    }
+
+    /// Cluster mode: an image of `vm` replicated (`bytes` sent) in `lag`.
+    pub fn record_replication(&self, vm: &str, bytes: u64, lag: Duration) {
+        self.replication_lag
+            .with_label_values(&[vm])
+            .set(lag.as_secs_f64());
+        self.replication_bytes
+            .with_label_values(&[vm])
+            .inc_by(bytes);
+    }
+
+    /// Cluster mode: a replication of `vm` failed.
+    pub fn record_replication_failure(&self, vm: &str) {
+        self.replication_failures.with_label_values(&[vm]).inc();
     }
 
     /// Cluster mode: this host fenced itself.

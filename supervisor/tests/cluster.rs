@@ -36,6 +36,8 @@ fn config(host: &str, endpoint: SocketAddr) -> ClusterConfig {
         request_timeout: Duration::from_millis(500),
         fence_margin: Duration::from_secs(1),
         failover_grace: Duration::from_millis(500),
+        token: None,
+        replicas: 0,
     }
 }
 

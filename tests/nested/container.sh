@@ -139,9 +139,11 @@ image=$(relive --json events -n 200 | grep '"reason":"restored"' | tail -1 |
     sed -n 's/.*"image_id":"\([0-9a-f]*\)".*/\1/p')
 console=state/web/console.log
 # second_line FROM: the restored run's second line in the console from line FROM.
+# Only whole lines count: the guest writes the console a byte at a time
+# (slowly, under TCG), so its last line may still be half written.
 second_line() {
     tail -n +"$1" $console | tr -d '\r' | awk '
-        /^count / { n = $2 + 0; lines[NR] = $0; counts[NR] = n; if (min == "" || n < min) min = n }
+        /^count [0-9]+ rand [0-9a-f]+ time [0-9]+$/ { n = $2 + 0; lines[NR] = $0; counts[NR] = n; if (min == "" || n < min) min = n }
         END {
             for (i = 1; i <= NR; i++) if (counts[i] == min) start = i
             for (i = start + 1; i <= NR; i++) if ((i in counts) && counts[i] == min + 1) { print lines[i]; exit }

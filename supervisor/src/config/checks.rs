@@ -216,6 +216,36 @@ impl Checker<'_> {
                 self.fail(BadValue, &at.key("advertise"), m)
             })?),
         };
+        let token = match (raw.token, raw.token_file) {
+            (Some(_), Some(_)) => {
+                let m = "token and token_file are both set: keep one".into();
+                return Err(self.fail(BadValue, &at.key("token_file"), m));
+            }
+            (Some(t), None) => Some((t, at.key("token"))),
+            (None, Some(f)) => {
+                let key = at.key("token_file");
+                let path = self.resolve(&f);
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    let mut err = self.fail(MissingFile, &key, missing_file_message(&path, &e));
+                    if e.kind() != io::ErrorKind::NotFound {
+                        err.source = Some(e);
+                    }
+                    err
+                })?;
+                Some((text.trim_end_matches(['\n', '\r']).to_string(), key))
+            }
+            (None, None) => None,
+        };
+        if let Some((token, key)) = &token {
+            check_token(token).map_err(|m| self.fail(BadValue, key, m))?;
+        }
+        if advertise.is_some() && token.is_none() {
+            let m = "a cluster listener needs a bearer token shared by every host: add \
+                     `token:` (at least 16 characters, e.g. from `openssl rand -hex 32`) or \
+                     `token_file:`"
+                .into();
+            return Err(self.fail(BadValue, &at.key("advertise"), m));
+        }
         let prefix = raw.prefix.unwrap_or_else(|| "/relive".into());
         if !prefix.starts_with('/')
             || prefix.ends_with('/')
@@ -238,6 +268,8 @@ impl Checker<'_> {
             request_timeout: d(raw.request_timeout, DEFAULT_REQUEST_TIMEOUT),
             fence_margin: d(raw.fence_margin, DEFAULT_FENCE_MARGIN),
             failover_grace: d(raw.failover_grace, DEFAULT_FAILOVER_GRACE),
+            token: token.map(|(t, _)| Token(t)),
+            replicas: raw.replicas.unwrap_or(1),
         };
         let ttl = config.lease_ttl;
         if ttl < Duration::from_secs(2) || ttl.subsec_nanos() != 0 {

@@ -31,13 +31,16 @@
 //! | `cluster` | none | cluster mode (several hosts share the fleet through etcd); without it the supervisor runs alone, with no etcd |
 //! | `cluster.etcd` | required | etcd's client endpoints, a list of `http://HOST:PORT` (or `HOST:PORT`) |
 //! | `cluster.host` | required | this host's name, unique in the cluster (same form as a VM name) |
-//! | `cluster.advertise` | none | `ADDRESS:PORT` where the other hosts reach this host's API |
+//! | `cluster.advertise` | none | `ADDRESS:PORT` of this host's cluster listener (image replication from peers): it listens there, and the other hosts connect there |
 //! | `cluster.prefix` | `/relive` | the cluster's key prefix in etcd: starts with `/`, no trailing `/` |
 //! | `cluster.lease_ttl` | `10s` | the host's session lease; whole seconds, at least `2s` |
 //! | `cluster.keepalive_interval` | `2s` | how often the lease is renewed |
 //! | `cluster.request_timeout` | `2s` | how long one etcd request may take |
 //! | `cluster.fence_margin` | `2s` | the host fences itself (kills its VMs) this long before its lease could expire; `keepalive_interval` + 2 × `request_timeout` must be at most `lease_ttl` − `fence_margin` |
 //! | `cluster.failover_grace` | `2s` | after a VM's owner is gone, the wait before another host takes it |
+//! | `cluster.token` | none | the bearer token of the cluster listener (at least 16 characters, the same on every host); required with `advertise` |
+//! | `cluster.token_file` | none | a file holding it instead |
+//! | `cluster.replicas` | `1` | how many peer hosts receive each consistency image (0: none); peers are hosts that `advertise` |
 //! | `vms` | required | the VMs, at least one |
 //! | `vms[].name` | required | `a-z`, `0-9` and `-`, 1 to 48 characters, starting and ending with a letter or digit; unique |
 //! | `container_kernel` | `/var/lib/relive/vmlinux` | the Linux kernel of every `image:` VM (`scripts/setup.sh` installs Debian's cloud kernel there) |
@@ -170,6 +173,11 @@ pub struct ClusterConfig {
     /// How long the other hosts wait after an owner's key is gone before
     /// one of them takes its VM.
     pub failover_grace: Duration,
+    /// The bearer token of the cluster listener (`advertise`), shared by
+    /// every host.
+    pub token: Option<Token>,
+    /// How many peer hosts receive each consistency image.
+    pub replicas: usize,
 }
 
 /// Defaults of `cluster:` (Patroni's rule `loop_wait + 2 × retry_timeout ≤

@@ -28,6 +28,9 @@ pub(super) struct RawCluster {
     pub(super) request_timeout: Option<DurationValue>,
     pub(super) fence_margin: Option<DurationValue>,
     pub(super) failover_grace: Option<DurationValue>,
+    pub(super) token: Option<String>,
+    pub(super) token_file: Option<String>,
+    pub(super) replicas: Option<usize>,
 }
 
 /// `jail: false`, `jail: true` or `jail: { uid: N, gid: N }`.

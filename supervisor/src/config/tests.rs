@@ -766,6 +766,10 @@ fn example_fleet_loads() {
     let path = dir.write("fleet.yaml", &text);
     dir.write("kernels/vmlinux", "ELF");
     dir.write("secrets/api-token", "0123456789abcdef0123456789abcdef\n");
+    dir.write(
+        "secrets/cluster-token",
+        "fedcba9876543210fedcba9876543210\n",
+    );
     let config = match parse_with(&text, &path, &HOST) {
         Ok(c) => c,
         Err(e) => panic!("{e}"),
@@ -1026,7 +1030,7 @@ fn an_image_vm_without_a_container_kernel_says_how_to_get_one() {
 fn a_cluster_section_gets_its_defaults_and_none_means_a_single_host() {
     assert_eq!(ok(ONE).cluster, None);
     let config = ok(&format!(
-        "cluster:\n  etcd: [http://10.0.0.1:2379, 10.0.0.2:2379]\n  host: host-a\n  advertise: 10.0.0.1:7070\n{ONE}"
+        "cluster:\n  etcd: [http://10.0.0.1:2379, 10.0.0.2:2379]\n  host: host-a\n  advertise: 10.0.0.1:7070\n  token: cluster-token-0123456789\n{ONE}"
     ));
     let cluster = config.cluster.expect("a cluster section");
     assert_eq!(cluster.etcd, ["http://10.0.0.1:2379", "10.0.0.2:2379"]);
@@ -1038,6 +1042,11 @@ fn a_cluster_section_gets_its_defaults_and_none_means_a_single_host() {
     assert_eq!(cluster.request_timeout, DEFAULT_REQUEST_TIMEOUT);
     assert_eq!(cluster.fence_margin, DEFAULT_FENCE_MARGIN);
     assert_eq!(cluster.failover_grace, DEFAULT_FAILOVER_GRACE);
+    assert_eq!(
+        cluster.token.as_ref().map(Token::secret),
+        Some("cluster-token-0123456789")
+    );
+    assert_eq!(cluster.replicas, 1);
     // The defaults keep Patroni's rule.
     assert!(
         DEFAULT_KEEPALIVE_INTERVAL + 2 * DEFAULT_REQUEST_TIMEOUT
@@ -1093,6 +1102,19 @@ fn bad_cluster_sections_name_the_key_and_the_fix() {
     assert!(
         text.contains("must be at most lease_ttl 5s − fence_margin 2s"),
         "{text}"
+    );
+    let text = bad(
+        &format!("cluster:\n  etcd: [e:2379]\n  host: a\n  advertise: 10.0.0.1:7070\n{ONE}"),
+        BadValue,
+        4,
+        "cluster.advertise",
+    );
+    assert!(text.contains("bearer token shared by every host"), "{text}");
+    bad(
+        &format!("cluster:\n  etcd: [e:2379]\n  host: a\n  token: short\n{ONE}"),
+        BadValue,
+        4,
+        "cluster.token",
     );
     bad(
         &format!("cluster:\n  etcd: [e:2379]\n{ONE}"),

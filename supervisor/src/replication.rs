@@ -1,0 +1,477 @@
+//! Cluster mode: consistency images replicated to peer hosts, so that a VM
+//! taken over from a lost host continues from its latest image there.
+//!
+//! The owner of a VM pushes every image it commits (and the chain that
+//! image needs: its full image and the layers before it, and the VM's boot
+//! image) to `cluster.replicas` peer hosts over HTTP on the peers' cluster
+//! listener (`cluster.advertise`, bearer `cluster.token`):
+//!
+//! | method | path | what |
+//! | --- | --- | --- |
+//! | HEAD | `/v1/peer/images/{vm}/{file}` | 200 if the peer holds that image file, else 404 |
+//! | PUT | `/v1/peer/images/{vm}/{file}` | the image file's bytes; header `x-relive-fencing-token` |
+//!
+//! A peer writes what it receives into the VM's image directory as the
+//! store writes its own images (a temporary file, fsync, rename, fsync of
+//! the directory), verifies it (header, sections, every page) and records
+//! the verdict beside it before it answers, then applies the VM's
+//! retention. It refuses an image whose fencing token is lower than the
+//! highest it has seen for that VM (409): a stale owner cannot overwrite a
+//! newer owner's history. Peers are chosen per VM by rendezvous hashing of
+//! the VM's and the hosts' names among the live hosts, so every owner of a
+//! VM prefers the same peers.
+//!
+//! Once every chosen peer acknowledged an image, the owner records the
+//! VM's image manifest in etcd (`vms/<vm>/images`, written under its
+//! fencing token): the newest image and the hosts that hold it. A host that
+//! takes the VM over restores that image when it holds it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::head;
+use axum::{Json, Router};
+use futures_util::StreamExt;
+use http_body_util::BodyExt;
+use hyper_util::rt::TokioIo;
+use relive_images::store::ImageStore;
+use serde::{Deserialize, Serialize};
+
+use crate::cluster::Member;
+
+/// The header carrying the sender's fencing token for the VM.
+pub const FENCING_HEADER: &str = "x-relive-fencing-token";
+
+/// `vms/<vm>/images` in etcd: the newest replicated image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// The image's file name in the VM's image directory.
+    pub file: String,
+    /// The hosts that hold it (the owner first).
+    pub hosts: Vec<String>,
+    /// The owner's fencing token when it was written.
+    pub token: i64,
+}
+
+/// What the peer listener serves.
+#[derive(Clone)]
+pub struct PeerState {
+    /// Each VM of the fleet and its image directory and `keep_images`.
+    vms: Arc<BTreeMap<String, (PathBuf, usize)>>,
+    /// The highest fencing token seen per VM.
+    highest: Arc<Mutex<HashMap<String, i64>>>,
+    token: Arc<String>,
+}
+
+impl PeerState {
+    /// The fleet's VMs (name, image directory, `keep_images`) and the
+    /// cluster's bearer token.
+    pub fn new(vms: impl IntoIterator<Item = (String, PathBuf, usize)>, token: String) -> Self {
+        PeerState {
+            vms: Arc::new(
+                vms.into_iter()
+                    .map(|(name, dir, keep)| (name, (dir, keep)))
+                    .collect(),
+            ),
+            highest: Arc::new(Mutex::new(HashMap::new())),
+            token: Arc::new(token),
+        }
+    }
+}
+
+/// The peer listener's routes.
+pub fn peer_router(state: PeerState) -> Router {
+    Router::new()
+        .route(
+            "/v1/peer/images/{vm}/{file}",
+            head(has_image).put(put_image),
+        )
+        // An image is as large as the guest's touched memory: streamed to
+        // disk, never held, so axum's in-memory body limit does not apply.
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+/// A refused peer request: logged, answered as JSON.
+struct Refusal(StatusCode, String);
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        tracing::warn!(status = %self.0, message = %self.1, "refused a peer's request");
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+fn refuse(status: StatusCode, message: String) -> Refusal {
+    Refusal(status, message)
+}
+
+/// The request's bearer token is the cluster's.
+fn authorized(state: &PeerState, headers: &HeaderMap) -> Result<(), Refusal> {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let want = state.token.as_bytes();
+    let same = given.len() == want.len()
+        && given
+            .as_bytes()
+            .iter()
+            .zip(want)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if same {
+        Ok(())
+    } else {
+        Err(refuse(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token: peers send the cluster's token (cluster.token)".into(),
+        ))
+    }
+}
+
+/// The VM's image directory and the file's path in it, for a well-formed
+/// image file name of a VM of this fleet.
+fn target(state: &PeerState, vm: &str, file: &str) -> Result<(PathBuf, usize, PathBuf), Refusal> {
+    let Some((dir, keep)) = state.vms.get(vm) else {
+        return Err(refuse(
+            StatusCode::NOT_FOUND,
+            format!("no VM named {vm:?} in this host's fleet file"),
+        ));
+    };
+    if !is_image_file_name(file) {
+        return Err(refuse(
+            StatusCode::BAD_REQUEST,
+            format!("{file:?} is not an image file name (<created_ms>-<32 hex digits>.rimg)"),
+        ));
+    }
+    Ok((dir.clone(), *keep, dir.join(file)))
+}
+
+/// `<digits>-<32 hex digits>.rimg`, nothing else (no path separators).
+pub fn is_image_file_name(file: &str) -> bool {
+    let Some(stem) = file.strip_suffix(".rimg") else {
+        return false;
+    };
+    let Some((ms, id)) = stem.split_once('-') else {
+        return false;
+    };
+    !ms.is_empty()
+        && ms.bytes().all(|b| b.is_ascii_digit())
+        && id.len() == 32
+        && id.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+async fn has_image(
+    State(state): State<PeerState>,
+    UrlPath((vm, file)): UrlPath<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(refused) = authorized(&state, &headers) {
+        return refused.into_response();
+    }
+    match target(&state, &vm, &file) {
+        Err(refused) => refused.into_response(),
+        Ok((_, _, path)) if path.is_file() => StatusCode::OK.into_response(),
+        Ok(_) => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+async fn put_image(
+    State(state): State<PeerState>,
+    UrlPath((vm, file)): UrlPath<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    if let Err(refused) = authorized(&state, &headers) {
+        return refused.into_response();
+    }
+    let (dir, keep, path) = match target(&state, &vm, &file) {
+        Ok(t) => t,
+        Err(refused) => return refused.into_response(),
+    };
+    let Some(token) = headers
+        .get(FENCING_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i64>().ok())
+    else {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            format!("no {FENCING_HEADER} header: the owner sends its fencing token"),
+        )
+        .into_response();
+    };
+    {
+        let mut highest = state.highest.lock().unwrap_or_else(|e| e.into_inner());
+        let seen = highest.entry(vm.clone()).or_insert(token);
+        if token < *seen {
+            return refuse(
+                StatusCode::CONFLICT,
+                format!(
+                    "VM {vm}: fencing token {token} is older than {seen}, which this host has \
+                     seen: the sender no longer owns the VM"
+                ),
+            )
+            .into_response();
+        }
+        *seen = token;
+    }
+    tracing::debug!(%vm, %file, token, "receiving a replicated image");
+    if let Err(e) = receive(&dir, &path, body).await {
+        return refuse(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot write {}: {e}", path.display()),
+        )
+        .into_response();
+    }
+    let checked = tokio::task::spawn_blocking(move || {
+        let store = ImageStore::open(&dir, keep.max(1)).map_err(|e| e.to_string())?;
+        let verdict = store.verify(&path).map_err(|e| e.to_string())?;
+        // The owner decides what is in use; here the newest chains are kept.
+        let _ = store.retain(&[]);
+        Ok::<_, String>(verdict)
+    })
+    .await;
+    match checked {
+        Ok(Ok(verdict)) if verdict.good => {
+            Json(serde_json::json!({ "verdict": "good" })).into_response()
+        }
+        Ok(Ok(verdict)) => refuse(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "{file}: verification failed: {}",
+                verdict.reason.unwrap_or_default()
+            ),
+        )
+        .into_response(),
+        Ok(Err(e)) => refuse(StatusCode::INTERNAL_SERVER_ERROR, e).into_response(),
+        Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// Writes `body` to `path` as the store commits an image: a temporary file
+/// (owner-only), fsync, rename, fsync of the directory.
+async fn receive(dir: &Path, path: &Path, body: Body) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temp = dir.join(format!(".{name}.part"));
+    relive_images::private::create_dir_all(dir)?;
+    let file = relive_images::private::create_file(&temp)?;
+    let mut file = tokio::fs::File::from_std(file);
+    let mut stream = body.into_data_stream();
+    let written = async {
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(std::io::Error::other)?;
+            file.write_all(&chunk).await?;
+        }
+        file.sync_all().await?;
+        tokio::fs::rename(&temp, path).await?;
+        tokio::fs::File::open(dir).await?.sync_all().await
+    }
+    .await;
+    if written.is_err() {
+        let _ = tokio::fs::remove_file(&temp).await;
+    }
+    written
+}
+
+/// The peers that hold a VM's images: the other live hosts that advertise
+/// a listener, ranked by rendezvous hashing with the VM's name; the first
+/// `replicas`.
+pub async fn peers_of(
+    member: &Member,
+    vm: &str,
+    replicas: usize,
+) -> Result<Vec<(String, std::net::SocketAddr)>, crate::cluster::ClusterError> {
+    let score = |host: &str| crc32c::crc32c(format!("{vm}/{host}").as_bytes());
+    let mut hosts: Vec<(String, std::net::SocketAddr)> = member
+        .hosts()
+        .await?
+        .into_iter()
+        .filter(|h| h.host != member.host())
+        .filter_map(|h| h.advertise.map(|a| (h.host, a)))
+        .collect();
+    hosts.sort_by_key(|(h, _)| std::cmp::Reverse((score(h), h.clone())));
+    hosts.truncate(replicas);
+    Ok(hosts)
+}
+
+/// What one push did.
+#[derive(Debug, Default)]
+pub struct Pushed {
+    /// Files sent (not already held by the peer).
+    pub files: usize,
+    /// Their bytes.
+    pub bytes: u64,
+}
+
+/// Makes `peer` hold every file of `files` (sent in order, skipping those it
+/// has), for VM `vm` under fencing token `token`.
+pub async fn push(
+    peer: std::net::SocketAddr,
+    bearer: &str,
+    vm: &str,
+    token: i64,
+    files: &[PathBuf],
+    timeout: Duration,
+) -> Result<Pushed, String> {
+    let mut pushed = Pushed::default();
+    for path in files {
+        let file = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .ok_or_else(|| format!("{} has no file name", path.display()))?;
+        let uri = format!("/v1/peer/images/{vm}/{file}");
+        tracing::debug!(%peer, %file, "pushing an image file");
+        let held = request(peer, bearer, hyper::Method::HEAD, &uri, None, timeout).await?;
+        if held.0 == StatusCode::OK {
+            continue;
+        }
+        let opened = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let len = opened.metadata().await.map(|m| m.len()).unwrap_or(0);
+        // A large image can take long: its own bound grows with its size
+        // (at least 10 MB/s).
+        let bound = timeout + Duration::from_secs(len / 10_000_000);
+        let (status, body) = request(
+            peer,
+            bearer,
+            hyper::Method::PUT,
+            &uri,
+            Some((opened, token)),
+            bound,
+        )
+        .await?;
+        if status != StatusCode::OK {
+            return Err(format!("{peer} refused {file}: {status} {body}"));
+        }
+        pushed.files += 1;
+        pushed.bytes += len;
+    }
+    Ok(pushed)
+}
+
+type PushBody = http_body_util::combinators::BoxBody<hyper::body::Bytes, std::io::Error>;
+
+async fn request(
+    peer: std::net::SocketAddr,
+    bearer: &str,
+    method: hyper::Method,
+    uri: &str,
+    upload: Option<(tokio::fs::File, i64)>,
+    timeout: Duration,
+) -> Result<(StatusCode, String), String> {
+    let exchange = async {
+        let stream = tokio::net::TcpStream::connect(peer)
+            .await
+            .map_err(|e| format!("cannot connect to {peer}: {e}"))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("{peer}: {}", relive_control::error_chain(&e)))?;
+        tokio::spawn(conn);
+        let mut builder = hyper::Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::HOST, peer.to_string())
+            .header(header::AUTHORIZATION, format!("Bearer {bearer}"));
+        let body: PushBody = match upload {
+            Some((file, token)) => {
+                builder = builder.header(FENCING_HEADER, token.to_string());
+                let frames = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20)
+                    .map(|chunk| chunk.map(hyper::body::Frame::data));
+                BodyExt::boxed(http_body_util::StreamBody::new(frames))
+            }
+            None => http_body_util::Empty::new()
+                .map_err(|never| match never {})
+                .boxed(),
+        };
+        let request = builder.body(body).map_err(|e| e.to_string())?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| format!("{peer}: {}", relive_control::error_chain(&e)))?;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("{peer}: {}", relive_control::error_chain(&e)))?
+            .to_bytes();
+        Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .unwrap_or_else(|_| Err(format!("{peer} did not answer within {timeout:?}")))
+}
+
+/// Replicates image `image` of VM `vm` (and its chain, and the boot image)
+/// to the VM's peers, then records the manifest. Returns the manifest and
+/// how long it took.
+pub async fn replicate(
+    member: Arc<Member>,
+    bearer: String,
+    vm: String,
+    token: i64,
+    store: ImageStore,
+    image: PathBuf,
+    replicas: usize,
+) -> Result<(Manifest, Pushed, Duration), String> {
+    let started = Instant::now();
+    let peers = peers_of(&member, &vm, replicas)
+        .await
+        .map_err(|e| e.to_string())?;
+    if peers.is_empty() {
+        return Err("no peer host advertises a listener: nothing replicated".into());
+    }
+    let files = {
+        let store = store.clone();
+        let image = image.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut files = store.chain(&image).map_err(|e| e.to_string())?;
+            if let Ok(selection) = store.boot_image() {
+                if let Some(boot) = selection.image {
+                    files.insert(0, boot.path().to_path_buf());
+                }
+            }
+            Ok::<_, String>(files)
+        })
+        .await
+        .map_err(|e| e.to_string())??
+    };
+    let timeout = member.config().request_timeout.max(Duration::from_secs(5));
+    let mut total = Pushed::default();
+    for (host, addr) in &peers {
+        let pushed = push(*addr, &bearer, &vm, token, &files, timeout)
+            .await
+            .map_err(|e| format!("host {host}: {e}"))?;
+        total.files += pushed.files;
+        total.bytes += pushed.bytes;
+    }
+    let manifest = Manifest {
+        file: image
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        hosts: std::iter::once(member.host().to_string())
+            .chain(peers.into_iter().map(|(h, _)| h))
+            .collect(),
+        token,
+    };
+    let value = serde_json::to_vec(&manifest).map_err(|e| e.to_string())?;
+    member
+        .owner_put(&vm, token, "images", value)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((manifest, total, started.elapsed()))
+}
