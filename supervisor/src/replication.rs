@@ -47,6 +47,8 @@ use crate::cluster::Member;
 
 /// The header carrying the sender's fencing token for the VM.
 pub const FENCING_HEADER: &str = "x-relive-fencing-token";
+/// The header carrying a refusal's reason (also on answers to HEAD).
+pub const ERROR_HEADER: &str = "x-relive-error";
 
 /// `vms/<vm>/images` in etcd: the newest replicated image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,7 +106,23 @@ struct Refusal(StatusCode, String);
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
         tracing::warn!(status = %self.0, message = %self.1, "refused a peer's request");
-        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+        // Also as a header: the answer to a HEAD has no body.
+        let reason: String = self
+            .1
+            .chars()
+            .map(|c| {
+                if c.is_ascii_graphic() || c == ' ' {
+                    c
+                } else {
+                    '?'
+                }
+            })
+            .collect();
+        let mut response = (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response();
+        if let Ok(value) = header::HeaderValue::from_str(&reason) {
+            response.headers_mut().insert(ERROR_HEADER, value);
+        }
+        response
     }
 }
 
@@ -177,11 +195,39 @@ async fn has_image(
     if let Err(refused) = authorized(&state, &headers) {
         return refused.into_response();
     }
-    match target(&state, &vm, &file) {
-        Err(refused) => refused.into_response(),
-        Ok((_, _, path)) if path.is_file() => StatusCode::OK.into_response(),
-        Ok(_) => StatusCode::NOT_FOUND.into_response(),
+    let path = match target(&state, &vm, &file) {
+        Ok((_, _, path)) => path,
+        Err(refused) => return refused.into_response(),
+    };
+    // A sender's token is judged before it sends a body.
+    if let Some(token) = fencing_token(&headers) {
+        let highest = state.highest.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(seen) = highest.get(&vm).filter(|&&seen| token < seen) {
+            return stale(&vm, token, *seen).into_response();
+        }
     }
+    if path.is_file() {
+        StatusCode::OK.into_response()
+    } else {
+        StatusCode::NOT_FOUND.into_response()
+    }
+}
+
+fn fencing_token(headers: &HeaderMap) -> Option<i64> {
+    headers
+        .get(FENCING_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i64>().ok())
+}
+
+fn stale(vm: &str, token: i64, seen: i64) -> Refusal {
+    refuse(
+        StatusCode::CONFLICT,
+        format!(
+            "VM {vm}: fencing token {token} is older than {seen}, which this host has seen: the \
+             sender no longer owns the VM"
+        ),
+    )
 }
 
 async fn put_image(
@@ -197,11 +243,7 @@ async fn put_image(
         Ok(t) => t,
         Err(refused) => return refused.into_response(),
     };
-    let Some(token) = headers
-        .get(FENCING_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<i64>().ok())
-    else {
+    let Some(token) = fencing_token(&headers) else {
         return refuse(
             StatusCode::BAD_REQUEST,
             format!("no {FENCING_HEADER} header: the owner sends its fencing token"),
@@ -212,14 +254,7 @@ async fn put_image(
         let mut highest = state.highest.lock().unwrap_or_else(|e| e.into_inner());
         let seen = highest.entry(vm.clone()).or_insert(token);
         if token < *seen {
-            return refuse(
-                StatusCode::CONFLICT,
-                format!(
-                    "VM {vm}: fencing token {token} is older than {seen}, which this host has \
-                     seen: the sender no longer owns the VM"
-                ),
-            )
-            .into_response();
+            return stale(&vm, token, *seen).into_response();
         }
         *seen = token;
     }
@@ -234,8 +269,15 @@ async fn put_image(
     let checked = tokio::task::spawn_blocking(move || {
         let store = ImageStore::open(&dir, keep.max(1)).map_err(|e| e.to_string())?;
         let verdict = store.verify(&path).map_err(|e| e.to_string())?;
-        // The owner decides what is in use; here the newest chains are kept.
-        let _ = store.retain(&[]);
+        if verdict.good {
+            // The owner decides what is in use; here the newest chains are kept.
+            let _ = store.retain(&[]);
+        } else {
+            // A peer keeps no image it could not verify: the owner sends it
+            // again with the next checkpoint's chain.
+            let _ = std::fs::remove_file(&path);
+            let _ = std::fs::remove_file(relive_images::store::verdict_path(&path));
+        }
         Ok::<_, String>(verdict)
     })
     .await;
@@ -333,9 +375,21 @@ pub async fn push(
             .ok_or_else(|| format!("{} has no file name", path.display()))?;
         let uri = format!("/v1/peer/images/{vm}/{file}");
         tracing::debug!(%peer, %file, "pushing an image file");
-        let held = request(peer, bearer, hyper::Method::HEAD, &uri, None, timeout).await?;
-        if held.0 == StatusCode::OK {
-            continue;
+        let (held, reason) = request(
+            peer,
+            bearer,
+            hyper::Method::HEAD,
+            &uri,
+            Some(token),
+            None,
+            timeout,
+        )
+        .await?;
+        match held {
+            StatusCode::OK => continue,
+            // Not held (a refusal says why: an unknown VM is a 404 too).
+            StatusCode::NOT_FOUND if reason.is_empty() => {}
+            other => return Err(format!("{peer} refused {file}: {other} {reason}")),
         }
         let opened = tokio::fs::File::open(path)
             .await
@@ -349,7 +403,8 @@ pub async fn push(
             bearer,
             hyper::Method::PUT,
             &uri,
-            Some((opened, token)),
+            Some(token),
+            Some(opened),
             bound,
         )
         .await?;
@@ -369,7 +424,8 @@ async fn request(
     bearer: &str,
     method: hyper::Method,
     uri: &str,
-    upload: Option<(tokio::fs::File, i64)>,
+    token: Option<i64>,
+    upload: Option<tokio::fs::File>,
     timeout: Duration,
 ) -> Result<(StatusCode, String), String> {
     let exchange = async {
@@ -385,9 +441,11 @@ async fn request(
             .uri(uri)
             .header(header::HOST, peer.to_string())
             .header(header::AUTHORIZATION, format!("Bearer {bearer}"));
+        if let Some(token) = token {
+            builder = builder.header(FENCING_HEADER, token.to_string());
+        }
         let body: PushBody = match upload {
-            Some((file, token)) => {
-                builder = builder.header(FENCING_HEADER, token.to_string());
+            Some(file) => {
                 let frames = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20)
                     .map(|chunk| chunk.map(hyper::body::Frame::data));
                 BodyExt::boxed(http_body_util::StreamBody::new(frames))
@@ -402,13 +460,19 @@ async fn request(
             .await
             .map_err(|e| format!("{peer}: {}", relive_control::error_chain(&e)))?;
         let status = response.status();
+        let reason = response
+            .headers()
+            .get(ERROR_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let bytes = response
             .into_body()
             .collect()
             .await
             .map_err(|e| format!("{peer}: {}", relive_control::error_chain(&e)))?
             .to_bytes();
-        Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        Ok((status, reason.filter(|_| text.is_empty()).unwrap_or(text)))
     };
     tokio::time::timeout(timeout, exchange)
         .await

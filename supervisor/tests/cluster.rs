@@ -195,3 +195,66 @@ async fn a_host_cut_from_etcd_fences_itself_before_its_lease_expires_then_rejoin
         Err(ClusterError::Stale { .. })
     ));
 }
+
+/// The peer listener, through real sockets with the owner's own client
+/// (`replication::push`): a wrong token, an unknown VM, a name that is not
+/// an image file, an image that does not verify (not kept), and a fencing
+/// token older than one already seen are each refused, with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_peer_listener_refuses_what_it_must_not_store() {
+    use relive_supervisor::replication::{peer_router, push, PeerState};
+    let scratch = TempDir::create("relive-cluster-peer").unwrap();
+    let images = scratch.join("web-images");
+    let state = PeerState::new(
+        [("web".to_string(), images.clone(), 3)],
+        "peer-token-0123456789".to_string(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, peer_router(state)).await });
+    let junk = scratch.join("1796212234521-01a236979919785bb72cf252ffa3d49d.rimg");
+    std::fs::write(&junk, b"not an image").unwrap();
+    let t = Duration::from_secs(10);
+    let files = [junk.clone()];
+
+    let wrong = push(addr, "wrong-token-0123456789", "web", 10, &files, t).await;
+    assert!(
+        wrong.as_ref().is_err_and(|e| e.contains("401")),
+        "{wrong:?}"
+    );
+    let unknown = push(addr, "peer-token-0123456789", "db", 10, &files, t).await;
+    assert!(
+        unknown.as_ref().is_err_and(|e| e.contains("no VM named")),
+        "{unknown:?}"
+    );
+    let badly_named = scratch.join("web.img");
+    std::fs::write(&badly_named, b"x").unwrap();
+    let named = push(addr, "peer-token-0123456789", "web", 10, &[badly_named], t).await;
+    assert!(
+        named.as_ref().is_err_and(|e| e.contains("400")),
+        "{named:?}"
+    );
+    let corrupt = push(addr, "peer-token-0123456789", "web", 10, &files, t).await;
+    assert!(
+        corrupt
+            .as_ref()
+            .is_err_and(|e| e.contains("verification failed")),
+        "{corrupt:?}"
+    );
+    let kept: Vec<_> = std::fs::read_dir(&images)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        kept.is_empty(),
+        "a peer keeps no image it could not verify: {kept:?}"
+    );
+    let stale = push(addr, "peer-token-0123456789", "web", 9, &files, t).await;
+    assert!(
+        stale
+            .as_ref()
+            .is_err_and(|e| e.contains("409") && e.contains("older than 10")),
+        "{stale:?}"
+    );
+}
