@@ -114,6 +114,18 @@ fn two_hosts(a_etcd: &str, b_etcd: &str) -> (Fleet, Fleet) {
     (a, b)
 }
 
+/// A one-member etcd in a directory of its own, or `None` (the test then
+/// skips, with the reason printed) without KVM or etcd.
+/// (etcd first: it is killed before its directory is removed.)
+fn etcd() -> Option<(Etcd, common::TempDir)> {
+    if !require_kvm() {
+        return None;
+    }
+    let dir = temp_dir();
+    let etcd = Etcd::start(dir.path())?;
+    Some((etcd, dir))
+}
+
 fn event<'a>(events: &'a [Value], reason: &str) -> Option<&'a Value> {
     events
         .iter()
@@ -122,11 +134,7 @@ fn event<'a>(events: &'a [Value], reason: &str) -> Option<&'a Value> {
 
 #[test]
 fn a_host_lost_whole_has_its_vm_run_on_another_host() {
-    if !require_kvm() {
-        return;
-    }
-    let dir = temp_dir();
-    let Some(etcd) = Etcd::start(dir.path()) else {
+    let Some((etcd, _dir)) = etcd() else {
         return;
     };
     let (mut a, b) = two_hosts(&etcd.url(), &etcd.url());
@@ -184,11 +192,7 @@ fn a_host_lost_whole_has_its_vm_run_on_another_host() {
 
 #[test]
 fn a_host_cut_from_etcd_kills_its_vm_before_another_host_runs_it() {
-    if !require_kvm() {
-        return;
-    }
-    let dir = temp_dir();
-    let Some(etcd) = Etcd::start(dir.path()) else {
+    let Some((etcd, _dir)) = etcd() else {
         return;
     };
     let proxy = Proxy::start(etcd.client).unwrap();
@@ -261,11 +265,7 @@ fn a_host_cut_from_etcd_kills_its_vm_before_another_host_runs_it() {
 
 #[test]
 fn a_supervisor_killed_alone_leaves_a_vmm_that_fences_itself_before_another_host_runs_it() {
-    if !require_kvm() {
-        return;
-    }
-    let dir = temp_dir();
-    let Some(etcd) = Etcd::start(dir.path()) else {
+    let Some((etcd, _dir)) = etcd() else {
         return;
     };
     let (mut a, b) = two_hosts(&etcd.url(), &etcd.url());

@@ -216,29 +216,7 @@ impl Checker<'_> {
                 self.fail(BadValue, &at.key("advertise"), m)
             })?),
         };
-        let token = match (raw.token, raw.token_file) {
-            (Some(_), Some(_)) => {
-                let m = "token and token_file are both set: keep one".into();
-                return Err(self.fail(BadValue, &at.key("token_file"), m));
-            }
-            (Some(t), None) => Some((t, at.key("token"))),
-            (None, Some(f)) => {
-                let key = at.key("token_file");
-                let path = self.resolve(&f);
-                let text = std::fs::read_to_string(&path).map_err(|e| {
-                    let mut err = self.fail(MissingFile, &key, missing_file_message(&path, &e));
-                    if e.kind() != io::ErrorKind::NotFound {
-                        err.source = Some(e);
-                    }
-                    err
-                })?;
-                Some((text.trim_end_matches(['\n', '\r']).to_string(), key))
-            }
-            (None, None) => None,
-        };
-        if let Some((token, key)) = &token {
-            check_token(token).map_err(|m| self.fail(BadValue, key, m))?;
-        }
+        let token = self.token(&at, raw.token, raw.token_file, BadValue)?;
         if advertise.is_some() && token.is_none() {
             let m = "a cluster listener needs a bearer token shared by every host: add \
                      `token:` (at least 16 characters, e.g. from `openssl rand -hex 32`) or \
@@ -379,14 +357,38 @@ impl Checker<'_> {
             None => None,
             Some(t) => Some(self.loopback(&api.key("tcp"), t)?),
         };
-        let token = match (raw.token, raw.token_file) {
+        let token = self.token(&api, raw.token, raw.token_file, BadListener)?;
+        if tcp.is_some() && token.is_none() {
+            let m = "a TCP listener needs a bearer token: add `token:` (at least 16 characters, \
+                     e.g. from `openssl rand -hex 32`) or `token_file:`"
+                .into();
+            return Err(self.fail(BadListener, &api.key("tcp"), m));
+        }
+        Ok(ApiConfig {
+            socket,
+            tcp,
+            token: token.map(|(t, _)| Token(t)),
+        })
+    }
+
+    /// The bearer token of the section at `at`: `token`, or the first line
+    /// of `token_file` (not both), checked; a bad one is an error of `kind`.
+    fn token(
+        &self,
+        at: &KeyPath,
+        token: Option<String>,
+        token_file: Option<String>,
+        kind: ConfigErrorKind,
+    ) -> Result<Option<(String, KeyPath)>, ConfigError> {
+        use ConfigErrorKind::MissingFile;
+        let token = match (token, token_file) {
             (Some(_), Some(_)) => {
                 let m = "token and token_file are both set: keep one".into();
-                return Err(self.fail(BadListener, &api.key("token_file"), m));
+                return Err(self.fail(kind, &at.key("token_file"), m));
             }
-            (Some(t), None) => Some((t, api.key("token"))),
+            (Some(t), None) => Some((t, at.key("token"))),
             (None, Some(f)) => {
-                let key = api.key("token_file");
+                let key = at.key("token_file");
                 let path = self.resolve(&f);
                 let text = std::fs::read_to_string(&path).map_err(|e| {
                     let mut err = self.fail(MissingFile, &key, missing_file_message(&path, &e));
@@ -400,19 +402,9 @@ impl Checker<'_> {
             (None, None) => None,
         };
         if let Some((token, key)) = &token {
-            check_token(token).map_err(|m| self.fail(BadListener, key, m))?;
+            check_token(token).map_err(|m| self.fail(kind, key, m))?;
         }
-        if tcp.is_some() && token.is_none() {
-            let m = "a TCP listener needs a bearer token: add `token:` (at least 16 characters, \
-                     e.g. from `openssl rand -hex 32`) or `token_file:`"
-                .into();
-            return Err(self.fail(BadListener, &api.key("tcp"), m));
-        }
-        Ok(ApiConfig {
-            socket,
-            tcp,
-            token: token.map(|(t, _)| Token(t)),
-        })
+        Ok(token)
     }
 
     /// Parses a loopback `ADDRESS:PORT` (`localhost:PORT` means 127.0.0.1).
