@@ -10,6 +10,9 @@
 //!   other host takes the VM once the lost host's lease expired and runs it
 //!   from the replicated consistency image: the guest's counter and hash
 //!   chain continue from that image;
+//! - a VM restored from a consistency image on one host that fails again
+//!   within its failure_window by losing that host starts on the other from
+//!   its boot image (the window is kept in etcd);
 //! - a host cut from etcd (its etcd connection stalls through a proxy, no
 //!   error): it fences itself, its VMM dead before the other host starts
 //!   the VM (by the two hosts' event timestamps), and once the network is
@@ -307,5 +310,77 @@ fn a_supervisor_killed_alone_leaves_a_vmm_that_fences_itself_before_another_host
     assert!(
         dead_at < taken,
         "host-a's VMM must have ended (seen at {dead_at}) before host-b took the VM (at {taken})"
+    );
+}
+
+/// The consistency-then-boot window holds across hosts: a VM restored from
+/// a consistency image on host-a that fails again within its
+/// failure_window, now by losing host-a, starts on host-b from its boot
+/// image (it may hold the failing state), though host-b holds a replicated
+/// consistency image.
+#[test]
+fn a_vm_failing_on_one_host_then_on_another_within_the_window_starts_from_its_boot_image() {
+    let Some((etcd, _dir)) = etcd() else {
+        return;
+    };
+    let (mut a, b) = two_hosts(&etcd.url(), &etcd.url());
+    let replicated = |a: &Fleet| {
+        a.metrics()
+            .sum("relive_replication_bytes_total", &[("vm", "web")])
+    };
+    wait_for("a completed replication of web", STEP, || {
+        (replicated(&a) > 0.0).then_some(())
+    });
+    // A first failure on host-a: restored there from a consistency image.
+    let first = a.kill_vmm("web");
+    let restored = wait_for("web restored on host-a", STEP, || {
+        let view = a.show("web");
+        (view["state"] == "running" && view["pid"].as_u64().is_some_and(|p| p != first))
+            .then_some(view)
+    });
+    let a_events = a.events();
+    let consistency = event(&a_events, "restored").expect("host-a restored web");
+    assert!(
+        consistency["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("restored consistency"),
+        "{consistency}"
+    );
+    // host-b holds a consistency image, so only the window sends it to boot.
+    wait_for("a consistency image of web on host-b", STEP, || {
+        b.images("web")
+            .iter()
+            .any(|i| matches!(i["kind"]["kind"].as_str(), Some("full" | "incremental")))
+            .then_some(())
+    });
+    // The second failure: host-a lost whole, well within failure_window (60 s).
+    a.kill_supervisor();
+    kill9(restored["pid"].as_u64().unwrap() as u32);
+    wait_for("web running on host-b", STEP, || {
+        let view = b.show("web");
+        (view["state"] == "running" && view["host"] == "host-b").then_some(())
+    });
+    let b_events = b.events();
+    let taken = event(&b_events, "taken-over").expect("host-b records the takeover");
+    let detail = taken["detail"].as_str().unwrap_or("");
+    assert!(
+        taken["to"] == "restoring-boot"
+            && detail.contains("within its failure_window")
+            && detail.contains("host host-a"),
+        "{taken}"
+    );
+    let booted = b
+        .events()
+        .into_iter()
+        .rev()
+        .find(|e| e["vm"] == "web" && e["reason"] == "restored")
+        .expect("host-b restored web");
+    assert!(
+        booted["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("restored boot"),
+        "{booted}"
     );
 }

@@ -165,6 +165,16 @@ pub struct OwnerRecord {
     pub since_unix_ms: u64,
 }
 
+/// `vms/<vm>/restored`: a consistency restore within the VM's failure
+/// window, on any host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreRecord {
+    /// Where the VM was restored.
+    pub host: String,
+    /// When, wall clock, ms since the epoch.
+    pub unix_ms: u64,
+}
+
 /// The answer to [`Member::acquire`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
@@ -383,6 +393,73 @@ impl Member {
             .request("get", self.client.clone().get(key, None))
             .await?;
         Ok(got.kvs().first().map(|kv| kv.value().to_vec()))
+    }
+
+    /// Records, as `vm`'s owner, a consistency restore of the VM for
+    /// `window` (`vms/<vm>/restored` on a lease of that TTL): any host that
+    /// takes the VM over within it knows the VM failed again soon after a
+    /// consistency restore, wherever that was.
+    pub async fn record_restore(
+        &self,
+        vm: &str,
+        token: i64,
+        window: Duration,
+    ) -> Result<(), ClusterError> {
+        self.live_lease()?;
+        let ttl = i64::try_from(window.as_secs().max(1) + u64::from(window.subsec_nanos() > 0))
+            .unwrap_or(i64::MAX);
+        let lease = self
+            .request("lease grant", self.client.clone().lease_grant(ttl, None))
+            .await?
+            .id();
+        let record = RestoreRecord {
+            host: self.config.host.clone(),
+            unix_ms: unix_ms(),
+        };
+        let key = self.key(&format!("vms/{vm}/restored"));
+        let value = serde_json::to_vec(&record).map_err(|e| ClusterError::BadValue {
+            key: key.clone(),
+            detail: e.to_string(),
+        })?;
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                self.owner_key(vm),
+                CompareOp::Equal,
+                token,
+            )])
+            .and_then([TxnOp::put(
+                key,
+                value,
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        let response = self
+            .request("restore record", self.client.clone().txn(txn))
+            .await?;
+        if response.succeeded() {
+            Ok(())
+        } else {
+            Err(ClusterError::Stale {
+                vm: vm.to_string(),
+                token,
+            })
+        }
+    }
+
+    /// The VM's last consistency restore, if it was within its failure
+    /// window (see [`Member::record_restore`]).
+    pub async fn recent_restore(&self, vm: &str) -> Result<Option<RestoreRecord>, ClusterError> {
+        let key = self.key(&format!("vms/{vm}/restored"));
+        match self.vm_value(vm, "restored").await? {
+            None => Ok(None),
+            Some(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| ClusterError::BadValue {
+                        key,
+                        detail: e.to_string(),
+                    })
+            }
+        }
     }
 
     /// Gives `vm` up (deletes its owner key if `token` is still the VM's).

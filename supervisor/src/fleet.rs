@@ -1908,6 +1908,9 @@ impl VmTask {
                 }
                 let now = Instant::now();
                 self.policy.on_restored(now, what.clone());
+                if what == RestoreTarget::Consistency {
+                    self.record_restore_cluster_wide();
+                }
                 let total = now.saturating_duration_since(detected);
                 let restore = now.saturating_duration_since(started);
                 let name = &self.spec.name;
@@ -2300,16 +2303,56 @@ impl VmTask {
         }));
     }
 
+    /// Cluster mode: a consistency restore is recorded in etcd for the VM's
+    /// `failure_window`, so that a failure within it on any host goes to
+    /// the boot image.
+    fn record_restore_cluster_wide(&self) {
+        let (Some(member), Some(token)) = (self.cluster.clone(), self.token) else {
+            return;
+        };
+        let (name, window) = (self.spec.name.clone(), self.spec.policy.failure_window);
+        tokio::spawn(async move {
+            if let Err(e) = member.record_restore(&name, token, window).await {
+                tracing::warn!(error = %e, "cannot record the restore in the cluster");
+            }
+        });
+    }
+
     /// The replicated image this host holds for the VM, by the manifest in
     /// etcd, if this host is one of its holders and has the file.
     async fn replicated_image(&self) -> Option<String> {
         let member = self.cluster.as_ref()?;
-        let bytes = member.vm_value(&self.spec.name, "images").await.ok()??;
-        let manifest: crate::replication::Manifest = serde_json::from_slice(&bytes).ok()?;
-        let here = manifest.hosts.iter().any(|h| h == member.host())
-            && crate::replication::is_image_file_name(&manifest.file)
-            && self.spec.images_dir.join(&manifest.file).is_file();
-        here.then_some(manifest.file)
+        let manifest: Option<crate::replication::Manifest> = member
+            .vm_value(&self.spec.name, "images")
+            .await
+            .ok()?
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+        // The manifest's image, or a newer one that came after it (the owner
+        // may have been lost between a peer's ack and the next manifest;
+        // retention here may have removed the older file since). Without a
+        // manifest (no replication had completed yet), what the owner pushed.
+        let created = |file: &str| file.split('-').next()?.parse::<u64>().ok();
+        let wanted = match &manifest {
+            Some(m) if !m.hosts.iter().any(|h| h == member.host()) => return None,
+            Some(m) => created(&m.file)?,
+            None => 0,
+        };
+        let newest = self.store().ok()?.latest_verified().ok()?.image?;
+        let file = newest.path().file_name()?.to_string_lossy().into_owned();
+        (created(&file)? >= wanted).then_some(file)
+    }
+
+    /// Cluster mode: the VM's consistency restore within its failure
+    /// window, on any host, if there was one.
+    async fn recent_restore_elsewhere(&self) -> Option<crate::cluster::RestoreRecord> {
+        let member = self.cluster.as_ref()?;
+        match member.recent_restore(&self.spec.name).await {
+            Ok(recent) => recent,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the VM's recent restores from the cluster");
+                None
+            }
+        }
     }
 
     fn refuse(&self, cmd: Command, why: &str) {
@@ -2361,7 +2404,7 @@ impl VmTask {
                     .await;
             }
             Some(host) => match self.replicated_image().await {
-                Some(file) => {
+                Some(file) if self.recent_restore_elsewhere().await.is_none() => {
                     self.set_state(
                         VmState::Restoring(RestoreTarget::Consistency),
                         |e| {
@@ -2375,13 +2418,21 @@ impl VmTask {
                     self.do_restore(RestoreTarget::Consistency, now, "taken-over")
                         .await;
                 }
-                None => {
+                held => {
+                    let why = match (held, self.recent_restore_elsewhere().await) {
+                        (Some(_), Some(recent)) => format!(
+                            "it was restored from a consistency image on host {} {} ms ago, \
+                             within its failure_window: a second failure goes to the boot image",
+                            recent.host,
+                            unix_ms().saturating_sub(recent.unix_ms)
+                        ),
+                        _ => "no replicated consistency image here".to_string(),
+                    };
                     self.set_state(
                         VmState::Restoring(RestoreTarget::Boot),
                         |e| {
                             e.with_detail(format!(
-                                "taken over from host {host}; no replicated consistency image \
-                                 here: from the boot image"
+                                "taken over from host {host}; {why}: from the boot image"
                             ))
                         },
                         "taken-over",
