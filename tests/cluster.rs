@@ -181,6 +181,10 @@ fn a_host_lost_whole_has_its_vm_run_on_another_host() {
     );
     let events = b.events();
     let taken = event(&events, "taken-over").expect("host-b records the takeover");
+    assert_eq!(
+        taken["host"], "host-b",
+        "events name the host that recorded them: {taken}"
+    );
     let detail = taken["detail"].as_str().unwrap_or("");
     assert!(
         detail.contains("from host host-a") && detail.contains("replicated consistency image"),

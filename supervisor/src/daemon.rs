@@ -134,6 +134,7 @@ pub async fn up(
                 lease = member.standing().lease(),
                 "joined the cluster"
             );
+            events.set_host(member.host());
             tokio::spawn(crate::cluster::export_standing(
                 member.clone(),
                 metrics.clone(),

@@ -105,6 +105,9 @@ pub struct Event {
     /// Free-form detail for people (an error chain, the standby used, ...).
     #[serde(default)]
     pub detail: Option<String>,
+    /// Cluster mode: the host whose supervisor recorded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 /// The phases of a failover, in milliseconds (fractional: they are often
@@ -163,6 +166,7 @@ impl Event {
             image_id: None,
             path: None,
             durations: None,
+            host: None,
             detail: None,
         }
     }
@@ -277,6 +281,8 @@ pub struct EventLog {
     file: Mutex<FileState>,
     write_failures: AtomicU64,
     tx: broadcast::Sender<(u64, Event)>,
+    /// Cluster mode: this host's name, put on every event.
+    host: std::sync::OnceLock<String>,
 }
 
 impl std::fmt::Debug for EventLog {
@@ -351,7 +357,13 @@ impl EventLog {
             file: Mutex::new(file),
             write_failures: AtomicU64::new(0),
             tx,
+            host: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Cluster mode: every event recorded from now on names `host`.
+    pub fn set_host(&self, host: &str) {
+        let _ = self.host.set(host.to_string());
     }
 
     /// The file's path.
@@ -362,7 +374,10 @@ impl EventLog {
     /// Records an event: into the ring, to subscribers, then to the file.
     /// Returns its sequence number. Never fails: a file write that fails is
     /// counted in [`EventLog::write_failures`].
-    pub fn record(&self, event: Event) -> u64 {
+    pub fn record(&self, mut event: Event) -> u64 {
+        if event.host.is_none() {
+            event.host = self.host.get().cloned();
+        }
         let mut ring = lock(&self.ring);
         let seq = ring.next_seq;
         ring.next_seq += 1;

@@ -350,6 +350,7 @@ enum CtlAction {
 }
 
 fn main() -> ExitCode {
+    relive_vmm::seccomp::single_malloc_arena();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("RELIVE_LOG")

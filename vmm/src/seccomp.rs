@@ -51,6 +51,28 @@ use seccompiler::{
 /// tests that run a VM inside the test process) [`install`] does nothing.
 static PROGRAMS: OnceLock<Vec<(ThreadKind, BpfProgram)>> = OnceLock::new();
 
+/// Keeps glibc's allocator from opening a file on a filtered thread.
+///
+/// glibc reads `/proc/sys/vm/overcommit_memory` (an `openat`) the first
+/// time it shrinks the heap of a per-thread arena (`shrink_heap` calls
+/// `check_may_shrink_heap`, which caches the answer in a static), in
+/// whichever thread frees the memory that lets the arena's top chunk pass
+/// the trim threshold. Under the filters that `openat` on a vCPU thread
+/// ended the VMM with the `seccomp` exit naming system call 257 (seen once
+/// in 16 runs of the nested tier's container scenario, seconds after a
+/// restore, while the supervisor took checkpoints). With a single arena (the main one, trimmed with `brk`) there
+/// is no per-thread heap to shrink. The VMM's threads allocate little
+/// (guest memory is mapped apart), so sharing one arena costs nothing
+/// measurable. Call it first thing in `main`, before any thread exists.
+pub fn single_malloc_arena() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets an allocator parameter; called before any
+    // thread is spawned, so no allocation runs concurrently with it.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 /// Compiles every kind's filter and installs the SIGSYS handler; from then
 /// on each thread kind confines itself at its start. The `relive-vmm`
 /// binary calls this at start unless `--no-seccomp`.
