@@ -1123,3 +1123,24 @@ fn bad_cluster_sections_name_the_key_and_the_fix() {
         "cluster.host",
     );
 }
+
+#[test]
+fn cluster_demo_files_load_as_three_hosts_of_one_fleet() {
+    let hosts: Vec<FleetConfig> = ["a", "b", "c"]
+        .iter()
+        .map(|h| load(&repo_file(&format!("configs/cluster-demo/host-{h}.yaml"))).unwrap())
+        .collect();
+    let cluster = |c: &FleetConfig| c.cluster.clone().expect("a cluster section");
+    let names: Vec<String> = hosts.iter().map(|c| cluster(c).host).collect();
+    assert_eq!(names, ["host-a", "host-b", "host-c"]);
+    let mut ports: Vec<_> = hosts.iter().map(|c| cluster(c).advertise).collect();
+    ports.dedup();
+    assert_eq!(ports.len(), 3, "each host listens on its own port");
+    for c in &hosts {
+        assert_eq!(cluster(c).etcd, cluster(&hosts[0]).etcd);
+        assert_eq!(cluster(c).prefix, cluster(&hosts[0]).prefix);
+        let vms: Vec<&str> = c.vms.iter().map(|vm| vm.name.as_str()).collect();
+        assert_eq!(vms, ["web-1", "web-2", "web-3"]);
+    }
+    assert_ne!(hosts[0].state_dir, hosts[1].state_dir);
+}
