@@ -366,16 +366,27 @@ impl Member {
     ) -> Result<(), ClusterError> {
         self.live_lease()?;
         let key = self.key(&format!("vms/{vm}/{what}"));
+        self.as_owner(vm, token, "owner write", TxnOp::put(key, value, None))
+            .await
+    }
+
+    /// `op` in a transaction that holds only while the owner key of `vm`
+    /// was created at revision `token`: the fencing of every owner write.
+    async fn as_owner(
+        &self,
+        vm: &str,
+        token: i64,
+        what: &'static str,
+        op: TxnOp,
+    ) -> Result<(), ClusterError> {
         let txn = Txn::new()
             .when([Compare::create_revision(
                 self.owner_key(vm),
                 CompareOp::Equal,
                 token,
             )])
-            .and_then([TxnOp::put(key, value, None)]);
-        let response = self
-            .request("owner write", self.client.clone().txn(txn))
-            .await?;
+            .and_then([op]);
+        let response = self.request(what, self.client.clone().txn(txn)).await?;
         if response.succeeded() {
             Ok(())
         } else {
@@ -421,28 +432,8 @@ impl Member {
             key: key.clone(),
             detail: e.to_string(),
         })?;
-        let txn = Txn::new()
-            .when([Compare::create_revision(
-                self.owner_key(vm),
-                CompareOp::Equal,
-                token,
-            )])
-            .and_then([TxnOp::put(
-                key,
-                value,
-                Some(PutOptions::new().with_lease(lease)),
-            )]);
-        let response = self
-            .request("restore record", self.client.clone().txn(txn))
-            .await?;
-        if response.succeeded() {
-            Ok(())
-        } else {
-            Err(ClusterError::Stale {
-                vm: vm.to_string(),
-                token,
-            })
-        }
+        let op = TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease)));
+        self.as_owner(vm, token, "restore record", op).await
     }
 
     /// The VM's last consistency restore, if it was within its failure
@@ -464,25 +455,8 @@ impl Member {
 
     /// Gives `vm` up (deletes its owner key if `token` is still the VM's).
     pub async fn release(&self, vm: &str, token: i64) -> Result<(), ClusterError> {
-        let key = self.owner_key(vm);
-        let txn = Txn::new()
-            .when([Compare::create_revision(
-                key.as_str(),
-                CompareOp::Equal,
-                token,
-            )])
-            .and_then([TxnOp::delete(key.as_str(), None)]);
-        let response = self
-            .request("owner release", self.client.clone().txn(txn))
-            .await?;
-        if response.succeeded() {
-            Ok(())
-        } else {
-            Err(ClusterError::Stale {
-                vm: vm.to_string(),
-                token,
-            })
-        }
+        let op = TxnOp::delete(self.owner_key(vm), None);
+        self.as_owner(vm, token, "owner release", op).await
     }
 
     /// Waits until `vm` has no owner (its key deleted or expired with its
