@@ -5,7 +5,7 @@
 # container VMs (as /var/lib/relive/vmlinux, the default container_kernel), for
 # that tier QEMU, a static busybox and cpio, and for the on-call tests
 # Prometheus (with promtool) and systemd-analyze, for cluster mode protoc (to
-# build the etcd client) and etcd (its tests). The Rust toolchain is
+# build the etcd client), etcd, iproute2 and curl (its tests). The Rust toolchain is
 # expected to be installed.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -29,6 +29,10 @@ command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
 [ -f /usr/include/google/protobuf/descriptor.proto ] || need_apt+=(libprotobuf-dev)
 command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
+# ... on three hosts made of network namespaces (ip, from iproute2), and
+# one of them sends a peer an image with a stale token (curl).
+command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "setup: installing ${need_apt[*]}" >&2
     apt-get update -qq

@@ -1,217 +1,319 @@
-//! Cluster mode end to end: two `relive up` supervisors ("hosts") share one
-//! fleet through a real etcd (Debian's `etcd-server`, one member on
-//! loopback), each with its own state directory:
+//! Cluster mode end to end, on three "hosts" sharing a real three-member
+//! etcd (Debian's `etcd-server`; peers on loopback, clients on a bridge).
+//! Each host is a network namespace with a veth link to that bridge and a
+//! cgroup of its own (`relive_testkit::hosts`), running `relive up` with its
+//! own state directory; the VMMs it starts are in its namespace and cgroup.
+//! Every VM starts on host-a (started first); host-b and host-c see it
+//! there. What each test shows:
 //!
-//! - the VM runs on the host that claimed it first; the other host shows it
-//!   `elsewhere`, owned by the first, and refuses operator actions naming it;
-//! - the owner replicates each consistency image (and its chain and boot
-//!   image) to the other host, which verifies and stores it;
-//! - a host lost whole (its supervisor and its VMM killed with SIGKILL): the
-//!   other host takes the VM once the lost host's lease expired and runs it
-//!   from the replicated consistency image: the guest's counter and hash
-//!   chain continue from that image;
+//! - a host killed whole (`cgroup.kill`: its supervisor and its VMMs at
+//!   once): each of its VMs runs on the host that holds its replicated
+//!   image within TTL + grace + restore, the guest going on from that image;
+//! - a host cut off (its link down): it fences itself, its VMM dead before
+//!   another host takes the VM (by the hosts' event timestamps); an image
+//!   pushed with its old fencing token is refused; once its link is back it
+//!   does not run the VM again;
+//! - a supervisor killed alone: its VMM ends its VM by itself at the
+//!   fencing deadline the supervisor last gave, before another host runs it;
 //! - a VM restored from a consistency image on one host that fails again
-//!   within its failure_window by losing that host starts on the other from
-//!   its boot image (the window is kept in etcd);
-//! - a host cut from etcd (its etcd connection stalls through a proxy, no
-//!   error): it fences itself, its VMM dead before the other host starts
-//!   the VM (by the two hosts' event timestamps), and once the network is
-//!   back it does not run the VM again: the VM is `elsewhere` there;
-//! - a supervisor killed alone (its host and its VMM fine): the VMM ends
-//!   its VM by itself at the fencing deadline the supervisor last renewed
-//!   (exit `fenced`, 17), before the other host takes the VM over.
+//!   within its failure_window by losing that host starts from its boot
+//!   image on the next (the window is kept in etcd);
+//! - etcd loses a member: nothing fails over; etcd loses quorum: no host
+//!   restores anything, the VM runs until its host's fencing deadline, and
+//!   when quorum is back the VM runs again from a consistency image.
 //!
-//! Without etcd the tests skip with the reason (fail under
+//! The tests take one lock: one cluster at a time on this 2-core machine.
+//! Without etcd, `ip` or cgroup2 they skip with the reason (and fail under
 //! `RELIVE_REQUIRE_TOOLS=1`, as in CI).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step fails the test
 
 mod common;
 
-use std::path::Path;
+use std::process::Command;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use common::fleet::{heartbeat_in_image, is_alive, kill9, unix_ms, wait_for, Fleet, STEP};
-use common::{require_kvm, temp_dir};
-use relive_testkit::etcd::{free_port, Etcd, Proxy};
+use common::fleet::{heartbeat_in_image, is_alive, unix_ms, vmms_of, wait_for, Fleet, STEP};
+use common::{require_kvm, run_with_timeout, temp_dir, TempDir};
+use relive_testkit::etcd::EtcdCluster;
+use relive_testkit::hosts::{Host, Network};
 use serde_json::Value;
 
 /// The cluster listeners' shared bearer token.
 const CLUSTER_TOKEN: &str = "cluster-test-token-0123456789";
+/// The lease TTL, keepalive, request timeout, fence margin and failover
+/// grace of the fleet files below.
+const TTL: Duration = Duration::from_secs(3);
+const REQUEST_TIMEOUT: Duration = Duration::from_millis(500);
+const GRACE: Duration = Duration::from_millis(500);
+/// Where each host's peer listener listens, on its own address.
+const PEER_PORT: u16 = 7800;
 
-/// TTL 3 s, renewals every 500 ms, fencing 1 s before the TTL could run
-/// out, takeover 500 ms after an owner's key is gone; images replicated to
-/// one peer through each host's listener on a loopback port of its own.
-fn fleet_yaml(state: &Path, host: &str, etcd: &str) -> String {
+const HOSTS: [&str; 3] = ["host-a", "host-b", "host-c"];
+
+/// One cluster at a time.
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn fleet_yaml(state: &std::path::Path, host: &Host, etcd: &[String], vms: &[&str]) -> String {
+    let vms: String = vms
+        .iter()
+        .map(|vm| {
+            format!(
+                "  - name: {vm}\n    kernel: bundled\n    memory_mib: 64\n    cmdline: relive.hb_ms=100\n"
+            )
+        })
+        .collect();
     format!(
         r#"state_dir: {state}
 cluster:
   etcd: [{etcd}]
   host: {host}
-  advertise: 127.0.0.1:{port}
+  advertise: {ip}:{PEER_PORT}
   token: {CLUSTER_TOKEN}
   replicas: 1
   prefix: /relive-e2e
-  lease_ttl: 3s
+  lease_ttl: {ttl}ms
   keepalive_interval: 500ms
-  request_timeout: 500ms
+  request_timeout: {rt}ms
   fence_margin: 1s
-  failover_grace: 500ms
+  failover_grace: {grace}ms
 defaults:
   checkpoint_interval: 1s
   heartbeat_timeout: 2s
   ready_grace: 1s
 vms:
-  - name: web
-    kernel: bundled
-    memory_mib: 64
-    cmdline: relive.hb_ms=100
-"#,
+{vms}"#,
         state = state.display(),
-        port = free_port().unwrap(),
+        etcd = etcd.join(", "),
+        host = host.name,
+        ip = host.ip,
+        ttl = TTL.as_millis(),
+        rt = REQUEST_TIMEOUT.as_millis(),
+        grace = GRACE.as_millis(),
     )
 }
 
-/// Host A running `web`, host B seeing it there.
-fn two_hosts(a_etcd: &str, b_etcd: &str) -> (Fleet, Fleet) {
-    let mut a = Fleet::new(|state| fleet_yaml(state, "host-a", a_etcd));
-    a.start_supervisor();
-    a.wait_healthy("web", 3, false);
-    assert_eq!(a.show("web")["host"], "host-a");
-    let mut b = Fleet::new(|state| fleet_yaml(state, "host-b", b_etcd));
-    b.start_supervisor();
-    wait_for("host-b to see web on host-a", STEP, || {
-        let view = b.show("web");
-        (view["state"] == "elsewhere" && view["host"] == "host-a").then_some(())
-    });
-    let hosts = b.json(&["hosts"]);
-    let listed: Vec<(String, bool, Vec<Value>)> = hosts
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| {
-            (
-                h["host"].as_str().unwrap().to_string(),
-                h["this"] == true,
-                h["vms"].as_array().cloned().unwrap_or_default(),
-            )
-        })
-        .collect();
-    assert_eq!(
-        listed,
-        [
-            ("host-a".to_string(), false, vec![Value::from("web")]),
-            ("host-b".to_string(), true, vec![]),
-        ],
-        "relive hosts on host-b: {hosts}"
-    );
-    let refused = b.relive(&["failover", "web", "--to", "boot"]);
-    assert_ne!(
-        refused.code,
-        Some(0),
-        "host-b must refuse to act on host-a's VM"
-    );
-    assert!(
-        refused.stderr.contains("runs on host host-a"),
-        "the refusal must name the owner: {refused:?}"
-    );
-    (a, b)
+/// Three hosts, a three-member etcd, the VMs running on host-a. Dropped in
+/// field order: supervisors and VMMs, then etcd, then the namespaces and
+/// cgroups, then the directory.
+struct Cluster {
+    hosts: Vec<Fleet>,
+    etcd: EtcdCluster,
+    network: Network,
+    _dir: TempDir,
+    _serial: MutexGuard<'static, ()>,
 }
 
-/// A one-member etcd in a directory of its own, or `None` (the test then
-/// skips, with the reason printed) without KVM or etcd.
-/// (etcd first: it is killed before its directory is removed.)
-fn etcd() -> Option<(Etcd, common::TempDir)> {
-    if !require_kvm() {
-        return None;
+impl Cluster {
+    /// `None` (the test skips, with the reason printed) without KVM, etcd
+    /// or the means to make hosts.
+    fn start(vms: &[&str]) -> Option<Cluster> {
+        let serial = serial();
+        if !require_kvm() {
+            return None;
+        }
+        let network = Network::new(&HOSTS)?;
+        let dir = temp_dir();
+        let etcd = EtcdCluster::start(dir.path(), 3, network.gateway)?;
+        let urls = etcd.urls();
+        let mut hosts: Vec<Fleet> = network
+            .hosts
+            .iter()
+            .map(|host| {
+                let mut fleet = Fleet::new(|state| fleet_yaml(state, host, &urls, vms));
+                fleet.host = Some(Arc::clone(host));
+                fleet
+            })
+            .collect();
+        hosts[0].start_supervisor();
+        for vm in vms {
+            hosts[0].wait_healthy(vm, 3, false);
+            assert_eq!(hosts[0].show(vm)["host"], "host-a");
+        }
+        for fleet in &mut hosts[1..] {
+            fleet.start_supervisor();
+        }
+        for (fleet, name) in hosts.iter().zip(HOSTS).skip(1) {
+            for vm in vms {
+                wait_for(format!("{name} to see {vm} on host-a"), STEP, || {
+                    let view = fleet.show(vm);
+                    (view["state"] == "elsewhere" && view["host"] == "host-a").then_some(())
+                });
+            }
+        }
+        let cluster = Cluster {
+            hosts,
+            etcd,
+            network,
+            _dir: dir,
+            _serial: serial,
+        };
+        let listed = cluster.hosts[1].json(&["hosts"]);
+        let names: Vec<&str> = listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|h| h["host"].as_str())
+            .collect();
+        assert_eq!(names, HOSTS, "relive hosts on host-b: {listed}");
+        Some(cluster)
     }
-    let dir = temp_dir();
-    let etcd = Etcd::start(dir.path())?;
-    Some((etcd, dir))
+
+    fn fleet(&self, host: &str) -> &Fleet {
+        &self.hosts[HOSTS.iter().position(|h| *h == host).unwrap()]
+    }
+
+    /// Waits until host-a replicated a consistency image of `vm` to a peer
+    /// and recorded it; the peer's name.
+    fn wait_replicated(&self, vm: &str) -> &'static str {
+        wait_for(
+            format!("a consistency image of {vm} replicated"),
+            STEP,
+            || {
+                let sent = self.hosts[0]
+                    .metrics()
+                    .sum("relive_replication_bytes_total", &[("vm", vm)]);
+                if sent == 0.0 {
+                    return None;
+                }
+                HOSTS[1..]
+                    .iter()
+                    .copied()
+                    .find(|h| newest_consistency(self.fleet(h), vm).is_some())
+            },
+        )
+    }
+
+    /// Waits until `vm` runs on a host other than host-a: that host's name
+    /// and the VM's view there.
+    fn wait_running_elsewhere(&self, vm: &str, within: Duration) -> (&'static str, Value) {
+        wait_for(format!("{vm} running on host-b or host-c"), within, || {
+            HOSTS[1..].iter().copied().find_map(|h| {
+                let view = self.fleet(h).show(vm);
+                (view["state"] == "running" && view["host"] == h && view["pid"].is_u64())
+                    .then_some((h, view))
+            })
+        })
+    }
+
+    /// Every host's events after `since_ms` with one of `reasons`.
+    fn events_since(&self, since_ms: u64, reasons: &[&str]) -> Vec<Value> {
+        self.hosts
+            .iter()
+            .flat_map(Fleet::events)
+            .filter(|e| e["unix_ms"].as_u64().unwrap_or(0) >= since_ms)
+            .filter(|e| reasons.iter().any(|r| e["reason"] == *r))
+            .collect()
+    }
 }
 
-fn event<'a>(events: &'a [Value], reason: &str) -> Option<&'a Value> {
+fn is_consistency(image: &Value) -> bool {
+    matches!(image["kind"]["kind"].as_str(), Some("full" | "incremental"))
+}
+
+/// The newest consistency image of `vm` a host holds.
+fn newest_consistency(fleet: &Fleet, vm: &str) -> Option<Value> {
+    fleet.images(vm).into_iter().rev().find(is_consistency)
+}
+
+fn event<'a>(events: &'a [Value], vm: &str, reason: &str) -> Option<&'a Value> {
     events
         .iter()
-        .find(|e| e["vm"] == "web" && e["reason"] == reason)
-}
-
-#[test]
-fn a_host_lost_whole_has_its_vm_run_on_another_host() {
-    let Some((etcd, _dir)) = etcd() else {
-        return;
-    };
-    let (mut a, b) = two_hosts(&etcd.url(), &etcd.url());
-    // host-b holds host-a's images: the boot image and consistency images.
-    let is_consistency =
-        |i: &Value| matches!(i["kind"]["kind"].as_str(), Some("full" | "incremental"));
-    wait_for(
-        "a consistency image of web replicated to host-b",
-        STEP,
-        || {
-            let images = b.images("web");
-            let boot = images.iter().any(|i| i["kind"]["kind"] == "boot");
-            // The owner counts what it sent once the manifest is in etcd.
-            let sent = a
-                .metrics()
-                .sum("relive_replication_bytes_total", &[("vm", "web")]);
-            (boot && images.iter().any(is_consistency) && sent > 0.0).then_some(())
-        },
-    );
-
-    let vmm = a.show("web")["pid"].as_u64().unwrap() as u32;
-    let lost = Instant::now();
-    a.kill_supervisor();
-    kill9(vmm);
-    // The newest image host-b holds now is what it must restore.
-    let newest = b
-        .images("web")
-        .into_iter()
         .rev()
-        .find(is_consistency)
-        .expect("host-b holds a consistency image");
-    let in_image = heartbeat_in_image(&newest);
-    let view = wait_for("web running on host-b", STEP, || {
-        let view = b.show("web");
-        (view["state"] == "running" && view["host"] == "host-b" && view["pid"].is_u64())
-            .then_some(view)
-    });
-    eprintln!(
-        "host lost -> web running on host-b: {:.2?} (lease_ttl 3s, failover_grace 500ms)",
-        lost.elapsed()
-    );
-    let events = b.events();
-    let taken = event(&events, "taken-over").expect("host-b records the takeover");
-    assert_eq!(
-        taken["host"], "host-b",
-        "events name the host that recorded them: {taken}"
-    );
-    let detail = taken["detail"].as_str().unwrap_or("");
-    assert!(
-        detail.contains("from host host-a") && detail.contains("replicated consistency image"),
-        "{taken}"
-    );
-    let after = b.wait_heartbeat_from("web", view["pid"].as_u64().unwrap());
-    in_image.assert_continued_by(
-        &after,
-        "the guest on host-b must go on from the replicated image",
-    );
+        .find(|e| e["vm"] == vm && e["reason"] == reason)
+}
+
+fn unix_ms_of(event: &Value) -> u64 {
+    event["unix_ms"].as_u64().expect("an event's unix_ms")
 }
 
 #[test]
-fn a_host_cut_from_etcd_kills_its_vm_before_another_host_runs_it() {
-    let Some((etcd, _dir)) = etcd() else {
+fn a_host_killed_whole_has_each_vm_run_on_the_host_holding_its_replicated_image() {
+    let Some(mut cluster) = Cluster::start(&["web", "db"]) else {
         return;
     };
-    let proxy = Proxy::start(etcd.client).unwrap();
-    let (a, b) = two_hosts(&format!("http://{}", proxy.addr), &etcd.url());
-    let vmm = a.show("web")["pid"].as_u64().unwrap() as u32;
-    proxy.cut(true);
+    for vm in ["web", "db"] {
+        cluster.wait_replicated(vm);
+    }
+
+    let killed = unix_ms();
+    cluster.network.host("host-a").kill();
+    cluster.hosts[0].kill_supervisor();
+    for vm in ["web", "db"] {
+        // The holder of the newest image (host-a may have replicated to
+        // host-b alone before host-c joined, then to host-c): what it has
+        // now is what it must restore.
+        let (holder, newest) = HOSTS[1..]
+            .iter()
+            .filter_map(|h| Some((*h, newest_consistency(cluster.fleet(h), vm)?)))
+            .max_by_key(|(_, image)| image["created_unix_ms"].as_u64())
+            .unwrap();
+        let in_image = heartbeat_in_image(&newest);
+        let (host, view) = cluster.wait_running_elsewhere(vm, STEP);
+        assert_eq!(
+            host, holder,
+            "{vm} must go to the host holding its replicated image"
+        );
+        let fleet = cluster.fleet(host);
+        let events = fleet.events();
+        let taken = event(&events, vm, "taken-over").expect("the takeover is recorded");
+        let restored = event(&events, vm, "restored").expect("the restore is recorded");
+        let detail = taken["detail"].as_str().unwrap_or("");
+        assert!(
+            taken["host"] == host
+                && detail.contains("from host host-a")
+                && detail.contains("replicated consistency image"),
+            "{taken}"
+        );
+        assert_eq!(restored["image_id"], newest["id"], "{restored}");
+        // The lease expired at most TTL after the host's last renewal, the
+        // holder ranks first: TTL + grace + a round trip or two.
+        let took = unix_ms_of(taken) - killed;
+        let bound = TTL + GRACE + 2 * REQUEST_TIMEOUT + Duration::from_secs(1);
+        eprintln!(
+            "{vm}: host-a killed -> taken over by {host} {took} ms, running {} ms (TTL {TTL:?}, grace {GRACE:?})",
+            unix_ms_of(restored) - killed
+        );
+        assert!(
+            u128::from(took) <= bound.as_millis(),
+            "{vm} taken over {took} ms after host-a died (bound {bound:?})"
+        );
+        let after = fleet.wait_heartbeat_from(vm, view["pid"].as_u64().unwrap());
+        in_image.assert_continued_by(
+            &after,
+            &format!("{vm} on {host} must go on from the replicated image"),
+        );
+    }
+}
+
+#[test]
+fn a_host_cut_off_fences_itself_before_another_host_runs_its_vm_and_its_old_token_is_refused() {
+    let Some(cluster) = Cluster::start(&["web"]) else {
+        return;
+    };
+    let a = &cluster.hosts[0];
+    cluster.wait_replicated("web");
+    let view = a.show("web");
+    let (vmm, old_token) = (
+        view["pid"].as_u64().unwrap() as u32,
+        view["token"]
+            .as_i64()
+            .expect("the owner shows its fencing token"),
+    );
+    let an_image = newest_consistency(a, "web").unwrap();
+
+    let cut = unix_ms();
+    cluster.network.host("host-a").cut(true);
     wait_for("host-a to fence itself", STEP, || {
         (a.show("web")["state"] == "fenced").then_some(())
     });
     assert!(
         !is_alive(vmm),
-        "host-a's VMM {vmm} must be dead once it is fenced"
+        "host-a's VMM {vmm} must be dead once fenced"
     );
     let metrics = a.metrics();
     assert_eq!(
@@ -222,62 +324,98 @@ fn a_host_cut_from_etcd_kills_its_vm_before_another_host_runs_it() {
         metrics.value("relive_cluster_fences_total", &[("host", "host-a")]),
         1.0
     );
-    let metrics = b.metrics();
-    assert_eq!(
-        metrics.value("relive_cluster_lease_live", &[("host", "host-b")]),
-        1.0
-    );
-    let deadline = metrics.value(
-        "relive_cluster_fence_deadline_timestamp_seconds",
-        &[("host", "host-b")],
-    );
-    let now = unix_ms() as f64 / 1000.0;
+    let (owner, view) = cluster.wait_running_elsewhere("web", STEP);
+    let new_token = view["token"].as_i64().unwrap();
     assert!(
-        deadline > now && deadline < now + 3.0,
-        "host-b's fencing deadline {deadline} must lie within its TTL of now {now}"
+        new_token > old_token,
+        "tokens only grow: {old_token} then {new_token}"
     );
-    wait_for("web running on host-b", STEP, || {
-        let view = b.show("web");
-        (view["state"] == "running" && view["host"] == "host-b").then_some(())
-    });
-    let fenced = event(&a.events(), "fenced").expect("host-a records its fencing")["unix_ms"]
-        .as_u64()
-        .unwrap();
-    let taken = event(&b.events(), "taken-over").expect("host-b records the takeover")["unix_ms"]
-        .as_u64()
-        .unwrap();
+    let fenced = unix_ms_of(event(&a.events(), "web", "fenced").expect("host-a records its fence"));
+    let taken = unix_ms_of(
+        event(&cluster.fleet(owner).events(), "web", "taken-over").expect("the takeover"),
+    );
     eprintln!(
-        "host-a fenced {} ms before host-b took web over",
+        "cut -> host-a fenced {} ms; {owner} took web {} ms after the fence",
+        fenced - cut,
         taken as i64 - fenced as i64
     );
     assert!(
         fenced < taken,
-        "host-a's VMM must be dead (fenced at {fenced}) before host-b takes the VM (at {taken})"
+        "host-a's VMM must be dead (fenced at {fenced}) before {owner} takes the VM (at {taken})"
     );
 
-    // The network comes back: host-a joins again and leaves web to host-b.
-    proxy.cut(false);
-    wait_for("host-a to see web on host-b", STEP, || {
-        let view = a.show("web");
-        (view["state"] == "elsewhere" && view["host"] == "host-b").then_some(())
+    // The new owner replicates to the third host, which has then seen the
+    // new token: an image sent with host-a's old token is refused there.
+    let peer = if owner == "host-b" {
+        "host-c"
+    } else {
+        "host-b"
+    };
+    wait_for(format!("{owner} to replicate web to {peer}"), STEP, || {
+        let sent = cluster
+            .fleet(owner)
+            .metrics()
+            .sum("relive_replication_bytes_total", &[("vm", "web")]);
+        (sent > 0.0).then_some(())
     });
-    std::thread::sleep(Duration::from_secs(2));
+    let path = an_image["path"].as_str().unwrap();
+    let file = std::path::Path::new(path)
+        .file_name()
+        .unwrap()
+        .to_string_lossy();
+    let url = format!(
+        "http://{}:{PEER_PORT}/v1/peer/images/web/{file}",
+        cluster.network.host(peer).ip
+    );
+    let out = run_with_timeout(
+        Command::new("curl")
+            .args([
+                "-sS",
+                "-o",
+                "/dev/stderr",
+                "-w",
+                "%{http_code}",
+                "-X",
+                "PUT",
+            ])
+            .args(["-H", &format!("Authorization: Bearer {CLUSTER_TOKEN}")])
+            .args(["-H", &format!("x-relive-fencing-token: {old_token}")])
+            .args(["--data-binary", &format!("@{path}"), &url]),
+        STEP,
+    );
+    assert_eq!(
+        out.stdout, "409",
+        "{peer} must refuse the old token: {out:?}"
+    );
+    assert!(
+        out.stderr.contains(&format!(
+            "fencing token {old_token} is older than {new_token}"
+        )),
+        "{out:?}"
+    );
+
+    // The link comes back: host-a joins again and leaves web to its owner.
+    cluster.network.host("host-a").cut(false);
+    wait_for(format!("host-a to see web on {owner}"), STEP, || {
+        let view = a.show("web");
+        (view["state"] == "elsewhere" && view["host"] == owner).then_some(())
+    });
+    std::thread::sleep(TTL);
     let view = a.show("web");
     assert_eq!(
         view["state"], "elsewhere",
         "host-a must not run web again: {view}"
     );
-    assert!(view["pid"].is_null(), "{view}");
+    assert!(vmms_of(&a.state).is_empty(), "no VMM of host-a may run");
 }
 
 #[test]
 fn a_supervisor_killed_alone_leaves_a_vmm_that_fences_itself_before_another_host_runs_it() {
-    let Some((etcd, _dir)) = etcd() else {
+    let Some(mut cluster) = Cluster::start(&["web"]) else {
         return;
     };
-    let (mut a, b) = two_hosts(&etcd.url(), &etcd.url());
-    let vmm = a.show("web")["pid"].as_u64().unwrap() as u32;
-    a.kill_supervisor();
+    let vmm = cluster.hosts[0].show("web")["pid"].as_u64().unwrap() as u32;
+    cluster.hosts[0].kill_supervisor();
     // The VMM runs on, alone, until the deadline the supervisor last gave.
     let killed = Instant::now();
     while is_alive(vmm) {
@@ -292,81 +430,64 @@ fn a_supervisor_killed_alone_leaves_a_vmm_that_fences_itself_before_another_host
         "supervisor killed -> its VMM ended itself: {:.2?}",
         killed.elapsed()
     );
+    let state = &cluster.hosts[0].state;
     let logs: String = ["vmm-a.log", "vmm-b.log"]
         .iter()
-        .map(|log| std::fs::read_to_string(a.state.join("web").join(log)).unwrap_or_default())
+        .map(|log| std::fs::read_to_string(state.join("web").join(log)).unwrap_or_default())
         .collect();
     assert!(
         logs.contains(r#""reason":"fenced""#),
         "host-a's VMM must end with the fenced exit:\n{logs}"
     );
-    wait_for("web running on host-b", STEP, || {
-        let view = b.show("web");
-        (view["state"] == "running" && view["host"] == "host-b").then_some(())
-    });
-    let taken = event(&b.events(), "taken-over").expect("host-b records the takeover")["unix_ms"]
-        .as_u64()
-        .unwrap();
+    let (owner, _) = cluster.wait_running_elsewhere("web", STEP);
+    let taken = unix_ms_of(
+        event(&cluster.fleet(owner).events(), "web", "taken-over").expect("the takeover"),
+    );
     eprintln!(
-        "host-a's VMM ended {} ms before host-b took web over",
+        "host-a's VMM ended {} ms before {owner} took web over",
         taken as i64 - dead_at as i64
     );
     assert!(
         dead_at < taken,
-        "host-a's VMM must have ended (seen at {dead_at}) before host-b took the VM (at {taken})"
+        "host-a's VMM must have ended (seen at {dead_at}) before {owner} took the VM (at {taken})"
     );
 }
 
 /// The consistency-then-boot window holds across hosts: a VM restored from
 /// a consistency image on host-a that fails again within its
-/// failure_window, now by losing host-a, starts on host-b from its boot
-/// image (it may hold the failing state), though host-b holds a replicated
-/// consistency image.
+/// failure_window, now by losing host-a, starts on the next host from its
+/// boot image (it may hold the failing state), though that host holds a
+/// replicated consistency image.
 #[test]
 fn a_vm_failing_on_one_host_then_on_another_within_the_window_starts_from_its_boot_image() {
-    let Some((etcd, _dir)) = etcd() else {
+    let Some(mut cluster) = Cluster::start(&["web"]) else {
         return;
     };
-    let (mut a, b) = two_hosts(&etcd.url(), &etcd.url());
-    let replicated = |a: &Fleet| {
-        a.metrics()
-            .sum("relive_replication_bytes_total", &[("vm", "web")])
-    };
-    wait_for("a completed replication of web", STEP, || {
-        (replicated(&a) > 0.0).then_some(())
-    });
+    let holder = cluster.wait_replicated("web");
+    let a = &cluster.hosts[0];
     // A first failure on host-a: restored there from a consistency image.
     let first = a.kill_vmm("web");
-    let restored = wait_for("web restored on host-a", STEP, || {
+    wait_for("web restored on host-a", STEP, || {
         let view = a.show("web");
         (view["state"] == "running" && view["pid"].as_u64().is_some_and(|p| p != first))
-            .then_some(view)
+            .then_some(())
     });
-    let a_events = a.events();
-    let consistency = event(&a_events, "restored").expect("host-a restored web");
+    let restored = a.events();
+    let restored = event(&restored, "web", "restored").expect("host-a restored web");
     assert!(
-        consistency["detail"]
+        restored["detail"]
             .as_str()
             .unwrap_or("")
             .contains("restored consistency"),
-        "{consistency}"
+        "{restored}"
     );
-    // host-b holds a consistency image, so only the window sends it to boot.
-    wait_for("a consistency image of web on host-b", STEP, || {
-        b.images("web")
-            .iter()
-            .any(|i| matches!(i["kind"]["kind"].as_str(), Some("full" | "incremental")))
-            .then_some(())
-    });
+    assert!(newest_consistency(cluster.fleet(holder), "web").is_some());
     // The second failure: host-a lost whole, well within failure_window (60 s).
-    a.kill_supervisor();
-    kill9(restored["pid"].as_u64().unwrap() as u32);
-    wait_for("web running on host-b", STEP, || {
-        let view = b.show("web");
-        (view["state"] == "running" && view["host"] == "host-b").then_some(())
-    });
-    let b_events = b.events();
-    let taken = event(&b_events, "taken-over").expect("host-b records the takeover");
+    cluster.network.host("host-a").kill();
+    cluster.hosts[0].kill_supervisor();
+    let (owner, _) = cluster.wait_running_elsewhere("web", STEP);
+    let events = cluster.fleet(owner).events();
+    let taken = event(&events, "web", "taken-over").expect("the takeover");
     let detail = taken["detail"].as_str().unwrap_or("");
     assert!(
         taken["to"] == "restoring-boot"
@@ -374,17 +495,116 @@ fn a_vm_failing_on_one_host_then_on_another_within_the_window_starts_from_its_bo
             && detail.contains("host host-a"),
         "{taken}"
     );
-    let booted = b
-        .events()
-        .into_iter()
-        .rev()
-        .find(|e| e["vm"] == "web" && e["reason"] == "restored")
-        .expect("host-b restored web");
+    let booted = event(&events, "web", "restored").expect("the restore");
     assert!(
         booted["detail"]
             .as_str()
             .unwrap_or("")
             .contains("restored boot"),
         "{booted}"
+    );
+}
+
+/// etcd losing one member of three changes nothing; losing quorum stops
+/// every renewal: the VM runs until its host's fencing deadline, no host
+/// restores anything while quorum is lost, and once it is back the VM runs
+/// again from its consistency image (README: "What happens when etcd
+/// fails").
+#[test]
+fn etcd_losing_a_member_fails_nothing_over_and_losing_quorum_restores_nothing() {
+    let Some(mut cluster) = Cluster::start(&["web"]) else {
+        return;
+    };
+    cluster.wait_replicated("web");
+    let vmm = cluster.hosts[0].show("web")["pid"].as_u64().unwrap() as u32;
+
+    let one_lost = unix_ms();
+    cluster.etcd.kill(0);
+    let watch = Instant::now();
+    while watch.elapsed() < 2 * TTL {
+        assert!(
+            is_alive(vmm),
+            "web's VMM must run on while etcd keeps quorum"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let changes = cluster.events_since(one_lost, &["fenced", "owner-lost", "taken-over"]);
+    assert!(
+        changes.is_empty(),
+        "one etcd member lost changed ownership: {changes:?}"
+    );
+    for (fleet, host) in cluster.hosts.iter().zip(HOSTS) {
+        let live = fleet
+            .metrics()
+            .value("relive_cluster_lease_live", &[("host", host)]);
+        assert_eq!(live, 1.0, "{host} keeps its lease through two members");
+    }
+    assert_eq!(cluster.hosts[0].show("web")["pid"], u64::from(vmm));
+
+    let quorum_lost = unix_ms();
+    cluster.etcd.kill(1);
+    assert!(is_alive(vmm), "web runs on right after quorum is lost");
+    let a = &cluster.hosts[0];
+    wait_for("host-a to fence itself", STEP, || {
+        (a.show("web")["state"] == "fenced").then_some(())
+    });
+    let fenced = unix_ms_of(event(&a.events(), "web", "fenced").unwrap());
+    eprintln!(
+        "quorum lost -> host-a fenced web: {} ms",
+        fenced - quorum_lost
+    );
+    assert!(
+        u128::from(fenced - quorum_lost) <= TTL.as_millis(),
+        "host-a must fence within its TTL of the last renewal ({} ms)",
+        fenced - quorum_lost
+    );
+    assert!(!is_alive(vmm));
+    // Nothing runs web while quorum is lost, however long that is.
+    std::thread::sleep(2 * TTL);
+    for fleet in &cluster.hosts {
+        assert!(
+            vmms_of(&fleet.state).is_empty(),
+            "a VMM runs without quorum"
+        );
+    }
+    let restores = cluster.events_since(quorum_lost, &["taken-over", "restored"]);
+    assert!(
+        restores.is_empty(),
+        "a host restored without quorum: {restores:?}"
+    );
+
+    // Quorum back: the hosts join again and one runs web from its image.
+    let back = unix_ms();
+    cluster.etcd.restart(0);
+    cluster.etcd.restart(1);
+    cluster.etcd.wait_healthy(STEP);
+    let (host, fleet, view) = wait_for("web running again", STEP, || {
+        cluster.hosts.iter().zip(HOSTS).find_map(|(fleet, host)| {
+            let view = fleet.show("web");
+            (view["state"] == "running" && view["host"] == host).then_some((host, fleet, view))
+        })
+    });
+    let events = fleet.events();
+    let restored = event(&events, "web", "restored").unwrap();
+    assert!(
+        unix_ms_of(restored) >= back
+            && restored["detail"]
+                .as_str()
+                .unwrap_or("")
+                .contains("restored consistency"),
+        "{restored}"
+    );
+    eprintln!(
+        "quorum back -> web running on {host}: {} ms",
+        unix_ms_of(restored) - back
+    );
+    let image = fleet
+        .images("web")
+        .into_iter()
+        .find(|i| i["id"] == restored["image_id"])
+        .expect("the restored image is listed");
+    heartbeat_in_image(&image).assert_continued_by(
+        &fleet.wait_heartbeat_from("web", view["pid"].as_u64().unwrap()),
+        "web must go on from its consistency image after quorum is back",
     );
 }

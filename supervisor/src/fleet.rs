@@ -146,6 +146,10 @@ pub struct VmView {
     /// Cluster mode: the host that owns the VM (this one, or where it runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
+    /// Cluster mode: the fencing token this host holds the VM under (the
+    /// owner key's creation revision), while it owns it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<i64>,
 }
 
 /// An answer to an [`Action`].
@@ -2145,7 +2149,10 @@ impl VmTask {
                 Ok(Claim::Owned { token }) => {
                     tracing::info!(token, "this host owns the VM");
                     self.token = Some(token);
-                    lock(&self.view).host = Some(member.host().to_string());
+                    let mut view = lock(&self.view);
+                    view.host = Some(member.host().to_string());
+                    view.token = Some(token);
+                    drop(view);
                     return Some(previous.filter(|h| h != member.host()));
                 }
                 Ok(Claim::Taken { owner, token }) => {
@@ -2211,16 +2218,19 @@ impl VmTask {
         }
     }
 
-    /// This host's place among the live hosts for this VM (0 first):
-    /// rendezvous hashing of the VM's and each host's name, so every host
-    /// computes the same order and the first takes the VM first.
+    /// This host's place among the live hosts for this VM (0 first): the
+    /// hosts that hold its latest replicated image (by the manifest) before
+    /// those that would have to pull it, each group in rendezvous-hashing
+    /// order of the VM's and the host's name, so every host computes the
+    /// same order and the first takes the VM first.
     async fn rank(&self, member: &Member) -> u32 {
         let score = |host: &str| crc32c::crc32c(format!("{}/{host}", self.spec.name).as_bytes());
+        let holders = self.manifest().await.map(|m| m.hosts).unwrap_or_default();
         let mut hosts = match member.hosts().await {
             Ok(hosts) => hosts.into_iter().map(|h| h.host).collect::<Vec<_>>(),
             Err(_) => Vec::new(),
         };
-        hosts.sort_by_key(|h| std::cmp::Reverse((score(h), h.clone())));
+        hosts.sort_by_key(|h| std::cmp::Reverse((holders.contains(h), score(h), h.clone())));
         let at = hosts
             .iter()
             .position(|h| h == member.host())
@@ -2318,28 +2328,84 @@ impl VmTask {
         });
     }
 
-    /// The replicated image this host holds for the VM, by the manifest in
-    /// etcd, if this host is one of its holders and has the file.
-    async fn replicated_image(&self) -> Option<String> {
+    /// The VM's image manifest in etcd: its newest replicated image.
+    async fn manifest(&self) -> Option<crate::replication::Manifest> {
         let member = self.cluster.as_ref()?;
-        let manifest: Option<crate::replication::Manifest> = member
+        member
             .vm_value(&self.spec.name, "images")
             .await
             .ok()?
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+    }
+
+    /// Fetches the files of the manifest's image that this host lacks from
+    /// a live holder (a takeover by a host that was not one of them: the
+    /// holders were lost too, or ranked after it). `None` when nothing was
+    /// pulled; else what happened, for the takeover's event.
+    async fn pull_replicated(&self) -> Option<String> {
+        let member = self.cluster.as_ref()?;
+        let bearer = member.config().token.as_ref()?.secret().to_string();
+        let manifest = self.manifest().await?;
+        if manifest.hosts.iter().any(|h| h == member.host()) {
+            return None;
+        }
+        let store = self.store().ok()?;
+        let started = Instant::now();
+        match crate::replication::pull(member, &bearer, &self.spec.name, &manifest, &store).await {
+            Ok(pulled) if pulled.files == 0 => None,
+            Ok(pulled) => {
+                self.metrics
+                    .record_replication(&self.spec.name, pulled.bytes, started.elapsed());
+                Some(format!(
+                    "pulled {} file(s), {} bytes, from host {} in {} ms",
+                    pulled.files,
+                    pulled.bytes,
+                    pulled.from,
+                    started.elapsed().as_millis()
+                ))
+            }
+            Err(e) => {
+                self.metrics.record_replication_failure(&self.spec.name);
+                tracing::warn!(error = %e, "cannot pull the VM's replicated image");
+                Some(format!("could not pull its replicated image: {e}"))
+            }
+        }
+    }
+
+    /// The replicated image this host holds for the VM, by the manifest in
+    /// etcd, if this host is one of its holders and has the file (or pulled
+    /// the files).
+    async fn replicated_image(&self) -> Option<String> {
+        let member = self.cluster.as_ref()?;
+        let manifest = self.manifest().await;
         // The manifest's image, or a newer one that came after it (the owner
         // may have been lost between a peer's ack and the next manifest;
         // retention here may have removed the older file since). Without a
         // manifest (no replication had completed yet), what the owner pushed.
         let created = |file: &str| file.split('-').next()?.parse::<u64>().ok();
         let wanted = match &manifest {
-            Some(m) if !m.hosts.iter().any(|h| h == member.host()) => return None,
+            Some(m)
+                if !m.hosts.iter().any(|h| h == member.host())
+                    && !self.store().ok()?.dir().join(&m.file).is_file() =>
+            {
+                return None
+            }
             Some(m) => created(&m.file)?,
             None => 0,
         };
         let newest = self.store().ok()?.latest_verified().ok()?.image?;
         let file = newest.path().file_name()?.to_string_lossy().into_owned();
         (created(&file)? >= wanted).then_some(file)
+    }
+
+    /// [`replicated_image`](Self::replicated_image), after pulling the
+    /// files this host lacks when it holds none; with what the pull did.
+    async fn replicated_image_or_pull(&self) -> (Option<String>, Option<String>) {
+        if let Some(file) = self.replicated_image().await {
+            return (Some(file), None);
+        }
+        let pulled = self.pull_replicated().await;
+        (self.replicated_image().await, pulled)
     }
 
     /// Cluster mode: the VM's consistency restore within its failure
@@ -2364,6 +2430,7 @@ impl VmTask {
     /// token.
     async fn fence(&mut self) {
         self.token = None;
+        lock(&self.view).token = None;
         self.pending_restore = None;
         self.cancel_requests("this host fenced itself");
         self.watch = None;
@@ -2403,14 +2470,15 @@ impl VmTask {
                 self.do_restore(RestoreTarget::Consistency, now, "taken-over")
                     .await;
             }
-            Some(host) => match self.replicated_image().await {
-                Some(file) if self.recent_restore_elsewhere().await.is_none() => {
+            Some(host) => match self.replicated_image_or_pull().await {
+                (Some(file), pulled) if self.recent_restore_elsewhere().await.is_none() => {
+                    let pulled = pulled.map(|p| format!(" ({p})")).unwrap_or_default();
                     self.set_state(
                         VmState::Restoring(RestoreTarget::Consistency),
                         |e| {
                             e.with_detail(format!(
                                 "taken over from host {host}: from the replicated consistency \
-                                 image {file}"
+                                 image {file}{pulled}"
                             ))
                         },
                         "taken-over",
@@ -2418,7 +2486,7 @@ impl VmTask {
                     self.do_restore(RestoreTarget::Consistency, now, "taken-over")
                         .await;
                 }
-                held => {
+                (held, pulled) => {
                     let why = match (held, self.recent_restore_elsewhere().await) {
                         (Some(_), Some(recent)) => format!(
                             "it was restored from a consistency image on host {} {} ms ago, \
@@ -2426,7 +2494,12 @@ impl VmTask {
                             recent.host,
                             unix_ms().saturating_sub(recent.unix_ms)
                         ),
-                        _ => "no replicated consistency image here".to_string(),
+                        _ => match pulled {
+                            Some(failed) => {
+                                format!("no replicated consistency image here: {failed}")
+                            }
+                            None => "no replicated consistency image here".to_string(),
+                        },
                     };
                     self.set_state(
                         VmState::Restoring(RestoreTarget::Boot),

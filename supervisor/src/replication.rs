@@ -10,6 +10,7 @@
 //! | --- | --- | --- |
 //! | HEAD | `/v1/peer/images/{vm}/{file}` | 200 if the peer holds that image file, else 404 |
 //! | PUT | `/v1/peer/images/{vm}/{file}` | the image file's bytes; header `x-relive-fencing-token` |
+//! | GET | `/v1/peer/images/{vm}/{file}` | the image file's bytes (a host pulling what it lacks) |
 //!
 //! A peer writes what it receives into the VM's image directory as the
 //! store writes its own images (a temporary file, fsync, rename, fsync of
@@ -23,8 +24,12 @@
 //!
 //! Once every chosen peer acknowledged an image, the owner records the
 //! VM's image manifest in etcd (`vms/<vm>/images`, written under its
-//! fencing token): the newest image and the hosts that hold it. A host that
-//! takes the VM over restores that image when it holds it.
+//! fencing token): the newest image, the files its restore needs (the boot
+//! image and the chain), and the hosts that hold them. A host that takes
+//! the VM over restores that image; a host that lacks files of it first
+//! pulls them from a live holder (GET), verifying each as a peer verifies
+//! what it is sent. Holders are preferred when hosts rank themselves for a
+//! takeover, so a pull happens only when no holder is left to take it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -57,6 +62,11 @@ pub struct Manifest {
     pub file: String,
     /// The hosts that hold it (the owner first).
     pub hosts: Vec<String>,
+    /// Every file a restore of it needs, in order (the boot image, the
+    /// full image, the layers up to `file`). Empty in a manifest from a
+    /// version that did not record it: then `file` alone.
+    #[serde(default)]
+    pub chain: Vec<String>,
     /// The owner's fencing token when it was written.
     pub token: i64,
 }
@@ -92,7 +102,7 @@ pub fn peer_router(state: PeerState) -> Router {
     Router::new()
         .route(
             "/v1/peer/images/{vm}/{file}",
-            head(has_image).put(put_image),
+            head(has_image).put(put_image).get(get_image),
         )
         // An image is as large as the guest's touched memory: streamed to
         // disk, never held, so axum's in-memory body limit does not apply.
@@ -266,26 +276,11 @@ async fn put_image(
         )
         .into_response();
     }
-    let checked = tokio::task::spawn_blocking(move || {
-        let store = ImageStore::open(&dir, keep.max(1)).map_err(|e| e.to_string())?;
-        let verdict = store.verify(&path).map_err(|e| e.to_string())?;
-        if verdict.good {
-            // The owner decides what is in use; here the newest chains are kept.
-            let _ = store.retain(&[]);
-        } else {
-            // A peer keeps no image it could not verify: the owner sends it
-            // again with the next checkpoint's chain.
-            let _ = std::fs::remove_file(&path);
-            let _ = std::fs::remove_file(relive_images::store::verdict_path(&path));
-        }
-        Ok::<_, String>(verdict)
-    })
-    .await;
-    match checked {
-        Ok(Ok(verdict)) if verdict.good => {
+    match verify_received(dir, keep, path).await {
+        Ok(verdict) if verdict.good => {
             Json(serde_json::json!({ "verdict": "good" })).into_response()
         }
-        Ok(Ok(verdict)) => refuse(
+        Ok(verdict) => refuse(
             StatusCode::UNPROCESSABLE_ENTITY,
             format!(
                 "{file}: verification failed: {}",
@@ -293,9 +288,67 @@ async fn put_image(
             ),
         )
         .into_response(),
-        Ok(Err(e)) => refuse(StatusCode::INTERNAL_SERVER_ERROR, e).into_response(),
-        Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+        Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, e).into_response(),
     }
+}
+
+/// Verifies an image file this host received (header, sections, every
+/// page) and records the verdict beside it; a bad file is removed (its
+/// sender sends it again with the next checkpoint's chain), a good one is
+/// followed by the VM's retention (the newest chains are kept).
+async fn verify_received(
+    dir: PathBuf,
+    keep: usize,
+    path: PathBuf,
+) -> Result<relive_images::store::Verdict, String> {
+    tokio::task::spawn_blocking(move || {
+        let store = ImageStore::open(&dir, keep.max(1)).map_err(|e| e.to_string())?;
+        let verdict = store.verify(&path).map_err(|e| e.to_string())?;
+        if verdict.good {
+            let _ = store.retain(&[]);
+        } else {
+            let _ = std::fs::remove_file(&path);
+            let _ = std::fs::remove_file(relive_images::store::verdict_path(&path));
+        }
+        Ok(verdict)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+/// Serves an image file to a host that pulls it.
+async fn get_image(
+    State(state): State<PeerState>,
+    UrlPath((vm, file)): UrlPath<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(refused) = authorized(&state, &headers) {
+        return refused.into_response();
+    }
+    let path = match target(&state, &vm, &file) {
+        Ok((_, _, path)) => path,
+        Err(refused) => return refused.into_response(),
+    };
+    let opened = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return refuse(
+                StatusCode::NOT_FOUND,
+                format!("this host holds no image {file} of VM {vm}"),
+            )
+            .into_response()
+        }
+        Err(e) => {
+            return refuse(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot open {}: {e}", path.display()),
+            )
+            .into_response()
+        }
+    };
+    let len = opened.metadata().await.map(|m| m.len()).unwrap_or(0);
+    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(opened, 1 << 20));
+    ([(header::CONTENT_LENGTH, len.to_string())], body).into_response()
 }
 
 /// Writes `body` to `path` as the store commits an image: a temporary file
@@ -429,21 +482,6 @@ async fn request(
     timeout: Duration,
 ) -> Result<(StatusCode, String), String> {
     let exchange = async {
-        let stream = tokio::net::TcpStream::connect(peer)
-            .await
-            .map_err(|e| format!("cannot connect to {peer}: {e}"))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| format!("{peer}: {}", relive_control::error_chain(&e)))?;
-        tokio::spawn(conn);
-        let mut builder = hyper::Request::builder()
-            .method(method)
-            .uri(uri)
-            .header(header::HOST, peer.to_string())
-            .header(header::AUTHORIZATION, format!("Bearer {bearer}"));
-        if let Some(token) = token {
-            builder = builder.header(FENCING_HEADER, token.to_string());
-        }
         let body: PushBody = match upload {
             Some(file) => {
                 let frames = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20)
@@ -454,11 +492,7 @@ async fn request(
                 .map_err(|never| match never {})
                 .boxed(),
         };
-        let request = builder.body(body).map_err(|e| e.to_string())?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| format!("{peer}: {}", relive_control::error_chain(&e)))?;
+        let response = send(peer, bearer, method, uri, token, body).await?;
         let status = response.status();
         let reason = response
             .headers()
@@ -477,6 +511,174 @@ async fn request(
     tokio::time::timeout(timeout, exchange)
         .await
         .unwrap_or_else(|_| Err(format!("{peer} did not answer within {timeout:?}")))
+}
+
+/// One HTTP/1.1 exchange with a peer's listener, on a connection of its
+/// own; the response with its body still to be read.
+async fn send(
+    peer: std::net::SocketAddr,
+    bearer: &str,
+    method: hyper::Method,
+    uri: &str,
+    token: Option<i64>,
+    body: PushBody,
+) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+    let stream = tokio::net::TcpStream::connect(peer)
+        .await
+        .map_err(|e| format!("cannot connect to {peer}: {e}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("{peer}: {}", relive_control::error_chain(&e)))?;
+    tokio::spawn(conn);
+    let mut builder = hyper::Request::builder()
+        .method(method)
+        .uri(uri)
+        .header(header::HOST, peer.to_string())
+        .header(header::AUTHORIZATION, format!("Bearer {bearer}"));
+    if let Some(token) = token {
+        builder = builder.header(FENCING_HEADER, token.to_string());
+    }
+    let request = builder.body(body).map_err(|e| e.to_string())?;
+    sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("{peer}: {}", relive_control::error_chain(&e)))
+}
+
+/// What a pull fetched.
+#[derive(Debug, Default)]
+pub struct Pulled {
+    /// The host it pulled from.
+    pub from: String,
+    /// Files fetched (those this host lacked).
+    pub files: usize,
+    /// Their bytes.
+    pub bytes: u64,
+}
+
+/// Makes this host hold every file of the manifest's image (its `chain`)
+/// in `store`'s directory, fetching the files it lacks from a live host of
+/// the manifest's holders (in the manifest's order; the next one when a
+/// holder fails) and verifying each as a peer verifies a pushed image.
+pub async fn pull(
+    member: &Member,
+    bearer: &str,
+    vm: &str,
+    manifest: &Manifest,
+    store: &ImageStore,
+) -> Result<Pulled, String> {
+    let files: Vec<String> = if manifest.chain.is_empty() {
+        vec![manifest.file.clone()]
+    } else {
+        manifest.chain.clone()
+    };
+    if let Some(bad) = files.iter().find(|f| !is_image_file_name(f)) {
+        return Err(format!(
+            "the manifest of VM {vm} names {bad:?}, not an image file"
+        ));
+    }
+    let dir = store.dir().to_path_buf();
+    let missing: Vec<&String> = files.iter().filter(|f| !dir.join(f).is_file()).collect();
+    if missing.is_empty() {
+        return Ok(Pulled::default());
+    }
+    let live: HashMap<String, std::net::SocketAddr> = member
+        .hosts()
+        .await
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .filter_map(|h| h.advertise.map(|a| (h.host, a)))
+        .collect();
+    let timeout = member.config().request_timeout.max(Duration::from_secs(5));
+    let mut failures = Vec::new();
+    for holder in manifest.hosts.iter().filter(|h| *h != member.host()) {
+        let Some(&addr) = live.get(holder) else {
+            failures.push(format!("host {holder} is not live"));
+            continue;
+        };
+        let mut pulled = Pulled {
+            from: holder.clone(),
+            ..Pulled::default()
+        };
+        let mut fetched = Ok(());
+        for file in &missing {
+            match fetch(addr, bearer, vm, file, store, timeout).await {
+                Ok(bytes) => {
+                    pulled.files += 1;
+                    pulled.bytes += bytes;
+                }
+                Err(e) => {
+                    fetched = Err(format!("host {holder}: {e}"));
+                    break;
+                }
+            }
+        }
+        match fetched {
+            Ok(()) => return Ok(pulled),
+            Err(e) => failures.push(e),
+        }
+    }
+    Err(format!(
+        "no holder of {} gave it: {}",
+        manifest.file,
+        if failures.is_empty() {
+            "the manifest names no other host".to_string()
+        } else {
+            failures.join("; ")
+        }
+    ))
+}
+
+/// Fetches one image file from `peer` into `store`'s directory, committed
+/// and verified as a received push is; its bytes.
+async fn fetch(
+    peer: std::net::SocketAddr,
+    bearer: &str,
+    vm: &str,
+    file: &str,
+    store: &ImageStore,
+    timeout: Duration,
+) -> Result<u64, String> {
+    let uri = format!("/v1/peer/images/{vm}/{file}");
+    let empty: PushBody = http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed();
+    let response = tokio::time::timeout(
+        timeout,
+        send(peer, bearer, hyper::Method::GET, &uri, None, empty),
+    )
+    .await
+    .unwrap_or_else(|_| Err(format!("{peer} did not answer within {timeout:?}")))?;
+    if response.status() != StatusCode::OK {
+        let reason = response
+            .headers()
+            .get(ERROR_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        return Err(format!("{file}: {} {reason}", response.status()));
+    }
+    let len = response
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    // As a push: its own bound grows with its size (at least 10 MB/s).
+    let bound = timeout + Duration::from_secs(len / 10_000_000);
+    let (dir, path) = (store.dir().to_path_buf(), store.dir().join(file));
+    tokio::time::timeout(bound, receive(&dir, &path, Body::new(response.into_body())))
+        .await
+        .map_err(|_| format!("{file}: not received within {bound:?}"))?
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    let verdict = verify_received(dir, store.keep(), path).await?;
+    if !verdict.good {
+        return Err(format!(
+            "{file}: verification failed: {}",
+            verdict.reason.unwrap_or_default()
+        ));
+    }
+    Ok(len)
 }
 
 /// Replicates image `image` of VM `vm` (and its chain, and the boot image)
@@ -522,11 +724,14 @@ pub async fn replicate(
         total.files += pushed.files;
         total.bytes += pushed.bytes;
     }
-    let manifest = Manifest {
-        file: image
-            .file_name()
+    let name = |path: &Path| {
+        path.file_name()
             .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
+            .unwrap_or_default()
+    };
+    let manifest = Manifest {
+        file: name(&image),
+        chain: files.iter().map(|f| name(f)).collect(),
         hosts: std::iter::once(member.host().to_string())
             .chain(peers.into_iter().map(|(h, _)| h))
             .collect(),

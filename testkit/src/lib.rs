@@ -1,6 +1,8 @@
 //! relive-testkit: what the end-to-end tests (`tests/`) and the benchmarks
 //! (`benches/`) share, so that each is written once.
 //!
+//! - [`etcd`] and [`hosts`]: a real etcd (one member or a cluster) and
+//!   hosts in network namespaces and cgroups, for the cluster tests;
 //! - [`bins`]: the workspace's binaries beside the running test or bench, and
 //!   whether one is older than the sources it was built from;
 //! - [`kvm_usable`]: whether this process can use `/dev/kvm`;
@@ -16,6 +18,7 @@
 
 pub mod bins;
 pub mod etcd;
+pub mod hosts;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};

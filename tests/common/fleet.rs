@@ -297,6 +297,9 @@ pub struct Fleet {
     /// The file mode creation mask `relive up` runs with (the test's own
     /// when `None`).
     pub umask: Option<libc::mode_t>,
+    /// The host (network namespace and cgroup) `relive up` runs in, for the
+    /// multi-host tests; the test's own when `None`.
+    pub host: Option<std::sync::Arc<relive_testkit::hosts::Host>>,
     /// The test's directory. Declared last: removed once the processes are gone.
     pub dir: TempDir,
 }
@@ -316,6 +319,7 @@ impl Fleet {
             state,
             seen_pids: Mutex::new(BTreeSet::new()),
             umask: None,
+            host: None,
             dir,
         }
     }
@@ -336,6 +340,9 @@ impl Fleet {
             .stdin(Stdio::null());
         if let Some(mask) = self.umask {
             super::with_umask(&mut cmd, mask);
+        }
+        if let Some(host) = &self.host {
+            host.place(&mut cmd);
         }
         cmd
     }
