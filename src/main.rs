@@ -68,6 +68,11 @@ enum Command {
         /// `consistency` (latest good image), `boot`, or an image id.
         #[arg(long, default_value = "consistency")]
         to: String,
+        /// Cluster mode: move the VM to this host instead (checkpoint,
+        /// send the image, end it here, restore it there; see `relive
+        /// hosts`). Asked of the VM's current host.
+        #[arg(long, value_name = "HOST")]
+        to_host: Option<String>,
     },
     /// Write a consistency image now.
     Checkpoint {
@@ -361,13 +366,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Failover { vm, to } => {
+        Command::Failover { vm, to, to_host } => {
+            let body = match to_host {
+                Some(host) => serde_json::json!({ "to": to, "to_host": host }),
+                None => serde_json::json!({ "to": to }),
+            };
             let v = client
-                .json(
-                    hyper::Method::POST,
-                    &post(&vm, "failover"),
-                    Some(serde_json::json!({ "to": to })),
-                )
+                .json(hyper::Method::POST, &post(&vm, "failover"), Some(body))
                 .await?;
             print_ok(&v, json)?;
         }

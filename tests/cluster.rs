@@ -608,3 +608,83 @@ fn etcd_losing_a_member_fails_nothing_over_and_losing_quorum_restores_nothing() 
         "web must go on from its consistency image after quorum is back",
     );
 }
+
+/// `relive failover VM --to-host H`: asked of the VM's owner, the guest is
+/// paused, checkpointed, its image sent to H, ended here and handed to H,
+/// which restores it at once: the guest goes on there from the moment it
+/// was paused (nothing it did before the move is lost). Asked of another
+/// host, or naming no live host, the move is refused and the VM runs on.
+#[test]
+fn an_operator_moves_a_vm_to_another_host_where_its_guest_goes_on() {
+    let Some(cluster) = Cluster::start(&["web"]) else {
+        return;
+    };
+    let a = &cluster.hosts[0];
+    let b = cluster.fleet("host-b");
+    let pid = a.show("web")["pid"].as_u64().unwrap();
+
+    let refused = b.relive(&["failover", "web", "--to-host", "host-b"]);
+    assert!(
+        refused.code != Some(0) && refused.stderr.contains("runs on host host-a"),
+        "only the owner moves a VM: {refused:?}"
+    );
+    let refused = a.relive(&["failover", "web", "--to-host", "host-x"]);
+    assert!(
+        refused.code != Some(0) && refused.stderr.contains("no live host host-x"),
+        "{refused:?}"
+    );
+    let view = a.show("web");
+    assert_eq!(
+        (&view["state"], view["pid"].as_u64()),
+        (&Value::from("running"), Some(pid))
+    );
+
+    let before = a.wait_heartbeat_from("web", pid);
+    let started = Instant::now();
+    let answer = a.json(&["failover", "web", "--to-host", "host-b"]);
+    eprintln!("move to host-b: {:.2?} ({answer})", started.elapsed());
+    assert!(
+        answer["ok"]
+            .as_str()
+            .unwrap_or("")
+            .contains("moved to host host-b"),
+        "{answer}"
+    );
+    assert!(!is_alive(pid as u32), "the VMM on host-a must be gone");
+    let view = wait_for("web running on host-b", STEP, || {
+        let view = b.show("web");
+        (view["state"] == "running" && view["host"] == "host-b").then_some(view)
+    });
+    let events = b.events();
+    let taken = event(&events, "web", "taken-over").expect("host-b records the move");
+    assert!(
+        taken["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("handed over by host host-a (an operator's move)"),
+        "{taken}"
+    );
+    let restored = event(&events, "web", "restored").expect("the restore");
+    let image = b
+        .images("web")
+        .into_iter()
+        .find(|i| i["id"] == restored["image_id"])
+        .expect("host-b holds the moved image");
+    let in_image = heartbeat_in_image(&image);
+    assert!(
+        in_image.seq >= before.seq,
+        "the moved image ({}) must hold what the guest did before the move ({})",
+        in_image.seq,
+        before.seq
+    );
+    in_image.assert_continued_by(
+        &b.wait_heartbeat_from("web", view["pid"].as_u64().unwrap()),
+        "web on host-b must go on from the moved image",
+    );
+    let view = a.show("web");
+    assert_eq!(
+        (&view["state"], &view["host"]),
+        (&Value::from("elsewhere"), &Value::from("host-b")),
+        "{view}"
+    );
+}

@@ -7,7 +7,7 @@
 //! |--------|-------------------------------|------------------------------------------|
 //! | GET    | `/v1/vms`                     | every VM                                 |
 //! | GET    | `/v1/vms/{vm}`                | one VM                                   |
-//! | POST   | `/v1/vms/{vm}/failover`       | `{"to":"consistency"|"boot"|IMAGE_ID}`   |
+//! | POST   | `/v1/vms/{vm}/failover`       | `{"to":"consistency"|"boot"|IMAGE_ID}` or `{"to_host":HOST}` |
 //! | POST   | `/v1/vms/{vm}/checkpoint`     | write a consistency image now            |
 //! | POST   | `/v1/vms/{vm}/{pause,resume,stop,start}` |                               |
 //! | GET    | `/v1/vms/{vm}/images`         | the VM's image directory                 |
@@ -172,6 +172,8 @@ async fn show(
 #[serde(deny_unknown_fields)]
 struct FailoverBody {
     to: Option<String>,
+    /// Cluster mode: move the VM to this host (its state goes with it).
+    to_host: Option<String>,
 }
 
 async fn failover(
@@ -179,10 +181,25 @@ async fn failover(
     Path(vm): Path<String>,
     body: Option<Json<FailoverBody>>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let to = body
-        .and_then(|Json(b)| b.to)
-        .unwrap_or_else(|| "consistency".to_string());
-    let message = fleet.act(&vm, Action::Failover { to }).await?;
+    let (to, to_host) = body.map_or((None, None), |Json(b)| (b.to, b.to_host));
+    let action = match (to, to_host) {
+        (None, Some(to_host)) => Action::Move { to_host },
+        (Some(to), Some(_)) if to != "consistency" => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "\"to\": {to:?} with \"to_host\": a move carries the VM's current state \
+                 (consistency); to restart it elsewhere from another image, move it, then \
+                 fail it over there"
+                ),
+            ));
+        }
+        (Some(_), Some(to_host)) => Action::Move { to_host },
+        (to, None) => Action::Failover {
+            to: to.unwrap_or_else(|| "consistency".to_string()),
+        },
+    };
+    let message = fleet.act(&vm, action).await?;
     Ok(Json(serde_json::json!({ "ok": message })))
 }
 

@@ -300,11 +300,15 @@ impl Member {
         })?;
         let txn = Txn::new()
             .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(
-                key.as_str(),
-                value,
-                Some(PutOptions::new().with_lease(lease)),
-            )])
+            .and_then([
+                TxnOp::put(
+                    key.as_str(),
+                    value,
+                    Some(PutOptions::new().with_lease(lease)),
+                ),
+                // A hand-off is used up by whoever takes the VM.
+                TxnOp::delete(self.key(&format!("vms/{vm}/handoff")), None),
+            ])
             .or_else([TxnOp::get(key.as_str(), None)]);
         let response = self
             .request("owner transaction", self.client.clone().txn(txn))
@@ -366,18 +370,18 @@ impl Member {
     ) -> Result<(), ClusterError> {
         self.live_lease()?;
         let key = self.key(&format!("vms/{vm}/{what}"));
-        self.as_owner(vm, token, "owner write", TxnOp::put(key, value, None))
+        self.as_owner(vm, token, "owner write", [TxnOp::put(key, value, None)])
             .await
     }
 
-    /// `op` in a transaction that holds only while the owner key of `vm`
+    /// `ops` in a transaction that holds only while the owner key of `vm`
     /// was created at revision `token`: the fencing of every owner write.
     async fn as_owner(
         &self,
         vm: &str,
         token: i64,
         what: &'static str,
-        op: TxnOp,
+        ops: impl Into<Vec<TxnOp>>,
     ) -> Result<(), ClusterError> {
         let txn = Txn::new()
             .when([Compare::create_revision(
@@ -385,7 +389,7 @@ impl Member {
                 CompareOp::Equal,
                 token,
             )])
-            .and_then([op]);
+            .and_then(ops);
         let response = self.request(what, self.client.clone().txn(txn)).await?;
         if response.succeeded() {
             Ok(())
@@ -433,7 +437,7 @@ impl Member {
             detail: e.to_string(),
         })?;
         let op = TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease)));
-        self.as_owner(vm, token, "restore record", op).await
+        self.as_owner(vm, token, "restore record", [op]).await
     }
 
     /// The VM's last consistency restore, if it was within its failure
@@ -456,7 +460,32 @@ impl Member {
     /// Gives `vm` up (deletes its owner key if `token` is still the VM's).
     pub async fn release(&self, vm: &str, token: i64) -> Result<(), ClusterError> {
         let op = TxnOp::delete(self.owner_key(vm), None);
-        self.as_owner(vm, token, "owner release", op).await
+        self.as_owner(vm, token, "owner release", [op]).await
+    }
+
+    /// Gives `vm` up to host `to` (an operator's move): in one transaction
+    /// under `token`, records `vms/<vm>/handoff` = `to` and deletes the
+    /// owner key. `to` takes the VM at once; the other hosts leave it to
+    /// `to` for `failover_grace` + `lease_ttl` before they compete for it.
+    pub async fn hand_off(&self, vm: &str, token: i64, to: &str) -> Result<(), ClusterError> {
+        self.live_lease()?;
+        let ops = [
+            TxnOp::put(
+                self.key(&format!("vms/{vm}/handoff")),
+                to.as_bytes().to_vec(),
+                None,
+            ),
+            TxnOp::delete(self.owner_key(vm), None),
+        ];
+        self.as_owner(vm, token, "owner hand-off", ops).await
+    }
+
+    /// The host `vm` was handed off to, while nobody has taken it since.
+    pub async fn handoff(&self, vm: &str) -> Result<Option<String>, ClusterError> {
+        Ok(self
+            .vm_value(vm, "handoff")
+            .await?
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned()))
     }
 
     /// Waits until `vm` has no owner (its key deleted or expired with its

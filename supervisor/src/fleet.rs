@@ -96,6 +96,12 @@ pub enum Action {
         /// The target.
         to: String,
     },
+    /// Cluster mode: move the VM to another host now (checkpoint, send the
+    /// image there, end it here, hand it off; that host restores it).
+    Move {
+        /// The host.
+        to_host: String,
+    },
     /// Write a consistency image now.
     Checkpoint,
     /// Pause the guest.
@@ -504,6 +510,12 @@ struct VmTask {
     token: Option<i64>,
     /// Cluster mode: the replication of the last image, while it runs.
     replicating: Option<tokio::task::JoinHandle<()>>,
+    /// Cluster mode: this host handed the VM to another (an operator's
+    /// move); the task waits to own it again.
+    handed_off: bool,
+    /// Cluster mode: the VM was handed to this host by its owner (an
+    /// operator's move), which this host's takeover carries out.
+    handed_here: bool,
 }
 
 impl VmTask {
@@ -564,6 +576,8 @@ impl VmTask {
             standing: None,
             token: None,
             replicating: None,
+            handed_off: false,
+            handed_here: false,
         }
     }
 
@@ -1311,6 +1325,12 @@ impl VmTask {
                 Wake::Command(Some(cmd)) => {
                     let result = self.on_action(cmd.action).await;
                     let _ = cmd.reply.send(result);
+                    if std::mem::take(&mut self.handed_off) {
+                        match self.own().await {
+                            Some(from) => self.take_over(from).await,
+                            None => break,
+                        }
+                    }
                 }
                 Wake::Checkpointed(answer) => {
                     let replies = self.checkpoint.take().map(|(_, r)| r).unwrap_or_default();
@@ -1690,6 +1710,12 @@ impl VmTask {
 
     /// A new consistency image: metrics, view, and the policy's trust.
     fn on_image(&mut self, report: &CheckpointReport) {
+        self.record_image(report);
+        self.replicate(report);
+    }
+
+    /// The metrics, policy and view of a committed image.
+    fn record_image(&mut self, report: &CheckpointReport) {
         let kind = match report.kind {
             CheckpointKind::Full => crate::metrics::CheckpointKind::Full,
             CheckpointKind::Incremental => crate::metrics::CheckpointKind::Incremental,
@@ -1713,7 +1739,6 @@ impl VmTask {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .last_checkpoint = Some(report.image_id.clone());
-        self.replicate(report);
     }
 
     /// Ends the requests to a VMM that is no longer the active one; operators
@@ -2033,6 +2058,7 @@ impl VmTask {
                     )))
                 }
             }
+            Action::Move { to_host } => self.move_to(to_host).await,
             Action::Checkpoint => {
                 // Taken beside the loop: see `operator_checkpoint`.
                 let (reply, answer) = oneshot::channel();
@@ -2180,8 +2206,27 @@ impl VmTask {
                             gone = &mut unowned => break gone,
                         }
                     };
-                    let wait = match gone {
-                        Ok(()) => {
+                    let handoff = match gone {
+                        Ok(()) => member.handoff(&name).await.ok().flatten(),
+                        Err(_) => None,
+                    };
+                    let wait = match (gone, handoff) {
+                        (Ok(()), Some(to)) if to == member.host() => {
+                            self.handed_here = true;
+                            Duration::ZERO
+                        }
+                        (Ok(()), Some(to)) => {
+                            self.note(
+                                "owner-lost",
+                                format!(
+                                    "host {} handed the VM to host {to}: this host leaves it to \
+                                     that host for failover_grace + lease_ttl",
+                                    owner.host
+                                ),
+                            );
+                            member.config().failover_grace + member.config().lease_ttl
+                        }
+                        (Ok(()), None) => {
                             let rank = self.rank(&member).await;
                             self.note(
                                 "owner-lost",
@@ -2192,7 +2237,7 @@ impl VmTask {
                             );
                             member.config().failover_grace + member.config().request_timeout * rank
                         }
-                        Err(e) => {
+                        (Err(e), _) => {
                             tracing::warn!(error = %e, "cannot watch the VM's owner");
                             Duration::from_secs(1)
                         }
@@ -2433,6 +2478,18 @@ impl VmTask {
         lock(&self.view).token = None;
         self.pending_restore = None;
         self.cancel_requests("this host fenced itself");
+        let pid = self.end_processes().await;
+        let detail = match pid {
+            Some(pid) => format!("the session lease was not renewed in time: VMM {pid} killed"),
+            None => "the session lease was not renewed in time".to_string(),
+        };
+        tracing::error!(%detail, "fenced");
+        self.set_state(VmState::Fenced, |e| e.with_detail(detail), "fenced");
+    }
+
+    /// Kills the VM's VMM and its standby and waits until both are gone;
+    /// the pid of the VMM that ran the guest.
+    async fn end_processes(&mut self) -> Option<u32> {
         self.watch = None;
         let pid = self.vmm.as_ref().map(VmmProcess::pid);
         if let Some(mut vmm) = self.vmm.take() {
@@ -2446,12 +2503,211 @@ impl VmTask {
             standby.process.kill();
             standby.process.exited().await;
         }
-        let detail = match pid {
-            Some(pid) => format!("the session lease was not renewed in time: VMM {pid} killed"),
-            None => "the session lease was not renewed in time".to_string(),
+        self.metrics.set_standby(&self.spec.name, false, 0);
+        pid
+    }
+
+    /// An operator's move to host `to`: the guest is paused and
+    /// checkpointed, the image and its chain are sent to `to` (which
+    /// verifies them), the VM ends here, and one transaction under this
+    /// host's token hands it to `to` and gives up the owner key; `to` takes
+    /// it at once and restores that image, so the guest goes on from where
+    /// it was paused. Until the hand-off, a failure leaves the VM running
+    /// here; answered once `to` owns the VM.
+    async fn move_to(&mut self, to: String) -> ActionResult {
+        let name = self.spec.name.clone();
+        let (Some(member), Some(token)) = (self.cluster.clone(), self.token) else {
+            return Err(ActionError::Conflict(format!(
+                "VM {name} is not owned by this host: a move is asked of the VM's owner"
+            )));
         };
-        tracing::error!(%detail, "fenced");
-        self.set_state(VmState::Fenced, |e| e.with_detail(detail), "fenced");
+        if to == member.host() {
+            return Err(ActionError::Conflict(format!(
+                "VM {name} runs on host {to} already"
+            )));
+        }
+        if !matches!(self.state, VmState::Running | VmState::Paused) {
+            return Err(ActionError::Conflict(format!(
+                "VM {name} is {}: only a running or paused VM is moved",
+                self.state
+            )));
+        }
+        let failed = |what: String| {
+            Err(ActionError::Failed(format!(
+                "{what}; VM {name} runs on here"
+            )))
+        };
+        let Some(bearer) = member
+            .config()
+            .token
+            .as_ref()
+            .map(|t| t.secret().to_string())
+        else {
+            return failed(format!(
+                "cluster.token is not set, so no image can be sent to host {to}"
+            ));
+        };
+        let peer = match member.hosts().await {
+            Ok(hosts) => hosts
+                .into_iter()
+                .find(|h| h.host == to)
+                .and_then(|h| h.advertise.map(|a| (h.host, a))),
+            Err(e) => return failed(format!("cannot list the hosts: {e}")),
+        };
+        let Some(peer) = peer else {
+            return failed(format!(
+                "no live host {to} with a cluster listener (see `relive hosts`)"
+            ));
+        };
+        let started = Instant::now();
+        // A checkpoint or replication under way ends first: the move's own
+        // image comes after it, and no file is sent twice at once.
+        if let Some((mut request, replies)) = self.checkpoint.take() {
+            let answer = request.answer().await;
+            self.on_checkpointed(answer, replies);
+        }
+        if let Some(replicating) = self.replicating.take() {
+            let _ = replicating.await;
+        }
+        // While the guest runs, `to` gets the latest image and its chain:
+        // the pause then only waits for the layer written in it.
+        let latest = lock(&self.view).last_checkpoint.clone();
+        if let Some(path) = latest.and_then(|id| self.store().ok()?.find(id.parse().ok()?).ok()?) {
+            if let Ok(store) = self.store() {
+                let sent = crate::replication::replicate_to(
+                    &member,
+                    &bearer,
+                    &name,
+                    token,
+                    &store,
+                    &path,
+                    vec![peer.clone()],
+                )
+                .await;
+                if let Err(e) = sent {
+                    return failed(format!("cannot send its images to host {to}: {e}"));
+                }
+            }
+        }
+        let Some(vmm) = &self.vmm else {
+            return failed("the VM has no running VMM".into());
+        };
+        let paused = Instant::now();
+        let (control, checkpoint) = (
+            vmm.client(self.spec.policy.control_timeout),
+            vmm.client(CHECKPOINT_TIMEOUT),
+        );
+        let was_running = self.state == VmState::Running;
+        if let Err(e) = control.expect_ok(&Request::Pause).await {
+            return failed(format!(
+                "cannot pause it: {}",
+                relive_control::error_chain(&e)
+            ));
+        }
+        let resume = |control: relive_control::AsyncClient| async move {
+            if was_running {
+                let _ = control.expect_ok(&Request::Resume).await;
+            }
+        };
+        let report = match checkpoint.checkpoint(CheckpointKind::Incremental).await {
+            Ok(report) => report,
+            Err(e) => {
+                resume(control).await;
+                return failed(format!(
+                    "cannot checkpoint it: {}",
+                    relive_control::error_chain(&e)
+                ));
+            }
+        };
+        self.record_image(&report);
+        let image = self.store().and_then(|store| {
+            let id = report.image_id.parse().map_err(|e| format!("{e:?}"))?;
+            let path = store.find(id).map_err(|e| e.to_string())?;
+            Ok((store, path))
+        });
+        let (store, image) = match image {
+            Ok((store, Some(path))) => (store, path),
+            Ok((_, None)) | Err(_) => {
+                resume(control).await;
+                return failed(format!("its image {} is not in the store", report.image_id));
+            }
+        };
+        let sent = crate::replication::replicate_to(
+            &member,
+            &bearer,
+            &name,
+            token,
+            &store,
+            &image,
+            vec![peer],
+        )
+        .await;
+        let pushed = match sent {
+            Ok((_, pushed, _)) => pushed,
+            Err(e) => {
+                resume(control).await;
+                return failed(format!("cannot send its image to host {to}: {e}"));
+            }
+        };
+        self.metrics
+            .record_replication(&name, pushed.bytes, started.elapsed());
+        // The guest ends here before anyone else may run it.
+        self.pending_restore = None;
+        self.cancel_requests("the VM moves to another host");
+        let pid = self.end_processes().await;
+        if let Err(e) = member.hand_off(&name, token, &to).await {
+            // Still the owner (or fenced meanwhile, which handles the rest):
+            // the guest goes on here from the image it was paused at.
+            tracing::error!(error = %e, "cannot hand the VM off");
+            self.set_state(
+                VmState::Restoring(RestoreTarget::Consistency),
+                |ev| ev.with_detail(format!("the hand-off to host {to} failed: {e}")),
+                "move-failed",
+            );
+            self.do_restore(RestoreTarget::Consistency, Instant::now(), "move-failed")
+                .await;
+            return Err(ActionError::Failed(format!(
+                "cannot hand VM {name} to host {to}: {e}; it was restored here"
+            )));
+        }
+        self.token = None;
+        {
+            let mut view = lock(&self.view);
+            view.token = None;
+            view.host = Some(to.clone());
+            view.pid = None;
+        }
+        self.handed_off = true;
+        let detail = format!(
+            "moved to host {to} by the operator: VMM {} ended after image {} (paused {} ms \
+             before the hand-off, {} bytes sent meanwhile)",
+            pid.map_or_else(|| "-".to_string(), |p| p.to_string()),
+            report.image_id,
+            paused.elapsed().as_millis(),
+            pushed.bytes
+        );
+        self.set_state(VmState::Elsewhere, |e| e.with_detail(detail), "moved");
+        // Answered once `to` owns it (it takes it at once).
+        let bound = member.config().failover_grace + member.config().lease_ttl;
+        let deadline = Instant::now() + bound;
+        while Instant::now() < deadline {
+            if let Ok(Some((owner, _))) = member.owner(&name).await {
+                if owner.host == to {
+                    return Ok(format!(
+                        "VM {name} moved to host {to} in {} ms, its guest paused from {} ms \
+                         (image {})",
+                        started.elapsed().as_millis(),
+                        paused.duration_since(started).as_millis(),
+                        report.image_id
+                    ));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Err(ActionError::Failed(format!(
+            "VM {name} was handed to host {to}, which has not taken it within {bound:?}: \
+             the other hosts take it after that"
+        )))
     }
 
     /// Runs the VM after this host took it: after its own fence (its images
@@ -2471,14 +2727,21 @@ impl VmTask {
                     .await;
             }
             Some(host) => match self.replicated_image_or_pull().await {
-                (Some(file), pulled) if self.recent_restore_elsewhere().await.is_none() => {
+                (Some(file), pulled)
+                    if self.handed_here || self.recent_restore_elsewhere().await.is_none() =>
+                {
                     let pulled = pulled.map(|p| format!(" ({p})")).unwrap_or_default();
+                    // A move is not a failure: the window does not apply.
+                    let how = if std::mem::take(&mut self.handed_here) {
+                        format!("handed over by host {host} (an operator's move)")
+                    } else {
+                        format!("taken over from host {host}")
+                    };
                     self.set_state(
                         VmState::Restoring(RestoreTarget::Consistency),
                         |e| {
                             e.with_detail(format!(
-                                "taken over from host {host}: from the replicated consistency \
-                                 image {file}{pulled}"
+                                "{how}: from the replicated consistency image {file}{pulled}"
                             ))
                         },
                         "taken-over",
@@ -2515,6 +2778,7 @@ impl VmTask {
                 }
             },
         }
+        self.handed_here = false;
         self.persist();
     }
 }

@@ -693,16 +693,30 @@ pub async fn replicate(
     image: PathBuf,
     replicas: usize,
 ) -> Result<(Manifest, Pushed, Duration), String> {
-    let started = Instant::now();
     let peers = peers_of(&member, &vm, replicas)
         .await
         .map_err(|e| e.to_string())?;
     if peers.is_empty() {
         return Err("no peer host advertises a listener: nothing replicated".into());
     }
+    replicate_to(&member, &bearer, &vm, token, &store, &image, peers).await
+}
+
+/// [`replicate`] to the given peers (an operator's move: the host the VM
+/// goes to).
+pub async fn replicate_to(
+    member: &Member,
+    bearer: &str,
+    vm: &str,
+    token: i64,
+    store: &ImageStore,
+    image: &Path,
+    peers: Vec<(String, std::net::SocketAddr)>,
+) -> Result<(Manifest, Pushed, Duration), String> {
+    let started = Instant::now();
     let files = {
         let store = store.clone();
-        let image = image.clone();
+        let image = image.to_path_buf();
         tokio::task::spawn_blocking(move || {
             let mut files = store.chain(&image).map_err(|e| e.to_string())?;
             if let Ok(selection) = store.boot_image() {
@@ -718,7 +732,7 @@ pub async fn replicate(
     let timeout = member.config().request_timeout.max(Duration::from_secs(5));
     let mut total = Pushed::default();
     for (host, addr) in &peers {
-        let pushed = push(*addr, &bearer, &vm, token, &files, timeout)
+        let pushed = push(*addr, bearer, vm, token, &files, timeout)
             .await
             .map_err(|e| format!("host {host}: {e}"))?;
         total.files += pushed.files;
@@ -730,7 +744,7 @@ pub async fn replicate(
             .unwrap_or_default()
     };
     let manifest = Manifest {
-        file: name(&image),
+        file: name(image),
         chain: files.iter().map(|f| name(f)).collect(),
         hosts: std::iter::once(member.host().to_string())
             .chain(peers.into_iter().map(|(h, _)| h))
@@ -739,7 +753,7 @@ pub async fn replicate(
     };
     let value = serde_json::to_vec(&manifest).map_err(|e| e.to_string())?;
     member
-        .owner_put(&vm, token, "images", value)
+        .owner_put(vm, token, "images", value)
         .await
         .map_err(|e| e.to_string())?;
     Ok((manifest, total, started.elapsed()))

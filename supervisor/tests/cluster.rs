@@ -258,3 +258,144 @@ async fn the_peer_listener_refuses_what_it_must_not_store() {
         "{stale:?}"
     );
 }
+
+/// An image with every section and `mem` as its memory, committed in `dir`.
+fn write_image(
+    dir: &Path,
+    kind: relive_images::format::ImageKind,
+    mem: &[u8],
+) -> relive_images::format::CommittedImage {
+    use relive_images::format::{ImageWriter, MemoryRegionSource, PageRun, SectionKind};
+    let mut w = ImageWriter::create(dir, kind).unwrap();
+    for k in SectionKind::ALL
+        .into_iter()
+        .filter(|k| !matches!(k, SectionKind::Memory | SectionKind::MemoryMap))
+    {
+        w.add_section(k, 1, format!("{{\"section\":\"{k}\"}}").as_bytes())
+            .unwrap();
+    }
+    w.add_memory(&[MemoryRegionSource {
+        guest_addr: 0,
+        bytes: mem,
+        present: PageRun::nonzero(mem),
+    }])
+    .unwrap();
+    w.commit().unwrap()
+}
+
+/// A host that takes a VM over without its latest image pulls the files
+/// the manifest names (the boot image, the full image and its layer) from
+/// a live holder's peer listener, verified as pushed files are; a second
+/// pull fetches nothing; a file the holder does not have, or one that does
+/// not verify, fails the pull, naming the holder and the file, and nothing
+/// unverified is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_pulls_the_image_it_lacks_from_a_holder() {
+    use relive_images::format::ImageKind;
+    use relive_images::ImageStore;
+    use relive_supervisor::replication::{peer_router, pull, Manifest, PeerState};
+    let scratch = TempDir::create("relive-cluster-pull").unwrap();
+    let Some(etcd) = Etcd::start(scratch.path()) else {
+        return;
+    };
+    let bearer = "pull-token-0123456789";
+    // host-a holds the images and serves them.
+    let held = scratch.join("a-images");
+    std::fs::create_dir_all(&held).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let state = PeerState::new([("web".to_string(), held.clone(), 3)], bearer.to_string());
+    tokio::spawn(async move { axum::serve(listener, peer_router(state)).await });
+    let mut a_config = config("host-a", etcd.client);
+    a_config.advertise = Some(addr);
+    let a = Member::join(
+        a_config,
+        &scratch.join("host-a-lease.json"),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let b = join("host-b", etcd.client, scratch.path()).await;
+    let Claim::Owned { token } = a.acquire("web").await.unwrap() else {
+        panic!("host-a must own web");
+    };
+    let page = 4096;
+    let mut mem = vec![0u8; 64 * page];
+    mem[..page].fill(1);
+    let boot = {
+        use relive_images::format::{ImageWriter, SectionKind};
+        let mut w = ImageWriter::create(&held, ImageKind::Boot).unwrap();
+        w.add_section(SectionKind::Config, 1, b"{\"boot\":true}")
+            .unwrap();
+        w.commit().unwrap()
+    };
+    let full = write_image(&held, ImageKind::Full, &mem);
+    mem[5 * page..6 * page].fill(7);
+    let layer = write_image(&held, ImageKind::Incremental { parent: full.id }, &mem);
+    let name = |p: &Path| p.file_name().unwrap().to_string_lossy().into_owned();
+    let manifest = Manifest {
+        file: name(&layer.path),
+        chain: [&boot.path, &full.path, &layer.path]
+            .iter()
+            .map(|p| name(p))
+            .collect(),
+        hosts: vec!["host-a".to_string()],
+        token,
+    };
+
+    let store_b = ImageStore::open(&scratch.join("b-images"), 3).unwrap();
+    let pulled = pull(&b, bearer, "web", &manifest, &store_b).await.unwrap();
+    assert_eq!(
+        (pulled.from.as_str(), pulled.files),
+        ("host-a", 3),
+        "{pulled:?}"
+    );
+    for file in &manifest.chain {
+        assert_eq!(
+            std::fs::read(store_b.dir().join(file)).unwrap(),
+            std::fs::read(held.join(file)).unwrap(),
+            "{file} pulled byte for byte"
+        );
+    }
+    let chosen = store_b.latest_verified().unwrap().image.expect("an image");
+    assert_eq!(name(chosen.path()), manifest.file);
+    let again = pull(&b, bearer, "web", &manifest, &store_b).await.unwrap();
+    assert_eq!(again.files, 0, "nothing is pulled twice: {again:?}");
+
+    // A file the holder lacks.
+    let store_c = ImageStore::open(&scratch.join("c-images"), 3).unwrap();
+    std::fs::remove_file(&layer.path).unwrap();
+    let missing = pull(&b, bearer, "web", &manifest, &store_c).await;
+    assert!(
+        missing
+            .as_ref()
+            .is_err_and(|e| e.contains("host host-a") && e.contains(&manifest.file)),
+        "{missing:?}"
+    );
+    // A file that does not verify.
+    std::fs::copy(store_b.dir().join(&manifest.file), &layer.path).unwrap();
+    // A byte of the page the layer carries (page 5, all 7s).
+    let bytes = std::fs::read(&layer.path).unwrap();
+    let at = bytes
+        .windows(page)
+        .position(|w| w.iter().all(|&b| b == 7))
+        .expect("the layer's page") as u64
+        + 100;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&layer.path)
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0xa5], at).unwrap();
+    let corrupt = pull(&b, bearer, "web", &manifest, &store_c).await;
+    assert!(
+        corrupt
+            .as_ref()
+            .is_err_and(|e| e.contains("verification failed")),
+        "{corrupt:?}"
+    );
+    assert!(
+        !store_c.dir().join(&manifest.file).exists(),
+        "an image that did not verify is not kept"
+    );
+    drop(etcd);
+}
