@@ -112,8 +112,34 @@
 //! its first checkpoints, with the checkpoints' mean time and pause from
 //! `/metrics`, and `BENCH checkpointing-fleet {json}`.
 //!
-//! `RELIVE_BENCH_SECTIONS=kinds,size,checkpointing` chooses sections (1-3
-//! are `kinds`); all run by default.
+//! # 6. Failover across hosts (cluster mode)
+//!
+//! Three hosts (network namespaces on a bridge, a cgroup each, as in
+//! `tests/cluster.rs`) share a three-member etcd; `lease_ttl: 3s`,
+//! `keepalive_interval: 500ms`, `request_timeout: 500ms`, `fence_margin:
+//! 1s`, `failover_grace: 500ms`, `replicas: 1`, `checkpoint_interval: 1s`.
+//!
+//! - *Host death*: one VM (64 MiB); `RELIVE_BENCH_CLUSTER_RUNS` (default 10)
+//!   times its owner host is killed whole (`cgroup.kill`) once a checkpoint
+//!   since its last restore was replicated, and the host that takes it
+//!   over gives the split from its events: *detection* (the kill to its
+//!   `owner-lost` event: the lease expiring, seen through the watch),
+//!   *acquisition* (to `taken-over`: the grace and the owner transaction)
+//!   and *restore* (to `restored`); the killed host's supervisor then
+//!   starts again, empty, and joins. The replication lag of the image
+//!   before each kill (`relive_replication_lag_seconds`: checkpoint report
+//!   to manifest in etcd) is printed too.
+//! - *etcd load*: 50 VMs of 64 MiB (`checkpoint_interval: 5s`) spread over
+//!   the three hosts (started together: the VMs go to whichever claims
+//!   first); once every VM runs and was replicated, the gRPC messages the
+//!   etcd members received (`grpc_server_msg_received_total` on their
+//!   `/metrics`, by method) over `RELIVE_BENCH_FLEET_SECS` (default 30) per
+//!   second, and the 50 VMs' replication lags.
+//!
+//! Needs root, `ip`, cgroup2 and etcd (it says why it skips otherwise).
+//!
+//! `RELIVE_BENCH_SECTIONS=kinds,size,checkpointing,cluster` chooses
+//! sections (1-3 are `kinds`); all run by default.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -128,6 +154,8 @@ use relive_testkit::bins::{beside_exe, newer_source_than};
 use relive_testkit::{
     env_count, kvm_usable, load_average, ns_to_ms, tail, verdict, Summary, TempDir,
 };
+#[path = "failover/cluster.rs"]
+mod cluster;
 use relive_vmm::vm::monotonic_ns;
 use serde_json::{json, Value};
 
@@ -167,6 +195,8 @@ const CKPT_HOT_MIB: u64 = 16;
 const CKPT_WARMUP: Duration = Duration::from_secs(30);
 /// Seconds of sampling per touched size when `RELIVE_BENCH_CKPT_SECS` is not set.
 const DEFAULT_CKPT_SECS: u64 = 60;
+/// Host deaths in section 6.
+const DEFAULT_CLUSTER_RUNS: usize = 10;
 /// The VM of the failover batches.
 const VM: &str = "failover-bench";
 /// VMs of the fleet measurement.
@@ -282,6 +312,10 @@ fn bench() -> Result<()> {
         let secs = env_count("RELIVE_BENCH_CKPT_SECS", DEFAULT_CKPT_SECS as usize)? as u64;
         checkpointing_fleet(&bins, &scratch, secs)?;
     }
+    if sections.cluster {
+        let runs = env_count("RELIVE_BENCH_CLUSTER_RUNS", DEFAULT_CLUSTER_RUNS)?;
+        cluster::failover_across_hosts(&bins, &scratch, runs, fleet_secs)?;
+    }
     Ok(())
 }
 
@@ -292,10 +326,11 @@ struct Sections {
     kinds: bool,
     size: bool,
     checkpointing: bool,
+    cluster: bool,
 }
 
 impl Sections {
-    const ALL: [&'static str; 3] = ["kinds", "size", "checkpointing"];
+    const ALL: [&'static str; 4] = ["kinds", "size", "checkpointing", "cluster"];
 
     fn from_env() -> Result<Sections> {
         let Ok(list) = std::env::var("RELIVE_BENCH_SECTIONS") else {
@@ -303,6 +338,7 @@ impl Sections {
                 kinds: true,
                 size: true,
                 checkpointing: true,
+                cluster: true,
             });
         };
         let names: Vec<&str> = list
@@ -320,13 +356,14 @@ impl Sections {
             kinds: names.contains(&"kinds"),
             size: names.contains(&"size"),
             checkpointing: names.contains(&"checkpointing"),
+            cluster: names.contains(&"cluster"),
         })
     }
 
     fn names(&self) -> String {
         Self::ALL
             .iter()
-            .zip([self.kinds, self.size, self.checkpointing])
+            .zip([self.kinds, self.size, self.checkpointing, self.cluster])
             .filter(|(_, on)| *on)
             .map(|(n, _)| *n)
             .collect::<Vec<_>>()
@@ -1745,6 +1782,17 @@ impl Supervisor {
     /// Writes `DIR/fleet.yaml` and runs `relive up` on it (output to
     /// `DIR/up.log`) until its API answers.
     fn start(bins: &Bins, dir: &Path, yaml: &str) -> Result<Supervisor> {
+        Self::start_on(bins, dir, yaml, None)
+    }
+
+    /// [`start`](Self::start) inside `host` (its network namespace and
+    /// cgroup), for the cluster section.
+    fn start_on(
+        bins: &Bins,
+        dir: &Path,
+        yaml: &str,
+        host: Option<&relive_testkit::hosts::Host>,
+    ) -> Result<Supervisor> {
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let fleet = dir.join("fleet.yaml");
@@ -1756,7 +1804,11 @@ impl Supervisor {
         let log2 = log
             .try_clone()
             .map_err(|e| format!("cannot create {}: {e}", log_path.display()))?;
-        let child = Command::new(&bins.relive)
+        let mut command = Command::new(&bins.relive);
+        if let Some(host) = host {
+            host.place(&mut command);
+        }
+        let child = command
             .arg("up")
             .arg(&fleet)
             .arg("--vmm-bin")

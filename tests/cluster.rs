@@ -200,6 +200,33 @@ impl Cluster {
         })
     }
 
+    /// The VM's image manifest in etcd (`vms/<vm>/images`: the newest
+    /// replicated image and the hosts that acknowledged it), read through
+    /// etcd's own JSON gateway.
+    fn manifest(&self, vm: &str) -> Value {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let key = b64.encode(format!("/relive-e2e/vms/{vm}/images"));
+        // Any member that answers (a test may have killed some).
+        for url in self.etcd.urls() {
+            let out = run_with_timeout(
+                Command::new("curl")
+                    .args(["-sS", "--max-time", "5", "-X", "POST"])
+                    .args(["--data", &format!(r#"{{"key":"{key}"}}"#)])
+                    .arg(format!("{url}/v3/kv/range")),
+                STEP,
+            );
+            let Ok(answer) = serde_json::from_str::<Value>(&out.stdout) else {
+                continue;
+            };
+            let value = answer["kvs"][0]["value"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no manifest of {vm} in etcd: {answer}"));
+            return serde_json::from_slice(&b64.decode(value).unwrap()).unwrap();
+        }
+        panic!("no etcd member answered");
+    }
+
     /// Every host's events after `since_ms` with one of `reasons`.
     fn events_since(&self, since_ms: u64, reasons: &[&str]) -> Vec<Value> {
         self.hosts
@@ -244,21 +271,20 @@ fn a_host_killed_whole_has_each_vm_run_on_the_host_holding_its_replicated_image(
     cluster.network.host("host-a").kill();
     cluster.hosts[0].kill_supervisor();
     for vm in ["web", "db"] {
-        // The holder of the newest image (host-a may have replicated to
-        // host-b alone before host-c joined, then to host-c): what it has
-        // now is what it must restore.
-        let (holder, newest) = HOSTS[1..]
-            .iter()
-            .filter_map(|h| Some((*h, newest_consistency(cluster.fleet(h), vm)?)))
-            .max_by_key(|(_, image)| image["created_unix_ms"].as_u64())
-            .unwrap();
-        let in_image = heartbeat_in_image(&newest);
+        // The manifest names the hosts that acknowledged the newest image
+        // (host-a may have replicated to host-b alone before host-c joined,
+        // then to host-c); the first of them ranks first.
         let (host, view) = cluster.wait_running_elsewhere(vm, STEP);
-        assert_eq!(
-            host, holder,
-            "{vm} must go to the host holding its replicated image"
+        let manifest = cluster.manifest(vm);
+        assert!(
+            manifest["hosts"]
+                .as_array()
+                .unwrap()
+                .contains(&Value::from(host)),
+            "{vm} must go to a host holding its replicated image: {host}, manifest {manifest}"
         );
         let fleet = cluster.fleet(host);
+        let created = |file: &str| file.split('-').next().unwrap().parse::<u64>().unwrap();
         let events = fleet.events();
         let taken = event(&events, vm, "taken-over").expect("the takeover is recorded");
         let restored = event(&events, vm, "restored").expect("the restore is recorded");
@@ -269,7 +295,19 @@ fn a_host_killed_whole_has_each_vm_run_on_the_host_holding_its_replicated_image(
                 && detail.contains("replicated consistency image"),
             "{taken}"
         );
-        assert_eq!(restored["image_id"], newest["id"], "{restored}");
+        // What it restored: an image host-a took before it died, at least
+        // as new as the manifest's.
+        let image = fleet
+            .images(vm)
+            .into_iter()
+            .find(|i| i["id"] == restored["image_id"])
+            .expect("the restored image is listed");
+        let taken_at = image["created_unix_ms"].as_u64().unwrap();
+        assert!(
+            taken_at >= created(manifest["file"].as_str().unwrap()) && taken_at < killed,
+            "{host} restores host-a's newest replicated image: {image} {manifest}"
+        );
+        let in_image = heartbeat_in_image(&image);
         // The lease expired at most TTL after the host's last renewal, the
         // holder ranks first: TTL + grace + a round trip or two.
         let took = unix_ms_of(taken) - killed;

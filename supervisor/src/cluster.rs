@@ -182,6 +182,9 @@ pub enum Claim {
     Owned {
         /// The fencing token.
         token: i64,
+        /// The session lease the owner key is attached to: the VM is this
+        /// host's only while its standing is `Live` on this lease.
+        lease: i64,
     },
     /// Another host (or this host on an older lease) owns it.
     Taken {
@@ -212,9 +215,12 @@ impl Member {
         lease_file: &Path,
         shutdown: CancellationToken,
     ) -> Result<Arc<Member>, ClusterError> {
+        // No per-call timeout on the channel: it would end every watch and
+        // the keepalive stream after it (a gRPC deadline covers a whole
+        // call). Each request is bounded by `request` instead; HTTP/2 pings
+        // find a dead connection under a stream.
         let options = ConnectOptions::new()
             .with_connect_timeout(config.request_timeout)
-            .with_timeout(config.request_timeout)
             .with_keep_alive(config.keepalive_interval, config.request_timeout);
         let client = Client::connect(&config.etcd, Some(options))
             .await
@@ -315,7 +321,7 @@ impl Member {
             .await?;
         if response.succeeded() {
             let token = response.header().map_or(0, |h| h.revision());
-            return Ok(Claim::Owned { token });
+            return Ok(Claim::Owned { token, lease });
         }
         let taken = response.op_responses().into_iter().find_map(|op| match op {
             TxnOpResponse::Get(get) => get.kvs().first().cloned(),
@@ -332,7 +338,7 @@ impl Member {
                     })?;
                 let token = kv.create_revision();
                 if owner.host == self.config.host && owner.lease == lease {
-                    Ok(Claim::Owned { token })
+                    Ok(Claim::Owned { token, lease })
                 } else {
                     Ok(Claim::Taken { owner, token })
                 }

@@ -508,11 +508,18 @@ struct VmTask {
     standing: Option<tokio::sync::watch::Receiver<Standing>>,
     /// Cluster mode: the fencing token while this host owns the VM.
     token: Option<i64>,
+    /// Cluster mode: the session lease the VM's owner key is attached to.
+    /// The VM is this host's only while the host is live on that lease: a
+    /// host that lost its lease and joined again (while this task was busy
+    /// restoring, say) owns nothing, though it is live again.
+    token_lease: Option<i64>,
     /// Cluster mode: the replication of the last image, while it runs.
     replicating: Option<tokio::task::JoinHandle<()>>,
-    /// Cluster mode: this host handed the VM to another (an operator's
-    /// move); the task waits to own it again.
-    handed_off: bool,
+    /// Cluster mode: the VM is not (or no longer) this host's: it was
+    /// handed to another host (an operator's move), or the host is not live
+    /// on the VM's lease when it would restore it; the task waits to own it
+    /// again.
+    reown: bool,
     /// Cluster mode: the VM was handed to this host by its owner (an
     /// operator's move), which this host's takeover carries out.
     handed_here: bool,
@@ -576,7 +583,8 @@ impl VmTask {
             standing: None,
             token: None,
             replicating: None,
-            handed_off: false,
+            token_lease: None,
+            reown: false,
             handed_here: false,
         }
     }
@@ -1314,6 +1322,12 @@ impl VmTask {
         self.persist();
         self.ensure_standby();
         loop {
+            if std::mem::take(&mut self.reown) {
+                match self.own().await {
+                    Some(from) => self.take_over(from).await,
+                    None => break,
+                }
+            }
             let wake = self.wait().await;
             let now = Instant::now();
             match wake {
@@ -1325,12 +1339,6 @@ impl VmTask {
                 Wake::Command(Some(cmd)) => {
                     let result = self.on_action(cmd.action).await;
                     let _ = cmd.reply.send(result);
-                    if std::mem::take(&mut self.handed_off) {
-                        match self.own().await {
-                            Some(from) => self.take_over(from).await,
-                            None => break,
-                        }
-                    }
                 }
                 Wake::Checkpointed(answer) => {
                     let replies = self.checkpoint.take().map(|(_, r)| r).unwrap_or_default();
@@ -1417,11 +1425,7 @@ impl VmTask {
                 }
                 Wake::Tick => self.on_tick(now).await,
                 Wake::Standing => {
-                    let fenced = self
-                        .cluster
-                        .as_ref()
-                        .is_some_and(|c| !c.standing().is_live());
-                    if fenced && self.token.is_some() {
+                    if self.token.is_some() && !self.owns_on_live_lease() {
                         self.fence().await;
                         match self.own().await {
                             Some(from) => self.take_over(from).await,
@@ -1858,6 +1862,9 @@ impl VmTask {
     }
 
     async fn on_failure(&mut self, reason: FailureReason, detected: Instant, detail: String) {
+        if self.lost_ownership().await {
+            return;
+        }
         self.metrics.record_failure(&self.spec.name, reason);
         if matches!(
             reason,
@@ -1920,6 +1927,9 @@ impl VmTask {
     /// failure of its own (`start-failed`), which the policy escalates.
     async fn do_restore(&mut self, target: RestoreTarget, detected: Instant, reason: &str) {
         self.pending_restore = None;
+        if self.lost_ownership().await {
+            return;
+        }
         let started = Instant::now();
         match self.restore(&target).await {
             Ok((what, image_id, path)) => {
@@ -2172,9 +2182,10 @@ impl VmTask {
             }
             let claim = member.acquire(&name).await;
             match claim {
-                Ok(Claim::Owned { token }) => {
-                    tracing::info!(token, "this host owns the VM");
+                Ok(Claim::Owned { token, lease }) => {
+                    tracing::info!(token, lease, "this host owns the VM");
                     self.token = Some(token);
+                    self.token_lease = Some(lease);
                     let mut view = lock(&self.view);
                     view.host = Some(member.host().to_string());
                     view.token = Some(token);
@@ -2238,7 +2249,7 @@ impl VmTask {
                             member.config().failover_grace + member.config().request_timeout * rank
                         }
                         (Err(e), _) => {
-                            tracing::warn!(error = %e, "cannot watch the VM's owner");
+                            tracing::warn!(error = %relive_control::error_chain(&e), "cannot watch the VM's owner");
                             Duration::from_secs(1)
                         }
                     };
@@ -2283,6 +2294,32 @@ impl VmTask {
         u32::try_from(at).unwrap_or(u32::MAX)
     }
 
+    /// Whether this host is live on the lease the VM's owner key is on.
+    fn owns_on_live_lease(&self) -> bool {
+        match (&self.cluster, self.token_lease) {
+            (Some(member), Some(lease)) => {
+                let standing = member.standing();
+                standing.is_live() && standing.lease() == lease
+            }
+            _ => false,
+        }
+    }
+
+    /// Cluster mode: before a failure is handled or anything is restored,
+    /// whether the VM stopped being this host's (its lease lapsed: the VMM
+    /// may have fenced itself at the same deadline). If so nothing starts
+    /// here: the VM is fenced and the task waits to own it again.
+    async fn lost_ownership(&mut self) -> bool {
+        if self.cluster.is_none() || self.owns_on_live_lease() {
+            return false;
+        }
+        if self.state != VmState::Fenced {
+            self.fence().await;
+        }
+        self.reown = true;
+        true
+    }
+
     /// Hands the host's fencing deadline to the active VMM (`fence`): if
     /// this supervisor dies, or stops renewing, the VMM ends its VM by
     /// itself at that deadline, before the lease can expire and another host
@@ -2291,9 +2328,14 @@ impl VmTask {
         let (Some(member), Some(_), Some(vmm)) = (&self.cluster, self.token, &self.vmm) else {
             return;
         };
-        let Standing::Live { deadline, .. } = member.standing() else {
+        let Standing::Live { deadline, lease } = member.standing() else {
             return;
         };
+        if Some(lease) != self.token_lease {
+            // Not this VM's lease: its deadline is not moved (the task
+            // fences the VM as soon as it sees the change).
+            return;
+        }
         let within = deadline.saturating_duration_since(Instant::now());
         let within_ms = u64::try_from(within.as_millis()).unwrap_or(u64::MAX).max(1);
         let client = vmm.client(self.spec.policy.control_timeout);
@@ -2475,6 +2517,7 @@ impl VmTask {
     /// token.
     async fn fence(&mut self) {
         self.token = None;
+        self.token_lease = None;
         lock(&self.view).token = None;
         self.pending_restore = None;
         self.cancel_requests("this host fenced itself");
@@ -2671,13 +2714,14 @@ impl VmTask {
             )));
         }
         self.token = None;
+        self.token_lease = None;
         {
             let mut view = lock(&self.view);
             view.token = None;
             view.host = Some(to.clone());
             view.pid = None;
         }
-        self.handed_off = true;
+        self.reown = true;
         let detail = format!(
             "moved to host {to} by the operator: VMM {} ended after image {} (paused {} ms \
              before the hand-off, {} bytes sent meanwhile)",

@@ -68,13 +68,25 @@ async fn a_vm_has_one_owner_and_a_stale_token_cannot_write() {
         .collect();
     assert_eq!(hosts, ["host-a", "host-b"]);
 
-    let Claim::Owned { token: first } = a.acquire("web").await.unwrap() else {
+    let Claim::Owned {
+        token: first,
+        lease,
+    } = a.acquire("web").await.unwrap()
+    else {
         panic!("the first claim must own the VM");
     };
+    assert_eq!(
+        lease,
+        a.standing().lease(),
+        "the owner key is on host-a's lease"
+    );
     // Asking again on the same lease is the same ownership.
     assert_eq!(
         a.acquire("web").await.unwrap(),
-        Claim::Owned { token: first }
+        Claim::Owned {
+            token: first,
+            lease
+        }
     );
     match b.acquire("web").await.unwrap() {
         Claim::Taken { owner, token } => {
@@ -91,7 +103,7 @@ async fn a_vm_has_one_owner_and_a_stale_token_cannot_write() {
     // write with a token their own claim returned; what fencing promises
     // is the next part: once the VM changed hands, the old token is dead.
     a.release("web", first).await.unwrap();
-    let Claim::Owned { token: second } = b.acquire("web").await.unwrap() else {
+    let Claim::Owned { token: second, .. } = b.acquire("web").await.unwrap() else {
         panic!("host-b must take the released VM");
     };
     assert!(second > first, "tokens only grow: {first} then {second}");
@@ -119,7 +131,7 @@ async fn a_host_cut_from_etcd_fences_itself_before_its_lease_expires_then_rejoin
     let proxy = Proxy::start(etcd.client).unwrap();
     let a = join("host-a", proxy.addr, scratch.path()).await;
     let b = join("host-b", etcd.client, scratch.path()).await;
-    let Claim::Owned { token } = a.acquire("web").await.unwrap() else {
+    let Claim::Owned { token, .. } = a.acquire("web").await.unwrap() else {
         panic!("host-a must own the VM");
     };
     let old_lease = a.standing().lease();
@@ -167,7 +179,7 @@ async fn a_host_cut_from_etcd_fences_itself_before_its_lease_expires_then_rejoin
     );
     // Fenced: no owner action from host-a.
     assert!(matches!(a.acquire("web").await, Err(ClusterError::Fenced)));
-    let Claim::Owned { token: taken } = b.acquire("web").await.unwrap() else {
+    let Claim::Owned { token: taken, .. } = b.acquire("web").await.unwrap() else {
         panic!("host-b must take the VM once host-a's ownership ended");
     };
     assert!(taken > token);
@@ -316,7 +328,7 @@ async fn a_host_pulls_the_image_it_lacks_from_a_holder() {
     .await
     .unwrap();
     let b = join("host-b", etcd.client, scratch.path()).await;
-    let Claim::Owned { token } = a.acquire("web").await.unwrap() else {
+    let Claim::Owned { token, .. } = a.acquire("web").await.unwrap() else {
         panic!("host-a must own web");
     };
     let page = 4096;
