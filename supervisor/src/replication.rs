@@ -353,13 +353,11 @@ async fn get_image(
             Body::from_stream(sparse.stream),
         )
             .into_response(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return refuse(
-                StatusCode::NOT_FOUND,
-                format!("this host holds no image {file} of VM {vm}"),
-            )
-            .into_response()
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => refuse(
+            StatusCode::NOT_FOUND,
+            format!("this host holds no image {file} of VM {vm}"),
+        )
+        .into_response(),
         Err(e) => refuse(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("cannot read {}: {e}", path.display()),
