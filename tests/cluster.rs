@@ -44,6 +44,11 @@ const CLUSTER_TOKEN: &str = "cluster-test-token-0123456789";
 /// The lease TTL, keepalive, request timeout, fence margin and failover
 /// grace of the fleet files below.
 const TTL: Duration = Duration::from_secs(3);
+/// The lease TTL of the etcd-failure test: losing etcd's leader costs an
+/// election (1 s by default, longer on a loaded machine) during which no
+/// renewal is answered; `lease_ttl` − `fence_margin` must outlast it, or a
+/// host fences itself though etcd kept quorum.
+const ELECTION_PROOF_TTL: Duration = Duration::from_secs(6);
 const REQUEST_TIMEOUT: Duration = Duration::from_millis(500);
 const GRACE: Duration = Duration::from_millis(500);
 /// Where each host's peer listener listens, on its own address.
@@ -58,7 +63,13 @@ fn serial() -> MutexGuard<'static, ()> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn fleet_yaml(state: &std::path::Path, host: &Host, etcd: &[String], vms: &[&str]) -> String {
+fn fleet_yaml(
+    state: &std::path::Path,
+    host: &Host,
+    etcd: &[String],
+    vms: &[&str],
+    ttl: Duration,
+) -> String {
     let vms: String = vms
         .iter()
         .map(|vm| {
@@ -91,7 +102,7 @@ vms:
         etcd = etcd.join(", "),
         host = host.name,
         ip = host.ip,
-        ttl = TTL.as_millis(),
+        ttl = ttl.as_millis(),
         rt = REQUEST_TIMEOUT.as_millis(),
         grace = GRACE.as_millis(),
     )
@@ -112,6 +123,11 @@ impl Cluster {
     /// `None` (the test skips, with the reason printed) without KVM, etcd
     /// or the means to make hosts.
     fn start(vms: &[&str]) -> Option<Cluster> {
+        Self::start_with(vms, TTL)
+    }
+
+    /// [`start`](Self::start) with lease TTL `ttl`.
+    fn start_with(vms: &[&str], ttl: Duration) -> Option<Cluster> {
         let serial = serial();
         if !require_kvm() {
             return None;
@@ -124,7 +140,7 @@ impl Cluster {
             .hosts
             .iter()
             .map(|host| {
-                let mut fleet = Fleet::new(|state| fleet_yaml(state, host, &urls, vms));
+                let mut fleet = Fleet::new(|state| fleet_yaml(state, host, &urls, vms, ttl));
                 fleet.host = Some(Arc::clone(host));
                 fleet
             })
@@ -550,7 +566,8 @@ fn a_vm_failing_on_one_host_then_on_another_within_the_window_starts_from_its_bo
 /// fails").
 #[test]
 fn etcd_losing_a_member_fails_nothing_over_and_losing_quorum_restores_nothing() {
-    let Some(mut cluster) = Cluster::start(&["web"]) else {
+    const TTL: Duration = ELECTION_PROOF_TTL;
+    let Some(mut cluster) = Cluster::start_with(&["web"], TTL) else {
         return;
     };
     cluster.wait_replicated("web");
@@ -591,9 +608,14 @@ fn etcd_losing_a_member_fails_nothing_over_and_losing_quorum_restores_nothing() 
         "quorum lost -> host-a fenced web: {} ms",
         fenced - quorum_lost
     );
+    // The fence comes lease_ttl − fence_margin after the last answered
+    // renewal. etcd 3.4 (Debian's) lets a leader that lost quorum answer
+    // renewals until it steps down, one election timeout (1 s) later:
+    // etcd 3.5.13 fixed that, which is why the README asks for it.
+    let bound = TTL - Duration::from_secs(1) + Duration::from_secs(2);
     assert!(
-        u128::from(fenced - quorum_lost) <= TTL.as_millis(),
-        "host-a must fence within its TTL of the last renewal ({} ms)",
+        u128::from(fenced - quorum_lost) <= bound.as_millis(),
+        "host-a must fence within {bound:?} of losing quorum ({} ms)",
         fenced - quorum_lost
     );
     assert!(!is_alive(vmm));
