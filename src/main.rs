@@ -53,6 +53,11 @@ enum Command {
         /// The relive-vmm binary [default: beside this one, else on PATH].
         #[arg(long)]
         vmm_bin: Option<PathBuf>,
+        /// Cluster mode: make this file's `vms`, `defaults` and
+        /// `container_kernel` the cluster's, replacing the fleet in etcd at
+        /// this revision (the one a refused start names).
+        #[arg(long, value_name = "REVISION")]
+        replace_fleet: Option<i64>,
     },
     /// Every VM: state, processes, failures, heartbeats.
     Status,
@@ -330,8 +335,18 @@ fn default_vmm_bin() -> PathBuf {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    if let Command::Up { fleet, vmm_bin } = &cli.command {
-        return up(fleet, vmm_bin.clone().unwrap_or_else(default_vmm_bin)).await;
+    if let Command::Up {
+        fleet,
+        vmm_bin,
+        replace_fleet,
+    } = &cli.command
+    {
+        return up(
+            fleet,
+            vmm_bin.clone().unwrap_or_else(default_vmm_bin),
+            *replace_fleet,
+        )
+        .await;
     }
     if let Command::Image { action } = cli.command {
         return image_build(action, cli.json);
@@ -618,7 +633,11 @@ fn print_event(event: &Value, json: bool) {
     outln!("{line}");
 }
 
-async fn up(fleet: &std::path::Path, vmm_bin: PathBuf) -> anyhow::Result<()> {
+async fn up(
+    fleet: &std::path::Path,
+    vmm_bin: PathBuf,
+    replace_fleet: Option<i64>,
+) -> anyhow::Result<()> {
     let shutdown = tokio_util::sync::CancellationToken::new();
     let stop = shutdown.clone();
     tokio::spawn(async move {
@@ -633,7 +652,7 @@ async fn up(fleet: &std::path::Path, vmm_bin: PathBuf) -> anyhow::Result<()> {
         }
         stop.cancel();
     });
-    relive_supervisor::daemon::up(fleet, vmm_bin, shutdown, |served| {
+    relive_supervisor::daemon::up(fleet, vmm_bin, replace_fleet, shutdown, |served| {
         outln!("relive: supervising {}", fleet.display());
         outln!("  API      unix:{}", served.socket.display());
         if let Some(tcp) = served.tcp {

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use common::fleet::{heartbeat_in_image, is_alive, unix_ms, vmms_of, wait_for, Fleet, STEP};
 use common::{require_kvm, run_with_timeout, temp_dir, TempDir};
 use relive_testkit::etcd::EtcdCluster;
-use relive_testkit::hosts::{Host, Network};
+use relive_testkit::hosts::Network;
 use serde_json::Value;
 
 /// The cluster listeners' shared bearer token.
@@ -65,7 +65,7 @@ fn serial() -> MutexGuard<'static, ()> {
 
 fn fleet_yaml(
     state: &std::path::Path,
-    host: &Host,
+    (host, ip): (&str, std::net::Ipv4Addr),
     etcd: &[String],
     vms: &[&str],
     ttl: Duration,
@@ -100,8 +100,6 @@ vms:
 {vms}"#,
         state = state.display(),
         etcd = etcd.join(", "),
-        host = host.name,
-        ip = host.ip,
         ttl = ttl.as_millis(),
         rt = REQUEST_TIMEOUT.as_millis(),
         grace = GRACE.as_millis(),
@@ -140,7 +138,8 @@ impl Cluster {
             .hosts
             .iter()
             .map(|host| {
-                let mut fleet = Fleet::new(|state| fleet_yaml(state, host, &urls, vms, ttl));
+                let mut fleet =
+                    Fleet::new(|state| fleet_yaml(state, (&host.name, host.ip), &urls, vms, ttl));
                 fleet.host = Some(Arc::clone(host));
                 fleet
             })
@@ -746,5 +745,63 @@ fn an_operator_moves_a_vm_to_another_host_where_its_guest_goes_on() {
         (&view["state"], &view["host"]),
         (&Value::from("elsewhere"), &Value::from("host-b")),
         "{view}"
+    );
+}
+
+/// The hosts share one fleet through etcd: the first host's file loads it;
+/// a host started on a file with other VMs is refused, naming what differs
+/// and the revision to replace; `relive up FILE --replace-fleet REVISION`
+/// makes that file the cluster's (a stale revision is refused).
+#[test]
+fn a_host_on_another_fleet_is_refused_until_the_fleet_is_replaced_by_revision() {
+    let Some(mut cluster) = Cluster::start(&["web"]) else {
+        return;
+    };
+    let urls = cluster.etcd.urls();
+    // A fourth host in the test's own namespace (it reaches the bridge).
+    let mut other = Fleet::new(|state| {
+        let host = ("host-d", cluster.network.gateway);
+        fleet_yaml(state, host, &urls, &["web", "db"], TTL)
+    });
+    let run = |fleet: &Fleet, extra: &[&str]| {
+        let mut up = fleet.up_command();
+        up.args(extra);
+        run_with_timeout(&mut up, STEP)
+    };
+    let refused = run(&other, &[]);
+    assert_ne!(refused.code, Some(0), "{refused:?}");
+    assert!(
+        refused
+            .stderr
+            .contains("differs from the cluster's fleet in etcd")
+            && refused.stderr.contains("VMs only in this file: db")
+            && refused.stderr.contains("--replace-fleet"),
+        "{}",
+        refused.stderr
+    );
+    let revision: i64 = refused
+        .stderr
+        .split("revision ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .and_then(|r| r.parse().ok())
+        .unwrap_or_else(|| panic!("the refusal names the revision: {}", refused.stderr));
+    let stale = run(&other, &["--replace-fleet", &(revision - 1).to_string()]);
+    assert!(
+        stale.code != Some(0) && stale.stderr.contains("differs"),
+        "a stale revision replaces nothing: {stale:?}"
+    );
+    // The deliberate replacement: this file is the cluster's now.
+    other.up_args = vec!["--replace-fleet".into(), revision.to_string()];
+    other.start_supervisor();
+    wait_for("db running on host-d", STEP, || {
+        (other.show("db")["state"] == "running").then_some(())
+    });
+    // host-b, started again on the old file, is refused now.
+    cluster.hosts[1].kill_supervisor();
+    let again = run(&cluster.hosts[1], &[]);
+    assert!(
+        again.code != Some(0) && again.stderr.contains("VMs only in the cluster's: db"),
+        "{again:?}"
     );
 }

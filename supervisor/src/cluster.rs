@@ -175,6 +175,41 @@ pub struct RestoreRecord {
     pub unix_ms: u64,
 }
 
+/// What [`Member::share_fleet`] found in etcd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FleetShare {
+    /// etcd had no fleet (or the one of the revision to replace): this
+    /// host's is the cluster's now, at `revision`.
+    Loaded {
+        /// The fleet key's revision.
+        revision: i64,
+    },
+    /// etcd holds the same fleet, put by `host`.
+    Same {
+        /// The fleet key's revision.
+        revision: i64,
+        /// The host that put it.
+        host: String,
+    },
+    /// etcd holds another fleet.
+    Differs {
+        /// The fleet key's revision: what a replacement names.
+        revision: i64,
+        /// The host that put it.
+        host: String,
+        /// Its shared part (see `FleetConfig::shared`).
+        theirs: String,
+    },
+}
+
+/// `fleet` in etcd.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct FleetRecord {
+    host: String,
+    unix_ms: u64,
+    shared: String,
+}
+
 /// The answer to [`Member::acquire`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
@@ -344,6 +379,69 @@ impl Member {
                 }
             }
         }
+    }
+
+    /// Makes the cluster's fleet `shared` (a fleet file's shared part) if
+    /// etcd has none, or, with `replace`, if etcd's is at that revision
+    /// (an operator's deliberate change, guarded like an owner write);
+    /// otherwise says whether etcd's is the same.
+    pub async fn share_fleet(
+        &self,
+        shared: &str,
+        replace: Option<i64>,
+    ) -> Result<FleetShare, ClusterError> {
+        let key = self.key("fleet");
+        let record = FleetRecord {
+            host: self.config.host.clone(),
+            unix_ms: unix_ms(),
+            shared: shared.to_string(),
+        };
+        let value = serde_json::to_vec(&record).map_err(|e| ClusterError::BadValue {
+            key: key.clone(),
+            detail: e.to_string(),
+        })?;
+        let guard = match replace {
+            None => Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
+            Some(revision) => Compare::mod_revision(key.as_str(), CompareOp::Equal, revision),
+        };
+        let txn = Txn::new()
+            .when([guard])
+            .and_then([TxnOp::put(key.as_str(), value, None)])
+            .or_else([TxnOp::get(key.as_str(), None)]);
+        let response = self
+            .request("fleet transaction", self.client.clone().txn(txn))
+            .await?;
+        if response.succeeded() {
+            let revision = response.header().map_or(0, |h| h.revision());
+            return Ok(FleetShare::Loaded { revision });
+        }
+        let kv = response.op_responses().into_iter().find_map(|op| match op {
+            TxnOpResponse::Get(get) => get.kvs().first().cloned(),
+            _ => None,
+        });
+        let Some(kv) = kv else {
+            // Deleted between the compare and the get (or a replacement of
+            // a fleet that is gone): load it as the first host would.
+            return Box::pin(self.share_fleet(shared, None)).await;
+        };
+        let theirs: FleetRecord =
+            serde_json::from_slice(kv.value()).map_err(|e| ClusterError::BadValue {
+                key: key.clone(),
+                detail: e.to_string(),
+            })?;
+        let revision = kv.mod_revision();
+        Ok(if theirs.shared == shared {
+            FleetShare::Same {
+                revision,
+                host: theirs.host,
+            }
+        } else {
+            FleetShare::Differs {
+                revision,
+                host: theirs.host,
+                theirs: theirs.shared,
+            }
+        })
     }
 
     /// Who owns `vm` now, with the token.

@@ -47,6 +47,80 @@ pub enum DaemonError {
     Metrics(#[source] prometheus::Error),
     #[error("cannot join the cluster (the fleet file's cluster: section)")]
     Cluster(#[source] crate::cluster::ClusterError),
+    /// Cluster mode: this host's fleet is not the cluster's.
+    #[error(
+        "{file}: this fleet differs from the cluster's fleet in etcd (put by host {host}, \
+         revision {revision}): {difference}. Every host runs the same `vms`, `defaults` and \
+         `container_kernel`: give this host the cluster's file, or, to change the cluster's \
+         fleet, start one host on the new file with `relive up FILE --replace-fleet {revision}` \
+         (the other hosts run theirs until they are restarted on it)"
+    )]
+    FleetDiffers {
+        /// This host's fleet file.
+        file: PathBuf,
+        /// The host that put etcd's fleet.
+        host: String,
+        /// Its revision.
+        revision: i64,
+        /// What differs, for people.
+        difference: String,
+    },
+}
+
+/// What differs between two fleets' shared parts (`FleetConfig::shared`):
+/// the VMs only one has, the VMs both have but define differently, and
+/// the other keys that differ.
+pub fn fleet_difference(ours: &str, theirs: &str) -> String {
+    use serde_json::Value;
+    let parse = |text: &str| serde_json::from_str::<Value>(text).unwrap_or(Value::Null);
+    let (ours, theirs) = (parse(ours), parse(theirs));
+    let vms = |fleet: &Value| -> std::collections::BTreeMap<String, Value> {
+        fleet["vms"]
+            .as_array()
+            .map(|vms| {
+                vms.iter()
+                    .map(|vm| (vm["name"].as_str().unwrap_or("?").to_string(), vm.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let (mine, cluster) = (vms(&ours), vms(&theirs));
+    let list = |names: Vec<&String>| {
+        names
+            .into_iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut parts = Vec::new();
+    let only_here: Vec<&String> = mine.keys().filter(|n| !cluster.contains_key(*n)).collect();
+    if !only_here.is_empty() {
+        parts.push(format!("VMs only in this file: {}", list(only_here)));
+    }
+    let only_there: Vec<&String> = cluster.keys().filter(|n| !mine.contains_key(*n)).collect();
+    if !only_there.is_empty() {
+        parts.push(format!("VMs only in the cluster's: {}", list(only_there)));
+    }
+    let changed: Vec<&String> = mine
+        .iter()
+        .filter(|(n, vm)| cluster.get(*n).is_some_and(|c| c != *vm))
+        .map(|(n, _)| n)
+        .collect();
+    if !changed.is_empty() {
+        parts.push(format!("VMs defined differently: {}", list(changed)));
+    }
+    for key in ["defaults", "container_kernel"] {
+        if ours[key] != theirs[key] {
+            parts.push(format!("`{key}` differs"));
+        }
+    }
+    if parts.is_empty() && mine.keys().ne(cluster.keys()) {
+        parts.push("the VMs are in another order".to_string());
+    }
+    if parts.is_empty() {
+        parts.push("the files differ".to_string());
+    }
+    parts.join("; ")
 }
 
 /// Where the daemon serves, for the start banner.
@@ -67,6 +141,7 @@ pub struct Served {
 pub async fn up(
     fleet_file: &Path,
     vmm_bin: PathBuf,
+    replace_fleet: Option<i64>,
     shutdown: CancellationToken,
     on_ready: impl FnOnce(&Served),
 ) -> Result<(), DaemonError> {
@@ -134,6 +209,31 @@ pub async fn up(
                 lease = member.standing().lease(),
                 "joined the cluster"
             );
+            use crate::cluster::FleetShare;
+            let shared = member
+                .share_fleet(&fleet_cfg.shared, replace_fleet)
+                .await
+                .map_err(DaemonError::Cluster)?;
+            match shared {
+                FleetShare::Loaded { revision } => {
+                    tracing::info!(revision, "this fleet is the cluster's now (etcd `fleet`)");
+                }
+                FleetShare::Same { revision, host } => {
+                    tracing::info!(revision, %host, "this fleet is the cluster's");
+                }
+                FleetShare::Differs {
+                    revision,
+                    host,
+                    theirs,
+                } => {
+                    return Err(DaemonError::FleetDiffers {
+                        file: fleet_file.to_path_buf(),
+                        host,
+                        revision,
+                        difference: fleet_difference(&fleet_cfg.shared, &theirs),
+                    });
+                }
+            }
             events.set_host(member.host());
             tokio::spawn(crate::cluster::export_standing(
                 member.clone(),

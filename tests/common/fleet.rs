@@ -300,6 +300,8 @@ pub struct Fleet {
     /// The host (network namespace and cgroup) `relive up` runs in, for the
     /// multi-host tests; the test's own when `None`.
     pub host: Option<std::sync::Arc<relive_testkit::hosts::Host>>,
+    /// More arguments of `relive up`.
+    pub up_args: Vec<String>,
     /// The test's directory. Declared last: removed once the processes are gone.
     pub dir: TempDir,
 }
@@ -320,6 +322,7 @@ impl Fleet {
             seen_pids: Mutex::new(BTreeSet::new()),
             umask: None,
             host: None,
+            up_args: Vec::new(),
             dir,
         }
     }
@@ -331,6 +334,7 @@ impl Fleet {
             .arg(&self.file)
             .arg("--vmm-bin")
             .arg(vmm_bin())
+            .args(&self.up_args)
             .env_remove("RELIVE_API")
             .env_remove("RELIVE_TOKEN")
             .env("RELIVE_LOG", "info")

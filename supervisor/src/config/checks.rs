@@ -179,6 +179,7 @@ impl Checker<'_> {
             jail,
             cluster,
             vms,
+            shared: String::new(),
         })
     }
 

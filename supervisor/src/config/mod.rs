@@ -148,6 +148,11 @@ pub struct FleetConfig {
     pub cluster: Option<ClusterConfig>,
     /// The VMs, in file order, at least one, names unique.
     pub vms: Vec<VmSpec>,
+    /// What every host of a cluster must share: the file's `vms`,
+    /// `defaults` and `container_kernel`, as canonical JSON (keys sorted,
+    /// no formatting or comments), as written (before defaults are merged,
+    /// so it does not change with relive's version).
+    pub shared: String,
 }
 
 /// `cluster:`: supervisors on several hosts share one fleet through etcd
@@ -556,7 +561,21 @@ fn parse_with(source: &str, path: &Path, host: &Host) -> Result<FleetConfig, Con
         base,
         host: *host,
     };
-    ctx.check(raw, absolute)
+    let mut fleet = ctx.check(raw, absolute)?;
+    fleet.shared = shared_part(source);
+    Ok(fleet)
+}
+
+/// The parts of fleet YAML `source` every host of a cluster runs alike
+/// (see [`FleetConfig::shared`]). `source` has been checked already.
+fn shared_part(source: &str) -> String {
+    let all: serde_json::Value = serde_yaml::from_str(source).unwrap_or_default();
+    let shared: serde_json::Map<String, serde_json::Value> =
+        ["vms", "defaults", "container_kernel"]
+            .into_iter()
+            .filter_map(|key| Some((key.to_string(), all.get(key)?.clone())))
+            .collect();
+    serde_json::Value::Object(shared).to_string()
 }
 
 #[cfg(test)]

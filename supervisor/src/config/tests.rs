@@ -1141,6 +1141,34 @@ fn cluster_demo_files_load_as_three_hosts_of_one_fleet() {
         assert_eq!(cluster(c).prefix, cluster(&hosts[0]).prefix);
         let vms: Vec<&str> = c.vms.iter().map(|vm| vm.name.as_str()).collect();
         assert_eq!(vms, ["web-1", "web-2", "web-3"]);
+        assert_eq!(
+            c.shared, hosts[0].shared,
+            "the hosts share one fleet (etcd refuses a host whose fleet differs)"
+        );
     }
     assert_ne!(hosts[0].state_dir, hosts[1].state_dir);
+}
+
+/// A fleet's shared part is what every host of a cluster must run alike:
+/// `vms`, `defaults` and `container_kernel`, canonical (key order,
+/// formatting and comments do not count), and nothing host-local.
+#[test]
+fn the_shared_part_of_a_fleet_is_its_vms_and_defaults_canonical() {
+    let one = ok(&format!(
+        "state_dir: /tmp/a\ndefaults:\n  heartbeat_timeout: 2s\n  ready_grace: 1s\n{ONE}"
+    ));
+    let same = ok(&format!(
+        "# another host\nstate_dir: /tmp/b\ndefaults: {{ ready_grace: 1s, heartbeat_timeout: 2s }}\n{ONE}"
+    ));
+    assert_eq!(one.shared, same.shared);
+    assert!(one.shared.contains("\"vms\""), "{}", one.shared);
+    assert!(
+        !one.shared.contains("/tmp/a"),
+        "no host-local key: {}",
+        one.shared
+    );
+    let other = ok(&format!(
+        "state_dir: /tmp/a\ndefaults:\n  heartbeat_timeout: 3s\n  ready_grace: 1s\n{ONE}"
+    ));
+    assert_ne!(one.shared, other.shared);
 }
