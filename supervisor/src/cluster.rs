@@ -152,6 +152,66 @@ pub struct HostRecord {
     pub lease: i64,
     /// When it joined, wall clock, ms since the epoch.
     pub joined_unix_ms: u64,
+    /// Its CPU ([`cpu_fingerprint`]): an image restores where the CPU is
+    /// the same as where it was taken.
+    #[serde(default)]
+    pub cpu: String,
+}
+
+/// This host's CPU as a restore depends on it: vendor, family, model and
+/// the feature flags (a hash of them), from `/proc/cpuinfo`; empty where
+/// that cannot be read.
+pub fn cpu_fingerprint() -> String {
+    let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") else {
+        return String::new();
+    };
+    let first = info.split("\n\n").next().unwrap_or("");
+    let field = |name: &str| {
+        first
+            .lines()
+            .find_map(|l| {
+                let (key, value) = l.split_once(':')?;
+                (key.trim() == name).then(|| value.trim().to_string())
+            })
+            .unwrap_or_default()
+    };
+    let mut flags: Vec<String> = field("flags")
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    flags.sort();
+    format!(
+        "{} family {} model {} flags {:08x}",
+        field("vendor_id"),
+        field("cpu family"),
+        field("model"),
+        crc32c::crc32c(flags.join(" ").as_bytes())
+    )
+}
+
+/// The order in which live `hosts` try to take VM `vm` over (the first
+/// first): the hosts that hold its latest replicated image (`holders`, by
+/// its manifest) before the others, within each those on the CPU the image
+/// was taken on (`cpu`) before the others, and within that rendezvous
+/// hashing of the VM's and the host's names, so every host computes the
+/// same order and hosts do not stampede.
+pub fn takeover_order(
+    vm: &str,
+    hosts: &[HostRecord],
+    holders: &[String],
+    cpu: &str,
+) -> Vec<String> {
+    let score = |host: &str| crc32c::crc32c(format!("{vm}/{host}").as_bytes());
+    let mut ranked: Vec<&HostRecord> = hosts.iter().collect();
+    ranked.sort_by_key(|h| {
+        std::cmp::Reverse((
+            holders.contains(&h.host),
+            !cpu.is_empty() && h.cpu == cpu,
+            score(&h.host),
+            h.host.clone(),
+        ))
+    });
+    ranked.into_iter().map(|h| h.host.clone()).collect()
 }
 
 /// `vms/<vm>/owner`: which host owns a VM.
@@ -954,6 +1014,7 @@ async fn grant(
         advertise: config.advertise,
         lease,
         joined_unix_ms: unix_ms(),
+        cpu: cpu_fingerprint(),
     };
     let key = format!("{}/hosts/{}", config.prefix, config.host);
     let value = serde_json::to_vec(&record).map_err(|e| ClusterError::BadValue {
@@ -1006,4 +1067,61 @@ fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(name: &str, cpu: &str) -> HostRecord {
+        HostRecord {
+            host: name.to_string(),
+            advertise: None,
+            lease: 1,
+            joined_unix_ms: 0,
+            cpu: cpu.to_string(),
+        }
+    }
+
+    /// Holders of the latest image first, then the hosts on the image's
+    /// CPU, then the rest; the same order from any host's list order, and
+    /// VMs spread by rendezvous hashing where nothing else decides.
+    #[test]
+    fn the_takeover_order_prefers_holders_then_the_images_cpu() {
+        let hosts = [
+            host("a", "x"),
+            host("b", "y"),
+            host("c", "x"),
+            host("d", "x"),
+        ];
+        let holders = ["b".to_string()];
+        let order = takeover_order("web", &hosts, &holders, "x");
+        assert_eq!(
+            order[0], "b",
+            "the holder first, whatever its CPU: {order:?}"
+        );
+        assert_eq!(order.len(), 4);
+        let mut rest: Vec<&str> = order[1..].iter().map(String::as_str).collect();
+        rest.sort_unstable();
+        assert_eq!(rest, ["a", "c", "d"], "then the hosts on the image's CPU");
+        let no_holders = takeover_order("web", &hosts, &[], "y");
+        assert_eq!(
+            no_holders[0], "b",
+            "on the image's CPU first: {no_holders:?}"
+        );
+        let mut reversed = hosts.clone();
+        reversed.reverse();
+        assert_eq!(takeover_order("web", &reversed, &holders, "x"), order);
+        let firsts: std::collections::BTreeSet<String> = (0..40)
+            .map(|i| takeover_order(&format!("vm-{i}"), &hosts, &[], "")[0].clone())
+            .collect();
+        assert!(firsts.len() >= 3, "VMs spread over the hosts: {firsts:?}");
+    }
+
+    #[test]
+    fn this_hosts_cpu_fingerprint_names_vendor_model_and_flags() {
+        let cpu = cpu_fingerprint();
+        assert!(cpu.contains("family") && cpu.contains("flags"), "{cpu}");
+        assert_eq!(cpu, cpu_fingerprint(), "stable");
+    }
 }

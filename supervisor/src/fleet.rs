@@ -2274,23 +2274,20 @@ impl VmTask {
         }
     }
 
-    /// This host's place among the live hosts for this VM (0 first): the
-    /// hosts that hold its latest replicated image (by the manifest) before
-    /// those that would have to pull it, each group in rendezvous-hashing
-    /// order of the VM's and the host's name, so every host computes the
-    /// same order and the first takes the VM first.
+    /// This host's place among the live hosts for this VM (0 first), by
+    /// [`crate::cluster::takeover_order`] on the VM's manifest.
     async fn rank(&self, member: &Member) -> u32 {
-        let score = |host: &str| crc32c::crc32c(format!("{}/{host}", self.spec.name).as_bytes());
-        let holders = self.manifest().await.map(|m| m.hosts).unwrap_or_default();
-        let mut hosts = match member.hosts().await {
-            Ok(hosts) => hosts.into_iter().map(|h| h.host).collect::<Vec<_>>(),
-            Err(_) => Vec::new(),
-        };
-        hosts.sort_by_key(|h| std::cmp::Reverse((holders.contains(h), score(h), h.clone())));
-        let at = hosts
+        let (holders, cpu) = self
+            .manifest()
+            .await
+            .map(|m| (m.hosts, m.cpu))
+            .unwrap_or_default();
+        let hosts = member.hosts().await.unwrap_or_default();
+        let order = crate::cluster::takeover_order(&self.spec.name, &hosts, &holders, &cpu);
+        let at = order
             .iter()
             .position(|h| h == member.host())
-            .unwrap_or(hosts.len());
+            .unwrap_or(order.len());
         u32::try_from(at).unwrap_or(u32::MAX)
     }
 

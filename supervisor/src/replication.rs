@@ -76,6 +76,10 @@ pub struct Manifest {
     /// version that did not record it: then `file` alone.
     #[serde(default)]
     pub chain: Vec<String>,
+    /// The CPU of the host that took the image
+    /// ([`crate::cluster::cpu_fingerprint`]; empty from older versions).
+    #[serde(default)]
+    pub cpu: String,
     /// The owner's fencing token when it was written.
     pub token: i64,
 }
@@ -524,24 +528,29 @@ async fn write_sparse(file: &mut tokio::fs::File, body: Body, length: u64) -> st
 }
 
 /// The peers that hold a VM's images: the other live hosts that advertise
-/// a listener, ranked by rendezvous hashing with the VM's name; the first
-/// `replicas`.
+/// a listener, those on this host's CPU first, each group ranked by
+/// rendezvous hashing with the VM's name
+/// ([`crate::cluster::takeover_order`]); the first `replicas`.
 pub async fn peers_of(
     member: &Member,
     vm: &str,
     replicas: usize,
 ) -> Result<Vec<(String, std::net::SocketAddr)>, crate::cluster::ClusterError> {
-    let score = |host: &str| crc32c::crc32c(format!("{vm}/{host}").as_bytes());
-    let mut hosts: Vec<(String, std::net::SocketAddr)> = member
+    let hosts: Vec<crate::cluster::HostRecord> = member
         .hosts()
         .await?
         .into_iter()
-        .filter(|h| h.host != member.host())
-        .filter_map(|h| h.advertise.map(|a| (h.host, a)))
+        .filter(|h| h.host != member.host() && h.advertise.is_some())
         .collect();
-    hosts.sort_by_key(|(h, _)| std::cmp::Reverse((score(h), h.clone())));
-    hosts.truncate(replicas);
-    Ok(hosts)
+    let order = crate::cluster::takeover_order(vm, &hosts, &[], &crate::cluster::cpu_fingerprint());
+    Ok(order
+        .into_iter()
+        .filter_map(|name| {
+            let addr = hosts.iter().find(|h| h.host == name)?.advertise?;
+            Some((name, addr))
+        })
+        .take(replicas)
+        .collect())
 }
 
 /// What one push did.
@@ -897,6 +906,7 @@ pub async fn replicate_to(
     let manifest = Manifest {
         file: name(image),
         chain: files.iter().map(|f| name(f)).collect(),
+        cpu: crate::cluster::cpu_fingerprint(),
         hosts: std::iter::once(member.host().to_string())
             .chain(peers.into_iter().map(|(h, _)| h))
             .collect(),

@@ -353,6 +353,7 @@ async fn a_host_pulls_the_image_it_lacks_from_a_holder() {
             .collect(),
         hosts: vec!["host-a".to_string()],
         token,
+        cpu: String::new(),
     };
 
     let store_b = ImageStore::open(&scratch.join("b-images"), 3).unwrap();
