@@ -404,10 +404,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 outln!("{hosts}");
             } else {
                 outln!(
-                    "{:<16} {:>10} {:<22} VMS",
+                    "{:<16} {:>10} {:<22} {:>5} {:>19} VMS",
                     "HOST",
                     "LEASE LEFT",
-                    "ADVERTISE"
+                    "ADVERTISE",
+                    "CORES",
+                    "VM MEMORY / RAM"
                 );
                 for host in hosts.as_array().into_iter().flatten() {
                     let vms: Vec<&str> = host["vms"]
@@ -417,8 +419,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         .filter_map(Value::as_str)
                         .collect();
                     let name = host["host"].as_str().unwrap_or("?");
+                    let gib = |mib: Option<u64>| {
+                        mib.map_or("?".to_string(), |m| format!("{:.1}", m as f64 / 1024.0))
+                    };
                     outln!(
-                        "{:<16} {:>10} {:<22} {}",
+                        "{:<16} {:>10} {:<22} {:>5} {:>19} {}",
                         if host["this"] == true {
                             format!("{name} (this)")
                         } else {
@@ -426,6 +431,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         },
                         format!("{} s", host["lease_left_s"].as_i64().unwrap_or(0)),
                         host["advertise"].as_str().unwrap_or("-"),
+                        host["cores"].as_u64().unwrap_or(0),
+                        format!(
+                            "{} / {} GiB",
+                            gib(host["vm_memory_mib"].as_u64()),
+                            gib(host["memory_mib"].as_u64())
+                        ),
                         if vms.is_empty() {
                             "-".to_string()
                         } else {

@@ -175,6 +175,20 @@ impl Cluster {
             .filter_map(|h| h["host"].as_str())
             .collect();
         assert_eq!(names, HOSTS, "relive hosts on host-b: {listed}");
+        for host in listed.as_array().unwrap() {
+            let owned = if host["host"] == "host-a" {
+                vms.len()
+            } else {
+                0
+            };
+            assert!(
+                host["cores"].as_u64() > Some(0)
+                    && host["memory_mib"].as_u64() > Some(0)
+                    && host["vm_memory_mib"].as_u64() == Some(64 * owned as u64)
+                    && host["vms"].as_array().map(Vec::len) == Some(owned),
+                "each host's capacity and VMs: {host}"
+            );
+        }
         Some(cluster)
     }
 

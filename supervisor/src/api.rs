@@ -15,7 +15,7 @@
 //! | GET    | `/v1/vms/{vm}/logs?n=N&follow=true` | JSON lines: those, then each new entry as it comes |
 //! | GET    | `/v1/events?n=N`              | the last N events                        |
 //! | GET    | `/v1/events/follow`           | JSON lines, one per event, as they come  |
-//! | GET    | `/v1/cluster/hosts`           | cluster mode: every host, its lease's time left and the VMs it owns (409 alone) |
+//! | GET    | `/v1/cluster/hosts`           | cluster mode: every host, its lease's time left, capacity (cores, RAM, RAM of the VMs it owns), CPU and the VMs it owns (409 alone) |
 //! | GET    | `/metrics`                    | Prometheus text format                   |
 //!
 //! Errors are JSON `{"error": "..."}` with 400 (bad request), 401 (missing or
@@ -144,6 +144,8 @@ async fn hosts(State(fleet): State<Fleet>) -> Result<impl IntoResponse, ApiError
             .filter(|(_, owner, _)| owner.host == host.host && owner.lease == host.lease)
             .map(|(vm, _, _)| vm.as_str())
             .collect();
+        // The fleet is the same on every host: its specs give the memory.
+        let vm_memory_mib: u64 = vms.iter().filter_map(|vm| fleet.memory_mib(vm)).sum();
         out.push(serde_json::json!({
             "host": host.host,
             "this": host.host == member.host(),
@@ -151,6 +153,10 @@ async fn hosts(State(fleet): State<Fleet>) -> Result<impl IntoResponse, ApiError
             "lease": host.lease,
             "lease_left_s": left,
             "joined_unix_ms": host.joined_unix_ms,
+            "cores": host.cores,
+            "memory_mib": host.memory_mib,
+            "vm_memory_mib": vm_memory_mib,
+            "cpu": host.cpu,
             "vms": vms,
         }));
     }

@@ -156,6 +156,12 @@ pub struct HostRecord {
     /// the same as where it was taken.
     #[serde(default)]
     pub cpu: String,
+    /// Its cores.
+    #[serde(default)]
+    pub cores: usize,
+    /// Its RAM in MiB.
+    #[serde(default)]
+    pub memory_mib: u64,
 }
 
 /// This host's CPU as a restore depends on it: vendor, family, model and
@@ -1015,6 +1021,8 @@ async fn grant(
         lease,
         joined_unix_ms: unix_ms(),
         cpu: cpu_fingerprint(),
+        cores: crate::config::host_capacity().0,
+        memory_mib: crate::config::host_capacity().1,
     };
     let key = format!("{}/hosts/{}", config.prefix, config.host);
     let value = serde_json::to_vec(&record).map_err(|e| ClusterError::BadValue {
@@ -1080,6 +1088,8 @@ mod tests {
             lease: 1,
             joined_unix_ms: 0,
             cpu: cpu.to_string(),
+            cores: 2,
+            memory_mib: 1024,
         }
     }
 

@@ -200,6 +200,7 @@ struct VmHandle {
     view: Arc<Mutex<VmView>>,
     images_dir: PathBuf,
     app_log: PathBuf,
+    memory_mib: u64,
 }
 
 impl VmHandle {
@@ -251,6 +252,7 @@ impl Fleet {
                     view: view.clone(),
                     images_dir: spec.images_dir.clone(),
                     app_log: app_log.path().to_path_buf(),
+                    memory_mib: spec.memory_mib,
                 },
             );
             let span = tracing::info_span!("vm", name = %spec.name);
@@ -284,6 +286,11 @@ impl Fleet {
     /// Every VM.
     pub fn list(&self) -> Vec<VmView> {
         self.vms.values().map(VmHandle::read).collect()
+    }
+
+    /// A VM's guest memory in MiB, by the fleet file.
+    pub fn memory_mib(&self, name: &str) -> Option<u64> {
+        self.vms.get(name).map(|vm| vm.memory_mib)
     }
 
     /// One VM.

@@ -503,6 +503,13 @@ pub fn parse(source: &str, path: &Path) -> Result<FleetConfig, ConfigError> {
     parse_with(source, path, &Host::detect())
 }
 
+/// This host's cores and RAM in MiB (`u64::MAX` when unknown), as the
+/// checks see them; cluster mode publishes them as the host's capacity.
+pub fn host_capacity() -> (usize, u64) {
+    let host = Host::detect();
+    (host.cores, host.memory_mib)
+}
+
 /// What the checks need to know about this host.
 #[derive(Debug, Clone, Copy)]
 struct Host {
