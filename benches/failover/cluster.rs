@@ -26,6 +26,7 @@ fn fleet_yaml(state: &Path, host: &Host, etcd: &[String], vms: usize, policy: Po
         ready_grace,
         failure_window,
         short_lease,
+        prefix,
     } = policy;
     let timings = if short_lease {
         format!(
@@ -55,7 +56,7 @@ cluster:
   advertise: {ip}:{PEER_PORT}
   token: bench-cluster-token-0123456789
   replicas: 1
-  prefix: /relive-bench
+  prefix: {prefix}
 {timings}defaults:
   checkpoint_interval: {checkpoint_interval}
   heartbeat_timeout: 2s
@@ -79,6 +80,8 @@ struct Policy {
     failure_window: &'static str,
     /// The short lease timings (`lease_ttl` [`TTL`]), or the defaults.
     short_lease: bool,
+    /// The section's own keys in etcd (each runs its own fleet).
+    prefix: &'static str,
 }
 
 /// Host deaths: every takeover is a first failure once [`DEATH_GAP`] has
@@ -88,6 +91,7 @@ const DEATH_POLICY: Policy = Policy {
     ready_grace: "1s",
     failure_window: "2s",
     short_lease: true,
+    prefix: "/relive-bench-death",
 };
 const DEATH_GAP: Duration = Duration::from_millis(2500);
 /// The 50-VM fleet: room to start on 2 cores, the default lease timings
@@ -99,6 +103,7 @@ const LOAD_POLICY: Policy = Policy {
     ready_grace: "10s",
     failure_window: "60s",
     short_lease: false,
+    prefix: "/relive-bench-load",
 };
 
 /// Three supervisors, one per host, each in `scratch/<host>`.
@@ -283,6 +288,12 @@ fn host_death(
             event_ms(&events, "restored", killed),
         ) else {
             let tail: Vec<String> = events.iter().rev().take(8).map(Value::to_string).collect();
+            let log = std::fs::read_to_string(hosts.dirs[taker].join("up.log")).unwrap_or_default();
+            let warnings: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                .collect();
+            eprintln!("{} warnings:\n{}", HOSTS[taker], warnings.join("\n"));
             return Err(format!(
                 "run {run}: {} recorded no owner-lost/taken-over/restored after the kill at {killed}; its last events:\n{}",
                 HOSTS[taker],

@@ -56,6 +56,9 @@ use tokio_util::sync::CancellationToken;
 
 pub use crate::config::ClusterConfig;
 
+/// How often the etcd client pings its connections (see `Member::join`).
+const H2_PING_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Why a cluster operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -319,10 +322,16 @@ impl Member {
         // No per-call timeout on the channel: it would end every watch and
         // the keepalive stream after it (a gRPC deadline covers a whole
         // call). Each request is bounded by `request` instead; HTTP/2 pings
-        // find a dead connection under a stream.
+        // find a dead connection under a watch, but no more often than
+        // etcd accepts them (`--grpc-keepalive-min-time`, 5 s by default:
+        // a client that pings more often has its connection closed, and
+        // every watch on it broken, "too many pings").
         let options = ConnectOptions::new()
             .with_connect_timeout(config.request_timeout)
-            .with_keep_alive(config.keepalive_interval, config.request_timeout);
+            .with_keep_alive(
+                H2_PING_INTERVAL,
+                config.request_timeout.max(Duration::from_secs(2)),
+            );
         let client = Client::connect(&config.etcd, Some(options))
             .await
             .map_err(|source| ClusterError::Connect {

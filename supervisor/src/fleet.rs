@@ -2215,25 +2215,35 @@ impl VmTask {
                     }
                     previous = Some(owner.host.clone());
                     let why = format!("VM {name} runs on host {}: act there", owner.host);
-                    let unowned = member.wait_unowned(&name);
+                    // A watch that breaks is watched again (its first step
+                    // reads the key): only the key's end starts the
+                    // ranked wait, so no host jumps ahead of the others.
+                    let unowned = async {
+                        loop {
+                            match member.wait_unowned(&name).await {
+                                Ok(()) => return,
+                                Err(e) => {
+                                    tracing::warn!(error = %relive_control::error_chain(&e), "cannot watch the VM's owner: watching again");
+                                    tokio::time::sleep(Duration::from_millis(100)).await;
+                                }
+                            }
+                        }
+                    };
                     tokio::pin!(unowned);
-                    let gone = loop {
+                    loop {
                         tokio::select! {
                             () = self.shutdown.cancelled() => return None,
                             cmd = self.rx.recv() => self.refuse(cmd?, &why),
-                            gone = &mut unowned => break gone,
+                            () = &mut unowned => break,
                         }
-                    };
-                    let handoff = match gone {
-                        Ok(()) => member.handoff(&name).await.ok().flatten(),
-                        Err(_) => None,
-                    };
-                    let wait = match (gone, handoff) {
-                        (Ok(()), Some(to)) if to == member.host() => {
+                    }
+                    let handoff = member.handoff(&name).await.ok().flatten();
+                    let wait = match handoff {
+                        Some(to) if to == member.host() => {
                             self.handed_here = true;
                             Duration::ZERO
                         }
-                        (Ok(()), Some(to)) => {
+                        Some(to) => {
                             self.note(
                                 "owner-lost",
                                 format!(
@@ -2244,7 +2254,7 @@ impl VmTask {
                             );
                             member.config().failover_grace + member.config().lease_ttl
                         }
-                        (Ok(()), None) => {
+                        None => {
                             let rank = self.rank(&member).await;
                             self.note(
                                 "owner-lost",
@@ -2254,10 +2264,6 @@ impl VmTask {
                                 ),
                             );
                             member.config().failover_grace + member.config().request_timeout * rank
-                        }
-                        (Err(e), _) => {
-                            tracing::warn!(error = %relive_control::error_chain(&e), "cannot watch the VM's owner");
-                            Duration::from_secs(1)
                         }
                     };
                     let until = tokio::time::sleep(wait);

@@ -456,7 +456,7 @@ fn sparse_body(
 /// store commits an image: a temporary file (owner-only) with the extents at
 /// their offsets and the holes between, fsync, rename, fsync of the
 /// directory.
-async fn receive(dir: &Path, path: &Path, body: Body, length: u64) -> std::io::Result<()> {
+async fn receive(dir: &Path, path: &Path, body: Body, length: u64) -> std::io::Result<u64> {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -466,10 +466,11 @@ async fn receive(dir: &Path, path: &Path, body: Body, length: u64) -> std::io::R
     let file = relive_images::private::create_file(&temp)?;
     let mut file = tokio::fs::File::from_std(file);
     let written = async {
-        write_sparse(&mut file, body, length).await?;
+        let data = write_sparse(&mut file, body, length).await?;
         file.sync_all().await?;
         tokio::fs::rename(&temp, path).await?;
-        tokio::fs::File::open(dir).await?.sync_all().await
+        tokio::fs::File::open(dir).await?.sync_all().await?;
+        Ok(data)
     }
     .await;
     if written.is_err() {
@@ -478,14 +479,16 @@ async fn receive(dir: &Path, path: &Path, body: Body, length: u64) -> std::io::R
     written
 }
 
-/// Writes a sparse body's extents into `file` and gives it `length`.
-async fn write_sparse(file: &mut tokio::fs::File, body: Body, length: u64) -> std::io::Result<()> {
+/// Writes a sparse body's extents into `file` and gives it `length`; the
+/// bytes of the extents.
+async fn write_sparse(file: &mut tokio::fs::File, body: Body, length: u64) -> std::io::Result<u64> {
     use std::io::{Error, ErrorKind, SeekFrom};
     use tokio::io::{AsyncSeekExt, AsyncWriteExt};
     let mut stream = body.into_data_stream();
     let mut head: Vec<u8> = Vec::with_capacity(16);
     // Bytes of the current extent still to come.
     let mut left: u64 = 0;
+    let mut data: u64 = 0;
     while let Some(chunk) = stream.next().await {
         let mut chunk = chunk.map_err(Error::other)?;
         while !chunk.is_empty() {
@@ -515,6 +518,7 @@ async fn write_sparse(file: &mut tokio::fs::File, body: Body, length: u64) -> st
                 file.write_all(&chunk[..take]).await?;
                 chunk = chunk.slice(take..);
                 left -= take as u64;
+                data += take as u64;
             }
         }
     }
@@ -524,7 +528,8 @@ async fn write_sparse(file: &mut tokio::fs::File, body: Body, length: u64) -> st
             "the body ended inside an extent",
         ));
     }
-    file.set_len(length).await
+    file.set_len(length).await?;
+    Ok(data)
 }
 
 /// The peers that hold a VM's images: the other live hosts that advertise
@@ -788,7 +793,8 @@ pub async fn pull(
 }
 
 /// Fetches one image file from `peer` into `store`'s directory, committed
-/// and verified as a received push is; its bytes.
+/// and verified as a received push is; the bytes that came (its data
+/// extents).
 async fn fetch(
     peer: std::net::SocketAddr,
     bearer: &str,
@@ -824,7 +830,7 @@ async fn fetch(
     // As a push: its own bound grows with its size (at least 10 MB/s).
     let bound = timeout + Duration::from_secs(len / 10_000_000);
     let (dir, path) = (store.dir().to_path_buf(), store.dir().join(file));
-    tokio::time::timeout(
+    let data = tokio::time::timeout(
         bound,
         receive(&dir, &path, Body::new(response.into_body()), len),
     )
@@ -838,7 +844,7 @@ async fn fetch(
             verdict.reason.unwrap_or_default()
         ));
     }
-    Ok(len)
+    Ok(data)
 }
 
 /// Replicates image `image` of VM `vm` (and its chain, and the boot image)

@@ -370,6 +370,16 @@ async fn a_host_pulls_the_image_it_lacks_from_a_holder() {
             "{file} pulled byte for byte"
         );
     }
+    let lengths: u64 = manifest
+        .chain
+        .iter()
+        .map(|f| std::fs::metadata(held.join(f)).unwrap().len())
+        .sum();
+    assert!(
+        pulled.bytes < lengths,
+        "only data extents travel: {} of {lengths} bytes",
+        pulled.bytes
+    );
     let chosen = store_b.latest_verified().unwrap().image.expect("an image");
     assert_eq!(name(chosen.path()), manifest.file);
     let again = pull(&b, bearer, "web", &manifest, &store_b).await.unwrap();
