@@ -472,6 +472,7 @@ fn linux_scenario(smp: u8) {
     let files = [
         l2_cpio,
         repo_root().join(".cache/linux/vmlinux"),
+        repo_root().join(".cache/linux/vmlinuz"),
         repo_root().join("tests/nested/linux.sh"),
     ];
     let scenarios = [("linux", "linux.sh".to_string(), &[][..])];

@@ -2622,22 +2622,29 @@ impl VmTask {
         if let Some(replicating) = self.replicating.take() {
             let _ = replicating.await;
         }
-        // While the guest runs, `to` gets the latest image and its chain:
-        // the pause then only waits for the layer written in it.
-        let latest = lock(&self.view).last_checkpoint.clone();
-        if let Some(path) = latest.and_then(|id| self.store().ok()?.find(id.parse().ok()?).ok()?) {
-            if let Ok(store) = self.store() {
-                let sent = crate::replication::replicate_to(
+        // An image and its chain onto `to` (what it holds is not sent again).
+        let send = |store: ImageStore, path: std::path::PathBuf| {
+            let (member, bearer, name, peer) =
+                (member.clone(), bearer.clone(), name.clone(), peer.clone());
+            async move {
+                crate::replication::replicate_to(
                     &member,
                     &bearer,
                     &name,
                     token,
                     &store,
                     &path,
-                    vec![peer.clone()],
+                    vec![peer],
                 )
-                .await;
-                if let Err(e) = sent {
+                .await
+            }
+        };
+        // While the guest runs, `to` gets the latest image and its chain:
+        // the pause then only waits for the layer written in it.
+        let latest = lock(&self.view).last_checkpoint.clone();
+        if let Some(path) = latest.and_then(|id| self.store().ok()?.find(id.parse().ok()?).ok()?) {
+            if let Ok(store) = self.store() {
+                if let Err(e) = send(store, path).await {
                     return failed(format!("cannot send its images to host {to}: {e}"));
                 }
             }
@@ -2685,17 +2692,7 @@ impl VmTask {
                 return failed(format!("its image {} is not in the store", report.image_id));
             }
         };
-        let sent = crate::replication::replicate_to(
-            &member,
-            &bearer,
-            &name,
-            token,
-            &store,
-            &image,
-            vec![peer],
-        )
-        .await;
-        let pushed = match sent {
+        let pushed = match send(store, image).await {
             Ok((_, pushed, _)) => pushed,
             Err(e) => {
                 resume(control).await;

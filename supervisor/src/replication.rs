@@ -196,6 +196,17 @@ fn target(state: &PeerState, vm: &str, file: &str) -> Result<(PathBuf, usize, Pa
     Ok((dir.clone(), *keep, dir.join(file)))
 }
 
+/// [`target`] of a request that carries the cluster's bearer token.
+fn authorized_target(
+    state: &PeerState,
+    headers: &HeaderMap,
+    vm: &str,
+    file: &str,
+) -> Result<(PathBuf, usize, PathBuf), Refusal> {
+    authorized(state, headers)?;
+    target(state, vm, file)
+}
+
 /// `<digits>-<32 hex digits>.rimg`, nothing else (no path separators).
 pub fn is_image_file_name(file: &str) -> bool {
     let Some(stem) = file.strip_suffix(".rimg") else {
@@ -215,10 +226,7 @@ async fn has_image(
     UrlPath((vm, file)): UrlPath<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(refused) = authorized(&state, &headers) {
-        return refused.into_response();
-    }
-    let path = match target(&state, &vm, &file) {
+    let path = match authorized_target(&state, &headers, &vm, &file) {
         Ok((_, _, path)) => path,
         Err(refused) => return refused.into_response(),
     };
@@ -259,10 +267,7 @@ async fn put_image(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    if let Err(refused) = authorized(&state, &headers) {
-        return refused.into_response();
-    }
-    let (dir, keep, path) = match target(&state, &vm, &file) {
+    let (dir, keep, path) = match authorized_target(&state, &headers, &vm, &file) {
         Ok(t) => t,
         Err(refused) => return refused.into_response(),
     };
@@ -344,10 +349,7 @@ async fn get_image(
     UrlPath((vm, file)): UrlPath<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(refused) = authorized(&state, &headers) {
-        return refused.into_response();
-    }
-    let path = match target(&state, &vm, &file) {
+    let path = match authorized_target(&state, &headers, &vm, &file) {
         Ok((_, _, path)) => path,
         Err(refused) => return refused.into_response(),
     };

@@ -3,7 +3,9 @@
 # inside L1 as root: Debian's cloud kernel (/bin/vmlinux) as the L2 guest
 # with a busybox initramfs (/bin/l2.cpio, its /init in tests/nested.rs).
 #   1. to userspace on 1 vCPU, and on 2 when L1 has 2 CPUs: ACPI gives it
-#      every CPU and no error, its `poweroff` is relive's typed `exit` and
+#      every CPU and no error; the same kernel as Debian ships it (bzImage,
+#      /bin/vmlinuz) with relive-vmm's own default command line; its
+#      `poweroff` is relive's typed `exit` and
 #      its `reboot` relive's typed `reset` (with `reboot=k`, as relive's
 #      default Linux command line has it: on hardware-reduced ACPI without
 #      EFI, Linux's default reboot goes through EFI to a real-mode BIOS
@@ -19,17 +21,23 @@ cpus=$(nproc)
 now() { cut -d' ' -f1 /proc/uptime; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 
-run() { # vcpus mode expected_status
+run() { # vcpus mode expected_status [kernel]; mode `default`: relive-vmm's own command line
     log=/tmp/l2-$2-$1.log
     start=$(now)
-    relive-vmm run --kernel /bin/vmlinux --initrd /bin/l2.cpio --vcpus $1 --mem-mib 256 \
-        --console $log --cmdline "console=ttyS0 panic=-1 quiet reboot=k initcall_blacklist=cmos_init relive.test=$2" \
-        2>/tmp/l2.err
+    kernel=${4:-/bin/vmlinux}
+    if [ "$2" = default ]; then
+        relive-vmm run --kernel $kernel --initrd /bin/l2.cpio --vcpus $1 --mem-mib 256 \
+            --console $log 2>/tmp/l2.err
+    else
+        relive-vmm run --kernel $kernel --initrd /bin/l2.cpio --vcpus $1 --mem-mib 256 \
+            --console $log --cmdline "console=ttyS0 panic=-1 quiet reboot=k initcall_blacklist=cmos_init relive.test=$2" \
+            2>/tmp/l2.err
+    fi
     rc=$?
     online=$(grep -o 'L2-USERSPACE cpus=[^ ]*' $log | cut -d= -f2)
     want=0
     [ $1 = 2 ] && want=0-1
-    echo "linux vcpus=$1 $2: status $rc (want $3), online cpus '$online' (want $want), $(since $start) s"
+    echo "linux vcpus=$1 $2 $(basename $kernel): status $rc (want $3), online cpus '$online' (want $want), $(since $start) s"
     if [ "$rc" != "$3" ] || [ "$online" != "$want" ]; then
         fail=1
         tail -30 $log
@@ -43,6 +51,7 @@ run() { # vcpus mode expected_status
 run 1 poweroff 0
 run 1 reboot 10
 [ "$cpus" -ge 2 ] && run 2 poweroff 0
+run "$cpus" default 0 /bin/vmlinuz
 
 # wait_for FILE PATTERN SECONDS (of L1 uptime)
 wait_for() {

@@ -83,7 +83,7 @@ struct RunArgs {
     #[arg(long)]
     initrd: Option<PathBuf>,
     /// Kernel command line [default: `relive.hb_ms=100` for the bundled guest,
-    /// `console=ttyS0 reboot=k panic=1 noapic nomodule` for a Linux kernel].
+    /// `console=ttyS0 reboot=k panic=1 nomodule` for a Linux kernel].
     #[arg(long)]
     cmdline: Option<String>,
     /// Guest memory in MiB.
