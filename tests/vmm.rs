@@ -385,6 +385,24 @@ fn two_vcpus_both_run() {
     );
 }
 
+/// More vCPUs than the host has cores are refused, naming the flag that
+/// allows them; with `--overcommit-vcpus` they all run (sharing cores).
+#[test]
+fn more_vcpus_than_cores_run_only_when_overcommitted() {
+    if !require_kvm() {
+        return;
+    }
+    let n = (host_cores() + 1).to_string();
+    assert_rejected(&["--vcpus", &n], &["--vcpus", &n, "--overcommit-vcpus"]);
+    let vmm = start_guest(&["--vcpus", &n, "--overcommit-vcpus"]);
+    let status = vmm.status_json();
+    assert_eq!(status["vcpus"].to_string(), n, "{status}");
+    let mut watch = vmm.watch();
+    watch.wait_for(STEP_TIMEOUT, "a heartbeat counting every vCPU", |l| {
+        is_hb(l) && parse_hb(l).cpus.to_string() == n
+    });
+}
+
 /// The value of the `key   value` line of `ctl status`'s human output.
 fn status_field<'a>(out: &'a str, key: &str) -> &'a str {
     out.lines()

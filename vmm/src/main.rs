@@ -191,6 +191,10 @@ struct HostArgs {
     /// that is a child subreaper).
     #[arg(long, requires = "jail")]
     jail_detach: bool,
+    /// Allow more vCPUs than this host has cores (up to KVM's limit): the
+    /// vCPUs then share cores.
+    #[arg(long)]
+    overcommit_vcpus: bool,
 }
 
 fn parse_jail_ids(s: &str) -> Result<(u32, u32), String> {
@@ -430,6 +434,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         limits,
         name: args.name,
         boot_image: args.boot_image,
+        overcommit_vcpus: args.host.overcommit_vcpus,
     };
     if cfg.boot_image.is_some() && cfg.images.is_none() {
         anyhow::bail!("--boot-image needs --images DIR: that is where the boot image goes");
@@ -480,6 +485,7 @@ fn standby(args: StandbyArgs) -> anyhow::Result<ExitCode> {
         limits: Default::default(),
         name: args.name,
         boot_image: None,
+        overcommit_vcpus: args.host.overcommit_vcpus,
     };
     let vm = Vm::standby(cfg)?;
     let record = vm.run()?;
@@ -513,6 +519,7 @@ fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
         args.host.images,
         args.host.keep_images,
         args.name,
+        args.host.overcommit_vcpus,
     )?;
     let record = vm.run()?;
     eprintln!("{}", record.to_json());

@@ -92,6 +92,10 @@ pub struct VmConfig {
     pub name: Option<String>,
     /// Write a boot image into `images` (see [`BootImageMode`]).
     pub boot_image: Option<BootImageMode>,
+    /// Allow more vCPUs than the host has cores (up to KVM's limit): the
+    /// vCPU threads then share cores, and a guest's spinlocks may wait on a
+    /// preempted vCPU. Off by default.
+    pub overcommit_vcpus: bool,
 }
 
 /// What boot image a booting VM writes into its image directory.
@@ -140,7 +144,10 @@ pub enum VmError {
         source: kvm_ioctls::Error,
     },
     /// The vCPU count is out of range.
-    #[error("--vcpus {vcpus} is out of range: use 1 to {max} (this host's cores)")]
+    #[error(
+        "--vcpus {vcpus} is out of range: use 1 to {max} (this host's cores; \
+         --overcommit-vcpus allows up to KVM's limit)"
+    )]
     VcpuCount {
         /// Requested.
         vcpus: u32,
@@ -416,6 +423,7 @@ impl Vm {
         images: Option<PathBuf>,
         keep_images: usize,
         name: Option<String>,
+        overcommit_vcpus: bool,
     ) -> Result<Vm, VmError> {
         if let Some(recipe) = snapshot::load_recipe(image)? {
             tracing::info!(image = %image.display(), "booting afresh from a boot recipe");
@@ -434,6 +442,7 @@ impl Vm {
                 limits: recipe.limits,
                 name: name.or(recipe.config.name),
                 boot_image: None,
+                overcommit_vcpus,
             };
             return Self::assemble(cfg, Origin::Boot);
         }
@@ -453,6 +462,7 @@ impl Vm {
             limits: loaded.limits.clone(),
             name: name.or_else(|| loaded.config.name.clone()),
             boot_image: None,
+            overcommit_vcpus,
         };
         Self::assemble(cfg, Origin::Image(Box::new(loaded)))
     }
@@ -462,7 +472,11 @@ impl Vm {
         // Limits first, so that everything the VM allocates is charged to them.
         apply_limits(cfg.name.as_deref(), &cfg.limits)?;
         let kvm = crate::jail::kvm().map_err(VmError::Kvm)?;
-        let max = max_vcpus(&kvm);
+        let max = if cfg.overcommit_vcpus {
+            (kvm.get_max_vcpus() as u32).min(u32::from(crate::cpuid::MAX_VCPUS))
+        } else {
+            max_vcpus(&kvm)
+        };
         let vcpus = u32::from(cfg.boot.vcpus);
         if vcpus == 0 || vcpus > max {
             return Err(VmError::VcpuCount { vcpus, max });
