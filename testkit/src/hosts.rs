@@ -210,16 +210,26 @@ impl Network {
     }
 }
 
+/// Removes an empty cgroup directory, waiting a little for the kernel to
+/// let go of its last tasks (a killed process not yet reaped by its
+/// parent keeps it busy).
+fn remove_cgroup(dir: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::fs::remove_dir(dir).is_err() && dir.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 impl Drop for Network {
     fn drop(&mut self) {
         for host in &self.hosts {
             host.kill();
-            let _ = std::fs::remove_dir(&host.cgroup);
+            remove_cgroup(&host.cgroup);
             let _ = Command::new("ip")
                 .args(["netns", "del", &host.netns])
                 .status();
         }
-        let _ = std::fs::remove_dir(&self.cgroup);
+        remove_cgroup(&self.cgroup);
         let _ = Command::new("ip")
             .args(["link", "del", &self.bridge])
             .status();
